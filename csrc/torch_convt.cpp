@@ -1,0 +1,23 @@
+// The torch_convt operator library: every schema, in one block. Kernels register per backend in
+// csrc/cpu/*.cpp and csrc/cuda/*.cu; fake (meta) kernels and autograd are registered in torch_convt/ops.py.
+//
+// Three ops, closed under differentiation (see README "How it works"):
+//   conv_transpose  - the transposed convolution, i.e. the input-gradient of conv
+//   conv            - the convolution, i.e. the input-gradient of conv_transpose
+//   conv_weight_grad- the weight-gradient of both (with the roles of input and grad_output swapped)
+// Argument names follow torch.nn.functional. Lists hold one value per spatial dim (1 to 3); the input is
+// batched (N, C, *spatial); the weight is [C_small, C_big / groups, *kernel] for both conv and
+// conv_transpose, exactly as torch.nn stores it.
+#include <torch/library.h>
+
+TORCH_LIBRARY(torch_convt, m) {
+  m.def(
+      "conv_transpose(Tensor input, Tensor weight, Tensor? bias, int[] stride, int[] padding, "
+      "int[] output_padding, int[] dilation, int groups) -> Tensor");
+  m.def(
+      "conv(Tensor input, Tensor weight, Tensor? bias, int[] stride, int[] padding, int[] dilation, "
+      "int groups) -> Tensor");
+  m.def(
+      "conv_weight_grad(Tensor input, Tensor grad_output, int[] weight_size, int[] stride, int[] padding, "
+      "int[] dilation, int groups) -> Tensor");
+}

@@ -1,0 +1,48 @@
+"""torch_convt: drop-in, from-scratch transposed convolutions for PyTorch.
+
+    import torch_convt
+    model = torch_convt.convert(model)            # swap every nn.ConvTranspose1d/2d/3d for ours, in place
+    layer = torch_convt.ConvTranspose3d(16, 33, 3, stride=2)   # or build layers directly
+    y = torch_convt.functional.conv_transpose3d(x, weight, bias, stride=2)
+
+The compute lives in three C++ operators (torch.ops.torch_convt.conv_transpose / conv / conv_weight_grad)
+whose gradients are written with each other; see README.md.
+"""
+import glob as _glob
+import os as _os
+
+import torch as _torch
+
+__version__ = "0.1.0"
+
+
+def _load_library():
+    here = _os.path.dirname(_os.path.abspath(__file__))
+    candidates = sorted(_glob.glob(_os.path.join(here, "_C*.so")) + _glob.glob(_os.path.join(here, "_C*.pyd")))
+    hint = (
+        "Build it from the repository root with\n"
+        "    MAX_JOBS=2 pip install --no-build-isolation -e .\n"
+        "(needs torch installed first, a C++17 compiler and ninja; see README.md)."
+    )
+    if not candidates:
+        raise ImportError(f"torch_convt: the compiled operator library (torch_convt/_C.so) was not found. {hint}")
+    try:
+        _torch.ops.load_library(candidates[0])
+    except OSError as e:  # e.g. built against another torch version
+        raise ImportError(
+            f"torch_convt: the compiled operator library {candidates[0]} failed to load ({e}). It must be built "
+            f"against the torch installed now ({_torch.__version__}). {hint}"
+        ) from e
+
+
+_load_library()
+
+from . import ops  # noqa: E402  (registers fake kernels and autograd)
+from . import functional  # noqa: E402
+from .convert import convert  # noqa: E402
+from .modules import Conv1d, Conv2d, Conv3d, ConvTranspose1d, ConvTranspose2d, ConvTranspose3d  # noqa: E402
+
+__all__ = [
+    "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d", "Conv1d", "Conv2d", "Conv3d",
+    "convert", "functional", "ops",
+]

@@ -1,0 +1,115 @@
+"""Fake (meta) kernels and autograd for the three torch_convt operators.
+
+The ops are closed under differentiation (X big, Y small, W weight; see csrc/common/index_math.h):
+    conv_transpose(Y, W) -> X     d/dY = conv(gX, W)                 d/dW = conv_weight_grad(gX, Y)
+    conv(X, W) -> Y               d/dX = conv_transpose(gY, W)       d/dW = conv_weight_grad(X, gY)
+    conv_weight_grad(X, Y) -> dW  d/dX = conv_transpose(Y, g)        d/dY = conv(X, g)
+so double (and higher) backward works by construction. For complex tensors the adjoint conjugates the other
+operand (torch's conjugate-Wirtinger convention).
+"""
+import torch
+
+_ops = torch.ops.torch_convt
+
+conv_transpose = _ops.conv_transpose
+conv = _ops.conv
+conv_weight_grad = _ops.conv_weight_grad
+
+
+# ---- sizes -------------------------------------------------------------------------------------------------
+def conv_out_size(big, kernel, stride, padding, dilation):
+    return (big + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def conv_transpose_out_size(small, kernel, stride, padding, dilation, output_padding):
+    return (small - 1) * stride - 2 * padding + dilation * (kernel - 1) + output_padding + 1
+
+
+def output_padding_for(big_sizes, small_sizes, kernel, stride, padding, dilation):
+    """The output_padding that makes conv_transpose of a `small_sizes` tensor exactly `big_sizes` long."""
+    return [b - conv_transpose_out_size(s, k, st, p, d, 0)
+            for b, s, k, st, p, d in zip(big_sizes, small_sizes, kernel, stride, padding, dilation)]
+
+
+def _narrow_spatial(t, sizes):
+    """Crops trailing positions: with output_padding >= stride, conv of the big tensor is longer than the
+    small one (the extra positions read only output padding)."""
+    for j, n in enumerate(sizes):
+        if t.shape[2 + j] != n:
+            t = t.narrow(2 + j, 0, n)
+    return t
+
+
+def _bias_grad(grad):
+    return grad.sum(dim=[0] + list(range(2, grad.dim())))
+
+
+# ---- fake kernels ------------------------------------------------------------------------------------------
+@torch.library.register_fake("torch_convt::conv_transpose")
+def _conv_transpose_fake(input, weight, bias, stride, padding, output_padding, dilation, groups):
+    spatial = [conv_transpose_out_size(input.shape[2 + j], weight.shape[2 + j], stride[j], padding[j], dilation[j],
+                                       output_padding[j]) for j in range(input.dim() - 2)]
+    return input.new_empty([input.shape[0], weight.shape[1] * groups] + spatial)
+
+
+@torch.library.register_fake("torch_convt::conv")
+def _conv_fake(input, weight, bias, stride, padding, dilation, groups):
+    spatial = [conv_out_size(input.shape[2 + j], weight.shape[2 + j], stride[j], padding[j], dilation[j])
+               for j in range(input.dim() - 2)]
+    return input.new_empty([input.shape[0], weight.shape[0]] + spatial)
+
+
+@torch.library.register_fake("torch_convt::conv_weight_grad")
+def _conv_weight_grad_fake(input, grad_output, weight_size, stride, padding, dilation, groups):
+    return input.new_empty(weight_size)
+
+
+# ---- autograd ----------------------------------------------------------------------------------------------
+def _setup(ctx, inputs, output):
+    # inputs[0], inputs[1] are the two tensors; the rest are the geometry (and bias for the forward ops).
+    ctx.save_for_backward(inputs[0], inputs[1])
+    ctx.args = inputs[2:]
+
+
+def _conv_transpose_backward(ctx, grad):
+    y, w = ctx.saved_tensors
+    bias, stride, padding, output_padding, dilation, groups = ctx.args
+    gy = gw = gb = None
+    if ctx.needs_input_grad[0]:
+        gy = _narrow_spatial(conv(grad, w.conj(), None, stride, padding, dilation, groups), y.shape[2:])
+    if ctx.needs_input_grad[1]:
+        gw = conv_weight_grad(grad, y.conj(), list(w.shape), stride, padding, dilation, groups)
+    if bias is not None and ctx.needs_input_grad[2]:
+        gb = _bias_grad(grad)
+    return gy, gw, gb, None, None, None, None, None
+
+
+def _conv_backward(ctx, grad):
+    x, w = ctx.saved_tensors
+    bias, stride, padding, dilation, groups = ctx.args
+    gx = gw = gb = None
+    if ctx.needs_input_grad[0]:
+        op = output_padding_for(x.shape[2:], grad.shape[2:], w.shape[2:], stride, padding, dilation)
+        gx = conv_transpose(grad, w.conj(), None, stride, padding, op, dilation, groups)
+    if ctx.needs_input_grad[1]:
+        gw = conv_weight_grad(x.conj(), grad, list(w.shape), stride, padding, dilation, groups)
+    if bias is not None and ctx.needs_input_grad[2]:
+        gb = _bias_grad(grad)
+    return gx, gw, gb, None, None, None, None
+
+
+def _conv_weight_grad_backward(ctx, grad):
+    x, y = ctx.saved_tensors
+    weight_size, stride, padding, dilation, groups = ctx.args
+    gx = gy = None
+    if ctx.needs_input_grad[0]:
+        op = output_padding_for(x.shape[2:], y.shape[2:], weight_size[2:], stride, padding, dilation)
+        gx = conv_transpose(y.conj(), grad, None, stride, padding, op, dilation, groups)
+    if ctx.needs_input_grad[1]:
+        gy = _narrow_spatial(conv(x.conj(), grad, None, stride, padding, dilation, groups), y.shape[2:])
+    return gx, gy, None, None, None, None, None
+
+
+torch.library.register_autograd("torch_convt::conv_transpose", _conv_transpose_backward, setup_context=_setup)
+torch.library.register_autograd("torch_convt::conv", _conv_backward, setup_context=_setup)
+torch.library.register_autograd("torch_convt::conv_weight_grad", _conv_weight_grad_backward, setup_context=_setup)
