@@ -24,7 +24,7 @@ def extension():
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     debug = os.environ.get("TORCH_CONVT_DEBUG", "0") == "1"
     opt = ["-O0", "-g"] if debug else ["-O3"]
-    cxx = opt + ["-std=c++17", "-fopenmp", "-Wall", "-Wno-sign-compare", "-Wno-unknown-pragmas"]
+    cxx = opt + ["-std=c++20", "-fopenmp", "-Wall", "-Wno-sign-compare", "-Wno-unknown-pragmas"]
     link = ["-fopenmp"]
     sanitize = os.environ.get("TORCH_CONVT_SANITIZE")
     if sanitize:
@@ -33,7 +33,7 @@ def extension():
     kwargs = dict(include_dirs=[os.path.join(ROOT, "csrc")], extra_link_args=link)
     if use_cuda():
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
-        nvcc = opt + ["-std=c++17", "--expt-relaxed-constexpr"] + os.environ.get("NVCC_FLAGS", "").split()
+        nvcc = opt + ["-std=c++20", "--expt-relaxed-constexpr"] + os.environ.get("NVCC_FLAGS", "").split()
         return CUDAExtension("torch_convt._C", sources, extra_compile_args={"cxx": cxx, "nvcc": nvcc}, **kwargs)
     return CppExtension("torch_convt._C", sources, extra_compile_args={"cxx": cxx}, **kwargs)
 
