@@ -19,11 +19,15 @@ def _expand(name, fn, value, dims):
         return isinstance(v, (int, torch.SymInt)) and not isinstance(v, bool)
 
     if is_int(value):
-        return [value] * dims
-    if isinstance(value, (tuple, list, torch.Size)) and all(is_int(v) for v in value):
+        values = [value]
+    elif isinstance(value, (tuple, list, torch.Size)) and all(is_int(v) for v in value):
         values = list(value)
-        return values * dims if len(values) == 1 else values  # a wrong length is reported by the op
-    raise TypeError(f"{fn}(): argument '{name}' must be tuple of ints, not {type(value).__name__}")
+    else:
+        raise TypeError(f"{fn}(): argument '{name}' must be tuple of ints, not {type(value).__name__}")
+    for v in values:
+        if isinstance(v, int) and not -2**63 <= v < 2**63:
+            raise ValueError(f"{fn}(): argument '{name}' value {v} does not fit in int64 (overflow)")
+    return values * dims if len(values) == 1 else values  # a wrong length is reported by the op
 
 
 def _batched(fn, input, dims):
@@ -37,6 +41,10 @@ def _batched(fn, input, dims):
 
 def _conv_transpose(dims, fn, input, weight, bias, stride, padding, output_padding, groups, dilation):
     batched = _batched(fn, input, dims)
+    if isinstance(weight, torch.Tensor) and weight.dim() >= 2 and weight.shape[1] == 0:
+        # torch.nn refuses a transposed convolution with no output channels; so do we
+        raise RuntimeError(f"{fn}: expected weight to have at least 1 output channel per group at dimension 1, "
+                           f"but got weight of size {list(weight.shape)}")
     out = ops.conv_transpose(
         input if batched else input.unsqueeze(0), weight, bias,
         _expand("stride", fn, stride, dims), _expand("padding", fn, padding, dims),
@@ -53,8 +61,9 @@ def _same_padding(fn, input, weight, stride, dilation, dims):
     left = [t // 2 for t in total]
     extra = [t - 2 * l for t, l in zip(total, left)]
     if any(extra):
-        warnings.warn("Using padding='same' with even kernel lengths and odd dilation may require a zero-padded "
-                      "copy of the input be created", UserWarning, stacklevel=4)
+        if not torch.compiler.is_compiling():  # (Dynamo cannot trace warnings.warn; torch warns from C++)
+            warnings.warn("Using padding='same' with even kernel lengths and odd dilation may require a "
+                          "zero-padded copy of the input be created", UserWarning, stacklevel=4)
         pad = []
         for e in reversed(extra):
             pad += [0, e]

@@ -45,8 +45,18 @@ def _bias_grad(grad):
 
 
 # ---- fake kernels ------------------------------------------------------------------------------------------
+# These also serve the Meta dispatch key, which wins over CPU/CUDA when any argument is a meta tensor: the
+# device check makes a real input with a meta weight an error (as in the C++ kernels) instead of garbage.
+def _check_devices(op, input, **others):
+    for name, t in others.items():
+        if t is not None:
+            torch._check(t.device == input.device, lambda: f"{op}: expected {name} to be on the same device as "
+                         f"input ({input.device}), but got {name} on {t.device}")
+
+
 @torch.library.register_fake("torch_convt::conv_transpose")
 def _conv_transpose_fake(input, weight, bias, stride, padding, output_padding, dilation, groups):
+    _check_devices("torch_convt.conv_transpose", input, weight=weight, bias=bias)
     spatial = [conv_transpose_out_size(input.shape[2 + j], weight.shape[2 + j], stride[j], padding[j], dilation[j],
                                        output_padding[j]) for j in range(input.dim() - 2)]
     return input.new_empty([input.shape[0], weight.shape[1] * groups] + spatial)
@@ -54,6 +64,7 @@ def _conv_transpose_fake(input, weight, bias, stride, padding, output_padding, d
 
 @torch.library.register_fake("torch_convt::conv")
 def _conv_fake(input, weight, bias, stride, padding, dilation, groups):
+    _check_devices("torch_convt.conv", input, weight=weight, bias=bias)
     spatial = [conv_out_size(input.shape[2 + j], weight.shape[2 + j], stride[j], padding[j], dilation[j])
                for j in range(input.dim() - 2)]
     return input.new_empty([input.shape[0], weight.shape[0]] + spatial)
@@ -61,6 +72,7 @@ def _conv_fake(input, weight, bias, stride, padding, dilation, groups):
 
 @torch.library.register_fake("torch_convt::conv_weight_grad")
 def _conv_weight_grad_fake(input, grad_output, weight_size, stride, padding, dilation, groups):
+    _check_devices("torch_convt.conv_weight_grad", input, grad_output=grad_output)
     return input.new_empty(weight_size)
 
 

@@ -1,0 +1,538 @@
+"""Parity of torch_convt.functional with torch.nn.functional: forward and all three gradients.
+
+Grids cover dims 1/2/3, stride, padding, output_padding, dilation, groups (incl. depthwise), bias / no bias,
+asymmetric per-dim values, all supported dtypes, memory layouts, batch 0 and unbatched inputs.
+"""
+import pytest
+import torch
+
+from helpers import (DIMS, Cfg, channels_last, check_parity, ct_out_size, fn_pair, make_tensor,
+                     ours_conv, ours_ct, per_dim, reversed_layout, strided_view, torch_conv, torch_ct)
+
+# ----------------------------------------------------------------------------------------------------------
+# configuration grids (tuple values are per-dim for 3 dims and truncated for lower dims)
+# ----------------------------------------------------------------------------------------------------------
+CT_VARIANTS = {
+    "basic": Cfg(),
+    "k1": Cfg(kernel=1),
+    "k2_even": Cfg(kernel=2),
+    "s2": Cfg(stride=2),
+    "s2_p1_op1": Cfg(stride=2, padding=1, output_padding=1),
+    "s3_p2_op2_k4": Cfg(stride=3, padding=2, output_padding=2, kernel=4, size=4),
+    "d2_op1": Cfg(dilation=2, output_padding=1),
+    "d3_s2_p3_op2": Cfg(dilation=3, stride=2, padding=3, output_padding=2, size=4),
+    "g2": Cfg(groups=2, cin=4, cout=6),
+    "depthwise": Cfg(groups=3, cin=3, cout=3),
+    "depthwise_mult2": Cfg(groups=3, cin=3, cout=6),
+    "g2_s2_d2_p1_op1": Cfg(groups=2, cin=4, cout=4, stride=2, dilation=2, padding=1, output_padding=1, size=4),
+    "kernel_gt_input": Cfg(size=2, kernel=4, stride=2),
+    "padding_big": Cfg(size=4, kernel=3, stride=2, padding=2),
+    "size1": Cfg(size=1, kernel=3, stride=2),
+    "asym": Cfg(size=(5, 4, 3), kernel=(2, 3, 4), stride=(1, 2, 3), padding=(0, 1, 2), dilation=(2, 1, 3),
+                output_padding=(1, 0, 2)),
+    "asym2": Cfg(size=(3, 6, 4), kernel=(3, 1, 2), stride=(2, 3, 1), padding=(1, 0, 0), dilation=(1, 2, 2),
+                 output_padding=(0, 1, 1)),
+    "c1": Cfg(n=1, cin=1, cout=1),
+    "many_channels_g2": Cfg(n=3, cin=6, cout=4, groups=2, size=4, stride=2),
+    # strides larger than the dilated kernel: output positions no tap reaches hold the bias alone
+    "s3_k1_holes": Cfg(stride=3, kernel=1, size=4),
+    "s2_k1_op1": Cfg(stride=2, kernel=1, output_padding=1, size=4),
+    "size1_s5_k2_op3": Cfg(size=1, stride=5, kernel=2, output_padding=3),
+    "s4_k2_d3_p1_op2": Cfg(stride=4, kernel=2, dilation=3, padding=1, output_padding=2, size=3),
+    "s2_d2_phase_gap": Cfg(stride=2, dilation=2, kernel=3, padding=1, output_padding=1, size=4),
+}
+
+CONV_VARIANTS = {
+    "basic": Cfg(),
+    "k1": Cfg(kernel=1),
+    "k2_even": Cfg(kernel=2),
+    "s2": Cfg(stride=2, size=6),
+    "s3_p2": Cfg(stride=3, padding=2, size=7),
+    "p1": Cfg(padding=1),
+    "p3_gt_kernel": Cfg(padding=3, kernel=2, size=3),
+    "d2": Cfg(dilation=2),
+    "d3_p2": Cfg(dilation=3, padding=2, size=6),
+    "g2": Cfg(groups=2, cin=4, cout=6),
+    "depthwise": Cfg(groups=3, cin=3, cout=3),
+    "depthwise_mult2": Cfg(groups=3, cin=3, cout=6),
+    "g2_s2_d2_p1": Cfg(groups=2, cin=4, cout=4, stride=2, dilation=2, padding=1, size=6),
+    "kernel_eq_input": Cfg(size=3, kernel=3),
+    "asym": Cfg(size=(7, 6, 9), kernel=(2, 3, 4), stride=(1, 2, 3), padding=(0, 1, 2), dilation=(2, 1, 2)),
+    "asym2": Cfg(size=(6, 5, 4), kernel=(3, 1, 2), stride=(2, 3, 1), padding=(1, 0, 0), dilation=(1, 2, 3)),
+    "same": Cfg(padding="same"),
+    "same_even_k4": Cfg(padding="same", kernel=4),
+    "same_dil2": Cfg(padding="same", dilation=2),
+    "same_asym_even": Cfg(padding="same", kernel=(2, 4, 3), dilation=(3, 1, 2), size=(5, 6, 4)),
+    "same_g2": Cfg(padding="same", groups=2, kernel=2),
+    "valid": Cfg(padding="valid"),
+    "valid_s2": Cfg(padding="valid", stride=2, size=6),
+    "c1": Cfg(n=1, cin=1, cout=1),
+    "many_channels_g2": Cfg(n=3, cin=6, cout=4, groups=2, size=4),
+}
+
+CT_DTYPE_SUBSET = ["basic", "s2_p1_op1", "g2_s2_d2_p1_op1", "asym", "depthwise"]
+CONV_DTYPE_SUBSET = ["basic", "s3_p2", "g2_s2_d2_p1", "asym", "same_asym_even", "depthwise"]
+
+
+def _variants(kind):
+    return CT_VARIANTS if kind == "ct" else CONV_VARIANTS
+
+
+def _run(kind, nd, cfg, dtype=torch.float64, *, grad=True, small_int=False, ref_dtype=None, transform=None):
+    ours, ref = fn_pair(kind, nd)
+    x, w, b = cfg.tensors(kind, nd, dtype, small_int=small_int)
+    if transform is not None:
+        x, w, b = transform(x, w, b)
+    return check_parity(ours, ref, (x, w, b), cfg.kwargs(kind, nd), grad=grad, ref_dtype=ref_dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# float64 grid: forward + grads
+# ----------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("variant", list(CT_VARIANTS), ids=list(CT_VARIANTS))
+@pytest.mark.parametrize("nd", DIMS, ids=[f"{d}d" for d in DIMS])
+def test_conv_transpose_float64(nd, variant, bias):
+    cfg = CT_VARIANTS[variant].replace(bias=bias)
+    out = _run("ct", nd, cfg)
+    assert tuple(out.shape) == cfg.ct_out_shape(nd)
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("variant", list(CONV_VARIANTS), ids=list(CONV_VARIANTS))
+@pytest.mark.parametrize("nd", DIMS, ids=[f"{d}d" for d in DIMS])
+def test_conv_float64(nd, variant, bias):
+    _run("conv", nd, CONV_VARIANTS[variant].replace(bias=bias))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# other dtypes
+# ----------------------------------------------------------------------------------------------------------
+def _dtype_cases():
+    out = []
+    for kind, subset in (("ct", CT_DTYPE_SUBSET), ("conv", CONV_DTYPE_SUBSET)):
+        for nd in DIMS:
+            for v in subset:
+                out.append(pytest.param(kind, nd, v, id=f"{kind}-{nd}d-{v}"))
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.complex64, torch.complex128],
+                         ids=["float32", "complex64", "complex128"])
+@pytest.mark.parametrize("kind,nd,variant", _dtype_cases())
+def test_dtype_float_complex(kind, nd, variant, dtype):
+    _run(kind, nd, _variants(kind)[variant], dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.complex128], ids=["float32", "complex128"])
+@pytest.mark.parametrize("nd", DIMS, ids=[f"{d}d" for d in DIMS])
+def test_dtype_conv_same_padding(nd, dtype):
+    _run("conv", nd, CONV_VARIANTS["same_asym_even"], dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bfloat16", "float16"])
+@pytest.mark.parametrize("kind", ["ct", "conv"])
+@pytest.mark.parametrize("nd", DIMS, ids=[f"{d}d" for d in DIMS])
+@pytest.mark.parametrize("variant", ["basic", "asym"])
+def test_dtype_low_precision(variant, nd, kind, dtype):
+    """bfloat16 / float16: compared with torch computed in float32 from the same (exactly representable)
+    inputs, then cast."""
+    _run(kind, nd, _variants(kind)[variant], dtype, ref_dtype=torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bfloat16", "float16"])
+@pytest.mark.parametrize("kind", ["ct", "conv"])
+def test_dtype_low_precision_grouped(kind, dtype):
+    variant = "g2_s2_d2_p1_op1" if kind == "ct" else "g2_s2_d2_p1"
+    _run(kind, 2, _variants(kind)[variant], dtype, ref_dtype=torch.float32)
+
+
+@pytest.mark.parametrize("kind,nd,variant", _dtype_cases())
+def test_dtype_int64(kind, nd, variant):
+    out = _run(kind, nd, _variants(kind)[variant], torch.int64, grad=False)
+    assert out.dtype == torch.int64
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int16, torch.int8, torch.uint8],
+                         ids=["int32", "int16", "int8", "uint8"])
+@pytest.mark.parametrize("nd", DIMS, ids=[f"{d}d" for d in DIMS])
+@pytest.mark.parametrize("variant", ["basic", "g2_s2_d2_p1", "asym", "same"])
+def test_dtype_conv_small_ints(variant, nd, dtype):
+    """int32/int16/int8/uint8 conv (values small enough never to overflow). torch itself does not
+    implement every path for these types (e.g. dilated int32 conv), so the reference is torch's int64
+    result cast back. Where torch raises NotImplementedError for the dtype, ours may do the same."""
+    cfg = CONV_VARIANTS[variant]
+    x, w, b = cfg.conv_tensors(nd, dtype)
+    try:
+        torch_conv(nd)(x, w, b, **cfg.conv_kwargs(nd))
+    except NotImplementedError:
+        try:
+            ours_conv(nd)(x, w, b, **cfg.conv_kwargs(nd))
+        except NotImplementedError as e:
+            assert str(e)
+            return
+    out = _run("conv", nd, cfg, dtype, grad=False, ref_dtype=torch.int64)
+    assert out.dtype == dtype
+
+
+@pytest.mark.parametrize("kind", ["ct", "conv"])
+@pytest.mark.parametrize("nd", DIMS, ids=[f"{d}d" for d in DIMS])
+def test_float_with_integer_values_exact(nd, kind):
+    """Small integer values in float64: every product and sum is exact, so results must be identical."""
+    variant = "asym"
+    out = _run(kind, nd, _variants(kind)[variant], torch.float64, small_int=True, grad=False)
+    ours, ref = fn_pair(kind, nd)
+    cfg = _variants(kind)[variant]
+    x, w, b = cfg.tensors(kind, nd, torch.int64)
+    expected = ref(x.double(), w.double(), b.double(), **cfg.kwargs(kind, nd))
+    got = ours(x.double(), w.double(), b.double(), **cfg.kwargs(kind, nd))
+    assert torch.equal(got, expected)
+    assert out.dtype == torch.float64
+
+
+# ----------------------------------------------------------------------------------------------------------
+# memory layouts
+# ----------------------------------------------------------------------------------------------------------
+def _channel_slice(x):
+    big = torch.zeros((x.shape[0], 2 * x.shape[1]) + tuple(x.shape[2:]), dtype=x.dtype)
+    big[:, 1::2] = x
+    return big[:, 1::2]
+
+
+LAYOUTS = {
+    "x_strided": lambda x, w, b: (strided_view(x), w, b),
+    "x_reversed": lambda x, w, b: (reversed_layout(x), w, b),
+    "x_channels_last": lambda x, w, b: (channels_last(x), w, b),
+    "w_channels_last": lambda x, w, b: (x, channels_last(w), b),
+    "all_channels_last": lambda x, w, b: (channels_last(x), channels_last(w), b),
+    "w_strided": lambda x, w, b: (x, strided_view(w), b),
+    "w_reversed": lambda x, w, b: (x, reversed_layout(w), b),
+    "w_transposed_view": lambda x, w, b: (x, w.transpose(0, 1).contiguous().transpose(0, 1), b),
+    "bias_strided": lambda x, w, b: (x, w, strided_view(b)),
+    "all_strided": lambda x, w, b: (strided_view(x), strided_view(w), strided_view(b)),
+    "x_batch_expanded": lambda x, w, b: (x[:1].expand_as(x), w, b),
+    "x_channel_slice": lambda x, w, b: (_channel_slice(x), w, b),
+    "x_offset_view": lambda x, w, b: (torch.cat([torch.zeros_like(x[:1]), x])[1:], w, b),
+}
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS), ids=list(LAYOUTS))
+@pytest.mark.parametrize("kind", ["ct", "conv"])
+@pytest.mark.parametrize("nd", DIMS, ids=[f"{d}d" for d in DIMS])
+def test_layouts(nd, kind, layout):
+    variant = "g2_s2_d2_p1_op1" if kind == "ct" else "g2_s2_d2_p1"
+    x, w, b = _variants(kind)[variant].tensors(kind, nd)
+    x2, w2, b2 = LAYOUTS[layout](x, w, b)
+    if layout != "x_batch_expanded":  # (that one deliberately repeats sample 0)
+        assert torch.equal(x2, x) and torch.equal(w2, w) and torch.equal(b2, b)
+    ours, ref = fn_pair(kind, nd)
+    check_parity(ours, ref, (x2, w2, b2), _variants(kind)[variant].kwargs(kind, nd))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("kind", ["ct", "conv"])
+@pytest.mark.parametrize("nd", [2, 3], ids=["2d", "3d"])
+def test_channels_last_other_dtypes(nd, kind, dtype):
+    cfg = _variants(kind)["asym"]
+    x, w, b = cfg.tensors(kind, nd, dtype)
+    ours, ref = fn_pair(kind, nd)
+    check_parity(ours, ref, (channels_last(x), channels_last(w), b), cfg.kwargs(kind, nd),
+                 ref_dtype=torch.float32 if dtype == torch.bfloat16 else None)
+
+
+def is_dense(t):
+    """Non-overlapping and dense: some permutation of the dims is a contiguous layout."""
+    dims = sorted(range(t.dim()), key=lambda i: t.stride(i))
+    expected = 1
+    for i in dims:
+        if t.size(i) != 1 and t.stride(i) != expected:
+            return False
+        expected *= t.size(i)
+    return True
+
+
+@pytest.mark.parametrize("kind", ["ct", "conv"])
+@pytest.mark.parametrize("nd", DIMS, ids=[f"{d}d" for d in DIMS])
+def test_output_is_fresh_tensor(nd, kind):
+    """The output must not alias any input and must be a dense tensor with the expected shape."""
+    cfg = _variants(kind)["basic"]
+    x, w, b = cfg.tensors(kind, nd)
+    ours, _ = fn_pair(kind, nd)
+    out = ours(x, w, b, **cfg.kwargs(kind, nd))
+    assert out.untyped_storage().data_ptr() not in {
+        x.untyped_storage().data_ptr(), w.untyped_storage().data_ptr(), b.untyped_storage().data_ptr()}
+    assert is_dense(out), out.stride()
+    xs, ws, bs = x.clone(), w.clone(), b.clone()
+    out.add_(1)  # writable, does not affect inputs
+    assert torch.equal(x, xs) and torch.equal(w, ws) and torch.equal(b, bs)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# batch 0, unbatched inputs, no grad inputs
+# ----------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("kind", ["ct", "conv"])
+@pytest.mark.parametrize("nd", DIMS, ids=[f"{d}d" for d in DIMS])
+def test_batch_zero(nd, kind, bias):
+    variant = "g2_s2_d2_p1_op1" if kind == "ct" else "g2_s2_d2_p1"
+    cfg = _variants(kind)[variant].replace(n=0, bias=bias)
+    out = _run(kind, nd, cfg)
+    assert out.shape[0] == 0
+    if kind == "ct":
+        assert tuple(out.shape) == cfg.ct_out_shape(nd)
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("kind", ["ct", "conv"])
+@pytest.mark.parametrize("nd", DIMS, ids=[f"{d}d" for d in DIMS])
+@pytest.mark.parametrize("variant", ["asym", "g2"])
+def test_unbatched(nd, kind, bias, variant):
+    cfg = _variants(kind)[variant].replace(bias=bias)
+    x, w, b = cfg.tensors(kind, nd)
+    ours, ref = fn_pair(kind, nd)
+    out = check_parity(ours, ref, (x[0], w, b), cfg.kwargs(kind, nd))
+    assert out.dim() == nd + 1
+    # unbatched result equals the batched result for the same sample
+    batched = ours(x[:1], w, b, **cfg.kwargs(kind, nd))
+    torch.testing.assert_close(out, batched[0], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("nd", DIMS, ids=[f"{d}d" for d in DIMS])
+def test_unbatched_conv_same_padding(nd):
+    cfg = CONV_VARIANTS["same_asym_even"]
+    x, w, b = cfg.conv_tensors(nd)
+    check_parity(ours_conv(nd), torch_conv(nd), (x[1], w, b), cfg.conv_kwargs(nd))
+
+
+@pytest.mark.parametrize("kind", ["ct", "conv"])
+@pytest.mark.parametrize("nd", DIMS, ids=[f"{d}d" for d in DIMS])
+def test_unbatched_low_precision_and_int(nd, kind):
+    cfg = _variants(kind)["basic"]
+    ours, ref = fn_pair(kind, nd)
+    x, w, b = cfg.tensors(kind, nd, torch.bfloat16)
+    check_parity(ours, ref, (x[0], w, b), cfg.kwargs(kind, nd), ref_dtype=torch.float32)
+    x, w, b = cfg.tensors(kind, nd, torch.int64)
+    check_parity(ours, ref, (x[0], w, b), cfg.kwargs(kind, nd), grad=False)
+
+
+@pytest.mark.parametrize("which", ["input", "weight", "bias", "input_weight", "none"])
+@pytest.mark.parametrize("kind", ["ct", "conv"])
+def test_partial_requires_grad(kind, which):
+    """Only some arguments require grad: the others must get no gradient and the rest must still match."""
+    nd = 2
+    variant = "g2_s2_d2_p1_op1" if kind == "ct" else "g2_s2_d2_p1"
+    cfg = _variants(kind)[variant]
+    x, w, b = cfg.tensors(kind, nd)
+    ours, ref = fn_pair(kind, nd)
+    flags = {"input": (1, 0, 0), "weight": (0, 1, 0), "bias": (0, 0, 1), "input_weight": (1, 1, 0),
+             "none": (0, 0, 0)}[which]
+    xs = [t.clone().requires_grad_(bool(f)) for t, f in zip((x, w, b), flags)]
+    xr = [t.clone().requires_grad_(bool(f)) for t, f in zip((x, w, b), flags)]
+    out = ours(*xs, **cfg.kwargs(kind, nd))
+    exp = ref(*xr, **cfg.kwargs(kind, nd))
+    torch.testing.assert_close(out, exp, rtol=1e-12, atol=1e-12)
+    assert out.requires_grad == exp.requires_grad
+    if exp.requires_grad:
+        g = torch.randn_like(exp)
+        out.backward(g)
+        exp.backward(g)
+        for a, e in zip(xs, xr):
+            if e.requires_grad:
+                torch.testing.assert_close(a.grad, e.grad, rtol=1e-12, atol=1e-12)
+            else:
+                assert a.grad is None
+
+
+@pytest.mark.parametrize("kind", ["ct", "conv"])
+def test_no_grad_mode(kind):
+    nd = 2
+    cfg = _variants(kind)["basic"]
+    x, w, b = cfg.tensors(kind, nd)
+    ours, ref = fn_pair(kind, nd)
+    w.requires_grad_(True)
+    with torch.no_grad():
+        out = ours(x, w, b, **cfg.kwargs(kind, nd))
+    assert not out.requires_grad
+    torch.testing.assert_close(out, ref(x, w.detach(), b, **cfg.kwargs(kind, nd)), rtol=1e-12, atol=1e-12)
+    with torch.inference_mode():
+        out2 = ours(x, w, b, **cfg.kwargs(kind, nd))
+    torch.testing.assert_close(out2, out, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind", ["ct", "conv"])
+@pytest.mark.parametrize("nd", DIMS, ids=[f"{d}d" for d in DIMS])
+def test_positional_and_keyword_calls(nd, kind):
+    """Same positional order and keyword names as torch.nn.functional."""
+    ours, ref = fn_pair(kind, nd)
+    if kind == "ct":
+        cfg = CT_VARIANTS["g2_s2_d2_p1_op1"]
+        x, w, b = cfg.ct_tensors(nd)
+        pos = (x, w, b, 2, 1, 1, 2, 2)  # stride, padding, output_padding, groups, dilation
+        kw = dict(input=x, weight=w, bias=b, stride=2, padding=1, output_padding=1, groups=2, dilation=2)
+    else:
+        cfg = CONV_VARIANTS["g2_s2_d2_p1"]
+        x, w, b = cfg.conv_tensors(nd)
+        pos = (x, w, b, 2, 1, 2, 2)  # stride, padding, dilation, groups
+        kw = dict(input=x, weight=w, bias=b, stride=2, padding=1, dilation=2, groups=2)
+    expected = ref(*pos)
+    torch.testing.assert_close(ours(*pos), expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(ours(**kw), expected, rtol=1e-12, atol=1e-12)
+    # defaults: bias=None, stride=1 ...
+    torch.testing.assert_close(ours(x, w, groups=2), ref(x, w, groups=2), rtol=1e-12, atol=1e-12)
+    # list arguments are accepted as well as tuples
+    lst = dict(stride=[2] * nd, padding=[1] * nd, dilation=[2] * nd, groups=2)
+    if kind == "ct":
+        lst["output_padding"] = [1] * nd
+    torch.testing.assert_close(ours(x, w, b, **lst), expected, rtol=1e-12, atol=1e-12)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# output-size formula
+# ----------------------------------------------------------------------------------------------------------
+def test_output_size_formula_random_configs():
+    gen = torch.Generator().manual_seed(1234)
+
+    def r(lo, hi):
+        return int(torch.randint(lo, hi + 1, (1,), generator=gen))
+
+    checked = 0
+    while checked < 60:
+        nd = r(1, 3)
+        size = tuple(r(1, 6) for _ in range(nd))
+        kernel = tuple(r(1, 4) for _ in range(nd))
+        stride = tuple(r(1, 3) for _ in range(nd))
+        dilation = tuple(r(1, 3) for _ in range(nd))
+        padding = tuple(r(0, 3) for _ in range(nd))
+        op = tuple(r(0, max(s, d) - 1) for s, d in zip(stride, dilation))
+        expected = tuple(ct_out_size(*v) for v in zip(size, kernel, stride, padding, op, dilation))
+        if min(expected) < 1:
+            continue
+        x = torch.randn((1, 2) + size, dtype=torch.float64)
+        w = torch.randn((2, 3) + kernel, dtype=torch.float64)
+        out = ours_ct(nd)(x, w, None, stride, padding, op, 1, dilation)
+        assert tuple(out.shape[2:]) == expected, (size, kernel, stride, padding, op, dilation)
+        torch.testing.assert_close(out, torch_ct(nd)(x, w, None, stride, padding, op, 1, dilation),
+                                   rtol=1e-12, atol=1e-12)
+        checked += 1
+
+
+# ----------------------------------------------------------------------------------------------------------
+# edge cases where torch succeeds
+# ----------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("nd", DIMS, ids=[f"{d}d" for d in DIMS])
+def test_conv_zero_input_channels(nd):
+    """conv with 0 input channels (weight (Cout, 0, k...)). torch returns a (N, 0, L...) tensor here (its
+    quirk); the mathematically right answer is the bias broadcast (zeros without bias) of shape
+    (N, Cout, L...). Either is accepted; nothing else."""
+    x = torch.randn((2, 0) + (5,) * nd, dtype=torch.float64)
+    w = torch.randn((3, 0) + (3,) * nd, dtype=torch.float64)
+    b = torch.randn(3, dtype=torch.float64)
+    for bias in (b, None):
+        expected = torch_conv(nd)(x, w, bias)
+        got = ours_conv(nd)(x, w, bias)
+        if got.shape == expected.shape:
+            torch.testing.assert_close(got, expected, rtol=0, atol=0)
+        else:
+            assert got.shape == (2, 3) + (3,) * nd
+            want = torch.zeros_like(got) if bias is None else bias.view((1, 3) + (1,) * nd).expand_as(got)
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind", ["ct", "conv"])
+@pytest.mark.parametrize("nd", DIMS, ids=[f"{d}d" for d in DIMS])
+def test_large_values_no_overflow_float64(nd, kind):
+    """Results are computed in the input dtype: large float64 magnitudes must not overflow/lose range."""
+    cfg = _variants(kind)["basic"]
+    x, w, b = cfg.tensors(kind, nd)
+    ours, ref = fn_pair(kind, nd)
+    check_parity(ours, ref, (x * 1e150, w * 1e100, b * 1e250), cfg.kwargs(kind, nd), grad=False)
+
+
+@pytest.mark.parametrize("kind", ["ct", "conv"])
+def test_nan_inf_propagation(kind):
+    nd = 2
+    cfg = _variants(kind)["basic"]
+    x, w, b = cfg.tensors(kind, nd)
+    x[0, 0, 1, 1] = float("nan")
+    x[1, 1, 2, 2] = float("inf")
+    ours, ref = fn_pair(kind, nd)
+    expected = ref(x, w, b, **cfg.kwargs(kind, nd))
+    got = ours(x, w, b, **cfg.kwargs(kind, nd))
+    assert torch.equal(torch.isnan(got), torch.isnan(expected))
+    finite = torch.isfinite(expected)
+    assert torch.equal(torch.isfinite(got), finite)
+    torch.testing.assert_close(got[finite], expected[finite], rtol=1e-12, atol=1e-12)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# medium sizes: many channels x taps so that the work is split into several column tiles (tile boundaries in
+# the middle of a row), several reduction chunks and several threads
+# ----------------------------------------------------------------------------------------------------------
+MEDIUM = [
+    ("conv1d_c96_k5_L700", "conv", 1, Cfg(n=2, cin=96, cout=5, size=700, kernel=5, padding=2)),
+    ("conv2d_c64_k3_23x29", "conv", 2, Cfg(n=1, cin=64, cout=4, size=(23, 29), kernel=3, padding=1)),
+    ("conv2d_c128_g2_s2_d2_61x57", "conv", 2, Cfg(n=2, cin=128, cout=6, groups=2, size=(61, 57), kernel=3,
+                                                  stride=2, dilation=2, padding=2)),
+    ("conv3d_c32_k3_9x10x11", "conv", 3, Cfg(n=1, cin=32, cout=3, size=(9, 10, 11), kernel=3, padding=1)),
+    ("ct1d_c96_k5_L700", "ct", 1, Cfg(n=2, cin=96, cout=4, size=700, kernel=5)),
+    ("ct2d_c128_k4_s2_30x33", "ct", 2, Cfg(n=1, cin=128, cout=4, size=(30, 33), kernel=4, stride=2, padding=1)),
+    ("ct2d_c128_g2_s2_d2_op1_25x27", "ct", 2, Cfg(n=1, cin=128, cout=4, groups=2, size=(25, 27), kernel=3,
+                                                   stride=2, dilation=2, padding=1, output_padding=1)),
+    ("ct2d_c8_cout96_30x30", "ct", 2, Cfg(n=1, cin=8, cout=96, size=(30, 30), kernel=3)),
+    ("ct3d_c48_k3_9x10x11", "ct", 3, Cfg(n=1, cin=48, cout=3, size=(9, 10, 11), kernel=3, padding=1)),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+@pytest.mark.parametrize("name,kind,nd,cfg", MEDIUM, ids=[m[0] for m in MEDIUM])
+def test_medium_sizes_multi_tile(name, kind, nd, cfg, dtype):
+    _run(kind, nd, cfg, dtype)
+
+
+@pytest.mark.parametrize("name,kind,nd,cfg", [MEDIUM[1], MEDIUM[5]], ids=[MEDIUM[1][0], MEDIUM[5][0]])
+def test_medium_sizes_bfloat16(name, kind, nd, cfg):
+    _run(kind, nd, cfg, torch.bfloat16, ref_dtype=torch.float32)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# determinism
+# ----------------------------------------------------------------------------------------------------------
+def _forward_backward(kind, nd, cfg, dtype, threads):
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        ours, _ = fn_pair(kind, nd)
+        torch.manual_seed(7)
+        x, w, b = (t.requires_grad_(True) for t in cfg.tensors(kind, nd, dtype))
+        y = ours(x, w, b, **cfg.kwargs(kind, nd))
+        g = torch.randn_like(y)
+        grads = torch.autograd.grad(y, (x, w, b), g)
+        return (y.detach(),) + grads
+    finally:
+        torch.set_num_threads(old)
+
+
+@pytest.mark.parametrize("name,kind,nd,cfg", [MEDIUM[1], MEDIUM[6], MEDIUM[8]],
+                         ids=[MEDIUM[1][0], MEDIUM[6][0], MEDIUM[8][0]])
+def test_deterministic_run_to_run(name, kind, nd, cfg):
+    """Bitwise identical forward and gradients across repeated runs (same thread count)."""
+    a = _forward_backward(kind, nd, cfg, torch.float32, 2)
+    b = _forward_backward(kind, nd, cfg, torch.float32, 2)
+    for ta, tb in zip(a, b):
+        assert torch.equal(ta, tb)
+    c = _forward_backward(kind, nd, cfg, torch.float32, 1)
+    d = _forward_backward(kind, nd, cfg, torch.float32, 1)
+    for tc, td in zip(c, d):
+        assert torch.equal(tc, td)
+
+
+@pytest.mark.parametrize("kind", ["ct", "conv"])
+def test_works_under_deterministic_algorithms(kind):
+    nd = 2
+    cfg = _variants(kind)["asym"]
+    old = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        _run(kind, nd, cfg)
+    finally:
+        torch.use_deterministic_algorithms(old)
