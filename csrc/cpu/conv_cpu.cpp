@@ -1,6 +1,6 @@
 // CPU kernels of the three torch_convt ops: conv_transpose, conv and conv_weight_grad.
 //
-// All three are "gather columns, then GEMM" over tiles of output positions:
+// All three are "gather columns, then GEMM" (our own, gemm.h) over tiles of output positions:
 //   conv:             Y[cy, i]       = W[cy, (cx,k)] . col[(cx,k), i],   col = X at i*stride - padding + k*dilation
 //   conv_transpose:   X[cx, phase+s*m] = W_phase[cx, (cy,t)] . col[(cy,t), m],  col = Y at m + shift[t]
 //   conv_weight_grad: dW[cy, (cx,k)] = sum_i Y[cy, i] * col[(cx,k), i]  (the conv columns)
@@ -22,6 +22,7 @@
 
 #include "../common/index_math.h"
 #include "../common/params.h"
+#include "gemm.h"
 
 namespace torch_convt {
 namespace {
@@ -41,27 +42,6 @@ int64_t tile_size(int64_t rows, int64_t positions, int64_t elem_size) {
   int64_t t = kColumnBytes / (std::max<int64_t>(rows, 1) * elem_size);
   t = std::max<int64_t>(16, t / 16 * 16);
   return std::max<int64_t>(1, std::min(t, positions));
-}
-
-// C[M x N] (row-major, leading dim ldc) = A[M x K] . B[K x N] (+ C if accumulate), through ATen's matmul
-// (BLAS for float/double/complex). A and B are given by element strides, so transposes cost nothing.
-template <typename T>
-void matmul(int64_t M, int64_t N, int64_t K, const T* a, int64_t a_row, int64_t a_col, const T* b, int64_t b_row,
-            int64_t b_col, bool accumulate, T* c, int64_t ldc) {
-  if (M == 0 || N == 0) return;
-  const auto options = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
-  at::Tensor C = at::from_blob(c, {M, N}, {ldc, 1}, options);
-  if (K == 0) {  // empty reduction: the sum is zero
-    if (!accumulate) C.zero_();
-    return;
-  }
-  const at::Tensor A = at::from_blob(const_cast<T*>(a), {M, K}, {a_row, a_col}, options);
-  const at::Tensor B = at::from_blob(const_cast<T*>(b), {K, N}, {b_row, b_col}, options);
-  if (accumulate) {
-    C.addmm_(A, B);
-  } else {
-    at::mm_out(C, A, B);
-  }
 }
 
 // col[(c*T + t)*ld + (m - m_begin)] = src[c*channel_stride + position], where position_d = m_d*step_d +
@@ -184,7 +164,7 @@ void conv_kernel(const ConvParams& p, const scalar_t* x, const scalar_t* w, cons
       const int64_t m1 = std::min(M, m0 + tile), cnt = m1 - m0;
       gather_columns(x + (n * p.big_channels + g * Cxg) * X_sp, Cxg, p.big, taps, p.stride, p.small, m0, m1,
                      col.data(), cnt);
-      matmul<acc_t>(Cyg, cnt, KK, wa + g * Cyg * KK, KK, 1, col.data(), cnt, 1, false, out.data(), cnt);
+      cpu::gemm<acc_t>(Cyg, cnt, KK, wa + g * Cyg * KK, KK, 1, col.data(), cnt, 1, false, out.data(), cnt);
       store_rows(out.data(), cnt, Cyg, ba ? ba + g * Cyg : nullptr, y + (n * p.small_channels + g * Cyg) * M,
                  p.small, one, zero, p.small, m0, m1);
     }
@@ -291,7 +271,7 @@ void conv_transpose_kernel(const ConvParams& p, const scalar_t* y, const scalar_
       const int64_t rows = Cyg * static_cast<int64_t>(ph.taps.size()), cnt = job.m1 - job.m0;
       gather_columns(y + (n * p.small_channels + g * Cyg) * Y_sp, Cyg, p.small, ph.taps, one, ph.grid, job.m0,
                      job.m1, col.data(), cnt);
-      matmul<acc_t>(Cxg, cnt, rows, w_phase[job.phase].data() + g * Cxg * rows, rows, 1, col.data(), cnt, 1, false,
+      cpu::gemm<acc_t>(Cxg, cnt, rows, w_phase[job.phase].data() + g * Cxg * rows, rows, 1, col.data(), cnt, 1, false,
                     out.data(), cnt);
       store_rows(out.data(), cnt, Cxg, ba ? ba + g * Cxg : nullptr, x + (n * p.big_channels + g * Cxg) * X_sp,
                  p.big, p.stride, ph.r, ph.grid, job.m0, job.m1);
@@ -335,7 +315,7 @@ void conv_weight_grad_kernel(const ConvParams& p, const scalar_t* x, const scala
             for (int64_t j = 0; j < cnt; ++j) y_tile[cy * cnt + j] = static_cast<acc_t>(ys[cy * M + j]);
           yt = y_tile.data(), ldy = cnt;
         }
-        matmul<acc_t>(Cyg, KK, cnt, yt, ldy, 1, col.data(), 1, cnt, true, acc + g * Cyg * KK, KK);
+        cpu::gemm<acc_t>(Cyg, KK, cnt, yt, ldy, 1, col.data(), 1, cnt, true, acc + g * Cyg * KK, KK);
       }
     }
   });
