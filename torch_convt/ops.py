@@ -125,3 +125,58 @@ def _conv_weight_grad_backward(ctx, grad):
 torch.library.register_autograd("torch_convt::conv_transpose", _conv_transpose_backward, setup_context=_setup)
 torch.library.register_autograd("torch_convt::conv", _conv_backward, setup_context=_setup)
 torch.library.register_autograd("torch_convt::conv_weight_grad", _conv_weight_grad_backward, setup_context=_setup)
+
+
+# ---- torch.func.vmap ---------------------------------------------------------------------------------------
+def _vmap_rule(op, n_tensors):
+    """vmap of an op whose first `n_tensors` arguments are tensors (or None). A batched input alone folds the
+    vmapped dim into the batch dim (one call); anything else (a batched weight, per-sample gradients) runs the
+    op once per vmapped slice."""
+    def rule(info, in_dims, *args):
+        dims = in_dims[:n_tensors]
+        tensors, rest = args[:n_tensors], args[n_tensors:]
+        if dims[0] is not None and all(d is None for d in dims[1:]):
+            x = tensors[0].movedim(dims[0], 0)
+            out = op(x.flatten(0, 1), *tensors[1:], *rest)
+            return out.unflatten(0, (x.shape[0], x.shape[1])), 0
+        moved = [t.movedim(d, 0) if d is not None else t for t, d in zip(tensors, dims)]
+        outs = [op(*[t[b] if d is not None else t for t, d in zip(moved, dims)], *rest)
+                for b in range(info.batch_size)]
+        return torch.stack(outs), 0
+    return rule
+
+
+torch.library.register_vmap("torch_convt::conv_transpose", _vmap_rule(conv_transpose, 3))
+torch.library.register_vmap("torch_convt::conv", _vmap_rule(conv, 3))
+torch.library.register_vmap("torch_convt::conv_weight_grad", _vmap_rule(conv_weight_grad, 2))
+
+
+# ---- autocast ----------------------------------------------------------------------------------------------
+# torch runs its convolutions in the autocast dtype (lower-precision list); so do ours: floating tensors of the
+# autocast device other than float64 are cast to torch.get_autocast_dtype(device) before the op runs.
+_autocast_lib = torch.library.Library("torch_convt", "IMPL")
+
+
+def _register_autocast(op, device_type):
+    key_name = "Autocast" + torch._C._dispatch_key_for_device(device_type)
+    key = getattr(torch._C.DispatchKey, key_name)
+
+    def cast(args):
+        dtype = torch.get_autocast_dtype(device_type)
+        return [a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() and a.dtype != torch.float64
+                and a.device.type == device_type else a for a in args]
+
+    def run(*args):
+        with torch._C._ExcludeDispatchKeyGuard(torch._C.DispatchKeySet(key)):
+            return op(*cast(args))
+
+    if op.has_kernel_for_dispatch_key(key):
+        op.py_kernels.pop(key, None)
+    op.py_impl(key)(run)  # for tracing (torch.compile, make_fx)
+    _autocast_lib.impl(op._schema.name.split("::")[1], lambda _keyset, *args: run(*args), key_name,
+                       with_keyset=True)
+
+
+for _op in (conv_transpose.default, conv.default, conv_weight_grad.default):
+    for _device in ("cpu", "cuda"):
+        _register_autocast(_op, _device)

@@ -27,9 +27,10 @@
 namespace torch_convt {
 namespace {
 
-constexpr int64_t kColumnBytes = int64_t(2) << 20;   // column tile per thread
+constexpr int64_t kColumnBytes = int64_t(512) << 10;  // column tile per thread: stays in L2 from gather to GEMM
 constexpr int64_t kPartialBytes = int64_t(64) << 20;  // weight-gradient partial sums, all chunks together
 constexpr int64_t kMaxChunks = 8;                     // weight-gradient reduction chunks (fixed: determinism)
+constexpr int64_t kMinTaskFlops = int64_t(1) << 21;   // below this a task is not worth a thread
 
 // One kernel tap as seen from a tile: the source position of grid point m is m*step + offset per dim.
 struct Tap {
@@ -37,54 +38,129 @@ struct Tap {
   int64_t k;  // flat kernel index
 };
 
-// Output positions per tile: enough columns to amortise the GEMM, few enough to stay in cache.
-int64_t tile_size(int64_t rows, int64_t positions, int64_t elem_size) {
+// Positions per tile: enough to amortise the GEMM, few enough for the columns to stay in cache. A multiple of
+// the GEMM panel width `nr`.
+int64_t tile_size(int64_t rows, int64_t positions, int64_t elem_size, int64_t nr) {
   int64_t t = kColumnBytes / (std::max<int64_t>(rows, 1) * elem_size);
-  t = std::max<int64_t>(16, t / 16 * 16);
+  t = std::max(nr, t / nr * nr);
   return std::max<int64_t>(1, std::min(t, positions));
 }
 
-// col[(c*T + t)*ld + (m - m_begin)] = src[c*channel_stride + position], where position_d = m_d*step_d +
-// taps[t].offset_d over the row-major grid of m, and zero where that falls outside `extent`.
+// Work items per thread task, so that small problems do not pay for threads they cannot use.
+int64_t grain(int64_t flops_per_item) {
+  return std::max<int64_t>(1, kMinTaskFlops / std::max<int64_t>(1, flops_per_item));
+}
+
+// Where element (row, position) of a tile's column block goes in the GEMM's packed B operand (gemm.h): for the
+// forward ops positions are the GEMM's N (panels over positions, rows are the depth); for the weight gradient
+// rows are N (panels over rows, positions are the depth). Either way the offset splits into a row part plus a
+// position part, which the gather precomputes.
+struct PanelLayout {
+  int64_t depth;   // K of the packed operand
+  int64_t nr;      // panel width NR
+  bool over_rows;  // panels run over rows (weight gradient)
+
+  int64_t panel_part(int64_t n) const { return (n / nr) * depth * nr + n % nr; }
+  int64_t row_part(int64_t row) const { return over_rows ? panel_part(row) : row * nr; }
+  int64_t pos_part(int64_t pos) const { return over_rows ? pos * nr : panel_part(pos); }
+  // Zeroes the panel padding past `rows` x `count`, which the GEMM reads but must not count.
+  template <typename T>
+  void zero_padding(T* col, int64_t rows, int64_t count) const {
+    const int64_t n = over_rows ? rows : count, depth_count = over_rows ? count : rows;
+    for (int64_t i = n; i < (n + nr - 1) / nr * nr; ++i)
+      for (int64_t k = 0; k < depth_count; ++k) col[(i / nr) * depth * nr + k * nr + i % nr] = T(0);
+  }
+};
+
+// One innermost-dim run of a tile's grid: grid points (idx0, idx1, j) for j in [first, last), at tile
+// positions base + j.
+struct Run {
+  int64_t idx0, idx1, first, last, base;
+};
+
+// Column block of a tile: element (row = c*T + t, position m - m_begin) = src[c*channel_stride + position],
+// where position_d = m_d*step_d + taps[t].offset_d over the row-major grid of m, and zero where that falls
+// outside `extent`. Written straight into the GEMM's packed layout. The run geometry and the position part of
+// the packed offsets are shared by all rows; the bounds of a run are shared by all channels of a tap.
 template <typename scalar_t, typename acc_t>
 void gather_columns(const scalar_t* src, int64_t channels, const int64_t* extent, const std::vector<Tap>& taps,
                     const int64_t* step, const int64_t* grid, int64_t m_begin, int64_t m_end, acc_t* col,
-                    int64_t ld) {
+                    const PanelLayout& layout) {
   const int64_t T = static_cast<int64_t>(taps.size());
   const int64_t channel_stride = extent[0] * extent[1] * extent[2];
+  thread_local std::vector<int64_t> pos;
+  thread_local std::vector<Run> runs;
+  pos.resize(m_end - m_begin);
+  for (int64_t i = 0; i < m_end - m_begin; ++i) pos[i] = layout.pos_part(i);
+  runs.clear();
+  {
+    int64_t m = m_begin, idx[kMaxDims];
+    unflatten3(m, grid, idx);
+    while (m < m_end) {
+      const int64_t first = idx[2], last = std::min(grid[2], first + (m_end - m));
+      runs.push_back({idx[0], idx[1], first, last, m - m_begin - first});
+      m += last - first;
+      idx[2] = 0;
+      if (++idx[1] == grid[1]) idx[1] = 0, ++idx[0];
+    }
+  }
+  const int64_t s2 = step[2];
   for (int64_t t = 0; t < T; ++t) {
     const Tap& tap = taps[t];
     int64_t lo2, hi2;  // innermost-dim grid range that lands inside the source
-    valid_range(tap.offset[2], step[2], extent[2], grid[2], &lo2, &hi2);
-    for (int64_t c = 0; c < channels; ++c) {
-      const scalar_t* s = src + c * channel_stride;
-      acc_t* out = col + (c * T + t) * ld - m_begin;
-      int64_t m = m_begin, idx[kMaxDims];
-      unflatten3(m, grid, idx);
-      while (m < m_end) {
-        const int64_t first = idx[2], last = std::min(grid[2], first + (m_end - m));  // this row: [first, last)
-        acc_t* o = out + m - first;
-        const int64_t p0 = idx[0] * step[0] + tap.offset[0];
-        const int64_t p1 = idx[1] * step[1] + tap.offset[1];
-        if (p0 < 0 || p0 >= extent[0] || p1 < 0 || p1 >= extent[1]) {
-          std::fill(o + first, o + last, acc_t(0));
-        } else {
-          const int64_t lo = std::clamp(lo2, first, last), hi = std::clamp(hi2, lo, last);
-          std::fill(o + first, o + lo, acc_t(0));
-          const scalar_t* row = s + (p0 * extent[1] + p1) * extent[2] + tap.offset[2];
-          if (step[2] == 1) {
-            for (int64_t j = lo; j < hi; ++j) o[j] = static_cast<acc_t>(row[j]);
-          } else {
-            for (int64_t j = lo; j < hi; ++j) o[j] = static_cast<acc_t>(row[j * step[2]]);
-          }
-          std::fill(o + hi, o + last, acc_t(0));
+    valid_range(tap.offset[2], s2, extent[2], grid[2], &lo2, &hi2);
+    for (const Run& run : runs) {
+      const int64_t p0 = run.idx0 * step[0] + tap.offset[0];
+      const int64_t p1 = run.idx1 * step[1] + tap.offset[1];
+      int64_t lo = run.last, hi = run.last, line = 0;
+      if (p0 >= 0 && p0 < extent[0] && p1 >= 0 && p1 < extent[1]) {
+        lo = std::clamp(lo2, run.first, run.last), hi = std::clamp(hi2, lo, run.last);
+        line = (p0 * extent[1] + p1) * extent[2] + tap.offset[2];
+      }
+      const int64_t* ps = pos.data() + run.base;
+      if (!layout.over_rows) {
+        // Positions are contiguous inside a panel: split the run at panel edges once, then every channel copies
+        // segment by segment (vectorised).
+        struct Segment {
+          int64_t j0, a, b, j1, offset;  // zero [j0, a), copy [a, b), zero [b, j1); out index = offset + j
+        };
+        Segment segs[8];
+        int n_segs = 0;
+        for (int64_t j0 = run.first; j0 < run.last && n_segs < 8;) {
+          const int64_t j1 = std::min(run.last, j0 + layout.nr - (run.base + j0) % layout.nr);
+          const int64_t a = std::clamp(lo, j0, j1), b = std::clamp(hi, a, j1);
+          segs[n_segs++] = {j0, a, b, j1, ps[j0] - j0};
+          j0 = j1;
         }
-        m += last - first;
-        idx[2] = 0;
-        if (++idx[1] == grid[1]) idx[1] = 0, ++idx[0];
+        if (n_segs < 8 || segs[7].j1 == run.last) {
+          for (int64_t c = 0; c < channels; ++c) {
+            acc_t* out = col + layout.row_part(c * T + t);
+            const scalar_t* in = src + c * channel_stride + line;
+            for (int q = 0; q < n_segs; ++q) {
+              const Segment& sg = segs[q];
+              acc_t* o = out + sg.offset;
+              for (int64_t j = sg.j0; j < sg.a; ++j) o[j] = acc_t(0);
+              if (s2 == 1) {
+                for (int64_t j = sg.a; j < sg.b; ++j) o[j] = static_cast<acc_t>(in[j]);
+              } else {
+                for (int64_t j = sg.a; j < sg.b; ++j) o[j] = static_cast<acc_t>(in[j * s2]);
+              }
+              for (int64_t j = sg.b; j < sg.j1; ++j) o[j] = acc_t(0);
+            }
+          }
+          continue;
+        }
+      }
+      for (int64_t c = 0; c < channels; ++c) {
+        acc_t* out = col + layout.row_part(c * T + t);
+        const scalar_t* in = src + c * channel_stride + line;
+        for (int64_t j = run.first; j < lo; ++j) out[ps[j]] = acc_t(0);
+        for (int64_t j = lo; j < hi; ++j) out[ps[j]] = static_cast<acc_t>(in[j * s2]);
+        for (int64_t j = hi; j < run.last; ++j) out[ps[j]] = acc_t(0);
       }
     }
   }
+  layout.zero_padding(col, channels * T, m_end - m_begin);
 }
 
 // dst[c*channel_stride + position] = rows[c*ld + m - m_begin] (+ bias[c]), position_d = m_d*step_d +
@@ -150,21 +226,25 @@ void conv_kernel(const ConvParams& p, const scalar_t* x, const scalar_t* w, cons
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t G = p.groups, Cxg = p.big_group(), Cyg = p.small_group();
   const int64_t KK = Cxg * p.kernel_numel(), M = p.small_spatial(), X_sp = p.big_spatial();
-  std::vector<acc_t> w_store, b_store;
-  const acc_t* wa = as_acc(w, p.small_channels * KK, w_store);
+  const cpu::GemmTile gt = cpu::gemm_tile<acc_t>();
+  // A operand per group: the weight rows of its output channels, [Cyg x KK].
+  const int64_t a_size = cpu::packed_size(Cyg, KK, gt.mr);
+  std::vector<acc_t> w_packed(G * a_size), b_store;
+  for (int64_t g = 0; g < G; ++g) cpu::pack_panels(w + g * Cyg * KK, KK, 1, Cyg, KK, gt.mr, w_packed.data() + g * a_size);
   const acc_t* ba = bias ? as_acc(bias, p.small_channels, b_store) : nullptr;
   const std::vector<Tap> taps = conv_taps(p);
-  const int64_t tile = tile_size(KK, M, sizeof(acc_t)), tiles = ceil_div(M, tile);
+  const int64_t tile = tile_size(KK, M, sizeof(acc_t), gt.nr), tiles = ceil_div(M, tile);
   const int64_t zero[kMaxDims] = {0, 0, 0}, one[kMaxDims] = {1, 1, 1};
+  const PanelLayout layout{KK, gt.nr, false};
 
-  at::parallel_for(0, p.batch * G * tiles, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> col(KK * tile), out(Cyg * tile);
+  at::parallel_for(0, p.batch * G * tiles, grain(2 * Cyg * KK * tile), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> col(cpu::packed_size(tile, KK, gt.nr)), out(Cyg * tile);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t n = item / (G * tiles), g = item / tiles % G, m0 = item % tiles * tile;
       const int64_t m1 = std::min(M, m0 + tile), cnt = m1 - m0;
       gather_columns(x + (n * p.big_channels + g * Cxg) * X_sp, Cxg, p.big, taps, p.stride, p.small, m0, m1,
-                     col.data(), cnt);
-      cpu::gemm<acc_t>(Cyg, cnt, KK, wa + g * Cyg * KK, KK, 1, col.data(), cnt, 1, false, out.data(), cnt);
+                     col.data(), layout);
+      cpu::gemm_packed<acc_t>(Cyg, cnt, KK, w_packed.data() + g * a_size, col.data(), false, out.data(), cnt);
       store_rows(out.data(), cnt, Cyg, ba ? ba + g * Cyg : nullptr, y + (n * p.small_channels + g * Cyg) * M,
                  p.small, one, zero, p.small, m0, m1);
     }
@@ -236,43 +316,46 @@ void conv_transpose_kernel(const ConvParams& p, const scalar_t* y, const scalar_
     });
   }
 
-  // Per (group, phase) weight matrix [Cxg, Cyg*T]: W_phase[cx, cy*T + t] = W[g*Cyg + cy, cx, taps[t].k].
+  // A operand per (phase, group): W_phase[cx, cy*T + t] = W[g*Cyg + cy, cx, taps[t].k], packed.
   struct Job {
     int64_t phase, m0, m1;
   };
+  const cpu::GemmTile gt = cpu::gemm_tile<acc_t>();
   std::vector<std::vector<acc_t>> w_phase(phases.size());
   std::vector<Job> jobs;
-  int64_t max_rows = 0, max_tile = 1;
+  int64_t max_rows = 0, max_tile = 1, flops = 0;
   for (size_t q = 0; q < phases.size(); ++q) {
     const Phase& ph = phases[q];
-    const int64_t T = static_cast<int64_t>(ph.taps.size()), rows = Cyg * T;
+    const int64_t T = static_cast<int64_t>(ph.taps.size()), rows = Cyg * T, a_size = cpu::packed_size(Cxg, rows, gt.mr);
     std::vector<acc_t>& wp = w_phase[q];
-    wp.resize(G * Cxg * rows);
+    wp.assign(G * a_size, acc_t(0));
     for (int64_t g = 0; g < G; ++g)
       for (int64_t cx = 0; cx < Cxg; ++cx)
         for (int64_t cy = 0; cy < Cyg; ++cy)
           for (int64_t t = 0; t < T; ++t)
-            wp[(g * Cxg + cx) * rows + cy * T + t] =
+            wp[g * a_size + cpu::packed_index(cx, cy * T + t, rows, gt.mr)] =
                 static_cast<acc_t>(w[((g * Cyg + cy) * Cxg + cx) * K + ph.taps[t].k]);
     const int64_t M = ph.grid[0] * ph.grid[1] * ph.grid[2];
-    const int64_t tile = tile_size(rows, M, sizeof(acc_t));
+    const int64_t tile = tile_size(rows, M, sizeof(acc_t), gt.nr);
     for (int64_t m0 = 0; m0 < M; m0 += tile) jobs.push_back({static_cast<int64_t>(q), m0, std::min(M, m0 + tile)});
     max_rows = std::max(max_rows, rows);
     max_tile = std::max(max_tile, tile);
+    flops += 2 * Cxg * rows * M;
   }
   const int64_t J = static_cast<int64_t>(jobs.size());
 
-  at::parallel_for(0, p.batch * G * J, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> col(max_rows * max_tile), out(Cxg * max_tile);
+  at::parallel_for(0, p.batch * G * J, grain(flops / std::max<int64_t>(1, J)), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> col(cpu::packed_size(max_tile, max_rows, gt.nr)), out(Cxg * max_tile);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t n = item / (G * J), g = item / J % G;
       const Job& job = jobs[item % J];
       const Phase& ph = phases[job.phase];
       const int64_t rows = Cyg * static_cast<int64_t>(ph.taps.size()), cnt = job.m1 - job.m0;
       gather_columns(y + (n * p.small_channels + g * Cyg) * Y_sp, Cyg, p.small, ph.taps, one, ph.grid, job.m0,
-                     job.m1, col.data(), cnt);
-      cpu::gemm<acc_t>(Cxg, cnt, rows, w_phase[job.phase].data() + g * Cxg * rows, rows, 1, col.data(), cnt, 1, false,
-                    out.data(), cnt);
+                     job.m1, col.data(), PanelLayout{rows, gt.nr, false});
+      const int64_t a_size = cpu::packed_size(Cxg, rows, gt.mr);
+      cpu::gemm_packed<acc_t>(Cxg, cnt, rows, w_phase[job.phase].data() + g * a_size, col.data(), false, out.data(),
+                              cnt);
       store_rows(out.data(), cnt, Cxg, ba ? ba + g * Cxg : nullptr, x + (n * p.big_channels + g * Cxg) * X_sp,
                  p.big, p.stride, ph.r, ph.grid, job.m0, job.m1);
     }
@@ -288,8 +371,9 @@ void conv_weight_grad_kernel(const ConvParams& p, const scalar_t* x, const scala
   const int64_t G = p.groups, Cxg = p.big_group(), Cyg = p.small_group();
   const int64_t KK = Cxg * p.kernel_numel(), M = p.small_spatial(), X_sp = p.big_spatial();
   const int64_t dw_numel = p.small_channels * KK;
+  const cpu::GemmTile gt = cpu::gemm_tile<acc_t>();
   const std::vector<Tap> taps = conv_taps(p);
-  const int64_t tile = tile_size(KK, M, sizeof(acc_t)), tiles = ceil_div(M, tile);
+  const int64_t tile = tile_size(KK, M, sizeof(acc_t), gt.nr), tiles = ceil_div(M, tile);
   const int64_t items = G * p.batch * tiles;  // ordered (g, n, tile)
   // Fixed chunking of the reduction (independent of the thread count), each chunk with its own partial sum.
   const int64_t chunks = std::max<int64_t>(
@@ -297,25 +381,17 @@ void conv_weight_grad_kernel(const ConvParams& p, const scalar_t* x, const scala
   std::vector<acc_t> partial(chunks * dw_numel, acc_t(0));
 
   at::parallel_for(0, chunks, 1, [&](int64_t c_begin, int64_t c_end) {
-    std::vector<acc_t> col(KK * tile), y_tile(std::is_same_v<scalar_t, acc_t> ? 0 : Cyg * tile);
+    // The GEMM is dW_g[Cyg x KK] += Y_tile[Cyg x cnt] . columns^T: positions are its depth.
+    std::vector<acc_t> col(cpu::packed_size(KK, tile, gt.nr)), y_packed(cpu::packed_size(Cyg, tile, gt.mr));
     for (int64_t c = c_begin; c < c_end; ++c) {
       acc_t* acc = partial.data() + c * dw_numel;
       for (int64_t item = items * c / chunks; item < items * (c + 1) / chunks; ++item) {
         const int64_t g = item / (p.batch * tiles), n = item / tiles % p.batch, m0 = item % tiles * tile;
         const int64_t m1 = std::min(M, m0 + tile), cnt = m1 - m0;
         gather_columns(x + (n * p.big_channels + g * Cxg) * X_sp, Cxg, p.big, taps, p.stride, p.small, m0, m1,
-                       col.data(), cnt);
-        const scalar_t* ys = y + (n * p.small_channels + g * Cyg) * M + m0;
-        const acc_t* yt;
-        int64_t ldy;
-        if constexpr (std::is_same_v<scalar_t, acc_t>) {
-          yt = ys, ldy = M;
-        } else {
-          for (int64_t cy = 0; cy < Cyg; ++cy)
-            for (int64_t j = 0; j < cnt; ++j) y_tile[cy * cnt + j] = static_cast<acc_t>(ys[cy * M + j]);
-          yt = y_tile.data(), ldy = cnt;
-        }
-        cpu::gemm<acc_t>(Cyg, KK, cnt, yt, ldy, 1, col.data(), 1, cnt, true, acc + g * Cyg * KK, KK);
+                       col.data(), PanelLayout{cnt, gt.nr, true});
+        cpu::pack_panels(y + (n * p.small_channels + g * Cyg) * M + m0, M, 1, Cyg, cnt, gt.mr, y_packed.data());
+        cpu::gemm_packed<acc_t>(Cyg, KK, cnt, y_packed.data(), col.data(), true, acc + g * Cyg * KK, KK);
       }
     }
   });

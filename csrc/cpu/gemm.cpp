@@ -1,9 +1,9 @@
-// Cache-blocked GEMM driver and its micro-kernels (see gemm.h).
+// GEMM on pre-packed operands and its micro-kernels (see gemm.h).
 //
-// Blocking: B is packed per (KC x NC) block into NR-wide panels, A per (MC x KC) block into MR-high panels,
-// both zero-padded to whole panels; the micro-kernel then streams one A panel and one B panel and keeps an
-// MR x NR block of C in registers. Every C element sums its K products in increasing k, block by block: the
-// order depends on the shapes only.
+// The micro-kernel streams one A panel (MR x kc) and one B panel (kc x NR) and keeps an MR x NR block of C in
+// registers. The driver walks B panels outermost (a B panel is reused by every A panel while it sits in L1/L2),
+// splitting K into KC-deep blocks so that panel stays cache-resident. Every C element sums its K products in
+// increasing k, block by block: the order depends on the shapes only, never on threads.
 //
 // The SIMD micro-kernels are compiled with per-function target attributes and only called after a run-time
 // CPU check, so one binary runs (and is fast) on any x86-64 CPU. They use intrinsics only, no library code,
@@ -13,7 +13,6 @@
 #include <c10/util/complex.h>
 
 #include <algorithm>
-#include <vector>
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
@@ -25,7 +24,7 @@
 namespace torch_convt::cpu {
 namespace {
 
-constexpr int64_t KC = 256;  // depth of a packed block: A panel (MR x KC) stays in L1, B panel in L2
+constexpr int64_t KC = 384;  // K block: one B panel (KC x NR floats, 48 KiB at NR 32) stays in L1/L2
 
 template <typename T>
 using MicroFn = void (*)(int64_t kc, const T* a, const T* b, T* c, int64_t ldc, bool accumulate);
@@ -132,30 +131,16 @@ const MicroKernel<T>& kernel() {
   return k;
 }
 
-// dst[panel][k][lane] = src(row = panel*width + lane, col = k) for the block (rows x depth), zero-padded to
-// whole panels: the layout the micro-kernel streams for A (width MR, rows = M) and, transposed, for B.
-template <typename T>
-void pack(const T* src, int64_t row_stride, int64_t depth_stride, int64_t rows, int64_t depth, int64_t width,
-          T* dst) {
-  for (int64_t r0 = 0; r0 < rows; r0 += width) {
-    const int64_t w = std::min(width, rows - r0);
-    for (int64_t k = 0; k < depth; ++k, dst += width) {
-      const T* s = src + r0 * row_stride + k * depth_stride;
-      if (row_stride == 1) {
-        std::copy(s, s + w, dst);
-      } else {
-        for (int64_t l = 0; l < w; ++l) dst[l] = s[l * row_stride];
-      }
-      std::fill(dst + w, dst + width, T(0));
-    }
-  }
-}
-
 }  // namespace
 
 template <typename T>
-void gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t a_row, int64_t a_col, const T* B, int64_t b_row,
-          int64_t b_col, bool accumulate, T* C, int64_t ldc) {
+GemmTile gemm_tile() {
+  return {kernel<T>().mr, kernel<T>().nr};
+}
+
+template <typename T>
+void gemm_packed(int64_t M, int64_t N, int64_t K, const T* a_packed, const T* b_packed, bool accumulate, T* C,
+                 int64_t ldc) {
   if (M <= 0 || N <= 0) return;
   if (K <= 0) {
     if (!accumulate)
@@ -164,37 +149,25 @@ void gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t a_row, int64_t a_
   }
   const MicroKernel<T>& mk = kernel<T>();
   const int64_t MR = mk.mr, NR = mk.nr;
-  const int64_t MC = MR * 16, NC = NR * 64;
-  thread_local std::vector<T> a_pack, b_pack;
-  a_pack.resize(MC * KC);
-  b_pack.resize(NC * KC);
   T edge[16 * 32];  // an MR x NR block for ragged edges (MR <= 16, NR <= 32)
-
-  for (int64_t jc = 0; jc < N; jc += NC) {
-    const int64_t nc = std::min(NC, N - jc);
+  for (int64_t jr = 0; jr < N; jr += NR) {
+    const int64_t nr = std::min(NR, N - jr);
+    const T* b_panel = b_packed + jr * K;
     for (int64_t pc = 0; pc < K; pc += KC) {
       const int64_t kc = std::min(KC, K - pc);
       const bool acc = accumulate || pc > 0;
-      pack(B + pc * b_row + jc * b_col, b_col, b_row, nc, kc, NR, b_pack.data());
-      for (int64_t ic = 0; ic < M; ic += MC) {
-        const int64_t mc = std::min(MC, M - ic);
-        pack(A + ic * a_row + pc * a_col, a_row, a_col, mc, kc, MR, a_pack.data());
-        for (int64_t jr = 0; jr < nc; jr += NR) {
-          const T* bp = b_pack.data() + jr * kc;
-          const int64_t nr = std::min(NR, nc - jr);
-          for (int64_t ir = 0; ir < mc; ir += MR) {
-            const T* ap = a_pack.data() + ir * kc;
-            const int64_t mr = std::min(MR, mc - ir);
-            T* c = C + (ic + ir) * ldc + jc + jr;
-            if (mr == MR && nr == NR) {
-              mk.fn(kc, ap, bp, c, ldc, acc);
-            } else {
-              mk.fn(kc, ap, bp, edge, NR, false);
-              for (int64_t i = 0; i < mr; ++i)
-                for (int64_t j = 0; j < nr; ++j)
-                  c[i * ldc + j] = acc ? c[i * ldc + j] + edge[i * NR + j] : edge[i * NR + j];
-            }
-          }
+      for (int64_t ir = 0; ir < M; ir += MR) {
+        const int64_t mr = std::min(MR, M - ir);
+        const T* ap = a_packed + ir * K + pc * MR;
+        const T* bp = b_panel + pc * NR;
+        T* c = C + ir * ldc + jr;
+        if (mr == MR && nr == NR) {
+          mk.fn(kc, ap, bp, c, ldc, acc);
+        } else {
+          mk.fn(kc, ap, bp, edge, NR, false);
+          for (int64_t i = 0; i < mr; ++i)
+            for (int64_t j = 0; j < nr; ++j)
+              c[i * ldc + j] = acc ? c[i * ldc + j] + edge[i * NR + j] : edge[i * NR + j];
         }
       }
     }
@@ -205,9 +178,9 @@ const char* gemm_isa() {
   return kernel<float>().isa;
 }
 
-#define TORCH_CONVT_INSTANTIATE_GEMM(T)                                                                     \
-  template void gemm<T>(int64_t, int64_t, int64_t, const T*, int64_t, int64_t, const T*, int64_t, int64_t, \
-                        bool, T*, int64_t);
+#define TORCH_CONVT_INSTANTIATE_GEMM(T)                                                                  \
+  template GemmTile gemm_tile<T>();                                                                      \
+  template void gemm_packed<T>(int64_t, int64_t, int64_t, const T*, const T*, bool, T*, int64_t);
 TORCH_CONVT_INSTANTIATE_GEMM(float)
 TORCH_CONVT_INSTANTIATE_GEMM(double)
 TORCH_CONVT_INSTANTIATE_GEMM(c10::complex<float>)

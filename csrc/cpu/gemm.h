@@ -1,22 +1,57 @@
-// torch_convt's own single-threaded GEMM for the CPU kernels:
+// torch_convt's own single-threaded GEMM on pre-packed operands, for the CPU convolution kernels:
 //     C[M x N] (row-major, ldc)  =  A[M x K] . B[K x N]  (+ C if accumulate)
-// A and B are addressed by (row, column) element strides, so transposed operands cost nothing extra.
+// A is packed in MR-high panels, B in NR-wide panels (layout below). The convolution kernels write their
+// gathered columns straight into the B layout and pack the (small) weights once per call, so no operand is
+// ever copied twice.
 //
 // Why our own: the convolution kernels call it from inside their own parallel loops, and need (1) no nested
 // threading, (2) a summation order fixed by the shapes alone, so results are bitwise identical for any thread
-// count, and (3) speed on CPUs where vendor BLAS is weak. It is a cache-blocked (BLIS-style) driver around a
-// register-blocked micro-kernel chosen at run time (AVX-512, AVX2+FMA, or portable C++); the build never
-// assumes the build machine's CPU.
+// count, and (3) speed on CPUs where vendor BLAS is weak. The register-blocked micro-kernel is chosen at run
+// time (AVX-512, AVX2+FMA, or portable C++); the build never assumes the build machine's CPU.
 #pragma once
 
 #include <cstdint>
 
 namespace torch_convt::cpu {
 
-// Instantiated for float, double, c10::complex<float/double> and the integer types (gemm.cpp).
+// Panel sizes of the micro-kernel for T: MR rows of A, NR columns of B (NR is a power of two).
+struct GemmTile {
+  int64_t mr, nr;
+};
+
 template <typename T>
-void gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t a_row, int64_t a_col, const T* B, int64_t b_row,
-          int64_t b_col, bool accumulate, T* C, int64_t ldc);
+GemmTile gemm_tile();
+
+// Elements of a panel-packed operand: `rows` rounded up to whole panels of `width`, times `depth`.
+inline int64_t packed_size(int64_t rows, int64_t depth, int64_t width) {
+  return (rows + width - 1) / width * width * depth;
+}
+
+// Index of element (row, k) in the packed layout [row / width][k][row % width] of a `depth`-deep operand.
+// For A: row = m, width = MR. For B: row = n (a column of B), width = NR.
+inline int64_t packed_index(int64_t row, int64_t k, int64_t depth, int64_t width) {
+  return (row / width) * depth * width + k * width + row % width;
+}
+
+// Packs src(row, k) = src[row*row_stride + k*depth_stride] into that layout (converting to T), zero-padding
+// the last panel.
+template <typename Src, typename T>
+void pack_panels(const Src* src, int64_t row_stride, int64_t depth_stride, int64_t rows, int64_t depth,
+                 int64_t width, T* dst) {
+  for (int64_t r0 = 0; r0 < rows; r0 += width) {
+    const int64_t w = rows - r0 < width ? rows - r0 : width;
+    for (int64_t k = 0; k < depth; ++k, dst += width) {
+      const Src* s = src + r0 * row_stride + k * depth_stride;
+      for (int64_t l = 0; l < w; ++l) dst[l] = static_cast<T>(s[l * row_stride]);
+      for (int64_t l = w; l < width; ++l) dst[l] = T(0);
+    }
+  }
+}
+
+// C = A . B (+ C) with A packed as [M / MR][K][MR] and B as [N / NR][K][NR] (packed_index with depth K).
+template <typename T>
+void gemm_packed(int64_t M, int64_t N, int64_t K, const T* a_packed, const T* b_packed, bool accumulate, T* C,
+                 int64_t ldc);
 
 // The float micro-kernel in use: "avx512", "avx2" or "portable".
 const char* gemm_isa();
