@@ -8,6 +8,10 @@ Expectations:
   "raise"      ours must raise RuntimeError quickly (torch raises too, or returns garbage because it silently
                truncates the value to 32 bits -- noted per case),
   "match"      the call is mathematically valid: ours must succeed and equal torch (or ``ref_kwargs``).
+
+A few "raise" cases have a CUDA twin (``device: "cuda"``, id prefixed ``cuda-``): the tensors are moved to the GPU
+before the call (the argument checks are shared, but the CUDA kernels' launch path is not). test_errors.py runs
+them only where torch sees a GPU.
 """
 import json
 import sys
@@ -68,6 +72,13 @@ def _cases():
                       expect="raise", weight_size=[3, 2, 3]))
     cases.append(dict(id="op_conv_transpose-meta_weight", fn="op_ct", nd=2, kwargs=dict(), expect="raise",
                       meta="weight"))
+    # CUDA twins of a few "raise" cases (cheap: each fails in the argument checks before any launch)
+    by_id = {c["id"]: c for c in cases}
+    for cid in ("ct2d-stride_2e62", "ct2d-padding_2e31", "ct2d-stride_2e40", "ct3d-dilation_2e62",
+                "conv2d-padding_2e61", "conv2d-dilation_2e31", "conv2d-meta_weight",
+                "op_conv_weight_grad-huge_weight"):
+        assert by_id[cid]["expect"] == "raise", cid
+        cases.append(dict(by_id[cid], id="cuda-" + cid, device="cuda"))
     return cases
 
 
@@ -89,6 +100,9 @@ def _run_case(case):
     else:
         w = torch.randn((3, 2) + (k,) * nd)
     b = torch.randn(3)
+    device = case.get("device", "cpu")
+    if device != "cpu":
+        x, w, b = x.to(device), w.to(device), b.to(device)
     if case.get("meta") == "weight":
         w = w.to("meta")
     elif case.get("meta") == "bias":
@@ -118,7 +132,7 @@ def _run_case(case):
         ref = None
     elif fn == "op_wg":
         s, p, d = lists(stride=1, padding=0, dilation=1)
-        gy = torch.randn((1, 3) + (3,) * nd)
+        gy = torch.randn((1, 3) + (3,) * nd).to(device)
         ours = lambda kws: torch.ops.torch_convt.conv_weight_grad(x, gy, case["weight_size"], s, p, d, 1)  # noqa
         ref = None
     else:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable, Optional, Sequence
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -16,6 +17,45 @@ import torch_convt
 import torch_convt.functional as TF
 
 DIMS = (1, 2, 3)
+
+# ----------------------------------------------------------------------------------------------------------
+# devices
+# ----------------------------------------------------------------------------------------------------------
+# The CUDA variants of the device-generic tests always exist (stable test ids) and skip when there is no GPU.
+# They also carry the `cuda` marker (registered in pyproject.toml), so `-m "not cuda"` deselects them.
+CUDA_AVAILABLE = torch.cuda.is_available()
+NO_CUDA_REASON = "no CUDA device"
+requires_cuda = pytest.mark.skipif(not CUDA_AVAILABLE, reason=NO_CUDA_REASON)
+CUDA_PARAM = pytest.param("cuda", marks=[requires_cuda, pytest.mark.cuda], id="cuda")
+DEVICES = [pytest.param("cpu", id="cpu"), CUDA_PARAM]
+CUDA_ONLY = [CUDA_PARAM]
+
+def to_device(obj, device):
+    """Moves every tensor in (nested tuples/lists of) `obj` to `device`; other values are returned as is."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(to_device(o, device) for o in obj)
+    if isinstance(obj, dict):
+        return {k: to_device(v, device) for k, v in obj.items()}
+    return obj
+
+
+def randn(shape, dtype=torch.float64, device="cpu", requires_grad=False) -> torch.Tensor:
+    """torch.randn drawn on the CPU generator and then moved, so that every device sees the same values (and the
+    CPU values are exactly what torch.randn(shape, dtype=dtype) gave before devices were threaded through)."""
+    shape = (shape,) if isinstance(shape, int) else tuple(shape)
+    t = torch.randn(shape, dtype=dtype).to(device)
+    return t.requires_grad_(True) if requires_grad else t
+
+
+def exc_of(fn):
+    """The exception `fn()` raises, or None."""
+    try:
+        fn()
+    except Exception as e:  # noqa: BLE001
+        return e
+    return None
 
 FLOAT_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 COMPLEX_DTYPES = (torch.complex64, torch.complex128)
@@ -112,11 +152,15 @@ def conv_out_size(i, k, s, p, d):
 # ----------------------------------------------------------------------------------------------------------
 # tensor factories
 # ----------------------------------------------------------------------------------------------------------
-def make_tensor(shape, dtype=torch.float64, *, small_int: bool = False) -> torch.Tensor:
+def make_tensor(shape, dtype=torch.float64, *, small_int: bool = False, device="cpu") -> torch.Tensor:
     """Random tensor. Floating values are drawn in float32/float64 and cast so that low precision inputs
     are exactly representable in float32 (the reference precision). Integer values are tiny so that
-    integer convolutions never overflow."""
-    shape = tuple(shape)
+    integer convolutions never overflow. Values are always drawn on the CPU generator and then moved to
+    `device`, so a given seed gives the same values on every device."""
+    return _make_cpu_tensor(tuple(shape), dtype, small_int).to(device)
+
+
+def _make_cpu_tensor(shape, dtype, small_int):
     if dtype.is_complex:
         return torch.randn(shape, dtype=torch.complex128).to(dtype)
     if dtype.is_floating_point:
@@ -146,6 +190,7 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype=None, *, rt
     assert isinstance(actual, torch.Tensor), f"{what}: expected a tensor, got {type(actual)}"
     assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
     dtype = dtype or expected.dtype
+    assert actual.device == expected.device, f"{what}: device {actual.device} != {expected.device}"
     assert actual.dtype == dtype, f"{what}: dtype {actual.dtype} != {dtype}"
     if not (dtype.is_floating_point or dtype.is_complex):
         assert torch.equal(actual, expected.to(dtype)), f"{what}: integer results differ:\n{actual}\n{expected}"
@@ -203,7 +248,7 @@ def check_parity(ours: Callable, ref: Callable, args: Sequence[Any], kwargs: Opt
         ref_leaves = [t for t in ref_args if isinstance(t, torch.Tensor) and t.requires_grad]
         if our_leaves:
             assert out.requires_grad, "output does not require grad although inputs do"
-            g = grad_out if grad_out is not None else make_tensor(out.shape, out.dtype)
+            g = grad_out if grad_out is not None else make_tensor(out.shape, out.dtype, device=out.device)
             g_ref = g.to(ref_dtype) if ref_dtype else g
             got = torch.autograd.grad(out, our_leaves, g, allow_unused=True)
             want = torch.autograd.grad(expected, ref_leaves, g_ref, allow_unused=True)
@@ -243,11 +288,11 @@ class Cfg:
         return dataclasses.replace(self, **kw)
 
     # --- conv_transpose -------------------------------------------------------------------------------
-    def ct_tensors(self, nd, dtype=torch.float64, small_int=False):
-        x = make_tensor((self.n, self.cin) + per_dim(self.size, nd), dtype, small_int=small_int)
+    def ct_tensors(self, nd, dtype=torch.float64, small_int=False, device="cpu"):
+        x = make_tensor((self.n, self.cin) + per_dim(self.size, nd), dtype, small_int=small_int, device=device)
         w = make_tensor((self.cin, self.cout // self.groups) + per_dim(self.kernel, nd), dtype,
-                        small_int=small_int)
-        b = make_tensor((self.cout,), dtype, small_int=small_int) if self.bias else None
+                        small_int=small_int, device=device)
+        b = make_tensor((self.cout,), dtype, small_int=small_int, device=device) if self.bias else None
         return x, w, b
 
     def ct_kwargs(self, nd):
@@ -262,11 +307,11 @@ class Cfg:
         return (self.n, self.cout) + sp
 
     # --- conv -----------------------------------------------------------------------------------------
-    def conv_tensors(self, nd, dtype=torch.float64, small_int=False):
-        x = make_tensor((self.n, self.cin) + per_dim(self.size, nd), dtype, small_int=small_int)
+    def conv_tensors(self, nd, dtype=torch.float64, small_int=False, device="cpu"):
+        x = make_tensor((self.n, self.cin) + per_dim(self.size, nd), dtype, small_int=small_int, device=device)
         w = make_tensor((self.cout, self.cin // self.groups) + per_dim(self.kernel, nd), dtype,
-                        small_int=small_int)
-        b = make_tensor((self.cout,), dtype, small_int=small_int) if self.bias else None
+                        small_int=small_int, device=device)
+        b = make_tensor((self.cout,), dtype, small_int=small_int, device=device) if self.bias else None
         return x, w, b
 
     def conv_kwargs(self, nd):
@@ -274,8 +319,8 @@ class Cfg:
         return dict(stride=arg(self.stride, nd), padding=pad, dilation=arg(self.dilation, nd),
                     groups=self.groups)
 
-    def tensors(self, kind, nd, dtype=torch.float64, small_int=False):
-        return (self.ct_tensors if kind == "ct" else self.conv_tensors)(nd, dtype, small_int)
+    def tensors(self, kind, nd, dtype=torch.float64, small_int=False, device="cpu"):
+        return (self.ct_tensors if kind == "ct" else self.conv_tensors)(nd, dtype, small_int, device)
 
     def kwargs(self, kind, nd):
         return self.ct_kwargs(nd) if kind == "ct" else self.conv_kwargs(nd)
@@ -319,7 +364,7 @@ def reversed_layout(t: torch.Tensor) -> torch.Tensor:
 
 def strided_view(t: torch.Tensor) -> torch.Tensor:
     """Same values and shape, but a non-contiguous slice (step 2 in every dim) of a larger buffer."""
-    big = torch.zeros(tuple(2 * s for s in t.shape), dtype=t.dtype)
+    big = torch.zeros(tuple(2 * s for s in t.shape), dtype=t.dtype, device=t.device)
     view = big[tuple(slice(None, None, 2) for _ in t.shape)]
     view.copy_(t)
     return view

@@ -1,6 +1,10 @@
-"""Bad inputs: ours must raise the same exception type as torch.nn.functional (computed at test time), with a
-non-empty message; absurd values must fail fast with RuntimeError (run in a subprocess, so a crash or a hang
-is reported as a failure instead of killing the suite)."""
+"""Bad inputs: ours must raise the same exception type as torch.nn.functional (computed at test time, on the same
+device), with a non-empty message; absurd values must fail fast with RuntimeError (run in a subprocess, so a crash
+or a hang is reported as a failure instead of killing the suite).
+
+Device-generic tests take the ``device`` fixture (conftest.py). CPU-only: the integer/bool dtype test (CPU
+semantics; the CUDA counterpart is test_integer_dtypes_cuda_same_exception_type) and most absurd values (a few
+have a CUDA twin, id prefix ``cuda-``). CUDA-only: mixing devices."""
 import json
 import os
 import subprocess
@@ -10,7 +14,8 @@ import pytest
 import torch
 
 import torch_convt  # noqa: F401
-from helpers import DIMS, fn_pair
+from helpers import (CUDA_AVAILABLE, CUDA_ONLY, DIMS, assert_close, fn_pair, ours_conv_module, ours_ct_module,
+                     requires_cuda, to_device, torch_conv_module, torch_ct_module)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -118,10 +123,20 @@ def _bad_cases():
 
 
 @pytest.mark.parametrize("name,kind,nd", _bad_cases())
-def test_bad_inputs_same_exception_type(name, kind, nd):
+def test_bad_inputs_same_exception_type(name, kind, nd, device):
     args, kwargs = BAD[name][1](kind, nd)
+    args = to_device(args, device)
     ours, ref = fn_pair(kind, nd)
     expected = _exc_of(lambda: ref(*args, **kwargs))
+    if expected is None and device != "cpu":
+        # torch's CUDA convolution accepts what its CPU one rejects: ours may agree with it or reject it with a
+        # RuntimeError (the rule of test_ct_bias_dtype_mismatch)
+        got = _exc_of(lambda: ours(*args, **kwargs))
+        if got is None:
+            assert_close(ours(*args, **kwargs), ref(*args, **kwargs))
+        else:
+            assert type(got) is RuntimeError and str(got).strip(), got
+        return
     assert expected is not None, f"test-case error: torch accepts {name}"
     with pytest.raises(Exception) as info:
         ours(*args, **kwargs)
@@ -152,10 +167,10 @@ def test_unsupported_dtypes_same_exception_type(nd, kind, dtype):
 
 
 @pytest.mark.parametrize("nd", DIMS, ids=[f"{d}d" for d in DIMS])
-def test_ct_bias_dtype_mismatch(nd):
+def test_ct_bias_dtype_mismatch(nd, device):
     """torch's conv_transpose{1,2}d accept a float64 bias with float32 input (3d raises RuntimeError): ours must
     raise the same type where torch raises, and otherwise either match torch or raise RuntimeError."""
-    x, w, b = _base("ct", nd)
+    x, w, b = to_device(_base("ct", nd), device)
     b = b.double()
     ours, ref = fn_pair("ct", nd)
     expected = _exc_of(lambda: ref(x, w, b))
@@ -169,10 +184,10 @@ def test_ct_bias_dtype_mismatch(nd):
 
 
 @pytest.mark.parametrize("kind", ["ct", "conv"])
-def test_error_leaves_no_state_behind(kind):
+def test_error_leaves_no_state_behind(kind, device):
     """A failing call must not break later valid calls."""
     nd = 2
-    x, w, b = _base(kind, nd)
+    x, w, b = to_device(_base(kind, nd), device)
     ours, ref = fn_pair(kind, nd)
     with pytest.raises(RuntimeError):
         ours(x, w, b, stride=0)
@@ -190,9 +205,10 @@ _PER_RUN_TIMEOUT_S = 90
 
 @pytest.fixture(scope="module")
 def absurd_results():
-    """Runs every absurd case in a child process; restarts after a crash/hang with the remaining cases."""
+    """Runs every absurd case in a child process; restarts after a crash/hang with the remaining cases. The CUDA
+    cases run only where there is a GPU (their tests are skipped otherwise)."""
     results, crashed = {}, {}
-    remaining = [c["id"] for c in absurd_runner.CASES]
+    remaining = [c["id"] for c in absurd_runner.CASES if CUDA_AVAILABLE or c.get("device", "cpu") == "cpu"]
     env = dict(os.environ, OMP_NUM_THREADS="2")
     root = os.path.dirname(HERE)
     while remaining:
@@ -225,7 +241,15 @@ def absurd_results():
     return results, crashed
 
 
-@pytest.mark.parametrize("case", absurd_runner.CASES, ids=[c["id"] for c in absurd_runner.CASES])
+def _absurd_params():
+    out = []
+    for c in absurd_runner.CASES:
+        marks = [requires_cuda, pytest.mark.cuda] if c.get("device", "cpu") == "cuda" else []
+        out.append(pytest.param(c, id=c["id"], marks=marks))
+    return out
+
+
+@pytest.mark.parametrize("case", _absurd_params())
 def test_absurd_values(case, absurd_results):
     results, crashed = absurd_results
     cid = case["id"]
@@ -257,18 +281,110 @@ MODULE_BAD_INPUTS = {
 @pytest.mark.parametrize("what", list(MODULE_BAD_INPUTS), ids=list(MODULE_BAD_INPUTS))
 @pytest.mark.parametrize("kind", ["ct", "conv"])
 @pytest.mark.parametrize("nd", DIMS, ids=[f"{d}d" for d in DIMS])
-def test_module_forward_errors_same_type(nd, kind, what):
-    from helpers import ours_conv_module, ours_ct_module, torch_conv_module, torch_ct_module
+def test_module_forward_errors_same_type(nd, kind, what, device):
     ours_cls, torch_cls = ((ours_ct_module(nd), torch_ct_module(nd)) if kind == "ct"
                            else (ours_conv_module(nd), torch_conv_module(nd)))
     torch.manual_seed(0)
-    ours = ours_cls(2, 4, 3, groups=2)
+    ours = ours_cls(2, 4, 3, groups=2).to(device)
     torch.manual_seed(0)
-    ref = torch_cls(2, 4, 3, groups=2)
-    x = MODULE_BAD_INPUTS[what](nd)
+    ref = torch_cls(2, 4, 3, groups=2).to(device)
+    x = MODULE_BAD_INPUTS[what](nd).to(device)
     expected = _exc_of(lambda: ref(x))
     assert expected is not None
     with pytest.raises(Exception) as info:
         ours(x)
     assert type(info.value) is type(expected), (info.value, expected)
     assert str(info.value).strip()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# CUDA-specific errors (skipped without a GPU)
+# ----------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("device", CUDA_ONLY)
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool],
+                         ids=["int64", "int32", "int16", "int8", "uint8", "bool"])
+@pytest.mark.parametrize("kind", ["ct", "conv"])
+@pytest.mark.parametrize("nd", DIMS, ids=[f"{d}d" for d in DIMS])
+def test_integer_dtypes_cuda_same_exception_type(nd, kind, dtype, device):
+    """The CUDA backend has no integer (or bool) kernels, like torch's CUDA convolutions: ours must raise the
+    exception type torch raises on CUDA, and the failure must not poison later CUDA calls."""
+    x, w, b = (t.to(device=device, dtype=dtype) for t in _base(kind, nd))
+    ours, ref = fn_pair(kind, nd)
+    for args in ((x, w), (x, w, b)):
+        expected = _exc_of(lambda: ref(*args))
+        if expected is None:  # (torch computes it after all: then ours must agree)
+            assert torch.equal(ours(*args), ref(*args))
+            continue
+        with pytest.raises(Exception) as info:
+            ours(*args)
+        assert type(info.value) is type(expected), (info.value, expected)
+        assert str(info.value).strip()
+    xf, wf, bf = to_device(_base(kind, nd), device)
+    torch.testing.assert_close(ours(xf, wf, bf), ref(xf, wf, bf))
+
+
+MIXED = {
+    # name -> (kind, which argument stays on the CPU)
+    "ct-weight_cpu": ("ct", "weight"),
+    "ct-bias_cpu": ("ct", "bias"),
+    "ct-input_cpu": ("ct", "input"),
+    "conv-weight_cpu": ("conv", "weight"),
+    "conv-bias_cpu": ("conv", "bias"),
+    "conv-input_cpu": ("conv", "input"),
+}
+
+
+@pytest.mark.parametrize("device", CUDA_ONLY)
+@pytest.mark.parametrize("nd", DIMS, ids=[f"{d}d" for d in DIMS])
+@pytest.mark.parametrize("case", list(MIXED), ids=list(MIXED))
+def test_mixed_devices_raise_runtime_error(case, nd, device):
+    """A CPU tensor mixed with CUDA ones (e.g. a CPU weight with a CUDA input) is a RuntimeError, as in torch -- not
+    a crash or an illegal memory access; later CUDA calls still work."""
+    kind, which = MIXED[case]
+    x, w, b = _base(kind, nd)
+    on = dict(input=x.to(device), weight=w.to(device), bias=b.to(device))
+    on[which] = dict(input=x, weight=w, bias=b)[which]
+    ours, ref = fn_pair(kind, nd)
+    expected = _exc_of(lambda: ref(on["input"], on["weight"], on["bias"]))
+    with pytest.raises(RuntimeError) as info:
+        ours(on["input"], on["weight"], on["bias"])
+    assert type(info.value) is RuntimeError, info.value
+    assert str(info.value).strip()
+    if expected is not None:
+        assert type(info.value) is type(expected), (info.value, expected)
+    torch.cuda.synchronize()
+    xd, wd, bd = to_device((x, w, b), device)
+    torch.testing.assert_close(ours(xd, wd, bd), ref(xd, wd, bd))
+
+
+@pytest.mark.parametrize("device", CUDA_ONLY)
+@pytest.mark.parametrize("which", ["first_arg_cpu", "second_arg_cpu"])
+def test_mixed_devices_raw_ops_raise_runtime_error(which, device):
+    """The raw ops, conv_weight_grad included, check devices too (also with autograd recording)."""
+    x = torch.randn(1, 2, 5, 5)
+    w = torch.randn(3, 2, 3, 3)
+    gy = torch.randn(1, 3, 3, 3)
+    xd, wd, gyd = x.to(device), w.to(device), gy.to(device)
+    s, p, d = [1, 1], [0, 0], [1, 1]
+    calls = {
+        "conv": lambda a, b: torch.ops.torch_convt.conv(a, b, None, s, p, d, 1),
+        # (gy: 3 channels in, weight (3, 2, 3, 3): 2 channels out -- valid but for the devices)
+        "conv_transpose": lambda a, b: torch.ops.torch_convt.conv_transpose(a, b, None, s, p, [0, 0], d, 1),
+        "conv_weight_grad": lambda a, b: torch.ops.torch_convt.conv_weight_grad(a, b, [3, 2, 3, 3], s, p, d, 1),
+    }
+    args = {
+        "conv": (x, wd) if which == "first_arg_cpu" else (xd, w),
+        "conv_transpose": (gy, wd) if which == "first_arg_cpu" else (gyd, w),
+        "conv_weight_grad": (x, gyd) if which == "first_arg_cpu" else (xd, gy),
+    }
+    for name, fn in calls.items():
+        for rg in (False, True):
+            a, b = (t.detach().clone().requires_grad_(rg) for t in args[name])
+            with pytest.raises(RuntimeError) as info:
+                fn(a, b)
+            assert type(info.value) is RuntimeError and str(info.value).strip(), (name, info.value)
+    torch.cuda.synchronize()
+    # the same calls with everything on the GPU are valid
+    torch.testing.assert_close(calls["conv"](xd, wd), torch.nn.functional.conv2d(xd, wd))
+    torch.testing.assert_close(calls["conv_transpose"](gyd, wd), torch.nn.functional.conv_transpose2d(gyd, wd))
+    assert calls["conv_weight_grad"](xd, gyd).shape == (3, 2, 3, 3)

@@ -1,10 +1,10 @@
 """gradcheck / gradgradcheck (float64, tiny sizes) through the three raw ops, the functional API and the
-modules; one complex128 gradcheck per op family."""
+modules; one complex128 gradcheck per op family. Every test runs on each device of the ``device`` fixture."""
 import pytest
 import torch
 from torch.autograd import gradcheck, gradgradcheck
 
-from helpers import (DIMS, Cfg, ours_conv, ours_conv_module, ours_ct, ours_ct_module, per_dim)
+from helpers import (DIMS, Cfg, ours_conv, ours_conv_module, ours_ct, ours_ct_module, per_dim, randn)
 
 # (name, nd, cfg) -- tiny sizes: gradgradcheck perturbs every element
 CT_GRAD_CASES = [
@@ -54,8 +54,8 @@ def _req(*ts):
 # raw ops
 # ----------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name,nd,cfg", CT_GRAD_CASES, ids=[c[0] for c in CT_GRAD_CASES])
-def test_gradcheck_op_conv_transpose(name, nd, cfg):
-    x, w, b = _req(*cfg.ct_tensors(nd))
+def test_gradcheck_op_conv_transpose(name, nd, cfg, device):
+    x, w, b = _req(*cfg.ct_tensors(nd, device=device))
     s, p, op, d = _lists(cfg, nd, True)
     f = torch.ops.torch_convt.conv_transpose
 
@@ -68,8 +68,8 @@ def test_gradcheck_op_conv_transpose(name, nd, cfg):
 
 
 @pytest.mark.parametrize("name,nd,cfg", CONV_GRAD_CASES, ids=[c[0] for c in CONV_GRAD_CASES])
-def test_gradcheck_op_conv(name, nd, cfg):
-    x, w, b = _req(*cfg.conv_tensors(nd))
+def test_gradcheck_op_conv(name, nd, cfg, device):
+    x, w, b = _req(*cfg.conv_tensors(nd, device=device))
     s, p, d = _lists(cfg, nd, False)
     f = torch.ops.torch_convt.conv
 
@@ -82,8 +82,8 @@ def test_gradcheck_op_conv(name, nd, cfg):
 
 
 @pytest.mark.parametrize("name,nd,cfg", CONV_GRAD_CASES, ids=[c[0] for c in CONV_GRAD_CASES])
-def test_gradcheck_op_conv_weight_grad(name, nd, cfg):
-    x, w, _ = cfg.conv_tensors(nd)
+def test_gradcheck_op_conv_weight_grad(name, nd, cfg, device):
+    x, w, _ = cfg.conv_tensors(nd, device=device)
     s, p, d = _lists(cfg, nd, False)
     out = getattr(torch.nn.functional, f"conv{nd}d")(x, w, None, s, p, d, cfg.groups)
     gy = torch.randn_like(out)
@@ -102,9 +102,9 @@ def test_gradcheck_op_conv_weight_grad(name, nd, cfg):
 # functional API (padding='same' goes through an extra asymmetric-pad path)
 # ----------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("nd", DIMS, ids=[f"{d}d" for d in DIMS])
-def test_gradcheck_functional_conv_same_even_kernel(nd):
+def test_gradcheck_functional_conv_same_even_kernel(nd, device):
     cfg = Cfg(n=1, cin=2, cout=2, size=(4, 3, 3), kernel=(2, 4, 2), dilation=(3, 1, 1), padding="same")
-    x, w, b = _req(*cfg.conv_tensors(nd))
+    x, w, b = _req(*cfg.conv_tensors(nd, device=device))
     kw = cfg.conv_kwargs(nd)
     fn = lambda x, w, b: ours_conv(nd)(x, w, b, **kw)  # noqa: E731
     assert gradcheck(fn, (x, w, b))
@@ -112,15 +112,15 @@ def test_gradcheck_functional_conv_same_even_kernel(nd):
 
 
 @pytest.mark.parametrize("kind", ["ct", "conv"])
-def test_gradcheck_functional_unbatched(kind):
+def test_gradcheck_functional_unbatched(kind, device):
     nd = 2
     if kind == "ct":
         cfg = CT_GRAD_CASES[2][2]
-        x, w, b = _req(*cfg.ct_tensors(nd))
+        x, w, b = _req(*cfg.ct_tensors(nd, device=device))
         fn = lambda x, w, b: ours_ct(nd)(x, w, b, **cfg.ct_kwargs(nd))  # noqa: E731
     else:
         cfg = CONV_GRAD_CASES[2][2]
-        x, w, b = _req(*cfg.conv_tensors(nd))
+        x, w, b = _req(*cfg.conv_tensors(nd, device=device))
         fn = lambda x, w, b: ours_conv(nd)(x, w, b, **cfg.conv_kwargs(nd))  # noqa: E731
     x0 = x.detach()[0].requires_grad_(True)
     assert gradcheck(fn, (x0, w, b))
@@ -131,32 +131,32 @@ def test_gradcheck_functional_unbatched(kind):
 # complex128
 # ----------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("kind", ["ct", "conv"])
-def test_gradcheck_complex128(kind):
+def test_gradcheck_complex128(kind, device):
     nd = 2
     if kind == "ct":
         cfg = CT_GRAD_CASES[3][2]
-        x, w, b = _req(*cfg.ct_tensors(nd, torch.complex128))
+        x, w, b = _req(*cfg.ct_tensors(nd, torch.complex128, device=device))
         fn = lambda x, w, b: ours_ct(nd)(x, w, b, **cfg.ct_kwargs(nd))  # noqa: E731
     else:
         cfg = CONV_GRAD_CASES[3][2]
-        x, w, b = _req(*cfg.conv_tensors(nd, torch.complex128))
+        x, w, b = _req(*cfg.conv_tensors(nd, torch.complex128, device=device))
         fn = lambda x, w, b: ours_conv(nd)(x, w, b, **cfg.conv_kwargs(nd))  # noqa: E731
     assert gradcheck(fn, (x, w, b))
     assert gradgradcheck(fn, (x, w, b), **GG)
 
 
-def test_gradcheck_complex128_raw_ops():
+def test_gradcheck_complex128_raw_ops(device):
     cfg = CT_GRAD_CASES[0][2]
-    x, w, b = _req(*cfg.ct_tensors(1, torch.complex128))
+    x, w, b = _req(*cfg.ct_tensors(1, torch.complex128, device=device))
     s, p, op, d = _lists(cfg, 1, True)
     fn = lambda x, w, b: torch.ops.torch_convt.conv_transpose(x, w, b, s, p, op, d, cfg.groups)  # noqa
     assert gradcheck(fn, (x, w, b))
     ccfg = CONV_GRAD_CASES[0][2]
-    x, w, b = _req(*ccfg.conv_tensors(1, torch.complex128))
+    x, w, b = _req(*ccfg.conv_tensors(1, torch.complex128, device=device))
     s, p, d = _lists(ccfg, 1, False)
     fn = lambda x, w, b: torch.ops.torch_convt.conv(x, w, b, s, p, d, ccfg.groups)  # noqa
     assert gradcheck(fn, (x, w, b))
-    gy = torch.randn(fn(x, w, b).shape, dtype=torch.complex128, requires_grad=True)
+    gy = randn(fn(x, w, b).shape, torch.complex128, device, requires_grad=True)
     fn = lambda x, gy: torch.ops.torch_convt.conv_weight_grad(x, gy, list(w.shape), s, p, d, ccfg.groups)  # noqa
     assert gradcheck(fn, (x, gy))
 
@@ -195,12 +195,12 @@ MODULE_CASES = [
 
 
 @pytest.mark.parametrize("case_id,kind,nd,kwargs,shape", MODULE_CASES, ids=[c[0] for c in MODULE_CASES])
-def test_gradcheck_modules(case_id, kind, nd, kwargs, shape):
+def test_gradcheck_modules(case_id, kind, nd, kwargs, shape, device):
     cls = ours_ct_module(nd) if kind == "ct" else ours_conv_module(nd)
-    m = cls(**kwargs, dtype=torch.float64)
+    m = cls(**kwargs, dtype=torch.float64).to(device)  # (initialized on the CPU generator on every device)
     params = {k: v.detach().clone().requires_grad_(True) for k, v in m.named_parameters()}
     names = list(params)
-    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    x = randn(shape, torch.float64, device, requires_grad=True)
 
     def fn(x, *ps):
         return torch.func.functional_call(m, dict(zip(names, ps)), (x,))
@@ -210,9 +210,9 @@ def test_gradcheck_modules(case_id, kind, nd, kwargs, shape):
     assert gradgradcheck(fn, inputs, **GG)
 
 
-def test_gradcheck_module_output_size():
-    m = ours_ct_module(2)(2, 2, 3, stride=3, padding=1, dtype=torch.float64)
-    x = torch.randn(1, 2, 2, 2, dtype=torch.float64, requires_grad=True)
+def test_gradcheck_module_output_size(device):
+    m = ours_ct_module(2)(2, 2, 3, stride=3, padding=1, dtype=torch.float64).to(device)
+    x = randn((1, 2, 2, 2), torch.float64, device, requires_grad=True)
 
     def fn(x, w, b):
         return torch.func.functional_call(m, {"weight": w, "bias": b}, (x,), {"output_size": (6, 5)})
@@ -225,17 +225,17 @@ def test_gradcheck_module_output_size():
 
 
 @pytest.mark.parametrize("kind", ["ct", "conv"])
-def test_double_backward_matches_torch(kind):
+def test_double_backward_matches_torch(kind, device):
     """Second-order gradients (grad of a function of the first-order grads) equal torch's."""
     nd = 2
     if kind == "ct":
         cfg = CT_GRAD_CASES[2][2]
-        args = cfg.ct_tensors(nd)
+        args = cfg.ct_tensors(nd, device=device)
         kw = cfg.ct_kwargs(nd)
         ours, ref = ours_ct(nd), torch.nn.functional.conv_transpose2d
     else:
         cfg = CONV_GRAD_CASES[2][2]
-        args = cfg.conv_tensors(nd)
+        args = cfg.conv_tensors(nd, device=device)
         kw = cfg.conv_kwargs(nd)
         ours, ref = ours_conv(nd), torch.nn.functional.conv2d
 

@@ -1,6 +1,7 @@
 """The nn.Module API: torch_convt.ConvTranspose{1,2,3}d / Conv{1,2,3}d as drop-in replacements of the torch
 classes (construction, init, state_dict, repr, errors, forward with output_size, padding modes), the seed
-configurations, and torch_convt.convert()."""
+configurations, and torch_convt.convert(). Tests that compute or place parameters run on each device of the
+``device`` fixture (conftest.py); pure constructor/argument checks are device-independent and run once."""
 import copy
 
 import pytest
@@ -8,8 +9,8 @@ import torch
 import torch.nn as nn
 
 import torch_convt
-from helpers import (DIMS, assert_close, ct_out_size, ours_conv_module, ours_ct_module, torch_conv_module,
-                     torch_ct_module)
+from helpers import (DIMS, assert_close, ct_out_size, ours_conv_module, ours_ct_module, randn,
+                     torch_conv_module, torch_ct_module)
 
 KINDS = {"ct": (ours_ct_module, torch_ct_module), "conv": (ours_conv_module, torch_conv_module)}
 
@@ -61,7 +62,7 @@ def _pair(kind, nd, kwargs, seed=123, **extra):
 def _input_for(kind, nd, m, n=2, size=7):
     if kind == "conv" and m.padding_mode == "circular":
         size = 9
-    return torch.randn((n, m.in_channels) + (size,) * nd, dtype=m.weight.dtype)
+    return randn((n, m.in_channels) + (size,) * nd, m.weight.dtype, m.weight.device)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -80,8 +81,8 @@ def test_subclasses(nd):
 
 
 @pytest.mark.parametrize("kind,nd,kwargs", _ctor_cases())
-def test_same_init_state_dict_repr_attributes(kind, nd, kwargs):
-    ours, ref = _pair(kind, nd, kwargs)
+def test_same_init_state_dict_repr_attributes(kind, nd, kwargs, device):
+    ours, ref = _pair(kind, nd, kwargs, device=device)  # (initialized directly on `device`)
     assert repr(ours) == repr(ref)
     assert str(ours) == str(ref)
     assert ours.extra_repr() == ref.extra_repr()
@@ -89,7 +90,7 @@ def test_same_init_state_dict_repr_attributes(kind, nd, kwargs):
     assert list(sd_o) == list(sd_r)
     for k in sd_r:
         assert torch.equal(sd_o[k], sd_r[k]), k
-        assert sd_o[k].dtype == sd_r[k].dtype
+        assert sd_o[k].dtype == sd_r[k].dtype and sd_o[k].device == sd_r[k].device
     for attr in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups",
                  "output_padding", "transposed", "padding_mode", "_reversed_padding_repeated_twice"):
         assert getattr(ours, attr) == getattr(ref, attr), attr
@@ -101,8 +102,10 @@ def test_same_init_state_dict_repr_attributes(kind, nd, kwargs):
 
 
 @pytest.mark.parametrize("kind,nd,kwargs", _ctor_cases())
-def test_forward_and_grads_match_torch_module(kind, nd, kwargs):
+def test_forward_and_grads_match_torch_module(kind, nd, kwargs, device):
     ours, ref = _pair(kind, nd, kwargs, dtype=torch.float64)
+    ours.to(device)
+    ref.to(device)
     x = _input_for(kind, nd, ref, size=5 if kind == "ct" else 9)
     xo = x.clone().requires_grad_(True)
     xr = x.clone().requires_grad_(True)
@@ -120,29 +123,36 @@ def test_forward_and_grads_match_torch_module(kind, nd, kwargs):
 
 @pytest.mark.parametrize("kind", ["ct", "conv"])
 @pytest.mark.parametrize("nd", DIMS, ids=[f"{d}d" for d in DIMS])
-def test_module_dtype_device_kwargs_and_to(kind, nd):
+def test_module_dtype_device_kwargs_and_to(kind, nd, device):
     for dtype in (torch.float64, torch.float32, torch.bfloat16, torch.complex64):
         ours, ref = _pair(kind, nd, dict(in_channels=2, out_channels=4, kernel_size=3, groups=2),
-                          dtype=dtype, device="cpu")
-        assert ours.weight.dtype == dtype and ours.weight.device.type == "cpu"
+                          dtype=dtype, device=device)
+        assert ours.weight.dtype == dtype and ours.weight.device.type == device
         assert torch.equal(ours.weight, ref.weight)
     ours, ref = _pair(kind, nd, dict(in_channels=2, out_channels=4, kernel_size=3))
-    ours = ours.double()
-    ref = ref.double()
+    ours = ours.double().to(device)
+    ref = ref.double().to(device)
     assert type(ours) is ours_conv_module(nd) if kind == "conv" else type(ours) is ours_ct_module(nd)
-    x = torch.randn((1, 2) + (5,) * nd, dtype=torch.float64)
+    assert ours.weight.device.type == device
+    x = randn((1, 2) + (5,) * nd, torch.float64, device)
     assert_close(ours(x).detach(), ref(x).detach())
     ours_h = copy.deepcopy(ours).to(torch.bfloat16)
     assert type(ours_h) is type(ours)
-    assert ours_h(x.bfloat16()).dtype == torch.bfloat16
+    y = ours_h(x.bfloat16())
+    assert y.dtype == torch.bfloat16 and y.device == x.device
+    if device != "cpu":  # moving back to the CPU keeps the class and still matches
+        ours_c = copy.deepcopy(ours).cpu()
+        assert type(ours_c) is type(ours) and ours_c.weight.device.type == "cpu"
+        assert_close(ours_c(x.cpu()).detach(), ref(x).detach().cpu())
 
 
 @pytest.mark.parametrize("kind", ["ct", "conv"])
-def test_deepcopy_pickle_and_eval(kind):
+def test_deepcopy_pickle_and_eval(kind, device):
     import io
     nd = 2
     ours, _ = _pair(kind, nd, dict(in_channels=2, out_channels=4, kernel_size=3))
-    x = torch.randn(1, 2, 6, 6)
+    ours.to(device)
+    x = randn((1, 2, 6, 6), torch.float32, device)
     c = copy.deepcopy(ours)
     assert type(c) is type(ours)
     torch.testing.assert_close(c(x), ours(x), rtol=0, atol=0)
@@ -150,7 +160,7 @@ def test_deepcopy_pickle_and_eval(kind):
     torch.save(ours, buf)
     buf.seek(0)
     loaded = torch.load(buf, weights_only=False)
-    assert type(loaded) is type(ours)
+    assert type(loaded) is type(ours) and loaded.weight.device == ours.weight.device
     torch.testing.assert_close(loaded(x), ours(x), rtol=0, atol=0)
     ours.eval()
     assert not ours.training
@@ -216,11 +226,13 @@ def test_ct_padding_mode_changed_after_construction(nd):
 # ----------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("nd", DIMS, ids=[f"{d}d" for d in DIMS])
 @pytest.mark.parametrize("batched", [True, False], ids=["batched", "unbatched"])
-def test_output_size_all_valid_sizes(nd, batched):
+def test_output_size_all_valid_sizes(nd, batched, device):
     kwargs = dict(in_channels=2, out_channels=3, kernel_size=(3, 2, 3)[:nd], stride=(3, 2, 1)[:nd],
                   padding=(1, 0, 1)[:nd], dilation=(1, 2, 2)[:nd])
     ours, ref = _pair("ct", nd, kwargs, dtype=torch.float64)
-    x = torch.randn((2, 2) + (3,) * nd, dtype=torch.float64)
+    ours.to(device)
+    ref.to(device)
+    x = randn((2, 2) + (3,) * nd, torch.float64, device)
     if not batched:
         x = x[0]
     mins = [ct_out_size(3, k, s, p, 0, d) for k, s, p, d in zip(kwargs["kernel_size"], kwargs["stride"],
@@ -282,9 +294,11 @@ def test_output_size_with_dilation_larger_than_stride():
 # ----------------------------------------------------------------------------------------------------------
 # seed configurations
 # ----------------------------------------------------------------------------------------------------------
-def test_seed_ct2d_small_output_sizes():
+def test_seed_ct2d_small_output_sizes(device):
     ours, ref = _pair("ct", 2, dict(in_channels=1, out_channels=1, kernel_size=3, stride=2, padding=1))
-    x = torch.randn(1, 1, 4, 4)
+    ours.to(device)
+    ref.to(device)
+    x = randn((1, 1, 4, 4), torch.float32, device)
     y = ours(x)
     assert y.shape == (1, 1, 7, 7)
     assert_close(y.detach(), ref(x).detach())
@@ -296,6 +310,8 @@ def test_seed_ct2d_small_output_sizes():
     assert_close(y8[..., :7, :7].detach(), y.detach())  # the extra row/col is bias only past the data
     ours_op, ref_op = _pair("ct", 2, dict(in_channels=1, out_channels=1, kernel_size=3, stride=2, padding=1,
                                           output_padding=1))
+    ours_op.to(device)
+    ref_op.to(device)
     y8b = ours_op(x)
     assert y8b.shape == (1, 1, 8, 8)
     assert_close(y8b.detach(), ref_op(x).detach())
@@ -315,12 +331,14 @@ SEEDS = [
 
 
 @pytest.mark.parametrize("name,kwargs", SEEDS, ids=[s[0] for s in SEEDS])
-def test_seed_ct3d_large(name, kwargs):
+def test_seed_ct3d_large(name, kwargs, device):
     """The nn.ConvTranspose3d documentation examples on (1, 16, 10, 50, 100), float32, with one backward."""
     ref = nn.ConvTranspose3d(**kwargs)
     ours = torch_convt.ConvTranspose3d(**kwargs)
     ours.load_state_dict(ref.state_dict())
-    x = torch.randn(1, 16, 10, 50, 100)
+    ours.to(device)
+    ref.to(device)
+    x = randn((1, 16, 10, 50, 100), torch.float32, device)
     xo = x.clone().requires_grad_(True)
     xr = x.clone().requires_grad_(True)
     yo = ours(xo)
@@ -355,11 +373,13 @@ for _nd in DIMS:
 
 
 @pytest.mark.parametrize("nd,padding,kernel,dilation,stride,mode", CONV_PAD_CASES)
-def test_conv_module_padding(nd, padding, kernel, dilation, stride, mode):
+def test_conv_module_padding(nd, padding, kernel, dilation, stride, mode, device):
     kwargs = dict(in_channels=2, out_channels=4, kernel_size=kernel, dilation=dilation, stride=stride,
                   padding=padding, padding_mode=mode, groups=2)
     ours, ref = _pair("conv", nd, kwargs, dtype=torch.float64)
-    x = torch.randn((2, 2) + (9, 8, 7)[:nd], dtype=torch.float64)
+    ours.to(device)
+    ref.to(device)
+    x = randn((2, 2) + (9, 8, 7)[:nd], torch.float64, device)
     xo = x.clone().requires_grad_(True)
     xr = x.clone().requires_grad_(True)
     yo, yr = ours(xo), ref(xr)
@@ -377,10 +397,10 @@ def test_conv_module_padding(nd, padding, kernel, dilation, stride, mode):
 
 
 @pytest.mark.parametrize("nd", DIMS, ids=[f"{d}d" for d in DIMS])
-def test_conv_module_reflect_padding_too_large_errors_like_torch(nd):
+def test_conv_module_reflect_padding_too_large_errors_like_torch(nd, device):
     ours, ref = _pair("conv", nd, dict(in_channels=1, out_channels=1, kernel_size=3, padding=3,
-                                       padding_mode="reflect"))
-    x = torch.randn((1, 1) + (3,) * nd)
+                                       padding_mode="reflect"), device=device)
+    x = randn((1, 1) + (3,) * nd, torch.float32, device)
     expected = _exc_of(lambda: ref(x))
     assert expected is not None
     got = _exc_of(lambda: ours(x))
@@ -428,9 +448,9 @@ def _run_model(model, x):
 
 @pytest.mark.parametrize("include_conv", [False, True], ids=["ct_only", "include_conv"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-def test_convert_unet(include_conv, training):
+def test_convert_unet(include_conv, training, device):
     torch.manual_seed(0)
-    model = TinyUNet3d().double()
+    model = TinyUNet3d().double().to(device)
     model.train(training)
     reference = copy.deepcopy(model)
     params_before = {n: p for n, p in model.named_parameters()}
@@ -461,7 +481,8 @@ def test_convert_unet(include_conv, training):
     if include_conv:
         assert model.mid[1].padding == "same" and model.mid[1].padding_mode == "replicate"
 
-    x = torch.randn(2, 2, 4, 6, 5, dtype=torch.float64)
+    assert all(p.device.type == device for p in model.parameters())
+    x = randn((2, 2, 4, 6, 5), torch.float64, device)
     y1, gx1, gp1 = _run_model(model, x)
     y2, gx2, gp2 = _run_model(reference, x)
     assert_close(y1, y2)
@@ -473,31 +494,34 @@ def test_convert_unet(include_conv, training):
 
 
 @pytest.mark.parametrize("nd", DIMS, ids=[f"{d}d" for d in DIMS])
-def test_convert_root_module(nd):
+def test_convert_root_module(nd, device):
     torch.manual_seed(0)
-    m = torch_ct_module(nd)(2, 3, 3, stride=2)
+    m = torch_ct_module(nd)(2, 3, 3, stride=2).to(device)
     w, b = m.weight, m.bias
     out = torch_convt.convert(m)
     assert type(out) is ours_ct_module(nd)
     assert out.weight is w and out.bias is b
     assert out.stride == (2,) * nd
-    x = torch.randn((1, 2) + (4,) * nd)
+    x = randn((1, 2) + (4,) * nd, torch.float32, device)
     torch.testing.assert_close(out(x), torch_ct_module(nd).forward(out, x))
-    c = torch_conv_module(nd)(2, 3, 3)
+    c = torch_conv_module(nd)(2, 3, 3).to(device)
     assert torch_convt.convert(c) is c and type(c) is torch_conv_module(nd)  # include_conv=False
     c2 = torch_convt.convert(c, include_conv=True)
     assert type(c2) is ours_conv_module(nd) and c2.weight is c.weight
+    xc = randn((1, 2) + (5,) * nd, torch.float32, device)
+    torch.testing.assert_close(c2(xc), torch_conv_module(nd).forward(c2, xc))
 
 
-def test_convert_keeps_dtype_device_and_is_idempotent():
+def test_convert_keeps_dtype_device_and_is_idempotent(device):
     model = nn.Sequential(nn.ConvTranspose2d(2, 2, 3).to(torch.float64), nn.ConvTranspose1d(2, 2, 3).half(),
-                          nn.Linear(3, 3))
+                          nn.Linear(3, 3)).to(device)
     model.eval()
     torch_convt.convert(model)
     assert model[0].weight.dtype == torch.float64 and model[1].weight.dtype == torch.float16
-    assert model[0].weight.device.type == "cpu"
+    assert model[0].weight.device.type == device and model[1].weight.device.type == device
     assert not model[0].training and not model[1].training
-    assert model[0](torch.randn(1, 2, 4, 4, dtype=torch.float64)).dtype == torch.float64
+    y = model[0](randn((1, 2, 4, 4), torch.float64, device))
+    assert y.dtype == torch.float64 and y.device.type == device
     again = torch_convt.convert(model, include_conv=True)
     assert again is model and type(model[0]) is torch_convt.ConvTranspose2d
     assert type(model[2]) is nn.Linear

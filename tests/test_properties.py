@@ -1,12 +1,13 @@
 """Property-based parity (hypothesis, derandomized): random valid configurations, float64 forward and all
-gradients equal torch's; plus algebraic identities that must hold for ours alone."""
+gradients equal torch's (on each device of helpers.DEVICES: an explicit parametrization, since hypothesis does not
+mix with function-scoped fixtures); plus algebraic identities that must hold for ours alone (CPU)."""
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from helpers import (check_parity, conv_out_size, ct_out_size, ct_valid, conv_valid, make_tensor, ours_conv,
-                     ours_ct, torch_conv, torch_ct)
+from helpers import (DEVICES, check_parity, conv_out_size, ct_out_size, ct_valid, conv_valid, make_tensor,
+                     ours_conv, ours_ct, torch_conv, torch_ct)
 
 MAX_EXAMPLES = 200
 
@@ -51,13 +52,14 @@ def _maybe_scalar(t, scalar):
     return t[0] if scalar and len(set(t)) == 1 else t
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @settings(max_examples=MAX_EXAMPLES)
 @given(cfg=conv_configs(transpose=True))
-def test_conv_transpose_matches_torch(cfg):
+def test_conv_transpose_matches_torch(device, cfg):
     nd = cfg["nd"]
-    x = make_tensor((cfg["n"], cfg["cin"]) + cfg["size"])
-    w = make_tensor((cfg["cin"], cfg["cout"] // cfg["groups"]) + cfg["kernel"])
-    b = make_tensor((cfg["cout"],)) if cfg["bias"] else None
+    x = make_tensor((cfg["n"], cfg["cin"]) + cfg["size"], device=device)
+    w = make_tensor((cfg["cin"], cfg["cout"] // cfg["groups"]) + cfg["kernel"], device=device)
+    b = make_tensor((cfg["cout"],), device=device) if cfg["bias"] else None
     sc = cfg["scalar_args"]
     kwargs = dict(stride=_maybe_scalar(cfg["stride"], sc), padding=_maybe_scalar(cfg["padding"], sc),
                   output_padding=_maybe_scalar(cfg["output_padding"], sc), groups=cfg["groups"],
@@ -68,13 +70,14 @@ def test_conv_transpose_matches_torch(cfg):
     assert tuple(out.shape) == (cfg["n"], cfg["cout"]) + expected
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @settings(max_examples=MAX_EXAMPLES)
 @given(cfg=conv_configs(transpose=False))
-def test_conv_matches_torch(cfg):
+def test_conv_matches_torch(device, cfg):
     nd = cfg["nd"]
-    x = make_tensor((cfg["n"], cfg["cin"]) + cfg["size"])
-    w = make_tensor((cfg["cout"], cfg["cin"] // cfg["groups"]) + cfg["kernel"])
-    b = make_tensor((cfg["cout"],)) if cfg["bias"] else None
+    x = make_tensor((cfg["n"], cfg["cin"]) + cfg["size"], device=device)
+    w = make_tensor((cfg["cout"], cfg["cin"] // cfg["groups"]) + cfg["kernel"], device=device)
+    b = make_tensor((cfg["cout"],), device=device) if cfg["bias"] else None
     sc = cfg["scalar_args"]
     kwargs = dict(stride=_maybe_scalar(cfg["stride"], sc), padding=_maybe_scalar(cfg["padding"], sc),
                   dilation=_maybe_scalar(cfg["dilation"], sc), groups=cfg["groups"])
@@ -84,16 +87,17 @@ def test_conv_matches_torch(cfg):
     assert tuple(out.shape) == (cfg["n"], cfg["cout"]) + expected
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @settings(max_examples=60)
 @given(cfg=conv_configs(transpose=False), same=st.booleans())
-def test_conv_string_padding_matches_torch(cfg, same):
+def test_conv_string_padding_matches_torch(device, cfg, same):
     """padding='same' (stride 1) / 'valid' on random kernels and dilations."""
     nd = cfg["nd"]
     stride = (1,) * nd if same else cfg["stride"]
     size = tuple(max(i, d * (k - 1) + 1) for i, k, d in zip(cfg["size"], cfg["kernel"], cfg["dilation"]))
-    x = make_tensor((max(cfg["n"], 1), cfg["cin"]) + size)
-    w = make_tensor((cfg["cout"], cfg["cin"] // cfg["groups"]) + cfg["kernel"])
-    b = make_tensor((cfg["cout"],)) if cfg["bias"] else None
+    x = make_tensor((max(cfg["n"], 1), cfg["cin"]) + size, device=device)
+    w = make_tensor((cfg["cout"], cfg["cin"] // cfg["groups"]) + cfg["kernel"], device=device)
+    b = make_tensor((cfg["cout"],), device=device) if cfg["bias"] else None
     kwargs = dict(stride=stride, padding="same" if same else "valid", dilation=cfg["dilation"],
                   groups=cfg["groups"])
     import warnings
