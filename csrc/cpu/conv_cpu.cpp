@@ -46,6 +46,15 @@ int64_t tile_size(int64_t rows, int64_t positions, int64_t elem_size, int64_t nr
   return std::max<int64_t>(1, std::min(t, positions));
 }
 
+// Per-thread scratch that persists across calls, so small calls pay no allocation or zeroing. Its size is
+// bounded by one tile (kColumnBytes-ish), whatever the problem size. Slot tells buffers apart.
+template <typename T, int Slot>
+T* scratch(int64_t n) {
+  thread_local std::vector<T> buffer;
+  if (static_cast<int64_t>(buffer.size()) < n) buffer.resize(n);
+  return buffer.data();
+}
+
 // Work items per thread task, so that small problems do not pay for threads they cannot use.
 int64_t grain(int64_t flops_per_item) {
   return std::max<int64_t>(1, kMinTaskFlops / std::max<int64_t>(1, flops_per_item));
@@ -57,10 +66,13 @@ int64_t grain(int64_t flops_per_item) {
 // position part, which the gather precomputes.
 struct PanelLayout {
   int64_t depth;   // K of the packed operand
-  int64_t nr;      // panel width NR
+  int64_t nr;      // panel width NR (a power of two: offsets use shifts, not divisions)
   bool over_rows;  // panels run over rows (weight gradient)
 
-  int64_t panel_part(int64_t n) const { return (n / nr) * depth * nr + n % nr; }
+  int64_t panel_part(int64_t n) const {
+    const int shift = __builtin_ctzll(static_cast<uint64_t>(nr));
+    return (n >> shift) * depth * nr + (n & (nr - 1));
+  }
   int64_t row_part(int64_t row) const { return over_rows ? panel_part(row) : row * nr; }
   int64_t pos_part(int64_t pos) const { return over_rows ? pos * nr : panel_part(pos); }
   // Zeroes the panel padding past `rows` x `count`, which the GEMM reads but must not count.
@@ -78,6 +90,11 @@ struct Run {
   int64_t idx0, idx1, first, last, base;
 };
 
+// A piece of a run inside one packed panel: zero [j0, a), copy [a, b), zero [b, j1); packed index offset + j.
+struct Segment {
+  int64_t j0, a, b, j1, offset;
+};
+
 // Column block of a tile: element (row = c*T + t, position m - m_begin) = src[c*channel_stride + position],
 // where position_d = m_d*step_d + taps[t].offset_d over the row-major grid of m, and zero where that falls
 // outside `extent`. Written straight into the GEMM's packed layout. The run geometry and the position part of
@@ -90,6 +107,7 @@ void gather_columns(const scalar_t* src, int64_t channels, const int64_t* extent
   const int64_t channel_stride = extent[0] * extent[1] * extent[2];
   thread_local std::vector<int64_t> pos;
   thread_local std::vector<Run> runs;
+  thread_local std::vector<Segment> segments;
   pos.resize(m_end - m_begin);
   for (int64_t i = 0; i < m_end - m_begin; ++i) pos[i] = layout.pos_part(i);
   runs.clear();
@@ -119,37 +137,30 @@ void gather_columns(const scalar_t* src, int64_t channels, const int64_t* extent
       }
       const int64_t* ps = pos.data() + run.base;
       if (!layout.over_rows) {
-        // Positions are contiguous inside a panel: split the run at panel edges once, then every channel copies
-        // segment by segment (vectorised).
-        struct Segment {
-          int64_t j0, a, b, j1, offset;  // zero [j0, a), copy [a, b), zero [b, j1); out index = offset + j
-        };
-        Segment segs[8];
-        int n_segs = 0;
-        for (int64_t j0 = run.first; j0 < run.last && n_segs < 8;) {
-          const int64_t j1 = std::min(run.last, j0 + layout.nr - (run.base + j0) % layout.nr);
+        // Positions are contiguous inside a panel: split the run at panel edges once (shared by all channels),
+        // then every channel copies segment by segment (vectorised).
+        segments.clear();
+        for (int64_t j0 = run.first; j0 < run.last;) {
+          const int64_t j1 = std::min(run.last, j0 + layout.nr - ((run.base + j0) & (layout.nr - 1)));
           const int64_t a = std::clamp(lo, j0, j1), b = std::clamp(hi, a, j1);
-          segs[n_segs++] = {j0, a, b, j1, ps[j0] - j0};
+          segments.push_back({j0, a, b, j1, ps[j0] - j0});
           j0 = j1;
         }
-        if (n_segs < 8 || segs[7].j1 == run.last) {
-          for (int64_t c = 0; c < channels; ++c) {
-            acc_t* out = col + layout.row_part(c * T + t);
-            const scalar_t* in = src + c * channel_stride + line;
-            for (int q = 0; q < n_segs; ++q) {
-              const Segment& sg = segs[q];
-              acc_t* o = out + sg.offset;
-              for (int64_t j = sg.j0; j < sg.a; ++j) o[j] = acc_t(0);
-              if (s2 == 1) {
-                for (int64_t j = sg.a; j < sg.b; ++j) o[j] = static_cast<acc_t>(in[j]);
-              } else {
-                for (int64_t j = sg.a; j < sg.b; ++j) o[j] = static_cast<acc_t>(in[j * s2]);
-              }
-              for (int64_t j = sg.b; j < sg.j1; ++j) o[j] = acc_t(0);
+        for (int64_t c = 0; c < channels; ++c) {
+          acc_t* out = col + layout.row_part(c * T + t);
+          const scalar_t* in = src + c * channel_stride + line;
+          for (const Segment& sg : segments) {
+            acc_t* o = out + sg.offset;
+            for (int64_t j = sg.j0; j < sg.a; ++j) o[j] = acc_t(0);
+            if (s2 == 1) {
+              for (int64_t j = sg.a; j < sg.b; ++j) o[j] = static_cast<acc_t>(in[j]);
+            } else {
+              for (int64_t j = sg.a; j < sg.b; ++j) o[j] = static_cast<acc_t>(in[j * s2]);
             }
+            for (int64_t j = sg.b; j < sg.j1; ++j) o[j] = acc_t(0);
           }
-          continue;
         }
+        continue;
       }
       for (int64_t c = 0; c < channels; ++c) {
         acc_t* out = col + layout.row_part(c * T + t);
@@ -238,15 +249,26 @@ void conv_kernel(const ConvParams& p, const scalar_t* x, const scalar_t* w, cons
   const PanelLayout layout{KK, gt.nr, false};
 
   at::parallel_for(0, p.batch * G * tiles, grain(2 * Cyg * KK * tile), [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> col(cpu::packed_size(tile, KK, gt.nr)), out(Cyg * tile);
+    acc_t* col = scratch<acc_t, 0>(cpu::packed_size(tile, KK, gt.nr));
+    acc_t* out = scratch<acc_t, 1>(Cyg * tile);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t n = item / (G * tiles), g = item / tiles % G, m0 = item % tiles * tile;
       const int64_t m1 = std::min(M, m0 + tile), cnt = m1 - m0;
-      gather_columns(x + (n * p.big_channels + g * Cxg) * X_sp, Cxg, p.big, taps, p.stride, p.small, m0, m1,
-                     col.data(), layout);
-      cpu::gemm_packed<acc_t>(Cyg, cnt, KK, w_packed.data() + g * a_size, col.data(), false, out.data(), cnt);
-      store_rows(out.data(), cnt, Cyg, ba ? ba + g * Cyg : nullptr, y + (n * p.small_channels + g * Cyg) * M,
-                 p.small, one, zero, p.small, m0, m1);
+      const scalar_t* x_g = x + (n * p.big_channels + g * Cxg) * X_sp;
+      scalar_t* y_g = y + (n * p.small_channels + g * Cyg) * M;
+      const acc_t* a = w_packed.data() + g * a_size;
+      if constexpr (std::is_same_v<scalar_t, acc_t>) {
+        // The output rows are dense: the GEMM writes them in place, then the bias is added.
+        gather_columns(x_g, Cxg, p.big, taps, p.stride, p.small, m0, m1, col, layout);
+        cpu::gemm_packed<acc_t>(Cyg, cnt, KK, a, col, false, y_g + m0, M);
+        if (ba)
+          for (int64_t cy = 0; cy < Cyg; ++cy)
+            for (int64_t j = m0; j < m1; ++j) y_g[cy * M + j] += ba[g * Cyg + cy];
+      } else {
+        gather_columns(x_g, Cxg, p.big, taps, p.stride, p.small, m0, m1, col, layout);
+        cpu::gemm_packed<acc_t>(Cyg, cnt, KK, a, col, false, out, cnt);
+        store_rows(out, cnt, Cyg, ba ? ba + g * Cyg : nullptr, y_g, p.small, one, zero, p.small, m0, m1);
+      }
     }
   });
 }
@@ -345,18 +367,18 @@ void conv_transpose_kernel(const ConvParams& p, const scalar_t* y, const scalar_
   const int64_t J = static_cast<int64_t>(jobs.size());
 
   at::parallel_for(0, p.batch * G * J, grain(flops / std::max<int64_t>(1, J)), [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> col(cpu::packed_size(max_tile, max_rows, gt.nr)), out(Cxg * max_tile);
+    acc_t* col = scratch<acc_t, 0>(cpu::packed_size(max_tile, max_rows, gt.nr));
+    acc_t* out = scratch<acc_t, 1>(Cxg * max_tile);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t n = item / (G * J), g = item / J % G;
       const Job& job = jobs[item % J];
       const Phase& ph = phases[job.phase];
       const int64_t rows = Cyg * static_cast<int64_t>(ph.taps.size()), cnt = job.m1 - job.m0;
-      gather_columns(y + (n * p.small_channels + g * Cyg) * Y_sp, Cyg, p.small, ph.taps, one, ph.grid, job.m0,
-                     job.m1, col.data(), PanelLayout{rows, gt.nr, false});
-      const int64_t a_size = cpu::packed_size(Cxg, rows, gt.mr);
-      cpu::gemm_packed<acc_t>(Cxg, cnt, rows, w_phase[job.phase].data() + g * a_size, col.data(), false, out.data(),
-                              cnt);
-      store_rows(out.data(), cnt, Cxg, ba ? ba + g * Cxg : nullptr, x + (n * p.big_channels + g * Cxg) * X_sp,
+      const scalar_t* y_g = y + (n * p.small_channels + g * Cyg) * Y_sp;
+      const acc_t* a = w_phase[job.phase].data() + g * cpu::packed_size(Cxg, rows, gt.mr);
+      gather_columns(y_g, Cyg, p.small, ph.taps, one, ph.grid, job.m0, job.m1, col, PanelLayout{rows, gt.nr, false});
+      cpu::gemm_packed<acc_t>(Cxg, cnt, rows, a, col, false, out, cnt);
+      store_rows(out, cnt, Cxg, ba ? ba + g * Cxg : nullptr, x + (n * p.big_channels + g * Cxg) * X_sp,
                  p.big, p.stride, ph.r, ph.grid, job.m0, job.m1);
     }
   });
@@ -382,16 +404,17 @@ void conv_weight_grad_kernel(const ConvParams& p, const scalar_t* x, const scala
 
   at::parallel_for(0, chunks, 1, [&](int64_t c_begin, int64_t c_end) {
     // The GEMM is dW_g[Cyg x KK] += Y_tile[Cyg x cnt] . columns^T: positions are its depth.
-    std::vector<acc_t> col(cpu::packed_size(KK, tile, gt.nr)), y_packed(cpu::packed_size(Cyg, tile, gt.mr));
+    acc_t* col = scratch<acc_t, 0>(cpu::packed_size(KK, tile, gt.nr));
+    acc_t* y_packed = scratch<acc_t, 1>(cpu::packed_size(Cyg, tile, gt.mr));
     for (int64_t c = c_begin; c < c_end; ++c) {
       acc_t* acc = partial.data() + c * dw_numel;
       for (int64_t item = items * c / chunks; item < items * (c + 1) / chunks; ++item) {
         const int64_t g = item / (p.batch * tiles), n = item / tiles % p.batch, m0 = item % tiles * tile;
         const int64_t m1 = std::min(M, m0 + tile), cnt = m1 - m0;
         gather_columns(x + (n * p.big_channels + g * Cxg) * X_sp, Cxg, p.big, taps, p.stride, p.small, m0, m1,
-                       col.data(), PanelLayout{cnt, gt.nr, true});
-        cpu::pack_panels(y + (n * p.small_channels + g * Cyg) * M + m0, M, 1, Cyg, cnt, gt.mr, y_packed.data());
-        cpu::gemm_packed<acc_t>(Cyg, KK, cnt, y_packed.data(), col.data(), true, acc + g * Cyg * KK, KK);
+                       col, PanelLayout{cnt, gt.nr, true});
+        cpu::pack_panels(y + (n * p.small_channels + g * Cyg) * M + m0, M, 1, Cyg, cnt, gt.mr, y_packed);
+        cpu::gemm_packed<acc_t>(Cyg, KK, cnt, y_packed, col, true, acc + g * Cyg * KK, KK);
       }
     }
   });

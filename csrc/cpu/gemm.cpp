@@ -61,7 +61,7 @@ __attribute__((target("avx512f,fma"))) void micro_avx512(int64_t kc, const float
 #pragma GCC unroll 12
   for (int i = 0; i < MR; ++i) c0[i] = c1[i] = _mm512_setzero_ps();
   for (int64_t k = 0; k < kc; ++k, a += MR, b += 32) {
-    const __m512 b0 = _mm512_loadu_ps(b), b1 = _mm512_loadu_ps(b + 16);
+    const __m512 b0 = _mm512_loadu_ps(b), b1 = _mm512_loadu_ps(b + 16);  // b advances by NR = 32
 #pragma GCC unroll 12
     for (int i = 0; i < MR; ++i) {
       const __m512 ai = _mm512_set1_ps(a[i]);
@@ -149,17 +149,17 @@ void gemm_packed(int64_t M, int64_t N, int64_t K, const T* a_packed, const T* b_
   }
   const MicroKernel<T>& mk = kernel<T>();
   const int64_t MR = mk.mr, NR = mk.nr;
-  T edge[16 * 32];  // an MR x NR block for ragged edges (MR <= 16, NR <= 32)
+  T edge[16 * 32];  // an MR x NR block of C for ragged edges (MR <= 16, NR <= 32)
   for (int64_t jr = 0; jr < N; jr += NR) {
     const int64_t nr = std::min(NR, N - jr);
-    const T* b_panel = b_packed + jr * K;
+    const T* panel = b_packed + jr * K;
     for (int64_t pc = 0; pc < K; pc += KC) {
       const int64_t kc = std::min(KC, K - pc);
       const bool acc = accumulate || pc > 0;
       for (int64_t ir = 0; ir < M; ir += MR) {
         const int64_t mr = std::min(MR, M - ir);
         const T* ap = a_packed + ir * K + pc * MR;
-        const T* bp = b_panel + pc * NR;
+        const T* bp = panel + pc * NR;
         T* c = C + ir * ldc + jr;
         if (mr == MR && nr == NR) {
           mk.fn(kc, ap, bp, c, ldc, acc);
