@@ -221,4 +221,14 @@ inline ConvParams check_conv_args(ConvKind kind, const at::Tensor& input, const 
   return p;
 }
 
+// The kernels read dense row-major data: conjugate/negative views are materialised (they only flip bits) and
+// other strides are made contiguous. An absent bias gives an undefined tensor.
+inline at::Tensor dense(const at::Tensor& t) {
+  return t.resolve_conj().resolve_neg().contiguous();
+}
+
+inline at::Tensor dense(const std::optional<at::Tensor>& t) {
+  return t.has_value() && t->defined() ? dense(*t) : at::Tensor();
+}
+
 }  // namespace torch_convt

@@ -431,11 +431,6 @@ void conv_weight_grad_kernel(const ConvParams& p, const scalar_t* x, const scala
 // ---------------------------------------------------------------------------------------------------------
 // Op entry points
 // ---------------------------------------------------------------------------------------------------------
-// Kernels read dense row-major data; conjugate/negative views are materialised (they only flip bits).
-at::Tensor dense(const at::Tensor& t) {
-  return t.resolve_conj().resolve_neg().contiguous();
-}
-
 at::Tensor conv_transpose_cpu(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                               at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef output_padding,
                               at::IntArrayRef dilation, int64_t groups) {
@@ -444,7 +439,7 @@ at::Tensor conv_transpose_cpu(const at::Tensor& input, const at::Tensor& weight,
   at::Tensor out = at::empty(p.big_shape(), input.options());
   if (out.numel() == 0) return out;
   const at::Tensor y = dense(input), w = dense(weight);
-  const at::Tensor b = bias.has_value() && bias->defined() ? dense(*bias) : at::Tensor();
+  const at::Tensor b = dense(bias);
   AT_DISPATCH_FLOATING_AND_COMPLEX_TYPES_AND3(at::kBFloat16, at::kHalf, at::kLong, input.scalar_type(),
                                               "torch_convt.conv_transpose", [&] {
     conv_transpose_kernel<scalar_t>(p, y.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(),
@@ -461,7 +456,7 @@ at::Tensor conv_cpu(const at::Tensor& input, const at::Tensor& weight, const std
   at::Tensor out = at::empty(p.small_shape(), input.options());
   if (out.numel() == 0) return out;
   const at::Tensor x = dense(input), w = dense(weight);
-  const at::Tensor b = bias.has_value() && bias->defined() ? dense(*bias) : at::Tensor();
+  const at::Tensor b = dense(bias);
   AT_DISPATCH_ALL_TYPES_AND_COMPLEX_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "torch_convt.conv", [&] {
     conv_kernel<scalar_t>(p, x.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(),
                           b.defined() ? b.const_data_ptr<scalar_t>() : nullptr, out.mutable_data_ptr<scalar_t>());

@@ -222,10 +222,6 @@ __global__ void __launch_bounds__(kThreads)
 // ---------------------------------------------------------------------------------------------------------
 // Op entry points
 // ---------------------------------------------------------------------------------------------------------
-at::Tensor dense(const at::Tensor& t) {
-  return t.resolve_conj().resolve_neg().contiguous();
-}
-
 // Runs `launch.template operator()<index_t>()` with the narrowest safe index type.
 template <typename F>
 void with_index_type(const ConvParams& p, F&& launch) {
@@ -247,7 +243,7 @@ at::Tensor conv_transpose_cuda(const at::Tensor& input, const at::Tensor& weight
   const int64_t total = out.numel();
   if (total == 0) return out;
   const at::Tensor y = dense(input), w = dense(weight);
-  const at::Tensor b = bias.has_value() && bias->defined() ? dense(*bias) : at::Tensor();
+  const at::Tensor b = dense(bias);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_AND_COMPLEX_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(),
                                               "torch_convt.conv_transpose", [&] {
@@ -272,7 +268,7 @@ at::Tensor conv_cuda(const at::Tensor& input, const at::Tensor& weight, const st
   const int64_t total = out.numel();
   if (total == 0) return out;
   const at::Tensor x = dense(input), w = dense(weight);
-  const at::Tensor b = bias.has_value() && bias->defined() ? dense(*bias) : at::Tensor();
+  const at::Tensor b = dense(bias);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_AND_COMPLEX_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "torch_convt.conv",
                                               [&] {
