@@ -14,18 +14,10 @@ import pytest
 import torch
 
 import torch_convt  # noqa: F401
-from helpers import (CUDA_AVAILABLE, CUDA_ONLY, DIMS, assert_close, fn_pair, ours_conv_module, ours_ct_module,
+from helpers import (exc_of, CUDA_AVAILABLE, CUDA_ONLY, DIMS, assert_close, fn_pair, ours_conv_module, ours_ct_module,
                      requires_cuda, to_device, torch_conv_module, torch_ct_module)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def _exc_of(fn):
-    try:
-        fn()
-    except Exception as e:  # noqa: BLE001
-        return e
-    return None
 
 
 def _base(kind, nd, dtype=torch.float32):
@@ -127,11 +119,11 @@ def test_bad_inputs_same_exception_type(name, kind, nd, device):
     args, kwargs = BAD[name][1](kind, nd)
     args = to_device(args, device)
     ours, ref = fn_pair(kind, nd)
-    expected = _exc_of(lambda: ref(*args, **kwargs))
+    expected = exc_of(lambda: ref(*args, **kwargs))
     if expected is None and device != "cpu":
         # torch's CUDA convolution accepts what its CPU one rejects: ours may agree with it or reject it with a
         # RuntimeError (the rule of test_ct_bias_dtype_mismatch)
-        got = _exc_of(lambda: ours(*args, **kwargs))
+        got = exc_of(lambda: ours(*args, **kwargs))
         if got is None:
             assert_close(ours(*args, **kwargs), ref(*args, **kwargs))
         else:
@@ -156,7 +148,7 @@ def test_unsupported_dtypes_same_exception_type(nd, kind, dtype):
     x, w, b = x.to(dtype), w.to(dtype), b.to(dtype)
     ours, ref = fn_pair(kind, nd)
     for args in ((x, w), (x, w, b)):
-        expected = _exc_of(lambda: ref(*args))
+        expected = exc_of(lambda: ref(*args))
         if expected is None:
             assert kind == "conv" and dtype != torch.bool
             continue
@@ -173,8 +165,8 @@ def test_ct_bias_dtype_mismatch(nd, device):
     x, w, b = to_device(_base("ct", nd), device)
     b = b.double()
     ours, ref = fn_pair("ct", nd)
-    expected = _exc_of(lambda: ref(x, w, b))
-    got = _exc_of(lambda: ours(x, w, b))
+    expected = exc_of(lambda: ref(x, w, b))
+    got = exc_of(lambda: ours(x, w, b))
     if expected is not None:
         assert type(got) is type(expected), (got, expected)
     elif got is not None:
@@ -289,7 +281,7 @@ def test_module_forward_errors_same_type(nd, kind, what, device):
     torch.manual_seed(0)
     ref = torch_cls(2, 4, 3, groups=2).to(device)
     x = MODULE_BAD_INPUTS[what](nd).to(device)
-    expected = _exc_of(lambda: ref(x))
+    expected = exc_of(lambda: ref(x))
     assert expected is not None
     with pytest.raises(Exception) as info:
         ours(x)
@@ -311,7 +303,7 @@ def test_integer_dtypes_cuda_same_exception_type(nd, kind, dtype, device):
     x, w, b = (t.to(device=device, dtype=dtype) for t in _base(kind, nd))
     ours, ref = fn_pair(kind, nd)
     for args in ((x, w), (x, w, b)):
-        expected = _exc_of(lambda: ref(*args))
+        expected = exc_of(lambda: ref(*args))
         if expected is None:  # (torch computes it after all: then ours must agree)
             assert torch.equal(ours(*args), ref(*args))
             continue
@@ -345,7 +337,7 @@ def test_mixed_devices_raise_runtime_error(case, nd, device):
     on = dict(input=x.to(device), weight=w.to(device), bias=b.to(device))
     on[which] = dict(input=x, weight=w, bias=b)[which]
     ours, ref = fn_pair(kind, nd)
-    expected = _exc_of(lambda: ref(on["input"], on["weight"], on["bias"]))
+    expected = exc_of(lambda: ref(on["input"], on["weight"], on["bias"]))
     with pytest.raises(RuntimeError) as info:
         ours(on["input"], on["weight"], on["bias"])
     assert type(info.value) is RuntimeError, info.value

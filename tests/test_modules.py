@@ -9,8 +9,19 @@ import torch
 import torch.nn as nn
 
 import torch_convt
-from helpers import (DIMS, assert_close, ct_out_size, ours_conv_module, ours_ct_module, randn,
+from helpers import (exc_of, DIMS, assert_close, ct_out_size, ours_conv_module, ours_ct_module, randn,
                      torch_conv_module, torch_ct_module)
+
+
+def _check_backward(ours, ref, xo, xr, yo, yr):
+    """Backpropagates the same gradient through both modules and compares input, weight and bias gradients."""
+    g = torch.randn_like(yr)
+    yo.backward(g)
+    yr.backward(g)
+    assert_close(xo.grad, xr.grad, what="grad_input")
+    assert_close(ours.weight.grad, ref.weight.grad, what="grad_weight")
+    assert_close(ours.bias.grad, ref.bias.grad, what="grad_bias")
+
 
 KINDS = {"ct": (ours_ct_module, torch_ct_module), "conv": (ours_conv_module, torch_conv_module)}
 
@@ -187,19 +198,11 @@ BAD_CTOR = [
 ]
 
 
-def _exc_of(fn):
-    try:
-        fn()
-    except Exception as e:  # noqa: BLE001
-        return e
-    return None
-
-
 @pytest.mark.parametrize("nd", DIMS, ids=[f"{d}d" for d in DIMS])
 @pytest.mark.parametrize("name,kind,kwargs", BAD_CTOR, ids=[c[0] for c in BAD_CTOR])
 def test_constructor_errors_same_type(name, kind, kwargs, nd):
     ours_cls, torch_cls = KINDS[kind][0](nd), KINDS[kind][1](nd)
-    expected = _exc_of(lambda: torch_cls(**kwargs))
+    expected = exc_of(lambda: torch_cls(**kwargs))
     assert expected is not None, "test case should be invalid for torch"
     with pytest.raises(Exception) as info:
         ours_cls(**kwargs)
@@ -214,7 +217,7 @@ def test_ct_padding_mode_changed_after_construction(nd):
     ours.padding_mode = "reflect"
     ref.padding_mode = "reflect"
     x = torch.randn((1, 2) + (4,) * nd)
-    expected = _exc_of(lambda: ref(x))
+    expected = exc_of(lambda: ref(x))
     assert isinstance(expected, ValueError)
     with pytest.raises(ValueError) as info:
         ours(x)
@@ -267,7 +270,7 @@ def test_output_size_errors(nd):
     if nd > 1:
         bad.append((mn,) * (nd - 1))
     for osize in bad:
-        expected = _exc_of(lambda: ref(x, output_size=osize))
+        expected = exc_of(lambda: ref(x, output_size=osize))
         assert isinstance(expected, ValueError), osize
         with pytest.raises(ValueError) as info:
             ours(x, output_size=osize)
@@ -282,8 +285,8 @@ def test_output_size_with_dilation_larger_than_stride():
     mn = ct_out_size(4, 3, 1, 0, 0, 3)
     assert_close(ours(x, output_size=(mn,)).detach(), ref(x, output_size=(mn,)).detach())
     for osize in [(mn + 1,), (mn + 2,)]:
-        expected = _exc_of(lambda: ref(x, output_size=osize))
-        got = _exc_of(lambda: ours(x, output_size=osize))
+        expected = exc_of(lambda: ref(x, output_size=osize))
+        got = exc_of(lambda: ours(x, output_size=osize))
         assert type(got) is type(expected)
     # output_padding up to max(stride, dilation) - 1 is still fine via the constructor
     ours2, ref2 = _pair("ct", 1, dict(in_channels=1, out_channels=1, kernel_size=3, stride=1, dilation=3,
@@ -348,12 +351,7 @@ def test_seed_ct3d_large(name, kwargs, device):
             (10, 50, 100), ref.kernel_size, ref.stride, ref.padding))
     assert tuple(yr.shape) == expect_shape
     assert_close(yo.detach(), yr.detach())
-    g = torch.randn_like(yr)
-    yo.backward(g)
-    yr.backward(g)
-    assert_close(xo.grad, xr.grad, what="grad_input")
-    assert_close(ours.weight.grad, ref.weight.grad, what="grad_weight")
-    assert_close(ours.bias.grad, ref.bias.grad, what="grad_bias")
+    _check_backward(ours, ref, xo, xr, yo, yr)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -386,12 +384,7 @@ def test_conv_module_padding(nd, padding, kernel, dilation, stride, mode, device
     if padding == "same":
         assert tuple(yr.shape[2:]) == tuple(x.shape[2:])
     assert_close(yo.detach(), yr.detach())
-    g = torch.randn_like(yr)
-    yo.backward(g)
-    yr.backward(g)
-    assert_close(xo.grad, xr.grad, what="grad_input")
-    assert_close(ours.weight.grad, ref.weight.grad, what="grad_weight")
-    assert_close(ours.bias.grad, ref.bias.grad, what="grad_bias")
+    _check_backward(ours, ref, xo, xr, yo, yr)
     # unbatched
     assert_close(ours(x[1]).detach(), ref(x[1]).detach(), what="unbatched")
 
@@ -401,9 +394,9 @@ def test_conv_module_reflect_padding_too_large_errors_like_torch(nd, device):
     ours, ref = _pair("conv", nd, dict(in_channels=1, out_channels=1, kernel_size=3, padding=3,
                                        padding_mode="reflect"), device=device)
     x = randn((1, 1) + (3,) * nd, torch.float32, device)
-    expected = _exc_of(lambda: ref(x))
+    expected = exc_of(lambda: ref(x))
     assert expected is not None
-    got = _exc_of(lambda: ours(x))
+    got = exc_of(lambda: ours(x))
     assert type(got) is type(expected), (got, expected)
 
 
