@@ -8,16 +8,19 @@
 // Argument names follow torch.nn.functional. Lists hold one value per spatial dim (1 to 3); the input is
 // batched (N, C, *spatial); the weight is [C_small, C_big / groups, *kernel] for both conv and
 // conv_transpose, exactly as torch.nn stores it.
+// The lists are SymInt[] (as in aten::convolution) so that sizes computed from symbolic shapes under
+// torch.compile(dynamic=True) / torch.export (an output_padding derived from an input size, a weight_size) stay
+// symbolic instead of specialising the graph; the kernels still take plain int64 lists (IntArrayRef).
 #include <torch/library.h>
 
 TORCH_LIBRARY(torch_convt, m) {
   m.def(
-      "conv_transpose(Tensor input, Tensor weight, Tensor? bias, int[] stride, int[] padding, "
-      "int[] output_padding, int[] dilation, int groups) -> Tensor");
+      "conv_transpose(Tensor input, Tensor weight, Tensor? bias, SymInt[] stride, SymInt[] padding, "
+      "SymInt[] output_padding, SymInt[] dilation, int groups) -> Tensor");
   m.def(
-      "conv(Tensor input, Tensor weight, Tensor? bias, int[] stride, int[] padding, int[] dilation, "
+      "conv(Tensor input, Tensor weight, Tensor? bias, SymInt[] stride, SymInt[] padding, SymInt[] dilation, "
       "int groups) -> Tensor");
   m.def(
-      "conv_weight_grad(Tensor input, Tensor grad_output, int[] weight_size, int[] stride, int[] padding, "
-      "int[] dilation, int groups) -> Tensor");
+      "conv_weight_grad(Tensor input, Tensor grad_output, SymInt[] weight_size, SymInt[] stride, "
+      "SymInt[] padding, SymInt[] dilation, int groups) -> Tensor");
 }
