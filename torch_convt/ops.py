@@ -1,4 +1,5 @@
-"""Fake (meta) kernels and autograd for the three torch_convt operators.
+"""Fake (meta) kernels, autograd (reverse and forward mode, torch.func), vmap and autocast rules for the three
+torch_convt operators.
 
 The ops are closed under differentiation (X big, Y small, W weight; see csrc/common/index_math.h):
     conv_transpose(Y, W) -> X     d/dY = conv(gX, W)                 d/dW = conv_weight_grad(gX, Y)
@@ -76,36 +77,44 @@ def _conv_weight_grad_fake(input, grad_output, weight_size, stride, padding, dil
     return input.new_empty(weight_size)
 
 
-# ---- autograd ----------------------------------------------------------------------------------------------
+# ---- autograd (reverse and forward mode) and torch.func ----------------------------------------------------
+# Each op's Autograd kernel (registered below) applies an autograd.Function with setup_context, backward and
+# jvp. torch.library.register_autograd is not enough: the Function it generates has no setup_context, so
+# torch.func.grad / vjp / jacrev refuse it, and no jvp, and it only runs when an input requires grad, so
+# forward-mode AD (torch.func.jvp / jacfwd, torch.autograd.forward_ad) silently got a zero tangent. vmap goes
+# through the batching rules registered with torch.library.register_vmap.
 def _setup(ctx, inputs, output):
-    # inputs[0], inputs[1] are the two tensors; the rest are the geometry (and bias for the forward ops).
+    # inputs[0], inputs[1] are the two tensors; the rest are the geometry (after the bias, for the forward ops:
+    # backward needs only whether it requires grad, ctx.needs_input_grad[2]).
     ctx.save_for_backward(inputs[0], inputs[1])
+    ctx.save_for_forward(inputs[0], inputs[1])
     ctx.args = inputs[2:]
+    ctx.output_shape = output.shape
 
 
 def _conv_transpose_backward(ctx, grad):
     y, w = ctx.saved_tensors
-    bias, stride, padding, output_padding, dilation, groups = ctx.args
+    _, stride, padding, output_padding, dilation, groups = ctx.args
     gy = gw = gb = None
     if ctx.needs_input_grad[0]:
         gy = _narrow_spatial(conv(grad, w.conj(), None, stride, padding, dilation, groups), y.shape[2:])
     if ctx.needs_input_grad[1]:
         gw = conv_weight_grad(grad, y.conj(), list(w.shape), stride, padding, dilation, groups)
-    if bias is not None and ctx.needs_input_grad[2]:
+    if ctx.needs_input_grad[2]:
         gb = _bias_grad(grad)
     return gy, gw, gb, None, None, None, None, None
 
 
 def _conv_backward(ctx, grad):
     x, w = ctx.saved_tensors
-    bias, stride, padding, dilation, groups = ctx.args
+    _, stride, padding, dilation, groups = ctx.args
     gx = gw = gb = None
     if ctx.needs_input_grad[0]:
         op = output_padding_for(x.shape[2:], grad.shape[2:], w.shape[2:], stride, padding, dilation)
         gx = conv_transpose(grad, w.conj(), None, stride, padding, op, dilation, groups)
     if ctx.needs_input_grad[1]:
         gw = conv_weight_grad(x.conj(), grad, list(w.shape), stride, padding, dilation, groups)
-    if bias is not None and ctx.needs_input_grad[2]:
+    if ctx.needs_input_grad[2]:
         gb = _bias_grad(grad)
     return gx, gw, gb, None, None, None, None
 
@@ -122,20 +131,52 @@ def _conv_weight_grad_backward(ctx, grad):
     return gx, gy, None, None, None, None, None
 
 
-torch.library.register_autograd("torch_convt::conv_transpose", _conv_transpose_backward, setup_context=_setup)
-torch.library.register_autograd("torch_convt::conv", _conv_backward, setup_context=_setup)
-torch.library.register_autograd("torch_convt::conv_weight_grad", _conv_weight_grad_backward, setup_context=_setup)
+# Forward mode: each op is linear in each tensor argument (bilinear, no conjugation), so its tangent is the op
+# applied to one tangent and the other primal, summed over the arguments that have a tangent (None: no tangent).
+def _tangent(terms, bias_tangent, output_shape):
+    terms = [t for t in terms if t is not None]
+    if bias_tangent is not None:
+        bias_term = bias_tangent.reshape([1, -1] + [1] * (len(output_shape) - 2))
+        terms.append(bias_term if terms else bias_term.expand(output_shape).contiguous())
+    out = terms[0]
+    for t in terms[1:]:
+        out = out + t
+    return out
+
+
+def _conv_transpose_jvp(ctx, ty, tw, tb, *_):
+    y, w = ctx.saved_tensors
+    _, stride, padding, output_padding, dilation, groups = ctx.args
+    geometry = (stride, padding, output_padding, dilation, groups)
+    return _tangent([conv_transpose(ty, w, None, *geometry) if ty is not None else None,
+                     conv_transpose(y, tw, None, *geometry) if tw is not None else None], tb, ctx.output_shape)
+
+
+def _conv_jvp(ctx, tx, tw, tb, *_):
+    x, w = ctx.saved_tensors
+    _, stride, padding, dilation, groups = ctx.args
+    geometry = (stride, padding, dilation, groups)
+    return _tangent([conv(tx, w, None, *geometry) if tx is not None else None,
+                     conv(x, tw, None, *geometry) if tw is not None else None], tb, ctx.output_shape)
+
+
+def _conv_weight_grad_jvp(ctx, tx, ty, *_):
+    x, y = ctx.saved_tensors
+    geometry = ctx.args  # weight_size, stride, padding, dilation, groups
+    return _tangent([conv_weight_grad(tx, y, *geometry) if tx is not None else None,
+                     conv_weight_grad(x, ty, *geometry) if ty is not None else None], None, ctx.output_shape)
 
 
 # ---- torch.func.vmap ---------------------------------------------------------------------------------------
-def _vmap_rule(op, n_tensors):
-    """vmap of an op whose first `n_tensors` arguments are tensors (or None). A batched input alone folds the
-    vmapped dim into the batch dim (one call); anything else (a batched weight, per-sample gradients) runs the
-    op once per vmapped slice."""
+def _vmap_rule(op, n_tensors, fold_into_batch=True):
+    """vmap of an op whose first `n_tensors` arguments are tensors (or None). With `fold_into_batch`, a batched
+    input alone folds the vmapped dim into the batch dim (one call); anything else (a batched weight,
+    per-sample gradients) runs the op once per vmapped slice. conv_weight_grad sums over the batch dim (its
+    two tensors are paired sample by sample), so it cannot fold."""
     def rule(info, in_dims, *args):
         dims = in_dims[:n_tensors]
         tensors, rest = args[:n_tensors], args[n_tensors:]
-        if dims[0] is not None and all(d is None for d in dims[1:]):
+        if fold_into_batch and dims[0] is not None and all(d is None for d in dims[1:]):
             x = tensors[0].movedim(dims[0], 0)
             out = op(x.flatten(0, 1), *tensors[1:], *rest)
             return out.unflatten(0, (x.shape[0], x.shape[1])), 0
@@ -148,7 +189,88 @@ def _vmap_rule(op, n_tensors):
 
 torch.library.register_vmap("torch_convt::conv_transpose", _vmap_rule(conv_transpose, 3))
 torch.library.register_vmap("torch_convt::conv", _vmap_rule(conv, 3))
-torch.library.register_vmap("torch_convt::conv_weight_grad", _vmap_rule(conv_weight_grad, 2))
+torch.library.register_vmap("torch_convt::conv_weight_grad",
+                            _vmap_rule(conv_weight_grad, 2, fold_into_batch=False))
+
+
+# ---- the autograd kernels ----------------------------------------------------------------------------------
+def _below_autograd(op, args):
+    # Straight to the backend (or fake / tracing) kernel. Without the guard, a call from forward() while
+    # forward-mode AD is active would come back to the autograd kernel and recurse.
+    if torch._C._are_functorch_transforms_active():
+        # apply() turned grad and forward grad off for this torch.func level; the levels below, which the op
+        # reaches through the dispatcher, must see them on (as torch.func does for autograd.Functions).
+        with torch.enable_grad(), torch.autograd.forward_ad._set_fwd_grad_enabled(True), \
+                torch._C._AutoDispatchBelowAutograd():
+            return op(*args)
+    with torch._C._AutoDispatchBelowAutograd():
+        return op(*args)
+
+
+class _ConvTransposeFunction(torch.autograd.Function):
+    """torch.ops.torch_convt.conv_transpose with its reverse (backward) and forward (jvp) rules."""
+    @staticmethod
+    def forward(*args):
+        return _below_autograd(conv_transpose.default, args)
+
+    setup_context = staticmethod(_setup)
+    backward = staticmethod(_conv_transpose_backward)
+    jvp = staticmethod(_conv_transpose_jvp)
+
+
+class _ConvFunction(torch.autograd.Function):
+    """torch.ops.torch_convt.conv with its reverse (backward) and forward (jvp) rules."""
+    @staticmethod
+    def forward(*args):
+        return _below_autograd(conv.default, args)
+
+    setup_context = staticmethod(_setup)
+    backward = staticmethod(_conv_backward)
+    jvp = staticmethod(_conv_jvp)
+
+
+class _ConvWeightGradFunction(torch.autograd.Function):
+    """torch.ops.torch_convt.conv_weight_grad with its reverse (backward) and forward (jvp) rules."""
+    @staticmethod
+    def forward(*args):
+        return _below_autograd(conv_weight_grad.default, args)
+
+    setup_context = staticmethod(_setup)
+    backward = staticmethod(_conv_weight_grad_backward)
+    jvp = staticmethod(_conv_weight_grad_jvp)
+
+
+def _forward_ad_active():
+    # torch.autograd.forward_ad.dual_level (which torch.func.jvp and jacfwd enter too) makes this >= 0.
+    return torch.autograd.forward_ad._current_level >= 0
+
+
+_autograd_lib = torch.library.Library("torch_convt", "IMPL")
+
+
+def _register_autograd_kernel(op, function):
+    apply_at_this_level = super(torch.autograd.Function, function).apply
+
+    def autograd_kernel(keyset, *args):
+        if (torch.is_grad_enabled() and torch._C._any_requires_grad(*args)) or _forward_ad_active():
+            # The single-level apply underneath Function.apply: inside a torch.func grad/jvp level the dispatcher
+            # hands us that level's wrapper tensors and, like ATen's autograd kernels, we record the node at this
+            # level only (lower levels see the op again when forward() calls it). Function.apply would re-enter
+            # torch.func from the top instead, which only works before the dispatcher.
+            if not torch._C._are_functorch_transforms_active():
+                return apply_at_this_level(*args)
+            with torch._functorch.utils.enable_single_level_autograd_function():
+                return apply_at_this_level(*args)
+        # nothing to differentiate: straight to the backend kernel, no graph node
+        with torch._C._AutoDispatchBelowAutograd():
+            return op.redispatch(keyset & torch._C._after_autograd_keyset, *args)
+
+    _autograd_lib.impl(op._schema.name.split("::")[1], autograd_kernel, "Autograd", with_keyset=True)
+
+
+_register_autograd_kernel(conv_transpose.default, _ConvTransposeFunction)
+_register_autograd_kernel(conv.default, _ConvFunction)
+_register_autograd_kernel(conv_weight_grad.default, _ConvWeightGradFunction)
 
 
 # ---- autocast ----------------------------------------------------------------------------------------------
