@@ -8,7 +8,8 @@
 //   - that the API never relies on an autograd kernel of the operators: the Python package registers one
 //     (register_autograd) that a libtorch program lacks. A stand-in is registered here, and the checks run
 //     again with it; the API must not call it;
-//   - that bad arguments throw c10::Error, as torch's functions do.
+//   - that bad arguments throw c10::Error, as torch's functions do;
+//   - the value and gradient checks again on CUDA, where a GPU is present (skipped otherwise).
 // Prints one line per failure and "N passed, M failed"; the exit status is non-zero on any failure.
 #include <torch_convt/torch_convt.h>
 
@@ -212,8 +213,8 @@ IntVec shape_of(int64_t batch, int64_t channels, const IntVec& spatial) {
   return s;
 }
 
-void check_config(const Config& c) {
-  const auto opts = at::TensorOptions().dtype(c.dtype);
+void check_config(const Config& c, at::Device device = at::kCPU) {
+  const auto opts = at::TensorOptions().dtype(c.dtype).device(device);
   IntVec w_shape = {c.in_channels, c.out_channels / c.groups};
   w_shape.insert(w_shape.end(), c.kernel.begin(), c.kernel.end());
   const Tensor w = at::randn(w_shape, opts);
@@ -443,6 +444,15 @@ int main() {
   check_autocast();
   check_errors();
   check_with_foreign_autograd_kernel();
+  if (at::hasCUDA()) {  // the same checks on the GPU, against torch's CUDA convolutions
+    for (const Config& c : configs()) {
+      Config on_cuda = c;
+      on_cuda.name = "[cuda] " + c.name;
+      check_config(on_cuda, at::kCUDA);
+    }
+  } else {
+    std::printf("CUDA checks skipped (no GPU)\n");
+  }
   std::printf("%d passed, %d failed\n", g_passed, g_failed);
   return g_failed == 0 ? 0 : 1;
 }
