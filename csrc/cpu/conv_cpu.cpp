@@ -223,12 +223,77 @@ std::vector<Tap> conv_taps(const ConvParams& p) {
 }
 
 // ---------------------------------------------------------------------------------------------------------
+// Per-channel layers (depthwise: one input and one output channel per group). A one-row GEMM would waste its
+// register blocking and the column gather, so these run plain row loops, vectorised along the innermost dim.
+// ---------------------------------------------------------------------------------------------------------
+// Innermost-dim range [lo, hi) of grid points whose source lies inside `extent`, per tap.
+std::vector<std::pair<int64_t, int64_t>> inner_ranges(const std::vector<Tap>& taps, int64_t step, int64_t extent,
+                                                      int64_t count) {
+  std::vector<std::pair<int64_t, int64_t>> ranges(taps.size());
+  for (size_t t = 0; t < taps.size(); ++t) valid_range(taps[t].offset[2], step, extent, count, &ranges[t].first, &ranges[t].second);
+  return ranges;
+}
+
+// acc[j] = sum_t w[t] * src[(i0*step0 + offset0_t, i1*step1 + offset1_t, j*step2 + offset2_t)] for j < count,
+// zero where the position falls outside `extent`; taps in their fixed order.
+template <typename scalar_t, typename acc_t>
+void channel_row(const scalar_t* src, const int64_t* extent, const std::vector<Tap>& taps, const acc_t* w,
+                 const std::vector<std::pair<int64_t, int64_t>>& ranges, const int64_t* step, int64_t i0, int64_t i1,
+                 int64_t count, acc_t* acc) {
+  std::fill(acc, acc + count, acc_t(0));
+  for (size_t t = 0; t < taps.size(); ++t) {
+    const int64_t p0 = i0 * step[0] + taps[t].offset[0], p1 = i1 * step[1] + taps[t].offset[1];
+    if (p0 < 0 || p0 >= extent[0] || p1 < 0 || p1 >= extent[1]) continue;
+    const scalar_t* row = src + (p0 * extent[1] + p1) * extent[2] + taps[t].offset[2];
+    const acc_t wt = w[t];
+    const int64_t lo = ranges[t].first, hi = ranges[t].second, s2 = step[2];
+    if (s2 == 1) {
+      for (int64_t j = lo; j < hi; ++j) acc[j] += wt * static_cast<acc_t>(row[j]);
+    } else {
+      for (int64_t j = lo; j < hi; ++j) acc[j] += wt * static_cast<acc_t>(row[j * s2]);
+    }
+  }
+}
+
+// dst[(i0*step0 + offset0, i1*step1 + offset1, j*step2 + offset2)] = acc[j] + bias for j < count.
+template <typename scalar_t, typename acc_t>
+void store_channel_row(const acc_t* acc, acc_t bias, scalar_t* dst, const int64_t* extent, const int64_t* step,
+                       const int64_t* offset, int64_t i0, int64_t i1, int64_t count) {
+  scalar_t* row = dst + ((i0 * step[0] + offset[0]) * extent[1] + i1 * step[1] + offset[1]) * extent[2] + offset[2];
+  for (int64_t j = 0; j < count; ++j) row[j * step[2]] = static_cast<scalar_t>(acc[j] + bias);
+}
+
+// Per-channel conv: Y[n, c] = sum_k W[c, k] X[n, c, i*stride - padding + k*dilation] + bias[c].
+template <typename scalar_t>
+void conv_depthwise(const ConvParams& p, const scalar_t* x, const scalar_t* w, const scalar_t* bias, scalar_t* y) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t C = p.small_channels, K = p.kernel_numel(), rows = p.small[0] * p.small[1];
+  const int64_t zero[kMaxDims] = {0, 0, 0}, one[kMaxDims] = {1, 1, 1};
+  const std::vector<Tap> taps = conv_taps(p);
+  const auto ranges = inner_ranges(taps, p.stride[2], p.big[2], p.small[2]);
+  at::parallel_for(0, p.batch * C, grain(2 * K * p.small_spatial()), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> acc(p.small[2]), wt(K);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t c = item % C;
+      for (int64_t t = 0; t < K; ++t) wt[t] = static_cast<acc_t>(w[c * K + taps[t].k]);
+      const acc_t b = bias ? static_cast<acc_t>(bias[c]) : acc_t(0);
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t i0 = r / p.small[1], i1 = r % p.small[1];
+        channel_row(x + item * p.big_spatial(), p.big, taps, wt.data(), ranges, p.stride, i0, i1, p.small[2], acc.data());
+        store_channel_row(acc.data(), b, y + item * p.small_spatial(), p.small, one, zero, i0, i1, p.small[2]);
+      }
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------------------------
 // conv: Y = conv(X, W) + bias
 // ---------------------------------------------------------------------------------------------------------
 template <typename scalar_t>
 void conv_kernel(const ConvParams& p, const scalar_t* x, const scalar_t* w, const scalar_t* bias, scalar_t* y) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t G = p.groups, Cxg = p.big_group(), Cyg = p.small_group();
+  if (Cxg == 1 && Cyg == 1) return conv_depthwise(p, x, w, bias, y);
   const int64_t KK = Cxg * p.kernel_numel(), M = p.small_spatial(), X_sp = p.big_spatial();
   const cpu::GemmTile gt = cpu::gemm_tile<acc_t>(Cyg);
   // A operand per group: the weight rows of its output channels, [Cyg x KK].
@@ -309,6 +374,32 @@ std::vector<Phase> transpose_phases(const ConvParams& p, bool* all_covered) {
   return phases;
 }
 
+// Per-channel conv_transpose, phase by phase: X[n, c, m*stride + r] = sum_t W[c, k_t] Y[n, c, m + shift_t] + bias.
+template <typename scalar_t, typename acc_t>
+void conv_transpose_depthwise(const ConvParams& p, const std::vector<Phase>& phases, const scalar_t* y,
+                              const scalar_t* w, const acc_t* bias, scalar_t* x) {
+  const int64_t C = p.big_channels, K = p.kernel_numel(), one[kMaxDims] = {1, 1, 1};
+  std::vector<std::vector<std::pair<int64_t, int64_t>>> ranges;
+  for (const Phase& ph : phases) ranges.push_back(inner_ranges(ph.taps, 1, p.small[2], ph.grid[2]));
+  at::parallel_for(0, p.batch * C, grain(2 * K * p.small_spatial()), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> acc(p.big[2]), wt(K);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t c = item % C;
+      const acc_t b = bias ? bias[c] : acc_t(0);
+      for (size_t q = 0; q < phases.size(); ++q) {
+        const Phase& ph = phases[q];
+        for (size_t t = 0; t < ph.taps.size(); ++t) wt[t] = static_cast<acc_t>(w[c * K + ph.taps[t].k]);
+        for (int64_t r = 0; r < ph.grid[0] * ph.grid[1]; ++r) {
+          const int64_t i0 = r / ph.grid[1], i1 = r % ph.grid[1];
+          channel_row(y + item * p.small_spatial(), p.small, ph.taps, wt.data(), ranges[q], one, i0, i1, ph.grid[2],
+                      acc.data());
+          store_channel_row(acc.data(), b, x + item * p.big_spatial(), p.big, p.stride, ph.r, i0, i1, ph.grid[2]);
+        }
+      }
+    }
+  });
+}
+
 template <typename scalar_t>
 void conv_transpose_kernel(const ConvParams& p, const scalar_t* y, const scalar_t* w, const scalar_t* bias,
                            scalar_t* x) {
@@ -330,6 +421,8 @@ void conv_transpose_kernel(const ConvParams& p, const scalar_t* y, const scalar_
       }
     });
   }
+
+  if (Cxg == 1 && Cyg == 1) return conv_transpose_depthwise(p, phases, y, w, ba, x);
 
   // A operand per (phase, group): W_phase[cx, cy*T + t] = W[g*Cyg + cy, cx, taps[t].k], packed in MR-row panels
   // of cx. Packed for every phase and group in parallel: with many channels this is megabytes of weights.
@@ -391,11 +484,51 @@ void conv_transpose_kernel(const ConvParams& p, const scalar_t* y, const scalar_
 // ---------------------------------------------------------------------------------------------------------
 // conv_weight_grad: dW[cy, cx, k] = sum_{n, i} Y[n, cy, i] * X[n, cx, i*stride - padding + k*dilation]
 // ---------------------------------------------------------------------------------------------------------
+// Per-channel weight gradient: dW[c, k] = sum_{n, i} Y[n, c, i] X[n, c, i*stride - padding + k*dilation]. Each
+// channel is summed by one task in a fixed order (lane-wise partial sums, then the lanes), so the result does
+// not depend on the thread count.
+template <typename scalar_t>
+void conv_weight_grad_depthwise(const ConvParams& p, const scalar_t* x, const scalar_t* y, scalar_t* dw) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr int L = 8;  // independent partial sums: the compiler vectorises the lanes
+  const int64_t C = p.small_channels, K = p.kernel_numel(), rows = p.small[0] * p.small[1], n2 = p.small[2];
+  const std::vector<Tap> taps = conv_taps(p);
+  const auto ranges = inner_ranges(taps, p.stride[2], p.big[2], n2);
+  at::parallel_for(0, C, grain(2 * K * p.batch * p.small_spatial()), [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      for (int64_t t = 0; t < K; ++t) {
+        acc_t lanes[L] = {};
+        const int64_t lo = ranges[t].first, hi = ranges[t].second, s2 = p.stride[2];
+        for (int64_t n = 0; n < p.batch; ++n) {
+          const scalar_t* xs = x + (n * C + c) * p.big_spatial();
+          const scalar_t* ys = y + (n * C + c) * p.small_spatial();
+          for (int64_t r = 0; r < rows; ++r) {
+            const int64_t i0 = r / p.small[1], i1 = r % p.small[1];
+            const int64_t p0 = i0 * p.stride[0] + taps[t].offset[0], p1 = i1 * p.stride[1] + taps[t].offset[1];
+            if (p0 < 0 || p0 >= p.big[0] || p1 < 0 || p1 >= p.big[1]) continue;
+            const scalar_t* xr = xs + (p0 * p.big[1] + p1) * p.big[2] + taps[t].offset[2];
+            const scalar_t* yr = ys + r * n2;
+            int64_t j = lo;
+            for (; j + L <= hi; j += L)
+              for (int l = 0; l < L; ++l)
+                lanes[l] += static_cast<acc_t>(yr[j + l]) * static_cast<acc_t>(xr[(j + l) * s2]);
+            for (; j < hi; ++j) lanes[0] += static_cast<acc_t>(yr[j]) * static_cast<acc_t>(xr[j * s2]);
+          }
+        }
+        acc_t sum = acc_t(0);
+        for (int l = 0; l < L; ++l) sum += lanes[l];
+        dw[c * K + taps[t].k] = static_cast<scalar_t>(sum);
+      }
+    }
+  });
+}
+
 template <typename scalar_t>
 void conv_weight_grad_kernel(const ConvParams& p, const scalar_t* x, const scalar_t* y, scalar_t* dw) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t G = p.groups, Cxg = p.big_group(), Cyg = p.small_group(), T = p.kernel_numel();
   const int64_t KK = Cxg * T, M = p.small_spatial(), X_sp = p.big_spatial();
+  if (Cxg == 1 && Cyg == 1) return conv_weight_grad_depthwise(p, x, y, dw);
   const int64_t dw_numel = p.small_channels * KK;
   const std::vector<Tap> taps = conv_taps(p);
   // The GEMM is dW_g[Cyg x KK] += Y_tile[Cyg x positions] . columns[KK x positions]^T (gemm_nt): positions are
