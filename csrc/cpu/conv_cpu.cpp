@@ -60,27 +60,31 @@ int64_t grain(int64_t flops_per_item) {
   return std::max<int64_t>(1, kMinTaskFlops / std::max<int64_t>(1, flops_per_item));
 }
 
-// Where element (row, position) of a tile's column block goes in the GEMM's packed B operand (gemm.h): for the
-// forward ops positions are the GEMM's N (panels over positions, rows are the depth); for the weight gradient
-// rows are N (panels over rows, positions are the depth). Either way the offset splits into a row part plus a
-// position part, which the gather precomputes.
-struct PanelLayout {
-  int64_t depth;   // K of the packed operand
-  int64_t nr;      // panel width NR (a power of two: offsets use shifts, not divisions)
-  bool over_rows;  // panels run over rows (weight gradient)
+// Where element (row, position) of a tile's column block goes. Packed (nr > 0): the GEMM's packed B operand,
+// panels of NR positions with the rows as depth (forward ops). Row-major (nr == 0): rows of `ld` elements, read
+// along positions by gemm_nt (weight gradient). Either way the offset is a row part plus a position part.
+struct ColumnLayout {
+  int64_t depth;  // packed: K of the packed operand (the row count)
+  int64_t nr;     // packed: panel width NR, a power of two (offsets use shifts, not divisions); 0: row-major
+  int64_t ld;     // row-major: row length
 
-  int64_t panel_part(int64_t n) const {
+  bool packed() const { return nr > 0; }
+  int64_t row_part(int64_t row) const { return row * (packed() ? nr : ld); }
+  int64_t pos_part(int64_t pos) const {
+    if (!packed()) return pos;
     const int shift = __builtin_ctzll(static_cast<uint64_t>(nr));
-    return (n >> shift) * depth * nr + (n & (nr - 1));
+    return (pos >> shift) * depth * nr + (pos & (nr - 1));
   }
-  int64_t row_part(int64_t row) const { return over_rows ? panel_part(row) : row * nr; }
-  int64_t pos_part(int64_t pos) const { return over_rows ? pos * nr : panel_part(pos); }
-  // Zeroes the panel padding past `rows` x `count`, which the GEMM reads but must not count.
+  // End of the contiguous piece of [j0, last) at tile positions base + j: a panel edge, or the run's end.
+  int64_t piece_end(int64_t base, int64_t j0, int64_t last) const {
+    return packed() ? std::min(last, j0 + nr - ((base + j0) & (nr - 1))) : last;
+  }
+  // Zeroes the panel padding past `count` positions, which the GEMM reads but must not count.
   template <typename T>
   void zero_padding(T* col, int64_t rows, int64_t count) const {
-    const int64_t n = over_rows ? rows : count, depth_count = over_rows ? count : rows;
-    for (int64_t i = n; i < (n + nr - 1) / nr * nr; ++i)
-      for (int64_t k = 0; k < depth_count; ++k) col[(i / nr) * depth * nr + k * nr + i % nr] = T(0);
+    if (!packed()) return;
+    for (int64_t i = count; i < (count + nr - 1) / nr * nr; ++i)
+      for (int64_t k = 0; k < rows; ++k) col[(i / nr) * depth * nr + k * nr + i % nr] = T(0);
   }
 };
 
@@ -90,7 +94,7 @@ struct Run {
   int64_t idx0, idx1, first, last, base;
 };
 
-// A piece of a run inside one packed panel: zero [j0, a), copy [a, b), zero [b, j1); packed index offset + j.
+// A contiguous piece of a run (inside one packed panel): zero [j0, a), copy [a, b), zero [b, j1); offset + j.
 struct Segment {
   int64_t j0, a, b, j1, offset;
 };
@@ -102,7 +106,7 @@ struct Segment {
 template <typename scalar_t, typename acc_t>
 void gather_columns(const scalar_t* src, int64_t channels, const int64_t* extent, const std::vector<Tap>& taps,
                     const int64_t* step, const int64_t* grid, int64_t m_begin, int64_t m_end, acc_t* col,
-                    const PanelLayout& layout) {
+                    const ColumnLayout& layout) {
   const int64_t T = static_cast<int64_t>(taps.size());
   const int64_t channel_stride = extent[0] * extent[1] * extent[2];
   thread_local std::vector<int64_t> pos;
@@ -135,39 +139,28 @@ void gather_columns(const scalar_t* src, int64_t channels, const int64_t* extent
         lo = std::clamp(lo2, run.first, run.last), hi = std::clamp(hi2, lo, run.last);
         line = (p0 * extent[1] + p1) * extent[2] + tap.offset[2];
       }
-      const int64_t* ps = pos.data() + run.base;
-      if (!layout.over_rows) {
-        // Positions are contiguous inside a panel: split the run at panel edges once (shared by all channels),
-        // then every channel copies segment by segment (vectorised).
-        segments.clear();
-        for (int64_t j0 = run.first; j0 < run.last;) {
-          const int64_t j1 = std::min(run.last, j0 + layout.nr - ((run.base + j0) & (layout.nr - 1)));
-          const int64_t a = std::clamp(lo, j0, j1), b = std::clamp(hi, a, j1);
-          segments.push_back({j0, a, b, j1, ps[j0] - j0});
-          j0 = j1;
-        }
-        for (int64_t c = 0; c < channels; ++c) {
-          acc_t* out = col + layout.row_part(c * T + t);
-          const scalar_t* in = src + c * channel_stride + line;
-          for (const Segment& sg : segments) {
-            acc_t* o = out + sg.offset;
-            for (int64_t j = sg.j0; j < sg.a; ++j) o[j] = acc_t(0);
-            if (s2 == 1) {
-              for (int64_t j = sg.a; j < sg.b; ++j) o[j] = static_cast<acc_t>(in[j]);
-            } else {
-              for (int64_t j = sg.a; j < sg.b; ++j) o[j] = static_cast<acc_t>(in[j * s2]);
-            }
-            for (int64_t j = sg.b; j < sg.j1; ++j) o[j] = acc_t(0);
-          }
-        }
-        continue;
+      // Split the run into contiguous pieces once (shared by all channels), then every channel copies piece by
+      // piece (vectorised).
+      segments.clear();
+      for (int64_t j0 = run.first; j0 < run.last;) {
+        const int64_t j1 = layout.piece_end(run.base, j0, run.last);
+        const int64_t a = std::clamp(lo, j0, j1), b = std::clamp(hi, a, j1);
+        segments.push_back({j0, a, b, j1, pos[run.base + j0] - j0});
+        j0 = j1;
       }
       for (int64_t c = 0; c < channels; ++c) {
         acc_t* out = col + layout.row_part(c * T + t);
         const scalar_t* in = src + c * channel_stride + line;
-        for (int64_t j = run.first; j < lo; ++j) out[ps[j]] = acc_t(0);
-        for (int64_t j = lo; j < hi; ++j) out[ps[j]] = static_cast<acc_t>(in[j * s2]);
-        for (int64_t j = hi; j < run.last; ++j) out[ps[j]] = acc_t(0);
+        for (const Segment& sg : segments) {
+          acc_t* o = out + sg.offset;
+          for (int64_t j = sg.j0; j < sg.a; ++j) o[j] = acc_t(0);
+          if (s2 == 1) {
+            for (int64_t j = sg.a; j < sg.b; ++j) o[j] = static_cast<acc_t>(in[j]);
+          } else {
+            for (int64_t j = sg.a; j < sg.b; ++j) o[j] = static_cast<acc_t>(in[j * s2]);
+          }
+          for (int64_t j = sg.b; j < sg.j1; ++j) o[j] = acc_t(0);
+        }
       }
     }
   }
@@ -230,14 +223,79 @@ std::vector<Tap> conv_taps(const ConvParams& p) {
 }
 
 // ---------------------------------------------------------------------------------------------------------
+// Per-channel layers (depthwise: one input and one output channel per group). A one-row GEMM would waste its
+// register blocking and the column gather, so these run plain row loops, vectorised along the innermost dim.
+// ---------------------------------------------------------------------------------------------------------
+// Innermost-dim range [lo, hi) of grid points whose source lies inside `extent`, per tap.
+std::vector<std::pair<int64_t, int64_t>> inner_ranges(const std::vector<Tap>& taps, int64_t step, int64_t extent,
+                                                      int64_t count) {
+  std::vector<std::pair<int64_t, int64_t>> ranges(taps.size());
+  for (size_t t = 0; t < taps.size(); ++t) valid_range(taps[t].offset[2], step, extent, count, &ranges[t].first, &ranges[t].second);
+  return ranges;
+}
+
+// acc[j] = sum_t w[t] * src[(i0*step0 + offset0_t, i1*step1 + offset1_t, j*step2 + offset2_t)] for j < count,
+// zero where the position falls outside `extent`; taps in their fixed order.
+template <typename scalar_t, typename acc_t>
+void channel_row(const scalar_t* src, const int64_t* extent, const std::vector<Tap>& taps, const acc_t* w,
+                 const std::vector<std::pair<int64_t, int64_t>>& ranges, const int64_t* step, int64_t i0, int64_t i1,
+                 int64_t count, acc_t* acc) {
+  std::fill(acc, acc + count, acc_t(0));
+  for (size_t t = 0; t < taps.size(); ++t) {
+    const int64_t p0 = i0 * step[0] + taps[t].offset[0], p1 = i1 * step[1] + taps[t].offset[1];
+    if (p0 < 0 || p0 >= extent[0] || p1 < 0 || p1 >= extent[1]) continue;
+    const scalar_t* row = src + (p0 * extent[1] + p1) * extent[2] + taps[t].offset[2];
+    const acc_t wt = w[t];
+    const int64_t lo = ranges[t].first, hi = ranges[t].second, s2 = step[2];
+    if (s2 == 1) {
+      for (int64_t j = lo; j < hi; ++j) acc[j] += wt * static_cast<acc_t>(row[j]);
+    } else {
+      for (int64_t j = lo; j < hi; ++j) acc[j] += wt * static_cast<acc_t>(row[j * s2]);
+    }
+  }
+}
+
+// dst[(i0*step0 + offset0, i1*step1 + offset1, j*step2 + offset2)] = acc[j] + bias for j < count.
+template <typename scalar_t, typename acc_t>
+void store_channel_row(const acc_t* acc, acc_t bias, scalar_t* dst, const int64_t* extent, const int64_t* step,
+                       const int64_t* offset, int64_t i0, int64_t i1, int64_t count) {
+  scalar_t* row = dst + ((i0 * step[0] + offset[0]) * extent[1] + i1 * step[1] + offset[1]) * extent[2] + offset[2];
+  for (int64_t j = 0; j < count; ++j) row[j * step[2]] = static_cast<scalar_t>(acc[j] + bias);
+}
+
+// Per-channel conv: Y[n, c] = sum_k W[c, k] X[n, c, i*stride - padding + k*dilation] + bias[c].
+template <typename scalar_t>
+void conv_depthwise(const ConvParams& p, const scalar_t* x, const scalar_t* w, const scalar_t* bias, scalar_t* y) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t C = p.small_channels, K = p.kernel_numel(), rows = p.small[0] * p.small[1];
+  const int64_t zero[kMaxDims] = {0, 0, 0}, one[kMaxDims] = {1, 1, 1};
+  const std::vector<Tap> taps = conv_taps(p);
+  const auto ranges = inner_ranges(taps, p.stride[2], p.big[2], p.small[2]);
+  at::parallel_for(0, p.batch * C, grain(2 * K * p.small_spatial()), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> acc(p.small[2]), wt(K);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t c = item % C;
+      for (int64_t t = 0; t < K; ++t) wt[t] = static_cast<acc_t>(w[c * K + taps[t].k]);
+      const acc_t b = bias ? static_cast<acc_t>(bias[c]) : acc_t(0);
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t i0 = r / p.small[1], i1 = r % p.small[1];
+        channel_row(x + item * p.big_spatial(), p.big, taps, wt.data(), ranges, p.stride, i0, i1, p.small[2], acc.data());
+        store_channel_row(acc.data(), b, y + item * p.small_spatial(), p.small, one, zero, i0, i1, p.small[2]);
+      }
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------------------------
 // conv: Y = conv(X, W) + bias
 // ---------------------------------------------------------------------------------------------------------
 template <typename scalar_t>
 void conv_kernel(const ConvParams& p, const scalar_t* x, const scalar_t* w, const scalar_t* bias, scalar_t* y) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t G = p.groups, Cxg = p.big_group(), Cyg = p.small_group();
+  if (Cxg == 1 && Cyg == 1) return conv_depthwise(p, x, w, bias, y);
   const int64_t KK = Cxg * p.kernel_numel(), M = p.small_spatial(), X_sp = p.big_spatial();
-  const cpu::GemmTile gt = cpu::gemm_tile<acc_t>();
+  const cpu::GemmTile gt = cpu::gemm_tile<acc_t>(Cyg);
   // A operand per group: the weight rows of its output channels, [Cyg x KK].
   const int64_t a_size = cpu::packed_size(Cyg, KK, gt.mr);
   std::vector<acc_t> w_packed(G * a_size), b_store;
@@ -246,7 +304,7 @@ void conv_kernel(const ConvParams& p, const scalar_t* x, const scalar_t* w, cons
   const std::vector<Tap> taps = conv_taps(p);
   const int64_t tile = tile_size(KK, M, sizeof(acc_t), gt.nr), tiles = ceil_div(M, tile);
   const int64_t zero[kMaxDims] = {0, 0, 0}, one[kMaxDims] = {1, 1, 1};
-  const PanelLayout layout{KK, gt.nr, false};
+  const ColumnLayout layout{KK, gt.nr, 0};
 
   at::parallel_for(0, p.batch * G * tiles, grain(2 * Cyg * KK * tile), [&](int64_t begin, int64_t end) {
     acc_t* col = scratch<acc_t, 0>(cpu::packed_size(tile, KK, gt.nr));
@@ -260,13 +318,13 @@ void conv_kernel(const ConvParams& p, const scalar_t* x, const scalar_t* w, cons
       if constexpr (std::is_same_v<scalar_t, acc_t>) {
         // The output rows are dense: the GEMM writes them in place, then the bias is added.
         gather_columns(x_g, Cxg, p.big, taps, p.stride, p.small, m0, m1, col, layout);
-        cpu::gemm_packed<acc_t>(Cyg, cnt, KK, a, col, false, y_g + m0, M);
+        cpu::gemm_packed<acc_t>(gt, Cyg, cnt, KK, a, col, false, y_g + m0, M);
         if (ba)
           for (int64_t cy = 0; cy < Cyg; ++cy)
             for (int64_t j = m0; j < m1; ++j) y_g[cy * M + j] += ba[g * Cyg + cy];
       } else {
         gather_columns(x_g, Cxg, p.big, taps, p.stride, p.small, m0, m1, col, layout);
-        cpu::gemm_packed<acc_t>(Cyg, cnt, KK, a, col, false, out, cnt);
+        cpu::gemm_packed<acc_t>(gt, Cyg, cnt, KK, a, col, false, out, cnt);
         store_rows(out, cnt, Cyg, ba ? ba + g * Cyg : nullptr, y_g, p.small, one, zero, p.small, m0, m1);
       }
     }
@@ -316,6 +374,32 @@ std::vector<Phase> transpose_phases(const ConvParams& p, bool* all_covered) {
   return phases;
 }
 
+// Per-channel conv_transpose, phase by phase: X[n, c, m*stride + r] = sum_t W[c, k_t] Y[n, c, m + shift_t] + bias.
+template <typename scalar_t, typename acc_t>
+void conv_transpose_depthwise(const ConvParams& p, const std::vector<Phase>& phases, const scalar_t* y,
+                              const scalar_t* w, const acc_t* bias, scalar_t* x) {
+  const int64_t C = p.big_channels, K = p.kernel_numel(), one[kMaxDims] = {1, 1, 1};
+  std::vector<std::vector<std::pair<int64_t, int64_t>>> ranges;
+  for (const Phase& ph : phases) ranges.push_back(inner_ranges(ph.taps, 1, p.small[2], ph.grid[2]));
+  at::parallel_for(0, p.batch * C, grain(2 * K * p.small_spatial()), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> acc(p.big[2]), wt(K);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t c = item % C;
+      const acc_t b = bias ? bias[c] : acc_t(0);
+      for (size_t q = 0; q < phases.size(); ++q) {
+        const Phase& ph = phases[q];
+        for (size_t t = 0; t < ph.taps.size(); ++t) wt[t] = static_cast<acc_t>(w[c * K + ph.taps[t].k]);
+        for (int64_t r = 0; r < ph.grid[0] * ph.grid[1]; ++r) {
+          const int64_t i0 = r / ph.grid[1], i1 = r % ph.grid[1];
+          channel_row(y + item * p.small_spatial(), p.small, ph.taps, wt.data(), ranges[q], one, i0, i1, ph.grid[2],
+                      acc.data());
+          store_channel_row(acc.data(), b, x + item * p.big_spatial(), p.big, p.stride, ph.r, i0, i1, ph.grid[2]);
+        }
+      }
+    }
+  });
+}
+
 template <typename scalar_t>
 void conv_transpose_kernel(const ConvParams& p, const scalar_t* y, const scalar_t* w, const scalar_t* bias,
                            scalar_t* x) {
@@ -338,25 +422,22 @@ void conv_transpose_kernel(const ConvParams& p, const scalar_t* y, const scalar_
     });
   }
 
-  // A operand per (phase, group): W_phase[cx, cy*T + t] = W[g*Cyg + cy, cx, taps[t].k], packed.
+  if (Cxg == 1 && Cyg == 1) return conv_transpose_depthwise(p, phases, y, w, ba, x);
+
+  // A operand per (phase, group): W_phase[cx, cy*T + t] = W[g*Cyg + cy, cx, taps[t].k], packed in MR-row panels
+  // of cx. Packed for every phase and group in parallel: with many channels this is megabytes of weights.
   struct Job {
     int64_t phase, m0, m1;
   };
-  const cpu::GemmTile gt = cpu::gemm_tile<acc_t>();
+  const cpu::GemmTile gt = cpu::gemm_tile<acc_t>(Cxg);
+  const int64_t MR = gt.mr, panels = ceil_div(Cxg, MR);
   std::vector<std::vector<acc_t>> w_phase(phases.size());
   std::vector<Job> jobs;
   int64_t max_rows = 0, max_tile = 1, flops = 0;
   for (size_t q = 0; q < phases.size(); ++q) {
     const Phase& ph = phases[q];
-    const int64_t T = static_cast<int64_t>(ph.taps.size()), rows = Cyg * T, a_size = cpu::packed_size(Cxg, rows, gt.mr);
-    std::vector<acc_t>& wp = w_phase[q];
-    wp.assign(G * a_size, acc_t(0));
-    for (int64_t g = 0; g < G; ++g)
-      for (int64_t cx = 0; cx < Cxg; ++cx)
-        for (int64_t cy = 0; cy < Cyg; ++cy)
-          for (int64_t t = 0; t < T; ++t)
-            wp[g * a_size + cpu::packed_index(cx, cy * T + t, rows, gt.mr)] =
-                static_cast<acc_t>(w[((g * Cyg + cy) * Cxg + cx) * K + ph.taps[t].k]);
+    const int64_t rows = Cyg * static_cast<int64_t>(ph.taps.size());
+    w_phase[q].resize(G * cpu::packed_size(Cxg, rows, MR));
     const int64_t M = ph.grid[0] * ph.grid[1] * ph.grid[2];
     const int64_t tile = tile_size(rows, M, sizeof(acc_t), gt.nr);
     for (int64_t m0 = 0; m0 < M; m0 += tile) jobs.push_back({static_cast<int64_t>(q), m0, std::min(M, m0 + tile)});
@@ -364,6 +445,22 @@ void conv_transpose_kernel(const ConvParams& p, const scalar_t* y, const scalar_
     max_tile = std::max(max_tile, tile);
     flops += 2 * Cxg * rows * M;
   }
+  const int64_t Q = static_cast<int64_t>(phases.size());
+  at::parallel_for(0, Q * G * panels, grain(Cyg * K * MR * 4), [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t q = item / (G * panels), g = item / panels % G, cx0 = item % panels * MR;
+      const std::vector<Tap>& taps = phases[q].taps;
+      const int64_t T = static_cast<int64_t>(taps.size()), width = std::min(MR, Cxg - cx0);
+      acc_t* dst = w_phase[q].data() + g * cpu::packed_size(Cxg, Cyg * T, MR) + cx0 * Cyg * T;
+      for (int64_t cy = 0; cy < Cyg; ++cy) {
+        const scalar_t* src = w + ((g * Cyg + cy) * Cxg + cx0) * K;
+        for (int64_t t = 0; t < T; ++t, dst += MR) {
+          for (int64_t l = 0; l < width; ++l) dst[l] = static_cast<acc_t>(src[l * K + taps[t].k]);
+          for (int64_t l = width; l < MR; ++l) dst[l] = acc_t(0);
+        }
+      }
+    }
+  });
   const int64_t J = static_cast<int64_t>(jobs.size());
 
   at::parallel_for(0, p.batch * G * J, grain(flops / std::max<int64_t>(1, J)), [&](int64_t begin, int64_t end) {
@@ -376,8 +473,8 @@ void conv_transpose_kernel(const ConvParams& p, const scalar_t* y, const scalar_
       const int64_t rows = Cyg * static_cast<int64_t>(ph.taps.size()), cnt = job.m1 - job.m0;
       const scalar_t* y_g = y + (n * p.small_channels + g * Cyg) * Y_sp;
       const acc_t* a = w_phase[job.phase].data() + g * cpu::packed_size(Cxg, rows, gt.mr);
-      gather_columns(y_g, Cyg, p.small, ph.taps, one, ph.grid, job.m0, job.m1, col, PanelLayout{rows, gt.nr, false});
-      cpu::gemm_packed<acc_t>(Cxg, cnt, rows, a, col, false, out, cnt);
+      gather_columns(y_g, Cyg, p.small, ph.taps, one, ph.grid, job.m0, job.m1, col, ColumnLayout{rows, gt.nr, 0});
+      cpu::gemm_packed<acc_t>(gt, Cxg, cnt, rows, a, col, false, out, cnt);
       store_rows(out, cnt, Cxg, ba ? ba + g * Cxg : nullptr, x + (n * p.big_channels + g * Cxg) * X_sp,
                  p.big, p.stride, ph.r, ph.grid, job.m0, job.m1);
     }
@@ -387,34 +484,90 @@ void conv_transpose_kernel(const ConvParams& p, const scalar_t* y, const scalar_
 // ---------------------------------------------------------------------------------------------------------
 // conv_weight_grad: dW[cy, cx, k] = sum_{n, i} Y[n, cy, i] * X[n, cx, i*stride - padding + k*dilation]
 // ---------------------------------------------------------------------------------------------------------
+// Per-channel weight gradient: dW[c, k] = sum_{n, i} Y[n, c, i] X[n, c, i*stride - padding + k*dilation]. Each
+// channel is summed by one task in a fixed order (lane-wise partial sums, then the lanes), so the result does
+// not depend on the thread count.
+template <typename scalar_t>
+void conv_weight_grad_depthwise(const ConvParams& p, const scalar_t* x, const scalar_t* y, scalar_t* dw) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr int L = 8;  // independent partial sums: the compiler vectorises the lanes
+  const int64_t C = p.small_channels, K = p.kernel_numel(), rows = p.small[0] * p.small[1], n2 = p.small[2];
+  const std::vector<Tap> taps = conv_taps(p);
+  const auto ranges = inner_ranges(taps, p.stride[2], p.big[2], n2);
+  at::parallel_for(0, C, grain(2 * K * p.batch * p.small_spatial()), [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      for (int64_t t = 0; t < K; ++t) {
+        acc_t lanes[L] = {};
+        const int64_t lo = ranges[t].first, hi = ranges[t].second, s2 = p.stride[2];
+        for (int64_t n = 0; n < p.batch; ++n) {
+          const scalar_t* xs = x + (n * C + c) * p.big_spatial();
+          const scalar_t* ys = y + (n * C + c) * p.small_spatial();
+          for (int64_t r = 0; r < rows; ++r) {
+            const int64_t i0 = r / p.small[1], i1 = r % p.small[1];
+            const int64_t p0 = i0 * p.stride[0] + taps[t].offset[0], p1 = i1 * p.stride[1] + taps[t].offset[1];
+            if (p0 < 0 || p0 >= p.big[0] || p1 < 0 || p1 >= p.big[1]) continue;
+            const scalar_t* xr = xs + (p0 * p.big[1] + p1) * p.big[2] + taps[t].offset[2];
+            const scalar_t* yr = ys + r * n2;
+            int64_t j = lo;
+            for (; j + L <= hi; j += L)
+              for (int l = 0; l < L; ++l)
+                lanes[l] += static_cast<acc_t>(yr[j + l]) * static_cast<acc_t>(xr[(j + l) * s2]);
+            for (; j < hi; ++j) lanes[0] += static_cast<acc_t>(yr[j]) * static_cast<acc_t>(xr[j * s2]);
+          }
+        }
+        acc_t sum = acc_t(0);
+        for (int l = 0; l < L; ++l) sum += lanes[l];
+        dw[c * K + taps[t].k] = static_cast<scalar_t>(sum);
+      }
+    }
+  });
+}
+
 template <typename scalar_t>
 void conv_weight_grad_kernel(const ConvParams& p, const scalar_t* x, const scalar_t* y, scalar_t* dw) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t G = p.groups, Cxg = p.big_group(), Cyg = p.small_group();
-  const int64_t KK = Cxg * p.kernel_numel(), M = p.small_spatial(), X_sp = p.big_spatial();
+  const int64_t G = p.groups, Cxg = p.big_group(), Cyg = p.small_group(), T = p.kernel_numel();
+  const int64_t KK = Cxg * T, M = p.small_spatial(), X_sp = p.big_spatial();
+  if (Cxg == 1 && Cyg == 1) return conv_weight_grad_depthwise(p, x, y, dw);
   const int64_t dw_numel = p.small_channels * KK;
-  const cpu::GemmTile gt = cpu::gemm_tile<acc_t>();
   const std::vector<Tap> taps = conv_taps(p);
-  const int64_t tile = tile_size(KK, M, sizeof(acc_t), gt.nr), tiles = ceil_div(M, tile);
-  const int64_t items = G * p.batch * tiles;  // ordered (g, n, tile)
+  // The GEMM is dW_g[Cyg x KK] += Y_tile[Cyg x positions] . columns[KK x positions]^T (gemm_nt): positions are
+  // its depth, so a tile takes many positions (long dot products) and, when the columns of all input channels
+  // would not fit the column budget, a block of input channels.
+  const int64_t elem = sizeof(acc_t);
+  int64_t tile = std::max<int64_t>(256, kColumnBytes / (KK * elem) / 16 * 16);
+  tile = std::min(M, std::max<int64_t>(16, std::min(tile, 4 * kColumnBytes / (T * elem) / 16 * 16)));
+  const int64_t block = std::clamp<int64_t>(kColumnBytes / (tile * T * elem), 1, Cxg);
+  const int64_t ld = tile / 16 * 16 + 16 + 8;  // padded row: rows do not share L1 sets
+  const int64_t tiles = ceil_div(M, tile), blocks = ceil_div(Cxg, block);
+  const int64_t items = G * p.batch * tiles * blocks;  // ordered (g, n, tile, channel block)
   // Fixed chunking of the reduction (independent of the thread count), each chunk with its own partial sum.
   const int64_t chunks = std::max<int64_t>(
       1, std::min({items, kMaxChunks, kPartialBytes / std::max<int64_t>(1, dw_numel * int64_t(sizeof(acc_t)))}));
   std::vector<acc_t> partial(chunks * dw_numel, acc_t(0));
 
   at::parallel_for(0, chunks, 1, [&](int64_t c_begin, int64_t c_end) {
-    // The GEMM is dW_g[Cyg x KK] += Y_tile[Cyg x cnt] . columns^T: positions are its depth.
-    acc_t* col = scratch<acc_t, 0>(cpu::packed_size(KK, tile, gt.nr));
-    acc_t* y_packed = scratch<acc_t, 1>(cpu::packed_size(Cyg, tile, gt.mr));
+    acc_t* col = scratch<acc_t, 0>(block * T * ld);
+    acc_t* y_rows = scratch<acc_t, 1>(Cyg * ld);
     for (int64_t c = c_begin; c < c_end; ++c) {
       acc_t* acc = partial.data() + c * dw_numel;
       for (int64_t item = items * c / chunks; item < items * (c + 1) / chunks; ++item) {
-        const int64_t g = item / (p.batch * tiles), n = item / tiles % p.batch, m0 = item % tiles * tile;
-        const int64_t m1 = std::min(M, m0 + tile), cnt = m1 - m0;
-        gather_columns(x + (n * p.big_channels + g * Cxg) * X_sp, Cxg, p.big, taps, p.stride, p.small, m0, m1,
-                       col, PanelLayout{cnt, gt.nr, true});
-        cpu::pack_panels(y + (n * p.small_channels + g * Cyg) * M + m0, M, 1, Cyg, cnt, gt.mr, y_packed);
-        cpu::gemm_packed<acc_t>(Cyg, KK, cnt, y_packed, col, true, acc + g * Cyg * KK, KK);
+        const int64_t g = item / (p.batch * tiles * blocks), n = item / (tiles * blocks) % p.batch;
+        const int64_t m0 = item / blocks % tiles * tile, cx0 = item % blocks * block;
+        const int64_t m1 = std::min(M, m0 + tile), cnt = m1 - m0, channels = std::min(block, Cxg - cx0);
+        gather_columns(x + (n * p.big_channels + g * Cxg + cx0) * X_sp, channels, p.big, taps, p.stride, p.small,
+                       m0, m1, col, ColumnLayout{0, 0, ld});
+        const scalar_t* y_tile = y + (n * p.small_channels + g * Cyg) * M + m0;
+        const acc_t* a = nullptr;
+        int64_t lda = M;
+        if constexpr (std::is_same_v<scalar_t, acc_t>) {
+          a = y_tile;  // rows of Y are contiguous along positions already
+        } else {
+          for (int64_t cy = 0; cy < Cyg; ++cy)
+            for (int64_t j = 0; j < cnt; ++j) y_rows[cy * ld + j] = static_cast<acc_t>(y_tile[cy * M + j]);
+          a = y_rows, lda = ld;
+        }
+        cpu::gemm_nt<acc_t>(Cyg, channels * T, cnt, a, lda, col, ld, acc + g * Cyg * KK + cx0 * T, KK);
       }
     }
   });

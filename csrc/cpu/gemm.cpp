@@ -13,6 +13,7 @@
 #include <c10/util/complex.h>
 
 #include <algorithm>
+#include <type_traits>
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
@@ -29,10 +30,12 @@ constexpr int64_t KC = 384;  // K block: one B panel (KC x NR floats, 48 KiB at 
 template <typename T>
 using MicroFn = void (*)(int64_t kc, const T* a, const T* b, T* c, int64_t ldc, bool accumulate);
 
+// Two register blockings per ISA, same NR: `mr` rows for tall operands and `small_mr` rows for operands whose
+// row count pads badly to `mr` (16 or 32 output channels: 8-row panels waste nothing, 12-row ones a third).
 template <typename T>
 struct MicroKernel {
-  int64_t mr, nr;
-  MicroFn<T> fn;
+  int64_t mr, small_mr, nr;
+  MicroFn<T> fn, small_fn;
   const char* isa;
 };
 
@@ -53,10 +56,10 @@ void micro_portable(int64_t kc, const T* a, const T* b, T* c, int64_t ldc, bool 
 }
 
 #if TORCH_CONVT_X86
-// ---- AVX-512: 12 x 32 floats of C in 24 zmm registers ---------------------------------------------------------
+// ---- AVX-512: MR x 32 floats of C in 2*MR zmm registers (MR = 12 or 8) ------------------------------------------
+template <int MR>
 __attribute__((target("avx512f,fma"))) void micro_avx512(int64_t kc, const float* a, const float* b, float* c,
                                                          int64_t ldc, bool accumulate) {
-  constexpr int MR = 12;
   __m512 c0[MR], c1[MR];
 #pragma GCC unroll 12
   for (int i = 0; i < MR; ++i) c0[i] = c1[i] = _mm512_setzero_ps();
@@ -81,10 +84,10 @@ __attribute__((target("avx512f,fma"))) void micro_avx512(int64_t kc, const float
   }
 }
 
-// ---- AVX2 + FMA: 6 x 16 floats of C in 12 ymm registers -------------------------------------------------------
+// ---- AVX2 + FMA: MR x 16 floats of C in 2*MR ymm registers (MR = 6 or 4) -------------------------------------
+template <int MR>
 __attribute__((target("avx2,fma"))) void micro_avx2(int64_t kc, const float* a, const float* b, float* c,
                                                     int64_t ldc, bool accumulate) {
-  constexpr int MR = 6;
   __m256 c0[MR], c1[MR];
 #pragma GCC unroll 6
   for (int i = 0; i < MR; ++i) c0[i] = c1[i] = _mm256_setzero_ps();
@@ -110,19 +113,136 @@ __attribute__((target("avx2,fma"))) void micro_avx2(int64_t kc, const float* a, 
 }
 #endif
 
+// ---- C += A . B^T with both operands row-major along K ("dot-product" GEMM) -------------------------------------
+// For the weight gradient: A = grad rows and B = gathered input rows, both contiguous along positions (the
+// reduction), so neither needs a transposing pack. An MB x NB block of C keeps one vector of lane-wise partial
+// sums per element, reduced horizontally (fixed order) once the K loop ends.
+template <typename T>
+using DotFn = void (*)(int64_t K, const T* a, int64_t lda, const T* b, int64_t ldb, T* c, int64_t ldc);
+constexpr int kDotMB = 4, kDotNB = 6;
+
+template <typename T, int MB, int NB>
+void dot_block_portable(int64_t K, const T* a, int64_t lda, const T* b, int64_t ldb, T* c, int64_t ldc) {
+  constexpr int L = 8;  // lanes: independent partial sums the compiler can vectorise
+  T acc[MB][NB][L] = {};
+  int64_t k = 0;
+  for (; k + L <= K; k += L)
+    for (int i = 0; i < MB; ++i)
+      for (int j = 0; j < NB; ++j)
+        for (int l = 0; l < L; ++l) acc[i][j][l] += a[i * lda + k + l] * b[j * ldb + k + l];
+  for (; k < K; ++k)
+    for (int i = 0; i < MB; ++i)
+      for (int j = 0; j < NB; ++j) acc[i][j][0] += a[i * lda + k] * b[j * ldb + k];
+  for (int i = 0; i < MB; ++i)
+    for (int j = 0; j < NB; ++j) {
+      T sum = T(0);
+      for (int l = 0; l < L; ++l) sum += acc[i][j][l];
+      c[i * ldc + j] += sum;
+    }
+}
+
+#if TORCH_CONVT_X86
+// GCC 12 warns about its own _mm*_undefined_* placeholders inside the AVX-512 intrinsic headers.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+// Sum of the 16 lanes, halving in a fixed order.
+__attribute__((target("avx512f"))) inline float hsum_avx512(__m512 v) {
+  const __m512i swap_halves = _mm512_setr_epi32(8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
+  const __m256 s8 = _mm512_castps512_ps256(_mm512_add_ps(v, _mm512_permutexvar_ps(swap_halves, v)));
+  __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps(s8, 1));
+  s4 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+  s4 = _mm_add_ss(s4, _mm_shuffle_ps(s4, s4, 1));
+  return _mm_cvtss_f32(s4);
+}
+
+template <int MB, int NB>
+__attribute__((target("avx512f,fma"))) void dot_block_avx512(int64_t K, const float* a, int64_t lda, const float* b,
+                                                             int64_t ldb, float* c, int64_t ldc) {
+  __m512 acc[MB][NB];
+#pragma GCC unroll 4
+  for (int i = 0; i < MB; ++i)
+#pragma GCC unroll 6
+    for (int j = 0; j < NB; ++j) acc[i][j] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; k += 16) {
+    // (a full mask costs nothing extra: the ragged K tail needs no separate loop)
+    const __mmask16 mask = K - k >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << (K - k)) - 1);
+    __m512 bv[NB];
+#pragma GCC unroll 6
+    for (int j = 0; j < NB; ++j) bv[j] = _mm512_maskz_loadu_ps(mask, b + j * ldb + k);
+#pragma GCC unroll 4
+    for (int i = 0; i < MB; ++i) {
+      const __m512 av = _mm512_maskz_loadu_ps(mask, a + i * lda + k);
+#pragma GCC unroll 6
+      for (int j = 0; j < NB; ++j) acc[i][j] = _mm512_fmadd_ps(av, bv[j], acc[i][j]);
+    }
+  }
+#pragma GCC unroll 4
+  for (int i = 0; i < MB; ++i)
+#pragma GCC unroll 6
+    for (int j = 0; j < NB; ++j) c[i * ldc + j] += hsum_avx512(acc[i][j]);
+}
+#pragma GCC diagnostic pop
+#endif
+
+// Table of block kernels by (rows, columns) of the block, so ragged edges get exact-size kernels too.
+template <typename T, template <int, int> class Make>
+struct DotTable {
+  DotFn<T> fn[kDotMB][kDotNB];
+  template <int I, int J>
+  void fill() {
+    fn[I][J] = Make<I + 1, J + 1>::value;
+    if constexpr (J + 1 < kDotNB) fill<I, J + 1>();
+    else if constexpr (I + 1 < kDotMB) fill<I + 1, 0>();
+  }
+  DotTable() { fill<0, 0>(); }
+};
+template <typename T>
+struct PortableDot {
+  template <int MB, int NB>
+  struct Make {
+    static constexpr DotFn<T> value = &dot_block_portable<T, MB, NB>;
+  };
+};
+#if TORCH_CONVT_X86
+template <int MB, int NB>
+struct Avx512Dot {
+  static constexpr DotFn<float> value = &dot_block_avx512<MB, NB>;
+};
+#endif
+
+template <typename T>
+const DotTable<T, PortableDot<T>::template Make>& portable_dots() {
+  static const DotTable<T, PortableDot<T>::template Make> table;
+  return table;
+}
+
+template <typename T>
+DotFn<T> dot_block(int mb, int nb) {
+#if TORCH_CONVT_X86
+  if constexpr (std::is_same_v<T, float>) {
+    static const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("fma");
+    static const DotTable<float, Avx512Dot> table;
+    if (avx512) return table.fn[mb - 1][nb - 1];
+  }
+#endif
+  return portable_dots<T>().fn[mb - 1][nb - 1];
+}
+
 template <typename T>
 MicroKernel<T> select_kernel() {
-  return {4, 8, &micro_portable<T, 4, 8>, "portable"};
+  return {4, 4, 8, &micro_portable<T, 4, 8>, &micro_portable<T, 4, 8>, "portable"};
 }
 
 template <>
 MicroKernel<float> select_kernel<float>() {
 #if TORCH_CONVT_X86
   __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("fma")) return {12, 32, &micro_avx512, "avx512"};
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return {6, 16, &micro_avx2, "avx2"};
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("fma")) 
+    return {12, 8, 32, &micro_avx512<12>, &micro_avx512<8>, "avx512"};
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) 
+    return {6, 4, 16, &micro_avx2<6>, &micro_avx2<4>, "avx2"};
 #endif
-  return {4, 16, &micro_portable<float, 4, 16>, "portable"};
+  return {4, 4, 16, &micro_portable<float, 4, 16>, &micro_portable<float, 4, 16>, "portable"};
 }
 
 template <typename T>
@@ -134,13 +254,15 @@ const MicroKernel<T>& kernel() {
 }  // namespace
 
 template <typename T>
-GemmTile gemm_tile() {
-  return {kernel<T>().mr, kernel<T>().nr};
+GemmTile gemm_tile(int64_t M) {
+  const MicroKernel<T>& mk = kernel<T>();
+  const auto padded = [M](int64_t mr) { return (M + mr - 1) / mr * mr; };
+  return {padded(mk.small_mr) < padded(mk.mr) ? mk.small_mr : mk.mr, mk.nr};
 }
 
 template <typename T>
-void gemm_packed(int64_t M, int64_t N, int64_t K, const T* a_packed, const T* b_packed, bool accumulate, T* C,
-                 int64_t ldc) {
+void gemm_packed(GemmTile tile, int64_t M, int64_t N, int64_t K, const T* a_packed, const T* b_packed,
+                 bool accumulate, T* C, int64_t ldc) {
   if (M <= 0 || N <= 0) return;
   if (K <= 0) {
     if (!accumulate)
@@ -148,7 +270,8 @@ void gemm_packed(int64_t M, int64_t N, int64_t K, const T* a_packed, const T* b_
     return;
   }
   const MicroKernel<T>& mk = kernel<T>();
-  const int64_t MR = mk.mr, NR = mk.nr;
+  const int64_t MR = tile.mr, NR = mk.nr;
+  const MicroFn<T> fn = MR == mk.mr ? mk.fn : mk.small_fn;
   T edge[16 * 32];  // an MR x NR block of C for ragged edges (MR <= 16, NR <= 32)
   for (int64_t jr = 0; jr < N; jr += NR) {
     const int64_t nr = std::min(NR, N - jr);
@@ -162,9 +285,9 @@ void gemm_packed(int64_t M, int64_t N, int64_t K, const T* a_packed, const T* b_
         const T* bp = panel + pc * NR;
         T* c = C + ir * ldc + jr;
         if (mr == MR && nr == NR) {
-          mk.fn(kc, ap, bp, c, ldc, acc);
+          fn(kc, ap, bp, c, ldc, acc);
         } else {
-          mk.fn(kc, ap, bp, edge, NR, false);
+          fn(kc, ap, bp, edge, NR, false);
           for (int64_t i = 0; i < mr; ++i)
             for (int64_t j = 0; j < nr; ++j)
               c[i * ldc + j] = acc ? c[i * ldc + j] + edge[i * NR + j] : edge[i * NR + j];
@@ -174,13 +297,27 @@ void gemm_packed(int64_t M, int64_t N, int64_t K, const T* a_packed, const T* b_
   }
 }
 
+template <typename T>
+void gemm_nt(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb, T* C, int64_t ldc) {
+  if (M <= 0 || N <= 0 || K <= 0) return;
+  // B rows outermost: NB rows of B stay in L1 while every row block of A streams past them.
+  for (int64_t n0 = 0; n0 < N; n0 += kDotNB) {
+    const int nb = static_cast<int>(std::min<int64_t>(kDotNB, N - n0));
+    for (int64_t m0 = 0; m0 < M; m0 += kDotMB) {
+      const int mb = static_cast<int>(std::min<int64_t>(kDotMB, M - m0));
+      dot_block<T>(mb, nb)(K, A + m0 * lda, lda, B + n0 * ldb, ldb, C + m0 * ldc + n0, ldc);
+    }
+  }
+}
+
 const char* gemm_isa() {
   return kernel<float>().isa;
 }
 
 #define TORCH_CONVT_INSTANTIATE_GEMM(T)                                                                  \
-  template GemmTile gemm_tile<T>();                                                                      \
-  template void gemm_packed<T>(int64_t, int64_t, int64_t, const T*, const T*, bool, T*, int64_t);
+  template GemmTile gemm_tile<T>(int64_t);                                                               \
+  template void gemm_packed<T>(GemmTile, int64_t, int64_t, int64_t, const T*, const T*, bool, T*, int64_t); \
+  template void gemm_nt<T>(int64_t, int64_t, int64_t, const T*, int64_t, const T*, int64_t, T*, int64_t);
 TORCH_CONVT_INSTANTIATE_GEMM(float)
 TORCH_CONVT_INSTANTIATE_GEMM(double)
 TORCH_CONVT_INSTANTIATE_GEMM(c10::complex<float>)

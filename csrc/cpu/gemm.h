@@ -14,13 +14,15 @@
 
 namespace torch_convt::cpu {
 
-// Panel sizes of the micro-kernel for T: MR rows of A, NR columns of B (NR is a power of two).
+// Panel sizes of the micro-kernel for T: MR rows of A, NR columns of B (NR is a power of two, the same for
+// every M). MR is chosen for the row count M of A (the register blocking that pads M least); A must be packed
+// with that MR and the same tile passed to gemm_packed.
 struct GemmTile {
   int64_t mr, nr;
 };
 
 template <typename T>
-GemmTile gemm_tile();
+GemmTile gemm_tile(int64_t M);
 
 // Elements of a panel-packed operand: `rows` rounded up to whole panels of `width`, times `depth`.
 inline int64_t packed_size(int64_t rows, int64_t depth, int64_t width) {
@@ -50,8 +52,13 @@ void pack_panels(const Src* src, int64_t row_stride, int64_t depth_stride, int64
 
 // C = A . B (+ C) with A packed as [M / MR][K][MR] and B as [N / NR][K][NR] (packed_index with depth K).
 template <typename T>
-void gemm_packed(int64_t M, int64_t N, int64_t K, const T* a_packed, const T* b_packed, bool accumulate, T* C,
-                 int64_t ldc);
+void gemm_packed(GemmTile tile, int64_t M, int64_t N, int64_t K, const T* a_packed, const T* b_packed,
+                 bool accumulate, T* C, int64_t ldc);
+
+// C[M x N] += A[M x K] . B[N x K]^T with A and B row-major (lda, ldb): dot products along K, vectorised along K.
+// The summation order depends on the shapes only.
+template <typename T>
+void gemm_nt(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb, T* C, int64_t ldc);
 
 // The float micro-kernel in use: "avx512", "avx2" or "portable".
 const char* gemm_isa();
