@@ -261,6 +261,26 @@ def test_torch_compile_fullgraph(device):
     torch._dynamo.reset()
 
 
+@pytest.mark.skipif(not hasattr(torch, "compile"), reason="torch.compile is not available")
+def test_torch_compile_fullgraph_dynamic_shapes(device):
+    """With symbolic sizes (dynamic=True) the pad folding must not branch on them in ways Dynamo refuses."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        torch_convt.ConvTranspose1d(2, 3, 3, stride=2, padding=2, output_padding=1, padding_mode="circular"),
+        torch_convt.ConvTranspose1d(3, 2, 4, stride=2, padding="same", padding_mode="reflect"),
+        torch_convt.ConvTranspose1d(2, 2, 2, padding="same", padding_mode="replicate"),
+    ).double().to(device)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager", dynamic=True)
+    for size in (5, 8):
+        x = randn((2, 2, size), torch.float64, device, requires_grad=True)
+        expected, got = model(x), compiled(x)
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(torch.autograd.grad(got.sum(), x)[0], torch.autograd.grad(expected.sum(), x)[0],
+                                   rtol=1e-12, atol=1e-12)
+    torch._dynamo.reset()
+
+
 # ----------------------------------------------------------------------------------------------------------
 # padding='same' / 'valid' against torch's conv_transpose with explicit cropping
 # ----------------------------------------------------------------------------------------------------------
@@ -459,6 +479,22 @@ def test_padding_too_large_for_mode_errors_like_torch_conv(nd, mode, padding):
                                    rtol=1e-12, atol=1e-12)
     else:
         assert mode in str(got)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_output_of_one_position(mode):
+    """Padding 1 around an output (conv input) of length 1: replicate folds both pads onto the same position,
+    circular wraps both around it, reflect is refused as torch's F.pad refuses it."""
+    y = torch.randn(2, 2, 1, dtype=torch.float64)
+    w = torch.randn(2, 3, 3, dtype=torch.float64)
+    conv = torch_conv_module(1)(3, 2, 3, padding=1, padding_mode=mode, bias=False, dtype=torch.float64)
+    expected = exc_of(lambda: conv(torch.randn(2, 3, 1, dtype=torch.float64)))
+    got = exc_of(lambda: ours_ct(1)(y, w, None, padding=1, padding_mode=mode))
+    assert type(got) is type(expected), (got, expected)
+    if expected is None:
+        torch.testing.assert_close(ours_ct(1)(y, w, None, padding=1, padding_mode=mode),
+                                   reference_conv_transpose(1, y, w, None, padding=1, padding_mode=mode),
+                                   rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("mode", MODES[1:])

@@ -172,7 +172,7 @@ def _pad_adjoint(z, dim, left, right, mode):
     """The adjoint of F.pad(x, (left, right), mode=mode) along `dim`: `z` is left + L + right long; returns its L
     interior positions, with each padded position's value added onto the position of x that F.pad copied into it.
 
-    Built from narrow, flip, sum, add and one cat: no scatter or index_add (so deterministic on every device),
+    Built from narrow, flip, sum, add and cat: no scatter or index_add (so deterministic on every device),
     no in-place writes (so autograd differentiates it to any order and torch.compile traces it as is). Its own
     adjoint, and so its gradient, is F.pad(mode=mode) again.
     """
@@ -190,19 +190,21 @@ def _pad_adjoint(z, dim, left, right, mode):
     else:  # replicate: every head position is x[0], every tail position x[L-1]
         folds = [(0, head.sum(dim, keepdim=True)), (size - 1, tail.sum(dim, keepdim=True))]
     folds = [(at, values) for (at, values), n in zip(folds, (left, right)) if n > 0]
-    # Cut x where a fold begins or ends: each piece is the interior plus the folds covering it. (Circular
-    # folds overlap when left + right > L; the cuts handle that too.)
-    cuts = sorted([0, size] + [at for at, _ in folds] + [at + values.shape[dim] for at, values in folds])
-    pieces = []
-    for a, b in zip(cuts, cuts[1:]):
-        if b == a:
-            continue
-        piece = inner.narrow(dim, a, b - a)
-        for at, values in folds:
-            if at <= a and b <= at + values.shape[dim]:
-                piece = piece + values.narrow(dim, a - at, b - a)
-        pieces.append(piece)
-    return torch.cat(pieces, dim)
+    if len(folds) == 2:
+        (at1, values1), (at2, values2) = folds
+        if at2 < at1:
+            (at1, values1), (at2, values2) = (at2, values2), (at1, values1)
+        end1, end2 = at1 + values1.shape[dim], at2 + values2.shape[dim]
+        if end1 <= at2:  # the usual case, disjoint folds: one cat
+            return torch.cat([inner.narrow(dim, 0, at1), inner.narrow(dim, at1, end1 - at1) + values1,
+                              inner.narrow(dim, end1, at2 - end1), inner.narrow(dim, at2, end2 - at2) + values2,
+                              inner.narrow(dim, end2, size - end2)], dim)
+    # one fold, or two that overlap (when the pads are most of the output): one cat per fold
+    for at, values in folds:
+        end = at + values.shape[dim]
+        inner = torch.cat([inner.narrow(dim, 0, at), inner.narrow(dim, at, end - at) + values,
+                           inner.narrow(dim, end, size - end)], dim)
+    return inner
 
 
 def _same_padding(fn, input, weight, stride, dilation, dims):
