@@ -188,8 +188,9 @@ def test_other_dtypes(dtype, device):
 
 @pytest.mark.parametrize("mode", MODES[1:])
 def test_deterministic_algorithms(mode, device):
-    """Only narrow / flip / sum / add / cat: allowed under torch.use_deterministic_algorithms (where the CUDA
-    backward of torch's own reflect / replicate padding is refused) and bitwise repeatable."""
+    """The pad adjoint adds strips in a fixed order and its gradient is F.pad's gather (not torch's pad backward,
+    which torch.use_deterministic_algorithms refuses on CUDA): allowed in deterministic mode, bitwise
+    repeatable."""
     y, w, b, fkw = _case(3, dict(kernel=3, stride=2, padding=2, output_padding=1, size=3), device, n=1, cin=2,
                          cout=4)
     y.requires_grad_(True)

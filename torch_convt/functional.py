@@ -15,6 +15,7 @@ Beyond torch, conv_transpose{1,2,3}d also take
   conv(F.pad(x, padding, mode=padding_mode), weight, padding=0, ...), so a ConvTranspose stays the
   input-gradient of the matching Conv. The output size is the one padding_mode='zeros' gives.
 """
+import itertools
 import warnings
 
 import torch
@@ -127,7 +128,8 @@ def _conv_transpose_padding_mode(fn, y, weight, bias, stride, left, right, outpu
         conv(F.pad(x, pads, mode=padding_mode), weight, stride=stride, padding=0, dilation=dilation, groups=groups)
     (pads = `left` before and `right` after, per spatial dim), so that it stays the input-gradient of torch's
     Conv with the same padding_mode: the full transposed convolution (padding 0), then the adjoint of F.pad, which
-    adds each padded position back onto the input position F.pad copied it from. The bias is added once, after.
+    adds each padded position back onto the input position F.pad copied it from (and the bias, once, in the same
+    pass).
     """
     dims = len(left)
     if any(p < 0 for p in left + right):
@@ -161,50 +163,98 @@ def _conv_transpose_padding_mode(fn, y, weight, bias, stride, left, right, outpu
             raise RuntimeError(f"{fn}: padding_mode='circular' needs padding at most the output size (F.pad "
                                f"(mode='circular') of the equivalent conv would wrap around more than once), but "
                                f"got padding ({left[j]}, {right[j]}) for output size {size} at spatial dim {j}")
-    for j in range(dims):
-        full = _pad_adjoint(full, 2 + j, left[j], right[j], padding_mode)
-    if bias is not None:  # (under autocast `full` is in the autocast dtype, as the op would cast the bias)
-        full = full + bias.to(full.dtype).view([-1] + [1] * dims)
-    return full
+    return _PadAdjoint.apply(full, bias, tuple(left), tuple(right), padding_mode)
 
 
-def _pad_adjoint(z, dim, left, right, mode):
-    """The adjoint of F.pad(x, (left, right), mode=mode) along `dim`: `z` is left + L + right long; returns its L
-    interior positions, with each padded position's value added onto the position of x that F.pad copied into it.
+def _f_pad_list(left, right):
+    """Per-dim (left, right) -> F.pad's argument, last spatial dim first."""
+    return [p for lr in zip(reversed(left), reversed(right)) for p in lr]
 
-    Built from narrow, flip, sum, add and cat: no scatter or index_add (so deterministic on every device),
-    no in-place writes (so autograd differentiates it to any order and torch.compile traces it as is). Its own
-    adjoint, and so its gradient, is F.pad(mode=mode) again.
+
+def _pad_adjoint(z, bias, left, right, mode):
+    """The adjoint of F.pad(x, pads, mode=mode) over the spatial dims of `z` (left[j] + L_j + right[j] long), plus
+    the bias: the L interior positions, with each padded position's value added onto the position of x that
+    F.pad copied into it.
+
+    One pass makes the output (interior + bias); then each pad block (a face, edge or corner strip: the 3**dims - 1
+    combinations of head / interior / tail per dim) is flipped (reflect) or summed (replicate) and added onto its
+    source positions, in place, in a fixed order: deterministic, no scatter or index_add. Overlapping targets
+    (pads nearly as long as the output) simply add up.
     """
-    if left == 0 and right == 0:
-        return z
-    size = z.shape[dim] - left - right
-    inner = z.narrow(dim, left, size)
-    head = z.narrow(dim, 0, left)
-    tail = z.narrow(dim, left + size, right)
-    # (offset in x, values added there) for each pad region
-    if mode == "circular":  # F.pad puts x[L-left:] before x and x[:right] after it
-        folds = [(size - left, head), (0, tail)]
-    elif mode == "reflect":  # head[i] = x[left - i], tail[j] = x[L - 2 - j]
-        folds = [(1, head.flip(dim)), (size - 1 - right, tail.flip(dim))]
-    else:  # replicate: every head position is x[0], every tail position x[L-1]
-        folds = [(0, head.sum(dim, keepdim=True)), (size - 1, tail.sum(dim, keepdim=True))]
-    folds = [(at, values) for (at, values), n in zip(folds, (left, right)) if n > 0]
-    if len(folds) == 2:
-        (at1, values1), (at2, values2) = folds
-        if at2 < at1:
-            (at1, values1), (at2, values2) = (at2, values2), (at1, values1)
-        end1, end2 = at1 + values1.shape[dim], at2 + values2.shape[dim]
-        if end1 <= at2:  # the usual case, disjoint folds: one cat
-            return torch.cat([inner.narrow(dim, 0, at1), inner.narrow(dim, at1, end1 - at1) + values1,
-                              inner.narrow(dim, end1, at2 - end1), inner.narrow(dim, at2, end2 - at2) + values2,
-                              inner.narrow(dim, end2, size - end2)], dim)
-    # one fold, or two that overlap (when the pads are most of the output): one cat per fold
-    for at, values in folds:
-        end = at + values.shape[dim]
-        inner = torch.cat([inner.narrow(dim, 0, at), inner.narrow(dim, at, end - at) + values,
-                           inner.narrow(dim, end, size - end)], dim)
-    return inner
+    dims = len(left)
+    sizes = [z.shape[2 + j] - left[j] - right[j] for j in range(dims)]
+    inner = z
+    for j in range(dims):
+        inner = inner.narrow(2 + j, left[j], sizes[j])
+    if bias is not None:  # (under autocast `z` is in the autocast dtype, as the op would cast the bias)
+        out = inner + bias.to(z.dtype).view([-1] + [1] * dims)
+    else:
+        out = inner.clone(memory_format=torch.contiguous_format)
+    # per dim: (start in z, length, kind) of the interior and of each non-empty pad
+    parts = [[(left[j], sizes[j], "inner")] + ([(0, left[j], "head")] if left[j] else [])
+             + ([(left[j] + sizes[j], right[j], "tail")] if right[j] else []) for j in range(dims)]
+    for block in itertools.product(*parts):
+        if all(kind == "inner" for _, _, kind in block):
+            continue
+        values, target = z, out
+        for j, (start, length, kind) in enumerate(block):
+            d, size = 2 + j, sizes[j]
+            values = values.narrow(d, start, length)
+            if kind == "inner":
+                continue
+            if mode == "circular":  # F.pad puts x[L-left:] before x and x[:right] after it
+                target = target.narrow(d, size - length, length) if kind == "head" else target.narrow(d, 0, length)
+            elif mode == "reflect":  # head[i] = x[left - i], tail[i] = x[L - 2 - i]
+                values = values.flip(d)
+                target = target.narrow(d, 1, length) if kind == "head" else target.narrow(d, size - 1 - length,
+                                                                                           length)
+            else:  # replicate: every head position is x[0], every tail position x[L-1]
+                values = values.sum(d, keepdim=True)
+                target = target.narrow(d, 0, 1) if kind == "head" else target.narrow(d, size - 1, 1)
+        target.add_(values)
+    return out
+
+
+class _PadAdjoint(torch.autograd.Function):
+    """_pad_adjoint as an autograd function: its gradient is F.pad(mode) (a gather: one pass, deterministic), whose
+    gradient is _pad_adjoint again (_Pad below), so derivatives of any order stay deterministic and cheap."""
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(z, bias, left, right, mode):
+        return _pad_adjoint(z, bias, left, right, mode)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _, bias, ctx.left, ctx.right, ctx.mode = inputs
+        ctx.has_bias = bias is not None
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad_z = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_z = _Pad.apply(grad, ctx.left, ctx.right, ctx.mode)
+        if ctx.has_bias and ctx.needs_input_grad[1]:
+            grad_bias = grad.sum([0] + list(range(2, grad.dim())))
+        return grad_z, grad_bias, None, None, None
+
+
+class _Pad(torch.autograd.Function):
+    """F.pad(mode) with _pad_adjoint as its gradient (instead of torch's pad backward, which is not deterministic
+    on CUDA)."""
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, left, right, mode):
+        return F.pad(x, _f_pad_list(left, right), mode=mode)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _, ctx.left, ctx.right, ctx.mode = inputs
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _PadAdjoint.apply(grad, None, ctx.left, ctx.right, ctx.mode), None, None, None
 
 
 def _same_padding(fn, input, weight, stride, dilation, dims):

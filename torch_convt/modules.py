@@ -28,7 +28,7 @@ def _init_padding(module, padding, padding_mode):
         module.padding = padding
         if padding == "same":  # the equivalent conv's F.pad amounts, as torch's Conv stores them
             left, right, _ = TF._transposed_same_padding(module.kernel_size, module.stride, module.dilation)
-            module._reversed_padding_repeated_twice = [p for lr in zip(reversed(left), reversed(right)) for p in lr]
+            module._reversed_padding_repeated_twice = TF._f_pad_list(left, right)
         else:
             module._reversed_padding_repeated_twice = [0, 0] * len(module.kernel_size)
     if padding_mode not in TF.PADDING_MODES:
