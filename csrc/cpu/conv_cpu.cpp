@@ -570,15 +570,15 @@ void conv_weight_grad_kernel(const ConvParams& p, const scalar_t* x, const scala
   const int64_t dw_numel = p.small_channels * KK;
   const std::vector<Tap> taps = conv_taps(p);
   // The GEMM is dW_g[Cyg x KK] += Y_tile[Cyg x positions] . columns[KK x positions]^T (gemm_nt): positions are
-  // its depth, so a tile takes many positions (long dot products) and, when the columns of all input channels
-  // would not fit the column budget, a block of input channels.
-  const int64_t elem = sizeof(acc_t);
-  int64_t tile = std::max<int64_t>(256, kColumnBytes / (KK * elem) / 16 * 16);
-  tile = std::min(M, std::max<int64_t>(16, std::min(tile, 4 * kColumnBytes / (T * elem) / 16 * 16)));
+  // its depth, so a tile takes many positions (long dot products; a tile may span batch items) and, when the
+  // columns of all input channels would not fit the column budget, a block of input channels.
+  const int64_t elem = sizeof(acc_t), P = p.batch * M;  // positions over the whole batch, n-major
+  int64_t tile = std::max<int64_t>(512, kColumnBytes / (KK * elem) / 16 * 16);
+  tile = std::max<int64_t>(1, std::min(P, std::max<int64_t>(16, std::min(tile, 4 * kColumnBytes / (T * elem) / 16 * 16))));
   const int64_t block = std::clamp<int64_t>(kColumnBytes / (tile * T * elem), 1, Cxg);
   const int64_t ld = tile / 16 * 16 + 16 + 8;  // padded row: rows do not share L1 sets
-  const int64_t tiles = ceil_div(M, tile), blocks = ceil_div(Cxg, block);
-  const int64_t items = G * p.batch * tiles * blocks;  // ordered (g, n, tile, channel block)
+  const int64_t tiles = ceil_div(P, tile), blocks = ceil_div(Cxg, block);
+  const int64_t items = G * tiles * blocks;  // ordered (g, tile, channel block)
   // Fixed chunking of the reduction (independent of the thread count), each chunk with its own partial sum.
   const int64_t chunks = std::max<int64_t>(
       1, std::min({items, kMaxChunks, kPartialBytes / std::max<int64_t>(1, dw_numel * int64_t(sizeof(acc_t)))}));
@@ -590,20 +590,24 @@ void conv_weight_grad_kernel(const ConvParams& p, const scalar_t* x, const scala
     for (int64_t c = c_begin; c < c_end; ++c) {
       acc_t* acc = partial.data() + c * dw_numel;
       for (int64_t item = items * c / chunks; item < items * (c + 1) / chunks; ++item) {
-        const int64_t g = item / (p.batch * tiles * blocks), n = item / (tiles * blocks) % p.batch;
-        const int64_t m0 = item / blocks % tiles * tile, cx0 = item % blocks * block;
-        const int64_t m1 = std::min(M, m0 + tile), cnt = m1 - m0, channels = std::min(block, Cxg - cx0);
-        gather_columns(x + (n * p.big_channels + g * Cxg + cx0) * X_sp, channels, p.big, taps, p.stride, p.small,
-                       m0, m1, col, ColumnLayout{0, 0, ld});
-        const scalar_t* y_tile = y + (n * p.small_channels + g * Cyg) * M + m0;
-        const acc_t* a = nullptr;
-        int64_t lda = M;
-        if constexpr (std::is_same_v<scalar_t, acc_t>) {
-          a = y_tile;  // rows of Y are contiguous along positions already
-        } else {
-          for (int64_t cy = 0; cy < Cyg; ++cy)
-            for (int64_t j = 0; j < cnt; ++j) y_rows[cy * ld + j] = static_cast<acc_t>(y_tile[cy * M + j]);
-          a = y_rows, lda = ld;
+        const int64_t g = item / (tiles * blocks), t0 = item / blocks % tiles * tile, cx0 = item % blocks * block;
+        const int64_t t1 = std::min(P, t0 + tile), cnt = t1 - t0, channels = std::min(block, Cxg - cx0);
+        const acc_t* a = y_rows;
+        int64_t lda = ld;
+        // One piece per batch item in the tile: columns side by side, and Y's rows copied alongside unless the
+        // tile lies in one batch item and Y is already in the accumulation type.
+        for (int64_t q0 = t0; q0 < t1;) {
+          const int64_t n = q0 / M, m0 = q0 % M, m1 = std::min(M, m0 + (t1 - q0)), off = q0 - t0;
+          gather_columns(x + (n * p.big_channels + g * Cxg + cx0) * X_sp, channels, p.big, taps, p.stride, p.small,
+                         m0, m1, col + off, ColumnLayout{0, 0, ld});
+          const scalar_t* y_piece = y + (n * p.small_channels + g * Cyg) * M + m0;
+          if (std::is_same_v<scalar_t, acc_t> && off == 0 && m1 - m0 == cnt) {
+            a = reinterpret_cast<const acc_t*>(y_piece), lda = M;
+          } else {
+            for (int64_t cy = 0; cy < Cyg; ++cy)
+              for (int64_t j = 0; j < m1 - m0; ++j) y_rows[cy * ld + off + j] = static_cast<acc_t>(y_piece[cy * M + j]);
+          }
+          q0 += m1 - m0;
         }
         cpu::gemm_nt<acc_t>(Cyg, channels * T, cnt, a, lda, col, ld, acc + g * Cyg * KK + cx0 * T, KK);
       }
