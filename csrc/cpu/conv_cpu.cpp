@@ -424,38 +424,72 @@ void conv_transpose_kernel(const ConvParams& p, const scalar_t* y, const scalar_
 
   if (Cxg == 1 && Cyg == 1) return conv_transpose_depthwise(p, phases, y, w, ba, x);
 
-  // A operand per (phase, group): W_phase[cx, cy*T + t] = W[g*Cyg + cy, cx, taps[t].k], packed in MR-row panels
-  // of cx. Packed for every phase and group in parallel: with many channels this is megabytes of weights.
-  struct Job {
-    int64_t phase, m0, m1;
+  // Phases with the same grid and the same tap shifts (k == s: every phase has the one shift 0) share one GEMM:
+  // their weights are stacked as rows of A, so their columns are gathered once, and A is tall.
+  struct PhaseSet {
+    std::vector<int64_t> members;  // phase indices
+    int64_t rows = 0;              // depth: Cyg * taps
+    int64_t out_rows = 0;          // Cxg * members
+    int64_t tile = 1;
+    cpu::GemmTile gt{1, 1};
+    std::vector<acc_t> a;          // per group: A[(member, cx), cy*T + t] = W[g*Cyg + cy, cx, taps[t].k], packed
   };
-  const cpu::GemmTile gt = cpu::gemm_tile<acc_t>(Cxg);
-  const int64_t MR = gt.mr, panels = ceil_div(Cxg, MR);
-  std::vector<std::vector<acc_t>> w_phase(phases.size());
-  std::vector<Job> jobs;
-  int64_t max_rows = 0, max_tile = 1, flops = 0;
+  const auto same_shifts = [](const Phase& u, const Phase& v) {
+    if (u.taps.size() != v.taps.size() || !std::equal(u.grid, u.grid + kMaxDims, v.grid)) return false;
+    for (size_t t = 0; t < u.taps.size(); ++t)
+      if (!std::equal(u.taps[t].offset, u.taps[t].offset + kMaxDims, v.taps[t].offset)) return false;
+    return true;
+  };
+  std::vector<PhaseSet> sets;
   for (size_t q = 0; q < phases.size(); ++q) {
-    const Phase& ph = phases[q];
-    const int64_t rows = Cyg * static_cast<int64_t>(ph.taps.size());
-    w_phase[q].resize(G * cpu::packed_size(Cxg, rows, MR));
-    const int64_t M = ph.grid[0] * ph.grid[1] * ph.grid[2];
-    const int64_t tile = tile_size(rows, M, sizeof(acc_t), gt.nr);
-    for (int64_t m0 = 0; m0 < M; m0 += tile) jobs.push_back({static_cast<int64_t>(q), m0, std::min(M, m0 + tile)});
-    max_rows = std::max(max_rows, rows);
-    max_tile = std::max(max_tile, tile);
-    flops += 2 * Cxg * rows * M;
+    auto it = std::find_if(sets.begin(), sets.end(),
+                           [&](const PhaseSet& set) { return same_shifts(phases[set.members[0]], phases[q]); });
+    if (it == sets.end()) it = sets.insert(sets.end(), PhaseSet{});
+    it->members.push_back(static_cast<int64_t>(q));
   }
-  const int64_t Q = static_cast<int64_t>(phases.size());
-  at::parallel_for(0, Q * G * panels, grain(Cyg * K * MR * 4), [&](int64_t begin, int64_t end) {
+  struct Job {
+    int64_t set, m0, m1;
+  };
+  std::vector<Job> jobs;
+  int64_t max_rows = 0, max_out = 0, max_tile = 1, flops = 0, pack_items = 0;
+  for (size_t si = 0; si < sets.size(); ++si) {
+    PhaseSet& set = sets[si];
+    const Phase& ph = phases[set.members[0]];
+    set.rows = Cyg * static_cast<int64_t>(ph.taps.size());
+    set.out_rows = Cxg * static_cast<int64_t>(set.members.size());
+    set.gt = cpu::gemm_tile<acc_t>(set.out_rows);
+    set.a.resize(G * cpu::packed_size(set.out_rows, set.rows, set.gt.mr));
+    const int64_t M = ph.grid[0] * ph.grid[1] * ph.grid[2];
+    set.tile = tile_size(std::max(set.rows, set.out_rows), M, sizeof(acc_t), set.gt.nr);
+    for (int64_t m0 = 0; m0 < M; m0 += set.tile)
+      jobs.push_back({static_cast<int64_t>(si), m0, std::min(M, m0 + set.tile)});
+    max_rows = std::max(max_rows, set.rows);
+    max_out = std::max(max_out, set.out_rows);
+    max_tile = std::max(max_tile, set.tile);
+    flops += 2 * set.out_rows * set.rows * M;
+    pack_items = std::max(pack_items, ceil_div(set.out_rows, set.gt.mr));
+  }
+
+  // Pack A for every set, group and MR-row panel in parallel: with many channels this is megabytes of weights.
+  const int64_t S = static_cast<int64_t>(sets.size());
+  at::parallel_for(0, S * G * pack_items, grain(Cyg * K * 8), [&](int64_t begin, int64_t end) {
+    std::vector<const Tap*> row_taps;
+    std::vector<int64_t> row_offset;
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t q = item / (G * panels), g = item / panels % G, cx0 = item % panels * MR;
-      const std::vector<Tap>& taps = phases[q].taps;
-      const int64_t T = static_cast<int64_t>(taps.size()), width = std::min(MR, Cxg - cx0);
-      acc_t* dst = w_phase[q].data() + g * cpu::packed_size(Cxg, Cyg * T, MR) + cx0 * Cyg * T;
+      PhaseSet& set = sets[item / (G * pack_items)];
+      const int64_t g = item / pack_items % G, MR = set.gt.mr, r0 = item % pack_items * MR;
+      if (r0 >= set.out_rows) continue;
+      const int64_t T = set.rows / Cyg, width = std::min(MR, set.out_rows - r0);
+      row_taps.resize(width), row_offset.resize(width);
+      for (int64_t l = 0; l < width; ++l) {
+        row_taps[l] = phases[set.members[(r0 + l) / Cxg]].taps.data();
+        row_offset[l] = (r0 + l) % Cxg * K;
+      }
+      acc_t* dst = set.a.data() + g * cpu::packed_size(set.out_rows, set.rows, MR) + r0 * set.rows;
       for (int64_t cy = 0; cy < Cyg; ++cy) {
-        const scalar_t* src = w + ((g * Cyg + cy) * Cxg + cx0) * K;
+        const scalar_t* src = w + (g * Cyg + cy) * Cxg * K;
         for (int64_t t = 0; t < T; ++t, dst += MR) {
-          for (int64_t l = 0; l < width; ++l) dst[l] = static_cast<acc_t>(src[l * K + taps[t].k]);
+          for (int64_t l = 0; l < width; ++l) dst[l] = static_cast<acc_t>(src[row_offset[l] + row_taps[l][t].k]);
           for (int64_t l = width; l < MR; ++l) dst[l] = acc_t(0);
         }
       }
@@ -464,19 +498,23 @@ void conv_transpose_kernel(const ConvParams& p, const scalar_t* y, const scalar_
   const int64_t J = static_cast<int64_t>(jobs.size());
 
   at::parallel_for(0, p.batch * G * J, grain(flops / std::max<int64_t>(1, J)), [&](int64_t begin, int64_t end) {
-    acc_t* col = scratch<acc_t, 0>(cpu::packed_size(max_tile, max_rows, gt.nr));
-    acc_t* out = scratch<acc_t, 1>(Cxg * max_tile);
+    acc_t* col = scratch<acc_t, 0>(cpu::packed_size(max_tile, max_rows, sets[0].gt.nr));
+    acc_t* out = scratch<acc_t, 1>(max_out * max_tile);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t n = item / (G * J), g = item / J % G;
       const Job& job = jobs[item % J];
-      const Phase& ph = phases[job.phase];
-      const int64_t rows = Cyg * static_cast<int64_t>(ph.taps.size()), cnt = job.m1 - job.m0;
+      const PhaseSet& set = sets[job.set];
+      const Phase& first = phases[set.members[0]];
+      const int64_t cnt = job.m1 - job.m0;
       const scalar_t* y_g = y + (n * p.small_channels + g * Cyg) * Y_sp;
-      const acc_t* a = w_phase[job.phase].data() + g * cpu::packed_size(Cxg, rows, gt.mr);
-      gather_columns(y_g, Cyg, p.small, ph.taps, one, ph.grid, job.m0, job.m1, col, ColumnLayout{rows, gt.nr, 0});
-      cpu::gemm_packed<acc_t>(gt, Cxg, cnt, rows, a, col, false, out, cnt);
-      store_rows(out, cnt, Cxg, ba ? ba + g * Cxg : nullptr, x + (n * p.big_channels + g * Cxg) * X_sp,
-                 p.big, p.stride, ph.r, ph.grid, job.m0, job.m1);
+      const acc_t* a = set.a.data() + g * cpu::packed_size(set.out_rows, set.rows, set.gt.mr);
+      gather_columns(y_g, Cyg, p.small, first.taps, one, first.grid, job.m0, job.m1, col,
+                     ColumnLayout{set.rows, set.gt.nr, 0});
+      cpu::gemm_packed<acc_t>(set.gt, set.out_rows, cnt, set.rows, a, col, false, out, cnt);
+      for (size_t i = 0; i < set.members.size(); ++i)
+        store_rows(out + i * Cxg * cnt, cnt, Cxg, ba ? ba + g * Cxg : nullptr,
+                   x + (n * p.big_channels + g * Cxg) * X_sp, p.big, p.stride, phases[set.members[i]].r, first.grid,
+                   job.m0, job.m1);
     }
   });
 }
@@ -532,15 +570,15 @@ void conv_weight_grad_kernel(const ConvParams& p, const scalar_t* x, const scala
   const int64_t dw_numel = p.small_channels * KK;
   const std::vector<Tap> taps = conv_taps(p);
   // The GEMM is dW_g[Cyg x KK] += Y_tile[Cyg x positions] . columns[KK x positions]^T (gemm_nt): positions are
-  // its depth, so a tile takes many positions (long dot products) and, when the columns of all input channels
-  // would not fit the column budget, a block of input channels.
-  const int64_t elem = sizeof(acc_t);
-  int64_t tile = std::max<int64_t>(256, kColumnBytes / (KK * elem) / 16 * 16);
-  tile = std::min(M, std::max<int64_t>(16, std::min(tile, 4 * kColumnBytes / (T * elem) / 16 * 16)));
+  // its depth, so a tile takes many positions (long dot products; a tile may span batch items) and, when the
+  // columns of all input channels would not fit the column budget, a block of input channels.
+  const int64_t elem = sizeof(acc_t), P = p.batch * M;  // positions over the whole batch, n-major
+  int64_t tile = std::max<int64_t>(512, kColumnBytes / (KK * elem) / 16 * 16);
+  tile = std::max<int64_t>(1, std::min(P, std::max<int64_t>(16, std::min(tile, 4 * kColumnBytes / (T * elem) / 16 * 16))));
   const int64_t block = std::clamp<int64_t>(kColumnBytes / (tile * T * elem), 1, Cxg);
   const int64_t ld = tile / 16 * 16 + 16 + 8;  // padded row: rows do not share L1 sets
-  const int64_t tiles = ceil_div(M, tile), blocks = ceil_div(Cxg, block);
-  const int64_t items = G * p.batch * tiles * blocks;  // ordered (g, n, tile, channel block)
+  const int64_t tiles = ceil_div(P, tile), blocks = ceil_div(Cxg, block);
+  const int64_t items = G * tiles * blocks;  // ordered (g, tile, channel block)
   // Fixed chunking of the reduction (independent of the thread count), each chunk with its own partial sum.
   const int64_t chunks = std::max<int64_t>(
       1, std::min({items, kMaxChunks, kPartialBytes / std::max<int64_t>(1, dw_numel * int64_t(sizeof(acc_t)))}));
@@ -552,20 +590,24 @@ void conv_weight_grad_kernel(const ConvParams& p, const scalar_t* x, const scala
     for (int64_t c = c_begin; c < c_end; ++c) {
       acc_t* acc = partial.data() + c * dw_numel;
       for (int64_t item = items * c / chunks; item < items * (c + 1) / chunks; ++item) {
-        const int64_t g = item / (p.batch * tiles * blocks), n = item / (tiles * blocks) % p.batch;
-        const int64_t m0 = item / blocks % tiles * tile, cx0 = item % blocks * block;
-        const int64_t m1 = std::min(M, m0 + tile), cnt = m1 - m0, channels = std::min(block, Cxg - cx0);
-        gather_columns(x + (n * p.big_channels + g * Cxg + cx0) * X_sp, channels, p.big, taps, p.stride, p.small,
-                       m0, m1, col, ColumnLayout{0, 0, ld});
-        const scalar_t* y_tile = y + (n * p.small_channels + g * Cyg) * M + m0;
-        const acc_t* a = nullptr;
-        int64_t lda = M;
-        if constexpr (std::is_same_v<scalar_t, acc_t>) {
-          a = y_tile;  // rows of Y are contiguous along positions already
-        } else {
-          for (int64_t cy = 0; cy < Cyg; ++cy)
-            for (int64_t j = 0; j < cnt; ++j) y_rows[cy * ld + j] = static_cast<acc_t>(y_tile[cy * M + j]);
-          a = y_rows, lda = ld;
+        const int64_t g = item / (tiles * blocks), t0 = item / blocks % tiles * tile, cx0 = item % blocks * block;
+        const int64_t t1 = std::min(P, t0 + tile), cnt = t1 - t0, channels = std::min(block, Cxg - cx0);
+        const acc_t* a = y_rows;
+        int64_t lda = ld;
+        // One piece per batch item in the tile: columns side by side, and Y's rows copied alongside unless the
+        // tile lies in one batch item and Y is already in the accumulation type.
+        for (int64_t q0 = t0; q0 < t1;) {
+          const int64_t n = q0 / M, m0 = q0 % M, m1 = std::min(M, m0 + (t1 - q0)), off = q0 - t0;
+          gather_columns(x + (n * p.big_channels + g * Cxg + cx0) * X_sp, channels, p.big, taps, p.stride, p.small,
+                         m0, m1, col + off, ColumnLayout{0, 0, ld});
+          const scalar_t* y_piece = y + (n * p.small_channels + g * Cyg) * M + m0;
+          if (std::is_same_v<scalar_t, acc_t> && off == 0 && m1 - m0 == cnt) {
+            a = reinterpret_cast<const acc_t*>(y_piece), lda = M;
+          } else {
+            for (int64_t cy = 0; cy < Cyg; ++cy)
+              for (int64_t j = 0; j < m1 - m0; ++j) y_rows[cy * ld + off + j] = static_cast<acc_t>(y_piece[cy * M + j]);
+          }
+          q0 += m1 - m0;
         }
         cpu::gemm_nt<acc_t>(Cyg, channels * T, cnt, a, lda, col, ld, acc + g * Cyg * KK + cx0 * T, KK);
       }
