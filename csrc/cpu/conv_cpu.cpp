@@ -31,6 +31,7 @@ constexpr int64_t kColumnBytes = int64_t(512) << 10;  // column tile per thread:
 constexpr int64_t kPartialBytes = int64_t(64) << 20;  // weight-gradient partial sums, all chunks together
 constexpr int64_t kMaxChunks = 8;                     // weight-gradient reduction chunks (fixed: determinism)
 constexpr int64_t kMinTaskFlops = int64_t(1) << 21;   // below this a task is not worth a thread
+constexpr int64_t kPackedWeightGradRows = 128;        // weight gradient: packed GEMM from this many rows of Y
 
 // One kernel tap as seen from a tile: the source position of grid point m is m*step + offset per dim.
 struct Tap {
@@ -583,10 +584,14 @@ void conv_weight_grad_kernel(const ConvParams& p, const scalar_t* x, const scala
   const int64_t chunks = std::max<int64_t>(
       1, std::min({items, kMaxChunks, kPartialBytes / std::max<int64_t>(1, dw_numel * int64_t(sizeof(acc_t)))}));
   std::vector<acc_t> partial(chunks * dw_numel, acc_t(0));
+  const cpu::GemmTile gt = cpu::gemm_tile<acc_t>(Cyg);
+  const bool packed = Cyg >= kPackedWeightGradRows;
 
   at::parallel_for(0, chunks, 1, [&](int64_t c_begin, int64_t c_end) {
     acc_t* col = scratch<acc_t, 0>(block * T * ld);
     acc_t* y_rows = scratch<acc_t, 1>(Cyg * ld);
+    acc_t* a_packed = packed ? scratch<acc_t, 2>(cpu::packed_size(Cyg, tile, gt.mr)) : nullptr;
+    acc_t* b_packed = packed ? scratch<acc_t, 3>(cpu::packed_size(block * T, tile, gt.nr)) : nullptr;
     for (int64_t c = c_begin; c < c_end; ++c) {
       acc_t* acc = partial.data() + c * dw_numel;
       for (int64_t item = items * c / chunks; item < items * (c + 1) / chunks; ++item) {
@@ -609,7 +614,16 @@ void conv_weight_grad_kernel(const ConvParams& p, const scalar_t* x, const scala
           }
           q0 += m1 - m0;
         }
-        cpu::gemm_nt<acc_t>(Cyg, channels * T, cnt, a, lda, col, ld, acc + g * Cyg * KK + cx0 * T, KK);
+        acc_t* c_block = acc + g * Cyg * KK + cx0 * T;
+        if (packed) {
+          // Tall Y: repack both operands into panels (a cheap pass next to 2*Cyg flops per column element) and
+          // run the register-blocked micro-kernel, which beats dot products once A has many rows.
+          cpu::pack_panels(col, ld, 1, channels * T, cnt, gt.nr, b_packed);
+          cpu::pack_panels(a, lda, 1, Cyg, cnt, gt.mr, a_packed);
+          cpu::gemm_packed<acc_t>(gt, Cyg, channels * T, cnt, a_packed, b_packed, true, c_block, KK);
+        } else {
+          cpu::gemm_nt<acc_t>(Cyg, channels * T, cnt, a, lda, col, ld, c_block, KK);
+        }
       }
     }
   });
