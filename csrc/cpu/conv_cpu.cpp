@@ -17,6 +17,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstring>
 #include <type_traits>
 #include <vector>
 
@@ -168,6 +169,20 @@ void gather_columns(const scalar_t* src, int64_t channels, const int64_t* extent
   layout.zero_padding(col, channels * T, m_end - m_begin);
 }
 
+// acc_t -> scalar_t as static_cast does (bfloat16: round to nearest even, NaN -> quiet NaN), but branch-free, so
+// the output stores of bfloat16 layers are not dominated by the conversion.
+template <typename scalar_t, typename acc_t>
+inline scalar_t narrow_to(acc_t v) {
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16> && std::is_same_v<acc_t, float>) {
+    uint32_t bits;
+    std::memcpy(&bits, &v, sizeof(bits));
+    const uint32_t rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
+    return c10::BFloat16(static_cast<uint16_t>(v != v ? 0x7FC0u : rounded), c10::BFloat16::from_bits());
+  } else {
+    return static_cast<scalar_t>(v);
+  }
+}
+
 // dst[c*channel_stride + position] = rows[c*ld + m - m_begin] (+ bias[c]), position_d = m_d*step_d +
 // offset_d over the grid of m. rows == nullptr stores the bias alone (or zero).
 template <typename scalar_t, typename acc_t>
@@ -186,8 +201,11 @@ void store_rows(const acc_t* rows, int64_t ld, int64_t channels, const acc_t* bi
       scalar_t* row = d + ((idx[0] * step[0] + offset[0]) * extent[1] + idx[1] * step[1] + offset[1]) * extent[2] +
                       offset[2];
       const acc_t* in = r ? r + m - first : nullptr;
-      for (int64_t j = first; j < last; ++j) {
-        row[j * step[2]] = static_cast<scalar_t>(in ? in[j] + b : b);
+      const int64_t s2 = step[2];
+      if (in) {
+        for (int64_t j = first; j < last; ++j) row[j * s2] = narrow_to<scalar_t>(in[j] + b);
+      } else {
+        for (int64_t j = first; j < last; ++j) row[j * s2] = narrow_to<scalar_t>(b);
       }
       m += last - first;
       idx[2] = 0;
@@ -261,7 +279,7 @@ template <typename scalar_t, typename acc_t>
 void store_channel_row(const acc_t* acc, acc_t bias, scalar_t* dst, const int64_t* extent, const int64_t* step,
                        const int64_t* offset, int64_t i0, int64_t i1, int64_t count) {
   scalar_t* row = dst + ((i0 * step[0] + offset[0]) * extent[1] + i1 * step[1] + offset[1]) * extent[2] + offset[2];
-  for (int64_t j = 0; j < count; ++j) row[j * step[2]] = static_cast<scalar_t>(acc[j] + bias);
+  for (int64_t j = 0; j < count; ++j) row[j * step[2]] = narrow_to<scalar_t>(acc[j] + bias);
 }
 
 // Per-channel conv: Y[n, c] = sum_k W[c, k] X[n, c, i*stride - padding + k*dilation] + bias[c].
