@@ -322,7 +322,7 @@ def _with_examples(cases):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@fuzz_settings(150)
+@fuzz_settings(300)
 @given(case=fuzz_cases("ct"))
 @_with_examples(EXPLICIT_CT_CASES)
 def test_fuzz_conv_transpose_matches_torch(device, case):
@@ -331,7 +331,7 @@ def test_fuzz_conv_transpose_matches_torch(device, case):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@fuzz_settings(150)
+@fuzz_settings(300)
 @given(case=fuzz_cases("conv"))
 @_with_examples(EXPLICIT_CONV_CASES)
 def test_fuzz_conv_matches_torch(device, case):
@@ -437,14 +437,14 @@ def run_invalid_args(call, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@fuzz_settings(200)
+@fuzz_settings(300)
 @given(call=possibly_invalid_calls("ct"))
 def test_fuzz_conv_transpose_invalid_args_same_exception(device, call):
     run_invalid_args(call, device)
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@fuzz_settings(200)
+@fuzz_settings(300)
 @given(call=possibly_invalid_calls("conv"))
 def test_fuzz_conv_invalid_args_same_exception(device, call):
     run_invalid_args(call, device)
