@@ -420,13 +420,15 @@ def test_concurrent_threads_bitwise_equal_serial():
 # ----------------------------------------------------------------------------------------------------------
 # What is measured: the peak resident set (VmHWM) of a fresh process during one call, minus its resident set
 # just before the call, minus the bytes of the output. Before the call: the inputs are allocated and written
-# (resident), a tiny call of the same op has run (thread pool, per-thread scratch, lazy initialisation), and
-# the peak is reset to the current RSS (writing 5 to /proc/self/clear_refs, Linux >= 4.0; where that is not
-# allowed, the peak before the call is that of the setup, which is below the call's by construction here).
-# Transient workspace that is allocated and freed inside the call counts at its peak (the peak is sampled by
-# the kernel, not by us). malloc may serve small buffers from memory freed earlier that is still resident,
-# which this cannot see; that is at most what the warm-up left behind (tiny). torch's CPU allocator does not
+# (resident), two small calls of the same op have run (thread pool, lazy initialisation), and the peak is reset
+# to the current RSS (writing 5 to /proc/self/clear_refs, Linux >= 4.0; where that is not allowed, the peak
+# before the call is that of the setup, which is below the call's by construction here). The small calls use
+# few channels and positions, so buffers that the kernels keep per thread across calls are still small then
+# and their growth counts. Transient workspace allocated and freed inside the call counts at its peak (the
+# kernel tracks the peak, not us). malloc may serve small buffers from memory freed earlier and still
+# resident, which this cannot see: at most what the small calls left behind. torch's CPU allocator does not
 # cache, and big blocks are mmap'ed and returned at free, so nothing else hides or inflates the measurement.
+# Also reported: the memory still held after the output is freed (buffers kept across calls).
 MEMORY_CASES = {
     # a U-Net decoder up-sampler: ConvTranspose3d(64, 32, kernel 2, stride 2), output 128 MiB
     "conv_transpose3d_k2s2": dict(op="ct", x=(4, 64, 32, 32, 32), w=(64, 32, 2, 2, 2), stride=2, padding=0,
@@ -439,7 +441,15 @@ MEMORY_CASES = {
                                     stride=2, padding=1),
     # its input gradient (conv of the 128 MiB grad_output): output 32 MiB
     "conv3d_k3s2": dict(op="conv", x=(4, 32, 64, 64, 64), w=(64, 32, 3, 3, 3), stride=2, padding=1),
+    # a long 1d kernel: 512 channels x 1024 taps = 2^19 products per output (the GEMM's K)
+    "conv1d_c512_k1024": dict(op="conv", x=(1, 512, 2048), w=(4, 512, 1024), stride=1, padding=0),
+    "conv_weight_grad1d_c512_k1024": dict(op="wg", x=(1, 512, 2048), y=(1, 4, 1025), w=(4, 512, 1024), stride=1,
+                                          padding=0),
 }
+LONG_K_XFAIL = pytest.mark.xfail(strict=True, reason="known: the kernels' column tile is at least 32 positions x "
+                                 "(channels x taps) per thread and is kept across calls, 64 MiB per thread at "
+                                 "K = 2^19")
+MEMORY_CASE_PARAMS = [pytest.param(c, marks=[LONG_K_XFAIL] if "k1024" in c else []) for c in MEMORY_CASES]
 MEMORY_SLACK = 64 * MiB
 
 
@@ -452,35 +462,34 @@ def _reset_peak_rss() -> bool:
         return False
 
 
-def _child_peak_memory(case: str, impl: str) -> dict:
-    torch.set_num_threads(2)
-    c = MEMORY_CASES[case]
+def _memory_case_calls(c: dict, impl: str):
+    """(run, args, warm-up args) of a MEMORY_CASES entry: `run(*args)` is the measured call, `run(*warm)` a small
+    call of the same op and dims (2 channels, 6 positions per dim, kernel 3)."""
     nd = len(c["x"]) - 2
-    s, p = [c["stride"]] * nd, [c["padding"]] * nd
-    one = [1] * nd
+    s, p, one = [c["stride"]] * nd, [c["padding"]] * nd, [1] * nd
+    op_pad = [c.get("output_padding", 0)] * nd
     if impl == "ours":
         ops = torch.ops.torch_convt
-        ct = lambda x, w: ops.conv_transpose(x, w, None, s, p, [c.get("output_padding", 0)] * nd, one, 1)  # noqa
+        ct = lambda x, w: ops.conv_transpose(x, w, None, s, p, op_pad, one, 1)  # noqa: E731
         conv = lambda x, w: ops.conv(x, w, None, s, p, one, 1)  # noqa: E731
         wg = lambda x, y, size: ops.conv_weight_grad(x, y, size, s, p, one, 1)  # noqa: E731
-    else:  # torch, for comparison (reported, not asserted)
-        ct = lambda x, w: torch.nn.functional.conv_transpose3d(x, w, None, s, p, c.get("output_padding", 0))  # noqa
-        conv = lambda x, w: torch.nn.functional.conv3d(x, w, None, s, p)  # noqa: E731
+    else:  # torch, for comparison: python tests/test_reliability.py peak_memory '{"case": "...", "impl": "torch"}'
+        ct = lambda x, w: F.__dict__[f"conv_transpose{nd}d"](x, w, None, s, p, op_pad)  # noqa: E731
+        conv = lambda x, w: F.__dict__[f"conv{nd}d"](x, w, None, s, p)  # noqa: E731
         wg = lambda x, y, size: torch.ops.aten.convolution_backward(  # noqa: E731
             y, x, torch.empty(size), None, s, p, one, False, [0] * nd, 1, [False, True, False])[1]
-    tiny = lambda shape: tuple(shape[:2]) + (4,) * nd  # noqa: E731
+    small_x, small_w = torch.randn((1, 2) + (6,) * nd), torch.randn((3, 2) + (3,) * nd)
     if c["op"] == "ct":
-        run = lambda x, w: ct(x, w)  # noqa: E731
-        args = (torch.randn(c["x"]), torch.randn(c["w"]))
-        warm = (torch.randn(tiny(c["x"])), args[1])
-    elif c["op"] == "conv":
-        run = lambda x, w: conv(x, w)  # noqa: E731
-        args = (torch.randn(c["x"]), torch.randn(c["w"]))
-        warm = (torch.randn(tiny(c["x"])), args[1])
-    else:
-        run = lambda x, y: wg(x, y, list(c["w"]))  # noqa: E731
-        args = (torch.randn(c["x"]), torch.randn(c["y"]))
-        warm = (torch.randn(tiny(c["x"])), torch.randn(tiny(c["y"])[:2] + (2,) * nd))
+        return ct, (torch.randn(c["x"]), torch.randn(c["w"])), (small_x, small_w.transpose(0, 1).contiguous())
+    if c["op"] == "conv":
+        return conv, (torch.randn(c["x"]), torch.randn(c["w"])), (small_x, small_w)
+    small_y = torch.randn(conv(small_x, small_w).shape)
+    return wg, (torch.randn(c["x"]), torch.randn(c["y"]), list(c["w"])), (small_x, small_y, list(small_w.shape))
+
+
+def _child_peak_memory(case: str, impl: str) -> dict:
+    torch.set_num_threads(2)
+    run, args, warm = _memory_case_calls(MEMORY_CASES[case], impl)
     run(*warm)
     run(*warm)
     reset = _reset_peak_rss()
@@ -489,26 +498,29 @@ def _child_peak_memory(case: str, impl: str) -> dict:
     out = run(*args)
     hwm_after = proc_status_bytes("VmHWM")
     out_bytes = out.numel() * out.element_size()
+    del out
+    retained = proc_status_bytes("VmRSS") - rss_before
     peak_over = hwm_after - (rss_before if reset else max(rss_before, hwm_before))
     return dict(case=case, impl=impl, reset_peak=reset, out_bytes=out_bytes, peak_over_before=peak_over,
-                extra=peak_over - out_bytes, rss_before=rss_before)
+                extra=peak_over - out_bytes, retained=retained, rss_before=rss_before)
 
 
 @linux_only
 @not_under_asan
-@pytest.mark.parametrize("case", list(MEMORY_CASES))
+@pytest.mark.parametrize("case", MEMORY_CASE_PARAMS)
 def test_peak_memory_of_one_call(case):
-    """Peak memory of one call beyond its output < max(64 MiB, output size) (see the comment above for what is
-    measured and how)."""
+    """Peak memory of one call beyond its output < max(64 MiB, output size), and < 64 MiB still held once the
+    output is freed (see the comment above for what is measured and how)."""
     require_memory(3 * GiB, "the memory test")
     r = run_child("peak_memory", timeout_s=300, case=case, impl="ours")
     budget = max(MEMORY_SLACK, r["out_bytes"])
     assert r["peak_over_before"] >= 0.9 * r["out_bytes"], f"the measurement missed the output itself: {r}"
+    print(f"{case}: output {r['out_bytes'] / MiB:.1f} MiB, extra {r['extra'] / MiB:.1f} MiB, retained "
+          f"{r['retained'] / MiB:.1f} MiB, peak reset: {r['reset_peak']}")
     assert r["extra"] <= budget, \
         f"{case}: {r['extra'] / MiB:.1f} MiB beyond the {r['out_bytes'] / MiB:.1f} MiB output " \
         f"(budget {budget / MiB:.0f} MiB)"
-    print(f"{case}: output {r['out_bytes'] / MiB:.1f} MiB, extra {r['extra'] / MiB:.1f} MiB, "
-          f"peak reset: {r['reset_peak']}")
+    assert r["retained"] <= MEMORY_SLACK, f"{case}: {r['retained'] / MiB:.1f} MiB still held after the call"
 
 
 # ----------------------------------------------------------------------------------------------------------
