@@ -197,7 +197,7 @@ def test_definition_references_match_torch(nd, xs, ws, kw):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 1. huge shapes
+# huge shapes
 # ----------------------------------------------------------------------------------------------------------
 # ConvTranspose2d, kernel == stride == 2 (the U-Net up-sampler), bfloat16: output (1, 32, 8192, 8200) =
 # 2^31 + 2^21 elements (4.3 GB), from an input of 134 MB; 4 multiply-adds per output element.
@@ -229,8 +229,8 @@ def _child_huge_output() -> dict:
     got = out[tuple(pos.t())]
     report["conv_transpose_error_ratio"] = max_error_ratio(got, want, BF16_RTOL)
 
-    # conv reading the huge tensor back (its input is past 2^31 elements): output positions whose patches lie in
-    # the last channel rows (flat input offsets past 2^31) and spread out
+    # conv reading the huge tensor back (its input has more than 2^31 elements): spread-out output positions and
+    # the last ones, which read the last rows of every channel, those of the last channel past flat index 2^31
     w2 = torch.randn((3, HUGE_OUT_CHANNELS, 2, 2), generator=gen).to(torch.bfloat16)
     t0 = time.perf_counter()
     z = TF.conv2d(out, w2, stride=2)
@@ -244,15 +244,15 @@ def _child_huge_output() -> dict:
     # the weight gradient reading it: grad_output is zero but for a few positions (first, middle, last rows), so
     # the reference needs only their patches
     gy = torch.zeros_like(z)
-    hot = [(0, 0, 0, 0), (1, 1, 2047, 2049), (2, 2, 4095, 4099), (0, 2, 4095, 4090), (1, 0, 4094, 7)]
+    hot = [(0, 0, 0), (1, 2047, 2049), (2, 4095, 4099), (2, 4095, 4090), (0, 4094, 7)]  # (channel, row, column)
     vals = torch.randn(len(hot), generator=gen).to(torch.bfloat16)
-    for (c2, _, i, j), v in zip(hot, vals):
+    for (c2, i, j), v in zip(hot, vals):
         gy[0, c2, i, j] = v
     t0 = time.perf_counter()
     dw = torch.ops.torch_convt.conv_weight_grad(out, gy, list(w2.shape), [2, 2], [0, 0], [1, 1], 1)
     report["weight_grad_s"] = time.perf_counter() - t0
     want_dw = torch.zeros(w2.shape, dtype=torch.float64)
-    for (c2, _, i, j), v in zip(hot, vals):
+    for (c2, i, j), v in zip(hot, vals):
         want_dw[c2] += v.double() * out[0, :, 2 * i:2 * i + 2, 2 * j:2 * j + 2].double()
     report["weight_grad_error_ratio"] = max_error_ratio(dw, want_dw, BF16_RTOL)
     report["peak_rss_gib"] = proc_status_bytes("VmHWM") / GiB
@@ -300,10 +300,10 @@ ABSURD_SIZE_CALLS = {
 def _child_absurd_sizes() -> dict:
     torch.set_num_threads(2)
     TF.conv_transpose1d(torch.randn(1, 2, 5), torch.randn(2, 3, 3))  # warm-up
-    # Safety net: where the kernel allows overcommitting any size (vm.overcommit_memory = 1), an allocation of
-    # 2^44 bytes could succeed and only fail when written; cap the address space so that a call that wrongly
-    # tries to fill such a tensor fails instead of exhausting the machine. (The default heuristic overcommit
-    # refuses these sizes at the allocation.)
+    # Safety net: where Linux overcommits any size (vm.overcommit_memory = 1), an allocation of 2^44 bytes could
+    # succeed and only fail when written; cap the address space so that a call that wrongly tries to fill such a
+    # tensor fails instead of exhausting the machine. (The default heuristic overcommit refuses these sizes at
+    # the allocation.)
     resource.setrlimit(resource.RLIMIT_AS, (proc_status_bytes("VmSize") + 8 * GiB, resource.RLIM_INFINITY))
     results = {}
     for name, expr in ABSURD_SIZE_CALLS.items():
@@ -338,7 +338,7 @@ def test_absurd_sizes_fail_fast_without_touching_memory():
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 3. threads
+# threads
 # ----------------------------------------------------------------------------------------------------------
 # (kind, nd, input shape, weight shape, kwargs, dtype): different shapes, dims, dtypes, groups; the backward
 # runs all three ops (conv_transpose, conv, conv_weight_grad).
@@ -416,7 +416,7 @@ def test_concurrent_threads_bitwise_equal_serial():
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 4. memory
+# memory
 # ----------------------------------------------------------------------------------------------------------
 # What is measured: the peak resident set (VmHWM) of a fresh process during one call, minus its resident set
 # just before the call, minus the bytes of the output. Before the call: the inputs are allocated and written
@@ -524,7 +524,7 @@ def test_peak_memory_of_one_call(case):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 5. inputs are never written; NaN and Inf propagate as in torch
+# inputs are never written; NaN and Inf propagate as in torch
 # ----------------------------------------------------------------------------------------------------------
 def _as_bits(t: torch.Tensor) -> torch.Tensor:
     """The raw bytes of a contiguous tensor (so that NaN payloads and -0.0 compare exactly)."""
@@ -690,7 +690,7 @@ def test_nan_inf_in_conv_transpose_weight_like_torch():
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 6. faults: out of memory, bad arguments
+# faults: out of memory, bad arguments
 # ----------------------------------------------------------------------------------------------------------
 # Calls whose allocations are large enough to fail under a tight address-space limit: the output, the dense copy
 # of a non-contiguous input, the weight-gradient partial sums of a big weight.
