@@ -2,7 +2,8 @@
 
 * seeds torch / random / numpy before every test so failures are reproducible,
 * pins torch to 2 intra-op threads (the CI machine has 2 cores),
-* registers the hypothesis profile used by test_properties.py,
+* registers the hypothesis profile used by test_properties.py (derandomized: the same examples every run;
+  TORCH_CONVT_FUZZ_EXAMPLES=N runs N examples per fuzz test, TORCH_CONVT_FUZZ_SEED=S another fixed set),
 * provides the ``device`` fixture ("cpu", "cuda"): the CUDA variant of every device-generic test always exists
   (stable test ids) and is skipped with the reason "no CUDA device" when torch sees no GPU. The same list is
   importable as ``helpers.DEVICES`` for ``@pytest.mark.parametrize("device", DEVICES)`` where a fixture does
