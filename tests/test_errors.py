@@ -201,8 +201,10 @@ def absurd_results():
     cases run only where there is a GPU (their tests are skipped otherwise)."""
     results, crashed = {}, {}
     remaining = [c["id"] for c in absurd_runner.CASES if CUDA_AVAILABLE or c.get("device", "cpu") == "cpu"]
-    env = dict(os.environ, OMP_NUM_THREADS="2")
     root = os.path.dirname(HERE)
+    # the child imports this checkout's torch_convt, whatever is installed
+    env = dict(os.environ, OMP_NUM_THREADS="2",
+               PYTHONPATH=os.pathsep.join([root] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
     while remaining:
         cmd = [sys.executable, os.path.join(HERE, "absurd_runner.py")] + remaining
         try:

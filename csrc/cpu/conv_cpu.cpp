@@ -17,6 +17,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <new>
 #include <cstring>
 #include <type_traits>
 #include <vector>
@@ -658,6 +659,18 @@ void conv_weight_grad_kernel(const ConvParams& p, const scalar_t* x, const scala
 // ---------------------------------------------------------------------------------------------------------
 // Op entry points
 // ---------------------------------------------------------------------------------------------------------
+// A workspace allocation that fails inside a kernel surfaces like torch's own allocation failures
+// (torch.OutOfMemoryError, a RuntimeError), not as std::bad_alloc, which Python would turn into MemoryError.
+// Nothing outlives a failed call: the output is discarded and the workspace is freed or reused as is.
+template <typename Kernel>
+void run_kernel(const char* op, Kernel&& kernel) {
+  try {
+    kernel();
+  } catch (const std::bad_alloc&) {
+    TORCH_CHECK_WITH(OutOfMemoryError, false, op, ": out of memory while allocating the kernel's workspace");
+  }
+}
+
 at::Tensor conv_transpose_cpu(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                               at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef output_padding,
                               at::IntArrayRef dilation, int64_t groups) {
@@ -667,11 +680,13 @@ at::Tensor conv_transpose_cpu(const at::Tensor& input, const at::Tensor& weight,
   if (out.numel() == 0) return out;
   const at::Tensor y = dense(input), w = dense(weight);
   const at::Tensor b = dense(bias);
-  AT_DISPATCH_FLOATING_AND_COMPLEX_TYPES_AND3(at::kBFloat16, at::kHalf, at::kLong, input.scalar_type(),
-                                              "torch_convt.conv_transpose", [&] {
-    conv_transpose_kernel<scalar_t>(p, y.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(),
-                                    b.defined() ? b.const_data_ptr<scalar_t>() : nullptr,
-                                    out.mutable_data_ptr<scalar_t>());
+  run_kernel("torch_convt.conv_transpose", [&] {
+    AT_DISPATCH_FLOATING_AND_COMPLEX_TYPES_AND3(at::kBFloat16, at::kHalf, at::kLong, input.scalar_type(),
+                                                "torch_convt.conv_transpose", [&] {
+      conv_transpose_kernel<scalar_t>(p, y.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(),
+                                      b.defined() ? b.const_data_ptr<scalar_t>() : nullptr,
+                                      out.mutable_data_ptr<scalar_t>());
+    });
   });
   return out;
 }
@@ -684,9 +699,11 @@ at::Tensor conv_cpu(const at::Tensor& input, const at::Tensor& weight, const std
   if (out.numel() == 0) return out;
   const at::Tensor x = dense(input), w = dense(weight);
   const at::Tensor b = dense(bias);
-  AT_DISPATCH_ALL_TYPES_AND_COMPLEX_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "torch_convt.conv", [&] {
-    conv_kernel<scalar_t>(p, x.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(),
-                          b.defined() ? b.const_data_ptr<scalar_t>() : nullptr, out.mutable_data_ptr<scalar_t>());
+  run_kernel("torch_convt.conv", [&] {
+    AT_DISPATCH_ALL_TYPES_AND_COMPLEX_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "torch_convt.conv", [&] {
+      conv_kernel<scalar_t>(p, x.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(),
+                            b.defined() ? b.const_data_ptr<scalar_t>() : nullptr, out.mutable_data_ptr<scalar_t>());
+    });
   });
   return out;
 }
@@ -699,10 +716,12 @@ at::Tensor conv_weight_grad_cpu(const at::Tensor& input, const at::Tensor& grad_
   at::Tensor out = at::empty(p.weight_shape(), input.options());
   if (out.numel() == 0) return out;
   const at::Tensor x = dense(input), y = dense(grad_output);
-  AT_DISPATCH_ALL_TYPES_AND_COMPLEX_AND2(at::kBFloat16, at::kHalf, input.scalar_type(),
-                                         "torch_convt.conv_weight_grad", [&] {
-    conv_weight_grad_kernel<scalar_t>(p, x.const_data_ptr<scalar_t>(), y.const_data_ptr<scalar_t>(),
-                                      out.mutable_data_ptr<scalar_t>());
+  run_kernel("torch_convt.conv_weight_grad", [&] {
+    AT_DISPATCH_ALL_TYPES_AND_COMPLEX_AND2(at::kBFloat16, at::kHalf, input.scalar_type(),
+                                           "torch_convt.conv_weight_grad", [&] {
+      conv_weight_grad_kernel<scalar_t>(p, x.const_data_ptr<scalar_t>(), y.const_data_ptr<scalar_t>(),
+                                        out.mutable_data_ptr<scalar_t>());
+    });
   });
   return out;
 }
