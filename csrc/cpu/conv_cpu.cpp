@@ -491,25 +491,36 @@ void conv_transpose_kernel(const ConvParams& p, const scalar_t* y, const scalar_
   }
 
   // Pack A for every set, group and MR-row panel in parallel: with many channels this is megabytes of weights.
+  // The weight is first transposed to [g, cy, k, cx] (tile by tile, in L1), so that packing reads runs of output
+  // channels instead of one element per cache line.
+  std::vector<acc_t> w_t(static_cast<size_t>(G * Cyg * K * Cxg));
+  at::parallel_for(0, G * Cyg, grain(Cxg * K * 4), [&](int64_t begin, int64_t end) {
+    for (int64_t gc = begin; gc < end; ++gc) {
+      const scalar_t* src = w + gc * Cxg * K;
+      acc_t* dst = w_t.data() + gc * K * Cxg;
+      for (int64_t cx = 0; cx < Cxg; ++cx)
+        for (int64_t k = 0; k < K; ++k) dst[k * Cxg + cx] = static_cast<acc_t>(src[cx * K + k]);
+    }
+  });
   const int64_t S = static_cast<int64_t>(sets.size());
   at::parallel_for(0, S * G * pack_items, grain(Cyg * K * 8), [&](int64_t begin, int64_t end) {
     std::vector<const Tap*> row_taps;
-    std::vector<int64_t> row_offset;
+    std::vector<int64_t> row_channel;
     for (int64_t item = begin; item < end; ++item) {
       PhaseSet& set = sets[item / (G * pack_items)];
       const int64_t g = item / pack_items % G, MR = set.gt.mr, r0 = item % pack_items * MR;
       if (r0 >= set.out_rows) continue;
       const int64_t T = set.rows / Cyg, width = std::min(MR, set.out_rows - r0);
-      row_taps.resize(width), row_offset.resize(width);
+      row_taps.resize(width), row_channel.resize(width);
       for (int64_t l = 0; l < width; ++l) {
         row_taps[l] = phases[set.members[(r0 + l) / Cxg]].taps.data();
-        row_offset[l] = (r0 + l) % Cxg * K;
+        row_channel[l] = (r0 + l) % Cxg;
       }
       acc_t* dst = set.a.data() + g * cpu::packed_size(set.out_rows, set.rows, MR) + r0 * set.rows;
       for (int64_t cy = 0; cy < Cyg; ++cy) {
-        const scalar_t* src = w + (g * Cyg + cy) * Cxg * K;
+        const acc_t* src = w_t.data() + (g * Cyg + cy) * K * Cxg;
         for (int64_t t = 0; t < T; ++t, dst += MR) {
-          for (int64_t l = 0; l < width; ++l) dst[l] = static_cast<acc_t>(src[row_offset[l] + row_taps[l][t].k]);
+          for (int64_t l = 0; l < width; ++l) dst[l] = src[row_taps[l][t].k * Cxg + row_channel[l]];
           for (int64_t l = width; l < MR; ++l) dst[l] = acc_t(0);
         }
       }
