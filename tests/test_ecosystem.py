@@ -215,6 +215,66 @@ def test_jit_trace_runs_matches_and_saves():
 
 
 # ----------------------------------------------------------------------------------------------------------
+# memory format: channels_last in, the same memory format out as torch.nn, and the input is never copied
+# ----------------------------------------------------------------------------------------------------------
+_CHANNELS_LAST = {2: torch.channels_last, 3: torch.channels_last_3d}
+_COPY_OPS = {"aten::contiguous", "aten::clone", "aten::copy_", "aten::to", "aten::_to_copy"}
+
+
+def _memory_format(t):
+    fmt = _CHANNELS_LAST[t.dim() - 2]
+    return "channels_last" if t.is_contiguous(memory_format=fmt) and not t.is_contiguous() else (
+        "contiguous" if t.is_contiguous() else "other")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dims", [2, 3])
+@pytest.mark.parametrize("which", ["input", "weight", "both"])
+@pytest.mark.parametrize("transposed", [True, False])
+def test_channels_last_output_format_matches_torch(dtype, dims, which, transposed):
+    fmt = _CHANNELS_LAST[dims]
+    x = randn((2, 6) + (7,) * dims, dtype=dtype)
+    w = randn(((6, 4) if transposed else (4, 6)) + (3,) * dims, dtype=dtype)
+    if which in ("input", "both"):
+        x = x.contiguous(memory_format=fmt)
+    if which in ("weight", "both"):
+        w = w.contiguous(memory_format=fmt)
+    ours, ref = fn_pair("ct" if transposed else "conv", dims)
+    kwargs = dict(stride=2, padding=1)
+    if transposed:
+        kwargs["output_padding"] = 1
+    out, expected = ours(x, w, **kwargs), ref(x, w, **kwargs)
+    assert _memory_format(out) == _memory_format(expected) == "channels_last"
+    assert_close(out, expected)
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_channels_last_input_is_read_in_place(dims):
+    """Forward, input gradient and weight gradient read a channels_last input (and grad_output) through its
+    strides: no copy of it appears among the operators the call runs."""
+    fmt = _CHANNELS_LAST[dims]
+    x = randn((2, 8) + (6,) * dims, dtype=torch.float32).contiguous(memory_format=fmt).requires_grad_()
+    w = randn((8, 4) + (3,) * dims, dtype=torch.float32)
+    up = getattr(torch_convt, f"ConvTranspose{dims}d")(8, 4, 3, stride=2, padding=1, output_padding=1)
+    with torch.no_grad():
+        up.weight.copy_(w)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        y = up(x)
+        y.backward(torch.ones_like(y))
+    names = {e.name for e in prof.events()}
+    assert not names & _COPY_OPS, f"copies in a channels_last call: {sorted(names & _COPY_OPS)}"
+    assert _memory_format(y) == "channels_last"
+    ref = getattr(torch.nn, f"ConvTranspose{dims}d")(8, 4, 3, stride=2, padding=1, output_padding=1)
+    ref.load_state_dict(up.state_dict())
+    x_ref = x.detach().clone().requires_grad_()
+    y_ref = ref(x_ref)
+    y_ref.backward(torch.ones_like(y_ref))
+    assert_close(y, y_ref)
+    assert_close(x.grad, x_ref.grad)
+    assert_close(up.weight.grad, ref.weight.grad)
+
+
+# ----------------------------------------------------------------------------------------------------------
 # 3. DistributedDataParallel (gloo, 2 processes on 127.0.0.1) == one process on the same global batch
 # ----------------------------------------------------------------------------------------------------------
 _DDP_TIMEOUT_S = 120  # for all ranks together; each also gives up on its peer after 30 s (ddp_worker.py)

@@ -9,6 +9,7 @@ so double (and higher) backward works by construction. For complex tensors the a
 operand (torch's conjugate-Wirtinger convention).
 """
 import torch
+from torch._prims_common import suggest_memory_format
 
 _ops = torch.ops.torch_convt
 
@@ -55,12 +56,24 @@ def _check_devices(op, input, **others):
                          f"input ({input.device}), but got {name} on {t.device}")
 
 
+def _empty_output(input, weight, shape):
+    """The output in the memory format the CPU kernels (and torch.nn) give it: channels_last (3d) when the input or
+    the weight is, for 2d and 3d layers; contiguous otherwise."""
+    out = input.new_empty(shape)
+    if input.device.type != "cpu":
+        return out  # the CUDA kernels write contiguous outputs
+    for fmt in ((torch.channels_last,) if input.dim() == 4 else (torch.channels_last_3d,) if input.dim() == 5 else ()):
+        if fmt in (suggest_memory_format(input), suggest_memory_format(weight)):
+            return out.contiguous(memory_format=fmt)
+    return out
+
+
 @torch.library.register_fake("torch_convt::conv_transpose")
 def _conv_transpose_fake(input, weight, bias, stride, padding, output_padding, dilation, groups):
     _check_devices("torch_convt.conv_transpose", input, weight=weight, bias=bias)
     spatial = [conv_transpose_out_size(input.shape[2 + j], weight.shape[2 + j], stride[j], padding[j], dilation[j],
                                        output_padding[j]) for j in range(input.dim() - 2)]
-    return input.new_empty([input.shape[0], weight.shape[1] * groups] + spatial)
+    return _empty_output(input, weight, [input.shape[0], weight.shape[1] * groups] + spatial)
 
 
 @torch.library.register_fake("torch_convt::conv")
@@ -68,7 +81,7 @@ def _conv_fake(input, weight, bias, stride, padding, dilation, groups):
     _check_devices("torch_convt.conv", input, weight=weight, bias=bias)
     spatial = [conv_out_size(input.shape[2 + j], weight.shape[2 + j], stride[j], padding[j], dilation[j])
                for j in range(input.dim() - 2)]
-    return input.new_empty([input.shape[0], weight.shape[0]] + spatial)
+    return _empty_output(input, weight, [input.shape[0], weight.shape[0]] + spatial)
 
 
 @torch.library.register_fake("torch_convt::conv_weight_grad")

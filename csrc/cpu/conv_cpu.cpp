@@ -41,6 +41,26 @@ struct Tap {
   int64_t k;  // flat kernel index
 };
 
+// Element strides of an (N, C, spatial...) tensor in ConvParams' 3-slot form (1d/2d: leading singleton slots).
+// Inputs and outputs are addressed through these, so channels_last (or any strided) tensors are read and
+// written in place, never copied.
+struct Strides {
+  int64_t n = 0, c = 0, s[kMaxDims] = {0, 0, 0};
+  int64_t at(int64_t i0, int64_t i1, int64_t i2) const { return i0 * s[0] + i1 * s[1] + i2 * s[2]; }
+  // Rows of `extent` are dense within each (n, c): the channel's elements are one contiguous block.
+  bool dense_rows(const int64_t* extent) const {
+    return s[2] == 1 && (extent[1] == 1 || s[1] == extent[2]) && (extent[0] == 1 || s[0] == extent[1] * extent[2]);
+  }
+};
+
+Strides strides_of(const at::Tensor& t) {
+  Strides st;
+  st.n = t.stride(0), st.c = t.stride(1);
+  const int64_t dims = t.dim() - 2;
+  for (int64_t j = 0; j < dims; ++j) st.s[kMaxDims - dims + j] = t.stride(2 + j);
+  return st;
+}
+
 // Positions per tile: enough to amortise the GEMM, few enough for the columns to stay in cache. A multiple of
 // the GEMM panel width `nr`.
 int64_t tile_size(int64_t rows, int64_t positions, int64_t elem_size, int64_t nr) {
@@ -102,16 +122,15 @@ struct Segment {
   int64_t j0, a, b, j1, offset;
 };
 
-// Column block of a tile: element (row = c*T + t, position m - m_begin) = src[c*channel_stride + position],
-// where position_d = m_d*step_d + taps[t].offset_d over the row-major grid of m, and zero where that falls
+// Column block of a tile: element (row = c*T + t, position m - m_begin) = src at channel c and spatial
+// position_d = m_d*step_d + taps[t].offset_d (strides `st`) over the row-major grid of m, and zero where that falls
 // outside `extent`. Written straight into the GEMM's packed layout. The run geometry and the position part of
 // the packed offsets are shared by all rows; the bounds of a run are shared by all channels of a tap.
 template <typename scalar_t, typename acc_t>
-void gather_columns(const scalar_t* src, int64_t channels, const int64_t* extent, const std::vector<Tap>& taps,
-                    const int64_t* step, const int64_t* grid, int64_t m_begin, int64_t m_end, acc_t* col,
+void gather_columns(const scalar_t* src, int64_t channels, const int64_t* extent, const Strides& st,
+                    const std::vector<Tap>& taps, const int64_t* step, const int64_t* grid, int64_t m_begin, int64_t m_end, acc_t* col,
                     const ColumnLayout& layout) {
   const int64_t T = static_cast<int64_t>(taps.size());
-  const int64_t channel_stride = extent[0] * extent[1] * extent[2];
   thread_local std::vector<int64_t> pos;
   thread_local std::vector<Run> runs;
   thread_local std::vector<Segment> segments;
@@ -129,7 +148,7 @@ void gather_columns(const scalar_t* src, int64_t channels, const int64_t* extent
       if (++idx[1] == grid[1]) idx[1] = 0, ++idx[0];
     }
   }
-  const int64_t s2 = step[2];
+  const int64_t s2 = step[2], inner = step[2] * st.s[2];  // grid step along the innermost dim, in elements
   for (int64_t t = 0; t < T; ++t) {
     const Tap& tap = taps[t];
     int64_t lo2, hi2;  // innermost-dim grid range that lands inside the source
@@ -140,7 +159,7 @@ void gather_columns(const scalar_t* src, int64_t channels, const int64_t* extent
       int64_t lo = run.last, hi = run.last, line = 0;
       if (p0 >= 0 && p0 < extent[0] && p1 >= 0 && p1 < extent[1]) {
         lo = std::clamp(lo2, run.first, run.last), hi = std::clamp(hi2, lo, run.last);
-        line = (p0 * extent[1] + p1) * extent[2] + tap.offset[2];
+        line = st.at(p0, p1, tap.offset[2]);
       }
       // Split the run into contiguous pieces once (shared by all channels), then every channel copies piece by
       // piece (vectorised).
@@ -153,14 +172,14 @@ void gather_columns(const scalar_t* src, int64_t channels, const int64_t* extent
       }
       for (int64_t c = 0; c < channels; ++c) {
         acc_t* out = col + layout.row_part(c * T + t);
-        const scalar_t* in = src + c * channel_stride + line;
+        const scalar_t* in = src + c * st.c + line;
         for (const Segment& sg : segments) {
           acc_t* o = out + sg.offset;
           for (int64_t j = sg.j0; j < sg.a; ++j) o[j] = acc_t(0);
-          if (s2 == 1) {
+          if (inner == 1) {
             for (int64_t j = sg.a; j < sg.b; ++j) o[j] = static_cast<acc_t>(in[j]);
           } else {
-            for (int64_t j = sg.a; j < sg.b; ++j) o[j] = static_cast<acc_t>(in[j * s2]);
+            for (int64_t j = sg.a; j < sg.b; ++j) o[j] = static_cast<acc_t>(in[j * inner]);
           }
           for (int64_t j = sg.b; j < sg.j1; ++j) o[j] = acc_t(0);
         }
@@ -184,29 +203,27 @@ inline scalar_t narrow_to(acc_t v) {
   }
 }
 
-// dst[c*channel_stride + position] = rows[c*ld + m - m_begin] (+ bias[c]), position_d = m_d*step_d +
-// offset_d over the grid of m. rows == nullptr stores the bias alone (or zero).
+// dst at channel c and spatial position_d = m_d*step_d + offset_d (strides `st`) = rows[c*ld + m - m_begin]
+// (+ bias[c]) over the grid of m. rows == nullptr stores the bias alone (or zero).
 template <typename scalar_t, typename acc_t>
 void store_rows(const acc_t* rows, int64_t ld, int64_t channels, const acc_t* bias, scalar_t* dst,
-                const int64_t* extent, const int64_t* step, const int64_t* offset, const int64_t* grid,
+                const Strides& st, const int64_t* step, const int64_t* offset, const int64_t* grid,
                 int64_t m_begin, int64_t m_end) {
-  const int64_t channel_stride = extent[0] * extent[1] * extent[2];
+  const int64_t inner = step[2] * st.s[2];
   for (int64_t c = 0; c < channels; ++c) {
     const acc_t b = bias ? bias[c] : acc_t(0);
     const acc_t* r = rows ? rows + c * ld - m_begin : nullptr;
-    scalar_t* d = dst + c * channel_stride;
+    scalar_t* d = dst + c * st.c;
     int64_t m = m_begin, idx[kMaxDims];
     unflatten3(m, grid, idx);
     while (m < m_end) {
       const int64_t first = idx[2], last = std::min(grid[2], first + (m_end - m));
-      scalar_t* row = d + ((idx[0] * step[0] + offset[0]) * extent[1] + idx[1] * step[1] + offset[1]) * extent[2] +
-                      offset[2];
+      scalar_t* row = d + st.at(idx[0] * step[0] + offset[0], idx[1] * step[1] + offset[1], offset[2]);
       const acc_t* in = r ? r + m - first : nullptr;
-      const int64_t s2 = step[2];
       if (in) {
-        for (int64_t j = first; j < last; ++j) row[j * s2] = narrow_to<scalar_t>(in[j] + b);
+        for (int64_t j = first; j < last; ++j) row[j * inner] = narrow_to<scalar_t>(in[j] + b);
       } else {
-        for (int64_t j = first; j < last; ++j) row[j * s2] = narrow_to<scalar_t>(b);
+        for (int64_t j = first; j < last; ++j) row[j * inner] = narrow_to<scalar_t>(b);
       }
       m += last - first;
       idx[2] = 0;
@@ -257,16 +274,17 @@ std::vector<std::pair<int64_t, int64_t>> inner_ranges(const std::vector<Tap>& ta
 // acc[j] = sum_t w[t] * src[(i0*step0 + offset0_t, i1*step1 + offset1_t, j*step2 + offset2_t)] for j < count,
 // zero where the position falls outside `extent`; taps in their fixed order.
 template <typename scalar_t, typename acc_t>
-void channel_row(const scalar_t* src, const int64_t* extent, const std::vector<Tap>& taps, const acc_t* w,
+void channel_row(const scalar_t* src, const int64_t* extent, const Strides& st, const std::vector<Tap>& taps,
+                 const acc_t* w,
                  const std::vector<std::pair<int64_t, int64_t>>& ranges, const int64_t* step, int64_t i0, int64_t i1,
                  int64_t count, acc_t* acc) {
   std::fill(acc, acc + count, acc_t(0));
   for (size_t t = 0; t < taps.size(); ++t) {
     const int64_t p0 = i0 * step[0] + taps[t].offset[0], p1 = i1 * step[1] + taps[t].offset[1];
     if (p0 < 0 || p0 >= extent[0] || p1 < 0 || p1 >= extent[1]) continue;
-    const scalar_t* row = src + (p0 * extent[1] + p1) * extent[2] + taps[t].offset[2];
+    const scalar_t* row = src + st.at(p0, p1, taps[t].offset[2]);
     const acc_t wt = w[t];
-    const int64_t lo = ranges[t].first, hi = ranges[t].second, s2 = step[2];
+    const int64_t lo = ranges[t].first, hi = ranges[t].second, s2 = step[2] * st.s[2];
     if (s2 == 1) {
       for (int64_t j = lo; j < hi; ++j) acc[j] += wt * static_cast<acc_t>(row[j]);
     } else {
@@ -277,15 +295,17 @@ void channel_row(const scalar_t* src, const int64_t* extent, const std::vector<T
 
 // dst[(i0*step0 + offset0, i1*step1 + offset1, j*step2 + offset2)] = acc[j] + bias for j < count.
 template <typename scalar_t, typename acc_t>
-void store_channel_row(const acc_t* acc, acc_t bias, scalar_t* dst, const int64_t* extent, const int64_t* step,
+void store_channel_row(const acc_t* acc, acc_t bias, scalar_t* dst, const Strides& st, const int64_t* step,
                        const int64_t* offset, int64_t i0, int64_t i1, int64_t count) {
-  scalar_t* row = dst + ((i0 * step[0] + offset[0]) * extent[1] + i1 * step[1] + offset[1]) * extent[2] + offset[2];
-  for (int64_t j = 0; j < count; ++j) row[j * step[2]] = narrow_to<scalar_t>(acc[j] + bias);
+  scalar_t* row = dst + st.at(i0 * step[0] + offset[0], i1 * step[1] + offset[1], offset[2]);
+  const int64_t inner = step[2] * st.s[2];
+  for (int64_t j = 0; j < count; ++j) row[j * inner] = narrow_to<scalar_t>(acc[j] + bias);
 }
 
 // Per-channel conv: Y[n, c] = sum_k W[c, k] X[n, c, i*stride - padding + k*dilation] + bias[c].
 template <typename scalar_t>
-void conv_depthwise(const ConvParams& p, const scalar_t* x, const scalar_t* w, const scalar_t* bias, scalar_t* y) {
+void conv_depthwise(const ConvParams& p, const scalar_t* x, const Strides& sx, const scalar_t* w, const scalar_t* bias,
+                    scalar_t* y, const Strides& sy) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t C = p.small_channels, K = p.kernel_numel(), rows = p.small[0] * p.small[1];
   const int64_t zero[kMaxDims] = {0, 0, 0}, one[kMaxDims] = {1, 1, 1};
@@ -294,13 +314,14 @@ void conv_depthwise(const ConvParams& p, const scalar_t* x, const scalar_t* w, c
   at::parallel_for(0, p.batch * C, grain(2 * K * p.small_spatial()), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> acc(p.small[2]), wt(K);
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t c = item % C;
+      const int64_t n = item / C, c = item % C;
       for (int64_t t = 0; t < K; ++t) wt[t] = static_cast<acc_t>(w[c * K + taps[t].k]);
       const acc_t b = bias ? static_cast<acc_t>(bias[c]) : acc_t(0);
       for (int64_t r = 0; r < rows; ++r) {
         const int64_t i0 = r / p.small[1], i1 = r % p.small[1];
-        channel_row(x + item * p.big_spatial(), p.big, taps, wt.data(), ranges, p.stride, i0, i1, p.small[2], acc.data());
-        store_channel_row(acc.data(), b, y + item * p.small_spatial(), p.small, one, zero, i0, i1, p.small[2]);
+        channel_row(x + n * sx.n + c * sx.c, p.big, sx, taps, wt.data(), ranges, p.stride, i0, i1, p.small[2],
+                    acc.data());
+        store_channel_row(acc.data(), b, y + n * sy.n + c * sy.c, sy, one, zero, i0, i1, p.small[2]);
       }
     }
   });
@@ -310,11 +331,13 @@ void conv_depthwise(const ConvParams& p, const scalar_t* x, const scalar_t* w, c
 // conv: Y = conv(X, W) + bias
 // ---------------------------------------------------------------------------------------------------------
 template <typename scalar_t>
-void conv_kernel(const ConvParams& p, const scalar_t* x, const scalar_t* w, const scalar_t* bias, scalar_t* y) {
+void conv_kernel(const ConvParams& p, const scalar_t* x, const Strides& sx, const scalar_t* w, const scalar_t* bias,
+                 scalar_t* y, const Strides& sy) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t G = p.groups, Cxg = p.big_group(), Cyg = p.small_group();
-  if (Cxg == 1 && Cyg == 1) return conv_depthwise(p, x, w, bias, y);
-  const int64_t KK = Cxg * p.kernel_numel(), M = p.small_spatial(), X_sp = p.big_spatial();
+  if (Cxg == 1 && Cyg == 1) return conv_depthwise(p, x, sx, w, bias, y, sy);
+  const int64_t KK = Cxg * p.kernel_numel(), M = p.small_spatial();
+  const bool in_place = std::is_same_v<scalar_t, acc_t> && sy.dense_rows(p.small);
   const cpu::GemmTile gt = cpu::gemm_tile<acc_t>(Cyg);
   // A operand per group: the weight rows of its output channels, [Cyg x KK].
   const int64_t a_size = cpu::packed_size(Cyg, KK, gt.mr);
@@ -332,20 +355,20 @@ void conv_kernel(const ConvParams& p, const scalar_t* x, const scalar_t* w, cons
     for (int64_t item = begin; item < end; ++item) {
       const int64_t n = item / (G * tiles), g = item / tiles % G, m0 = item % tiles * tile;
       const int64_t m1 = std::min(M, m0 + tile), cnt = m1 - m0;
-      const scalar_t* x_g = x + (n * p.big_channels + g * Cxg) * X_sp;
-      scalar_t* y_g = y + (n * p.small_channels + g * Cyg) * M;
+      const scalar_t* x_g = x + n * sx.n + g * Cxg * sx.c;
+      scalar_t* y_g = y + n * sy.n + g * Cyg * sy.c;
       const acc_t* a = w_packed.data() + g * a_size;
-      if constexpr (std::is_same_v<scalar_t, acc_t>) {
+      gather_columns(x_g, Cxg, p.big, sx, taps, p.stride, p.small, m0, m1, col, layout);
+      if (in_place) {
         // The output rows are dense: the GEMM writes them in place, then the bias is added.
-        gather_columns(x_g, Cxg, p.big, taps, p.stride, p.small, m0, m1, col, layout);
-        cpu::gemm_packed<acc_t>(gt, Cyg, cnt, KK, a, col, false, y_g + m0, M);
+        acc_t* y_rows = reinterpret_cast<acc_t*>(y_g);
+        cpu::gemm_packed<acc_t>(gt, Cyg, cnt, KK, a, col, false, y_rows + m0, sy.c);
         if (ba)
           for (int64_t cy = 0; cy < Cyg; ++cy)
-            for (int64_t j = m0; j < m1; ++j) y_g[cy * M + j] += ba[g * Cyg + cy];
+            for (int64_t j = m0; j < m1; ++j) y_rows[cy * sy.c + j] += ba[g * Cyg + cy];
       } else {
-        gather_columns(x_g, Cxg, p.big, taps, p.stride, p.small, m0, m1, col, layout);
         cpu::gemm_packed<acc_t>(gt, Cyg, cnt, KK, a, col, false, out, cnt);
-        store_rows(out, cnt, Cyg, ba ? ba + g * Cyg : nullptr, y_g, p.small, one, zero, p.small, m0, m1);
+        store_rows(out, cnt, Cyg, ba ? ba + g * Cyg : nullptr, y_g, sy, one, zero, p.small, m0, m1);
       }
     }
   });
@@ -397,23 +420,24 @@ std::vector<Phase> transpose_phases(const ConvParams& p, bool* all_covered) {
 // Per-channel conv_transpose, phase by phase: X[n, c, m*stride + r] = sum_t W[c, k_t] Y[n, c, m + shift_t] + bias.
 template <typename scalar_t, typename acc_t>
 void conv_transpose_depthwise(const ConvParams& p, const std::vector<Phase>& phases, const scalar_t* y,
-                              const scalar_t* w, const acc_t* bias, scalar_t* x) {
+                              const Strides& sy, const scalar_t* w, const acc_t* bias, scalar_t* x,
+                              const Strides& sx) {
   const int64_t C = p.big_channels, K = p.kernel_numel(), one[kMaxDims] = {1, 1, 1};
   std::vector<std::vector<std::pair<int64_t, int64_t>>> ranges;
   for (const Phase& ph : phases) ranges.push_back(inner_ranges(ph.taps, 1, p.small[2], ph.grid[2]));
   at::parallel_for(0, p.batch * C, grain(2 * K * p.small_spatial()), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> acc(p.big[2]), wt(K);
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t c = item % C;
+      const int64_t n = item / C, c = item % C;
       const acc_t b = bias ? bias[c] : acc_t(0);
       for (size_t q = 0; q < phases.size(); ++q) {
         const Phase& ph = phases[q];
         for (size_t t = 0; t < ph.taps.size(); ++t) wt[t] = static_cast<acc_t>(w[c * K + ph.taps[t].k]);
         for (int64_t r = 0; r < ph.grid[0] * ph.grid[1]; ++r) {
           const int64_t i0 = r / ph.grid[1], i1 = r % ph.grid[1];
-          channel_row(y + item * p.small_spatial(), p.small, ph.taps, wt.data(), ranges[q], one, i0, i1, ph.grid[2],
+          channel_row(y + n * sy.n + c * sy.c, p.small, sy, ph.taps, wt.data(), ranges[q], one, i0, i1, ph.grid[2],
                       acc.data());
-          store_channel_row(acc.data(), b, x + item * p.big_spatial(), p.big, p.stride, ph.r, i0, i1, ph.grid[2]);
+          store_channel_row(acc.data(), b, x + n * sx.n + c * sx.c, sx, p.stride, ph.r, i0, i1, ph.grid[2]);
         }
       }
     }
@@ -421,11 +445,10 @@ void conv_transpose_depthwise(const ConvParams& p, const std::vector<Phase>& pha
 }
 
 template <typename scalar_t>
-void conv_transpose_kernel(const ConvParams& p, const scalar_t* y, const scalar_t* w, const scalar_t* bias,
-                           scalar_t* x) {
+void conv_transpose_kernel(const ConvParams& p, const scalar_t* y, const Strides& sy, const scalar_t* w,
+                           const scalar_t* bias, scalar_t* x, const Strides& sx) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t G = p.groups, Cxg = p.big_group(), Cyg = p.small_group(), K = p.kernel_numel();
-  const int64_t X_sp = p.big_spatial(), Y_sp = p.small_spatial();
   std::vector<acc_t> b_store;
   const acc_t* ba = bias ? as_acc(bias, p.big_channels, b_store) : nullptr;
   const int64_t zero[kMaxDims] = {0, 0, 0}, one[kMaxDims] = {1, 1, 1};
@@ -436,13 +459,14 @@ void conv_transpose_kernel(const ConvParams& p, const scalar_t* y, const scalar_
     const int64_t grid[kMaxDims] = {p.big[0], p.big[1], p.big[2]};
     at::parallel_for(0, p.batch * p.big_channels, 1, [&](int64_t begin, int64_t end) {
       for (int64_t nc = begin; nc < end; ++nc) {
-        const acc_t* b = ba ? ba + nc % p.big_channels : nullptr;
-        store_rows<scalar_t, acc_t>(nullptr, 0, 1, b, x + nc * X_sp, p.big, one, zero, grid, 0, X_sp);
+        const int64_t n = nc / p.big_channels, c = nc % p.big_channels;
+        store_rows<scalar_t, acc_t>(nullptr, 0, 1, ba ? ba + c : nullptr, x + n * sx.n + c * sx.c, sx, one, zero, grid,
+                                    0, p.big_spatial());
       }
     });
   }
 
-  if (Cxg == 1 && Cyg == 1) return conv_transpose_depthwise(p, phases, y, w, ba, x);
+  if (Cxg == 1 && Cyg == 1) return conv_transpose_depthwise(p, phases, y, sy, w, ba, x, sx);
 
   // Phases with the same grid and the same tap shifts (k == s: every phase has the one shift 0) share one GEMM:
   // their weights are stacked as rows of A, so their columns are gathered once, and A is tall.
@@ -537,14 +561,14 @@ void conv_transpose_kernel(const ConvParams& p, const scalar_t* y, const scalar_
       const PhaseSet& set = sets[job.set];
       const Phase& first = phases[set.members[0]];
       const int64_t cnt = job.m1 - job.m0;
-      const scalar_t* y_g = y + (n * p.small_channels + g * Cyg) * Y_sp;
+      const scalar_t* y_g = y + n * sy.n + g * Cyg * sy.c;
       const acc_t* a = set.a.data() + g * cpu::packed_size(set.out_rows, set.rows, set.gt.mr);
-      gather_columns(y_g, Cyg, p.small, first.taps, one, first.grid, job.m0, job.m1, col,
+      gather_columns(y_g, Cyg, p.small, sy, first.taps, one, first.grid, job.m0, job.m1, col,
                      ColumnLayout{set.rows, set.gt.nr, 0});
       cpu::gemm_packed<acc_t>(set.gt, set.out_rows, cnt, set.rows, a, col, false, out, cnt);
       for (size_t i = 0; i < set.members.size(); ++i)
         store_rows(out + i * Cxg * cnt, cnt, Cxg, ba ? ba + g * Cxg : nullptr,
-                   x + (n * p.big_channels + g * Cxg) * X_sp, p.big, p.stride, phases[set.members[i]].r, first.grid,
+                   x + n * sx.n + g * Cxg * sx.c, sx, p.stride, phases[set.members[i]].r, first.grid,
                    job.m0, job.m1);
     }
   });
@@ -557,7 +581,8 @@ void conv_transpose_kernel(const ConvParams& p, const scalar_t* y, const scalar_
 // channel is summed by one task in a fixed order (lane-wise partial sums, then the lanes), so the result does
 // not depend on the thread count.
 template <typename scalar_t>
-void conv_weight_grad_depthwise(const ConvParams& p, const scalar_t* x, const scalar_t* y, scalar_t* dw) {
+void conv_weight_grad_depthwise(const ConvParams& p, const scalar_t* x, const Strides& sx, const scalar_t* y,
+                                const Strides& sy, scalar_t* dw) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int L = 8;  // independent partial sums: the compiler vectorises the lanes
   const int64_t C = p.small_channels, K = p.kernel_numel(), rows = p.small[0] * p.small[1], n2 = p.small[2];
@@ -567,21 +592,21 @@ void conv_weight_grad_depthwise(const ConvParams& p, const scalar_t* x, const sc
     for (int64_t c = begin; c < end; ++c) {
       for (int64_t t = 0; t < K; ++t) {
         acc_t lanes[L] = {};
-        const int64_t lo = ranges[t].first, hi = ranges[t].second, s2 = p.stride[2];
+        const int64_t lo = ranges[t].first, hi = ranges[t].second, s2 = p.stride[2] * sx.s[2], y2 = sy.s[2];
         for (int64_t n = 0; n < p.batch; ++n) {
-          const scalar_t* xs = x + (n * C + c) * p.big_spatial();
-          const scalar_t* ys = y + (n * C + c) * p.small_spatial();
+          const scalar_t* xs = x + n * sx.n + c * sx.c;
+          const scalar_t* ys = y + n * sy.n + c * sy.c;
           for (int64_t r = 0; r < rows; ++r) {
             const int64_t i0 = r / p.small[1], i1 = r % p.small[1];
             const int64_t p0 = i0 * p.stride[0] + taps[t].offset[0], p1 = i1 * p.stride[1] + taps[t].offset[1];
             if (p0 < 0 || p0 >= p.big[0] || p1 < 0 || p1 >= p.big[1]) continue;
-            const scalar_t* xr = xs + (p0 * p.big[1] + p1) * p.big[2] + taps[t].offset[2];
-            const scalar_t* yr = ys + r * n2;
+            const scalar_t* xr = xs + sx.at(p0, p1, taps[t].offset[2]);
+            const scalar_t* yr = ys + sy.at(i0, i1, 0);
             int64_t j = lo;
             for (; j + L <= hi; j += L)
               for (int l = 0; l < L; ++l)
-                lanes[l] += static_cast<acc_t>(yr[j + l]) * static_cast<acc_t>(xr[(j + l) * s2]);
-            for (; j < hi; ++j) lanes[0] += static_cast<acc_t>(yr[j]) * static_cast<acc_t>(xr[j * s2]);
+                lanes[l] += static_cast<acc_t>(yr[(j + l) * y2]) * static_cast<acc_t>(xr[(j + l) * s2]);
+            for (; j < hi; ++j) lanes[0] += static_cast<acc_t>(yr[j * y2]) * static_cast<acc_t>(xr[j * s2]);
           }
         }
         acc_t sum = acc_t(0);
@@ -593,11 +618,12 @@ void conv_weight_grad_depthwise(const ConvParams& p, const scalar_t* x, const sc
 }
 
 template <typename scalar_t>
-void conv_weight_grad_kernel(const ConvParams& p, const scalar_t* x, const scalar_t* y, scalar_t* dw) {
+void conv_weight_grad_kernel(const ConvParams& p, const scalar_t* x, const Strides& sx, const scalar_t* y,
+                             const Strides& sy, scalar_t* dw) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t G = p.groups, Cxg = p.big_group(), Cyg = p.small_group(), T = p.kernel_numel();
-  const int64_t KK = Cxg * T, M = p.small_spatial(), X_sp = p.big_spatial();
-  if (Cxg == 1 && Cyg == 1) return conv_weight_grad_depthwise(p, x, y, dw);
+  const int64_t KK = Cxg * T, M = p.small_spatial();
+  if (Cxg == 1 && Cyg == 1) return conv_weight_grad_depthwise(p, x, sx, y, sy, dw);
   const int64_t dw_numel = p.small_channels * KK;
   const std::vector<Tap> taps = conv_taps(p);
   // The GEMM is dW_g[Cyg x KK] += Y_tile[Cyg x positions] . columns[KK x positions]^T (gemm_nt): positions are
@@ -615,13 +641,14 @@ void conv_weight_grad_kernel(const ConvParams& p, const scalar_t* x, const scala
       1, std::min({items, kMaxChunks, kPartialBytes / std::max<int64_t>(1, dw_numel * int64_t(sizeof(acc_t)))}));
   std::vector<acc_t> partial(chunks * dw_numel, acc_t(0));
   const cpu::GemmTile gt = cpu::gemm_tile<acc_t>(Cyg);
-  const bool packed = Cyg >= kPackedWeightGradRows;
+  const bool packed = Cyg >= kPackedWeightGradRows, y_dense = sy.dense_rows(p.small);
 
   at::parallel_for(0, chunks, 1, [&](int64_t c_begin, int64_t c_end) {
     acc_t* col = scratch<acc_t, 0>(block * T * ld);
     acc_t* y_rows = scratch<acc_t, 1>(Cyg * ld);
     acc_t* a_packed = packed ? scratch<acc_t, 2>(cpu::packed_size(Cyg, tile, gt.mr)) : nullptr;
     acc_t* b_packed = packed ? scratch<acc_t, 3>(cpu::packed_size(block * T, tile, gt.nr)) : nullptr;
+    std::vector<int64_t> y_offsets;
     for (int64_t c = c_begin; c < c_end; ++c) {
       acc_t* acc = partial.data() + c * dw_numel;
       for (int64_t item = items * c / chunks; item < items * (c + 1) / chunks; ++item) {
@@ -633,14 +660,21 @@ void conv_weight_grad_kernel(const ConvParams& p, const scalar_t* x, const scala
         // tile lies in one batch item and Y is already in the accumulation type.
         for (int64_t q0 = t0; q0 < t1;) {
           const int64_t n = q0 / M, m0 = q0 % M, m1 = std::min(M, m0 + (t1 - q0)), off = q0 - t0;
-          gather_columns(x + (n * p.big_channels + g * Cxg + cx0) * X_sp, channels, p.big, taps, p.stride, p.small,
-                         m0, m1, col + off, ColumnLayout{0, 0, ld});
-          const scalar_t* y_piece = y + (n * p.small_channels + g * Cyg) * M + m0;
-          if (std::is_same_v<scalar_t, acc_t> && off == 0 && m1 - m0 == cnt) {
-            a = reinterpret_cast<const acc_t*>(y_piece), lda = M;
+          gather_columns(x + n * sx.n + (g * Cxg + cx0) * sx.c, channels, p.big, sx, taps, p.stride, p.small, m0,
+                         m1, col + off, ColumnLayout{0, 0, ld});
+          const scalar_t* y_g = y + n * sy.n + g * Cyg * sy.c;
+          if (std::is_same_v<scalar_t, acc_t> && y_dense && off == 0 && m1 - m0 == cnt) {
+            a = reinterpret_cast<const acc_t*>(y_g + m0), lda = sy.c;
           } else {
+            y_offsets.resize(m1 - m0);
+            for (int64_t j = m0; j < m1; ++j) {
+              int64_t idx[kMaxDims];
+              unflatten3(j, p.small, idx);
+              y_offsets[j - m0] = sy.at(idx[0], idx[1], idx[2]);
+            }
             for (int64_t cy = 0; cy < Cyg; ++cy)
-              for (int64_t j = 0; j < m1 - m0; ++j) y_rows[cy * ld + off + j] = static_cast<acc_t>(y_piece[cy * M + j]);
+              for (int64_t j = 0; j < m1 - m0; ++j)
+                y_rows[cy * ld + off + j] = static_cast<acc_t>(y_g[cy * sy.c + y_offsets[j]]);
           }
           q0 += m1 - m0;
         }
@@ -670,6 +704,22 @@ void conv_weight_grad_kernel(const ConvParams& p, const scalar_t* x, const scala
 // ---------------------------------------------------------------------------------------------------------
 // Op entry points
 // ---------------------------------------------------------------------------------------------------------
+// Inputs are read through their strides (channels_last included): only conjugate/negative views, which just
+// flip bits, are materialised.
+at::Tensor readable(const at::Tensor& t) {
+  return t.resolve_conj().resolve_neg();
+}
+
+// The output's memory format, as torch.nn's CPU convolutions choose it: channels_last (3d) when the input or the
+// weight is, for 2d and 3d layers.
+at::MemoryFormat output_format(const at::Tensor& input, const at::Tensor& weight) {
+  const auto cl = input.dim() == 4 ? at::MemoryFormat::ChannelsLast
+                  : input.dim() == 5 ? at::MemoryFormat::ChannelsLast3d : at::MemoryFormat::Contiguous;
+  const bool channels_last = cl != at::MemoryFormat::Contiguous &&
+                             (input.suggest_memory_format() == cl || weight.suggest_memory_format() == cl);
+  return channels_last ? cl : at::MemoryFormat::Contiguous;
+}
+
 // A workspace allocation that fails inside a kernel surfaces like torch's own allocation failures
 // (torch.OutOfMemoryError, a RuntimeError), not as std::bad_alloc, which Python would turn into MemoryError.
 // Nothing outlives a failed call: the output is discarded and the workspace is freed or reused as is.
@@ -687,16 +737,16 @@ at::Tensor conv_transpose_cpu(const at::Tensor& input, const at::Tensor& weight,
                               at::IntArrayRef dilation, int64_t groups) {
   const ConvParams p = check_conv_args(ConvKind::ConvTranspose, input, weight, weight.sizes(), bias, stride,
                                        padding, output_padding, dilation, groups);
-  at::Tensor out = at::empty(p.big_shape(), input.options());
+  at::Tensor out = at::empty(p.big_shape(), input.options().memory_format(output_format(input, weight)));
   if (out.numel() == 0) return out;
-  const at::Tensor y = dense(input), w = dense(weight);
+  const at::Tensor y = readable(input), w = dense(weight);
   const at::Tensor b = dense(bias);
   run_kernel("torch_convt.conv_transpose", [&] {
     AT_DISPATCH_FLOATING_AND_COMPLEX_TYPES_AND3(at::kBFloat16, at::kHalf, at::kLong, input.scalar_type(),
                                                 "torch_convt.conv_transpose", [&] {
-      conv_transpose_kernel<scalar_t>(p, y.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(),
+      conv_transpose_kernel<scalar_t>(p, y.const_data_ptr<scalar_t>(), strides_of(y), w.const_data_ptr<scalar_t>(),
                                       b.defined() ? b.const_data_ptr<scalar_t>() : nullptr,
-                                      out.mutable_data_ptr<scalar_t>());
+                                      out.mutable_data_ptr<scalar_t>(), strides_of(out));
     });
   });
   return out;
@@ -706,14 +756,15 @@ at::Tensor conv_cpu(const at::Tensor& input, const at::Tensor& weight, const std
                     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
   const ConvParams p =
       check_conv_args(ConvKind::Conv, input, weight, weight.sizes(), bias, stride, padding, {}, dilation, groups);
-  at::Tensor out = at::empty(p.small_shape(), input.options());
+  at::Tensor out = at::empty(p.small_shape(), input.options().memory_format(output_format(input, weight)));
   if (out.numel() == 0) return out;
-  const at::Tensor x = dense(input), w = dense(weight);
+  const at::Tensor x = readable(input), w = dense(weight);
   const at::Tensor b = dense(bias);
   run_kernel("torch_convt.conv", [&] {
     AT_DISPATCH_ALL_TYPES_AND_COMPLEX_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "torch_convt.conv", [&] {
-      conv_kernel<scalar_t>(p, x.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(),
-                            b.defined() ? b.const_data_ptr<scalar_t>() : nullptr, out.mutable_data_ptr<scalar_t>());
+      conv_kernel<scalar_t>(p, x.const_data_ptr<scalar_t>(), strides_of(x), w.const_data_ptr<scalar_t>(),
+                            b.defined() ? b.const_data_ptr<scalar_t>() : nullptr, out.mutable_data_ptr<scalar_t>(),
+                            strides_of(out));
     });
   });
   return out;
@@ -726,12 +777,12 @@ at::Tensor conv_weight_grad_cpu(const at::Tensor& input, const at::Tensor& grad_
                                        padding, {}, dilation, groups);
   at::Tensor out = at::empty(p.weight_shape(), input.options());
   if (out.numel() == 0) return out;
-  const at::Tensor x = dense(input), y = dense(grad_output);
+  const at::Tensor x = readable(input), y = readable(grad_output);
   run_kernel("torch_convt.conv_weight_grad", [&] {
     AT_DISPATCH_ALL_TYPES_AND_COMPLEX_AND2(at::kBFloat16, at::kHalf, input.scalar_type(),
                                            "torch_convt.conv_weight_grad", [&] {
-      conv_weight_grad_kernel<scalar_t>(p, x.const_data_ptr<scalar_t>(), y.const_data_ptr<scalar_t>(),
-                                        out.mutable_data_ptr<scalar_t>());
+      conv_weight_grad_kernel<scalar_t>(p, x.const_data_ptr<scalar_t>(), strides_of(x), y.const_data_ptr<scalar_t>(),
+                                        strides_of(y), out.mutable_data_ptr<scalar_t>());
     });
   });
   return out;
