@@ -446,10 +446,7 @@ MEMORY_CASES = {
     "conv_weight_grad1d_c512_k1024": dict(op="wg", x=(1, 512, 2048), y=(1, 4, 1025), w=(4, 512, 1024), stride=1,
                                           padding=0),
 }
-LONG_K_XFAIL = pytest.mark.xfail(strict=True, reason="known: the kernels' column tile is at least 32 positions x "
-                                 "(channels x taps) per thread and is kept across calls, 64 MiB per thread at "
-                                 "K = 2^19")
-MEMORY_CASE_PARAMS = [pytest.param(c, marks=[LONG_K_XFAIL] if "k1024" in c else []) for c in MEMORY_CASES]
+MEMORY_CASE_PARAMS = list(MEMORY_CASES)
 MEMORY_SLACK = 64 * MiB
 
 

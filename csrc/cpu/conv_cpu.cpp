@@ -30,7 +30,7 @@ namespace torch_convt {
 namespace {
 
 constexpr int64_t kColumnBytes = int64_t(512) << 10;  // column tile per thread: stays in L2 from gather to GEMM
-constexpr int64_t kPartialBytes = int64_t(64) << 20;  // weight-gradient partial sums, all chunks together
+constexpr int64_t kPartialBytes = int64_t(32) << 20;  // weight-gradient partial sums, all chunks together
 constexpr int64_t kMaxChunks = 8;                     // weight-gradient reduction chunks (fixed: determinism)
 constexpr int64_t kMinTaskFlops = int64_t(1) << 21;   // below this a task is not worth a thread
 constexpr int64_t kPackedWeightGradRows = 128;        // weight gradient: packed GEMM from this many rows of Y
@@ -336,38 +336,49 @@ void conv_kernel(const ConvParams& p, const scalar_t* x, const Strides& sx, cons
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t G = p.groups, Cxg = p.big_group(), Cyg = p.small_group();
   if (Cxg == 1 && Cyg == 1) return conv_depthwise(p, x, sx, w, bias, y, sy);
-  const int64_t KK = Cxg * p.kernel_numel(), M = p.small_spatial();
+  const int64_t T = p.kernel_numel(), KK = Cxg * T, M = p.small_spatial();
   const bool in_place = std::is_same_v<scalar_t, acc_t> && sy.dense_rows(p.small);
   const cpu::GemmTile gt = cpu::gemm_tile<acc_t>(Cyg);
-  // A operand per group: the weight rows of its output channels, [Cyg x KK].
-  const int64_t a_size = cpu::packed_size(Cyg, KK, gt.mr);
-  std::vector<acc_t> w_packed(G * a_size), b_store;
-  for (int64_t g = 0; g < G; ++g) cpu::pack_panels(w + g * Cyg * KK, KK, 1, Cyg, KK, gt.mr, w_packed.data() + g * a_size);
+  // The depth (input channels x taps) runs in blocks of whole input channels, so that even a narrowest column
+  // tile (NR positions) stays within kColumnBytes when channels x taps is huge (long 1d kernels); the GEMM
+  // accumulates over the blocks. Ordinary layers have one block.
+  const int64_t block =
+      std::max<int64_t>(1, std::min(Cxg, kColumnBytes / (gt.nr * std::max<int64_t>(1, T) * int64_t(sizeof(acc_t)))));
+  const int64_t blocks = std::max<int64_t>(1, ceil_div(Cxg, block)), depth = block * T;  // (no channels: one empty block)
+  // A operand per (group, block): the weight rows of the group's output channels over the block's depth.
+  const int64_t a_size = cpu::packed_size(Cyg, depth, gt.mr);
+  std::vector<acc_t> w_packed(G * blocks * a_size), b_store;
+  for (int64_t g = 0; g < G; ++g)
+    for (int64_t bi = 0; bi < blocks; ++bi)
+      cpu::pack_panels(w + g * Cyg * KK + bi * depth, KK, 1, Cyg, std::min(depth, KK - bi * depth), gt.mr,
+                       w_packed.data() + (g * blocks + bi) * a_size);
   const acc_t* ba = bias ? as_acc(bias, p.small_channels, b_store) : nullptr;
   const std::vector<Tap> taps = conv_taps(p);
-  const int64_t tile = tile_size(KK, M, sizeof(acc_t), gt.nr), tiles = ceil_div(M, tile);
+  const int64_t tile = tile_size(depth, M, sizeof(acc_t), gt.nr), tiles = ceil_div(M, tile);
   const int64_t zero[kMaxDims] = {0, 0, 0}, one[kMaxDims] = {1, 1, 1};
-  const ColumnLayout layout{KK, gt.nr, 0};
 
   at::parallel_for(0, p.batch * G * tiles, grain(2 * Cyg * KK * tile), [&](int64_t begin, int64_t end) {
-    acc_t* col = scratch<acc_t, 0>(cpu::packed_size(tile, KK, gt.nr));
+    acc_t* col = scratch<acc_t, 0>(cpu::packed_size(tile, depth, gt.nr));
     acc_t* out = scratch<acc_t, 1>(Cyg * tile);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t n = item / (G * tiles), g = item / tiles % G, m0 = item % tiles * tile;
       const int64_t m1 = std::min(M, m0 + tile), cnt = m1 - m0;
-      const scalar_t* x_g = x + n * sx.n + g * Cxg * sx.c;
       scalar_t* y_g = y + n * sy.n + g * Cyg * sy.c;
-      const acc_t* a = w_packed.data() + g * a_size;
-      gather_columns(x_g, Cxg, p.big, sx, taps, p.stride, p.small, m0, m1, col, layout);
+      // The output rows are dense: the GEMM writes them in place, then the bias is added.
+      acc_t* c = in_place ? reinterpret_cast<acc_t*>(y_g) + m0 : out;
+      const int64_t ldc = in_place ? sy.c : cnt;
+      for (int64_t bi = 0; bi < blocks; ++bi) {
+        const int64_t channels = std::min(block, Cxg - bi * block);
+        gather_columns(x + n * sx.n + (g * Cxg + bi * block) * sx.c, channels, p.big, sx, taps, p.stride, p.small,
+                       m0, m1, col, ColumnLayout{channels * T, gt.nr, 0});
+        cpu::gemm_packed<acc_t>(gt, Cyg, cnt, channels * T, w_packed.data() + (g * blocks + bi) * a_size, col,
+                                bi > 0, c, ldc);
+      }
       if (in_place) {
-        // The output rows are dense: the GEMM writes them in place, then the bias is added.
-        acc_t* y_rows = reinterpret_cast<acc_t*>(y_g);
-        cpu::gemm_packed<acc_t>(gt, Cyg, cnt, KK, a, col, false, y_rows + m0, sy.c);
         if (ba)
           for (int64_t cy = 0; cy < Cyg; ++cy)
-            for (int64_t j = m0; j < m1; ++j) y_rows[cy * sy.c + j] += ba[g * Cyg + cy];
+            for (int64_t j = 0; j < cnt; ++j) c[cy * ldc + j] += ba[g * Cyg + cy];
       } else {
-        cpu::gemm_packed<acc_t>(gt, Cyg, cnt, KK, a, col, false, out, cnt);
         store_rows(out, cnt, Cyg, ba ? ba + g * Cyg : nullptr, y_g, sy, one, zero, p.small, m0, m1);
       }
     }
