@@ -13,6 +13,8 @@
 // Prints one line per failure and "N passed, M failed"; the exit status is non-zero on any failure.
 #include <torch_convt/torch_convt.h>
 
+#include "check.h"
+
 #include <ATen/ATen.h>
 #include <ATen/autocast_mode.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -37,27 +39,8 @@ using OptTensor = std::optional<Tensor>;
 
 constexpr double kTol = 1e-10;  // float64
 
-int g_passed = 0;
-int g_failed = 0;
-
-void record(bool ok, const std::string& name, const std::string& detail = "") {
-  if (ok) {
-    ++g_passed;
-  } else {
-    ++g_failed;
-    std::printf("FAIL %s%s%s\n", name.c_str(), detail.empty() ? "" : ": ", detail.c_str());
-  }
-}
-
-void run_case(const std::string& name, const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const c10::Error& e) {
-    record(false, name, std::string("unexpected exception: ") + e.what_without_backtrace());
-  } catch (const std::exception& e) {
-    record(false, name, std::string("unexpected exception: ") + e.what());
-  }
-}
+using torch_convt_test::record;
+using torch_convt_test::run_case;
 
 // An undefined gradient (input unused) counts as zeros, as autograd means it.
 void expect_close(const std::string& name, const Tensor& ours, const Tensor& ref, double tol = kTol) {
@@ -453,6 +436,5 @@ int main() {
   } else {
     std::printf("CUDA checks skipped (no GPU)\n");
   }
-  std::printf("%d passed, %d failed\n", g_passed, g_failed);
-  return g_failed == 0 ? 0 : 1;
+  return torch_convt_test::summary();
 }

@@ -10,6 +10,8 @@
 //
 // The library registers its operators from static initialisers, so it must be loaded: CMake links it with
 // --no-as-needed. Optionally, argv[1] names a library to dlopen first (e.g. the Python extension's _C.so).
+#include "check.h"
+
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/util/Exception.h>
@@ -35,26 +37,8 @@ using WeightGradFn = at::Tensor(const at::Tensor&, const at::Tensor&, at::IntArr
 
 constexpr double kTol = 1e-10;
 
-int g_passed = 0;
-int g_failed = 0;
-
-void record(bool ok, const std::string& name, const std::string& detail = "") {
-  if (ok) {
-    ++g_passed;
-  } else {
-    ++g_failed;
-    std::printf("FAIL %s%s%s\n", name.c_str(), detail.empty() ? "" : ": ", detail.c_str());
-  }
-}
-
-// Runs f, recording a failure (with the exception text) if it throws.
-void run_case(const std::string& name, const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const std::exception& e) {
-    record(false, name, std::string("unexpected exception: ") + e.what());
-  }
-}
+using torch_convt_test::record;
+using torch_convt_test::run_case;
 
 void expect_close(const std::string& name, const at::Tensor& ours, const at::Tensor& ref) {
   if (ours.sizes() != ref.sizes()) {
@@ -267,6 +251,5 @@ int main(int argc, char** argv) {
   check_float32(ops);
   check_errors(ops);
 
-  std::printf("%d passed, %d failed\n", g_passed, g_failed);
-  return g_failed == 0 ? 0 : 1;
+  return torch_convt_test::summary();
 }
