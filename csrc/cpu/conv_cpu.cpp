@@ -18,290 +18,21 @@
 
 #include <algorithm>
 #include <new>
-#include <cstring>
-#include <type_traits>
 #include <vector>
 
 #include "../common/index_math.h"
 #include "../common/params.h"
+#include "columns.h"
 #include "gemm.h"
 
 namespace torch_convt {
 namespace {
 
-constexpr int64_t kColumnBytes = int64_t(512) << 10;  // column tile per thread: stays in L2 from gather to GEMM
-constexpr int64_t kPartialBytes = int64_t(32) << 20;  // weight-gradient partial sums, all chunks together
-constexpr int64_t kMaxChunks = 8;                     // weight-gradient reduction chunks (fixed: determinism)
-constexpr int64_t kMinTaskFlops = int64_t(1) << 21;   // below this a task is not worth a thread
-constexpr int64_t kPackedWeightGradRows = 128;        // weight gradient: packed GEMM from this many rows of Y
-
-// One kernel tap as seen from a tile: the source position of grid point m is m*step + offset per dim.
-struct Tap {
-  int64_t offset[kMaxDims];
-  int64_t k;  // flat kernel index
-};
-
-// Element strides of an (N, C, spatial...) tensor in ConvParams' 3-slot form (1d/2d: leading singleton slots).
-// Inputs and outputs are addressed through these, so channels_last (or any strided) tensors are read and
-// written in place, never copied.
-struct Strides {
-  int64_t n = 0, c = 0, s[kMaxDims] = {0, 0, 0};
-  int64_t at(int64_t i0, int64_t i1, int64_t i2) const { return i0 * s[0] + i1 * s[1] + i2 * s[2]; }
-  // Rows of `extent` are dense within each (n, c): the channel's elements are one contiguous block.
-  bool dense_rows(const int64_t* extent) const {
-    return s[2] == 1 && (extent[1] == 1 || s[1] == extent[2]) && (extent[0] == 1 || s[0] == extent[1] * extent[2]);
-  }
-};
-
-Strides strides_of(const at::Tensor& t) {
-  Strides st;
-  st.n = t.stride(0), st.c = t.stride(1);
-  const int64_t dims = t.dim() - 2;
-  for (int64_t j = 0; j < dims; ++j) st.s[kMaxDims - dims + j] = t.stride(2 + j);
-  return st;
-}
-
-// Positions per tile: enough to amortise the GEMM, few enough for the columns to stay in cache. A multiple of
-// the GEMM panel width `nr`.
-int64_t tile_size(int64_t rows, int64_t positions, int64_t elem_size, int64_t nr) {
-  int64_t t = kColumnBytes / (std::max<int64_t>(rows, 1) * elem_size);
-  t = std::max(nr, t / nr * nr);
-  return std::max<int64_t>(1, std::min(t, positions));
-}
-
-// Per-thread scratch that persists across calls, so small calls pay no allocation or zeroing. Its size is
-// bounded by one tile (kColumnBytes-ish), whatever the problem size. Slot tells buffers apart.
-template <typename T, int Slot>
-T* scratch(int64_t n) {
-  thread_local std::vector<T> buffer;
-  if (static_cast<int64_t>(buffer.size()) < n) buffer.resize(n);
-  return buffer.data();
-}
-
-// Work items per thread task, so that small problems do not pay for threads they cannot use.
-int64_t grain(int64_t flops_per_item) {
-  return std::max<int64_t>(1, kMinTaskFlops / std::max<int64_t>(1, flops_per_item));
-}
-
-// Where element (row, position) of a tile's column block goes. Packed (nr > 0): the GEMM's packed B operand,
-// panels of NR positions with the rows as depth (forward ops). Row-major (nr == 0): rows of `ld` elements, read
-// along positions by gemm_nt (weight gradient). Either way the offset is a row part plus a position part.
-struct ColumnLayout {
-  int64_t depth;  // packed: K of the packed operand (the row count)
-  int64_t nr;     // packed: panel width NR, a power of two (offsets use shifts, not divisions); 0: row-major
-  int64_t ld;     // row-major: row length
-
-  bool packed() const { return nr > 0; }
-  int64_t row_part(int64_t row) const { return row * (packed() ? nr : ld); }
-  int64_t pos_part(int64_t pos) const {
-    if (!packed()) return pos;
-    const int shift = __builtin_ctzll(static_cast<uint64_t>(nr));
-    return (pos >> shift) * depth * nr + (pos & (nr - 1));
-  }
-  // End of the contiguous piece of [j0, last) at tile positions base + j: a panel edge, or the run's end.
-  int64_t piece_end(int64_t base, int64_t j0, int64_t last) const {
-    return packed() ? std::min(last, j0 + nr - ((base + j0) & (nr - 1))) : last;
-  }
-  // Zeroes the panel padding past `count` positions, which the GEMM reads but must not count.
-  template <typename T>
-  void zero_padding(T* col, int64_t rows, int64_t count) const {
-    if (!packed()) return;
-    for (int64_t i = count; i < (count + nr - 1) / nr * nr; ++i)
-      for (int64_t k = 0; k < rows; ++k) col[(i / nr) * depth * nr + k * nr + i % nr] = T(0);
-  }
-};
-
-// One innermost-dim run of a tile's grid: grid points (idx0, idx1, j) for j in [first, last), at tile
-// positions base + j.
-struct Run {
-  int64_t idx0, idx1, first, last, base;
-};
-
-// A contiguous piece of a run (inside one packed panel): zero [j0, a), copy [a, b), zero [b, j1); offset + j.
-struct Segment {
-  int64_t j0, a, b, j1, offset;
-};
-
-// Column block of a tile: element (row = c*T + t, position m - m_begin) = src at channel c and spatial
-// position_d = m_d*step_d + taps[t].offset_d (strides `st`) over the row-major grid of m, and zero where that falls
-// outside `extent`. Written straight into the GEMM's packed layout. The run geometry and the position part of
-// the packed offsets are shared by all rows; the bounds of a run are shared by all channels of a tap.
-template <typename scalar_t, typename acc_t>
-void gather_columns(const scalar_t* src, int64_t channels, const int64_t* extent, const Strides& st,
-                    const std::vector<Tap>& taps, const int64_t* step, const int64_t* grid, int64_t m_begin, int64_t m_end, acc_t* col,
-                    const ColumnLayout& layout) {
-  const int64_t T = static_cast<int64_t>(taps.size());
-  thread_local std::vector<int64_t> pos;
-  thread_local std::vector<Run> runs;
-  thread_local std::vector<Segment> segments;
-  pos.resize(m_end - m_begin);
-  for (int64_t i = 0; i < m_end - m_begin; ++i) pos[i] = layout.pos_part(i);
-  runs.clear();
-  {
-    int64_t m = m_begin, idx[kMaxDims];
-    unflatten3(m, grid, idx);
-    while (m < m_end) {
-      const int64_t first = idx[2], last = std::min(grid[2], first + (m_end - m));
-      runs.push_back({idx[0], idx[1], first, last, m - m_begin - first});
-      m += last - first;
-      idx[2] = 0;
-      if (++idx[1] == grid[1]) idx[1] = 0, ++idx[0];
-    }
-  }
-  const int64_t s2 = step[2], inner = step[2] * st.s[2];  // grid step along the innermost dim, in elements
-  for (int64_t t = 0; t < T; ++t) {
-    const Tap& tap = taps[t];
-    int64_t lo2, hi2;  // innermost-dim grid range that lands inside the source
-    valid_range(tap.offset[2], s2, extent[2], grid[2], &lo2, &hi2);
-    for (const Run& run : runs) {
-      const int64_t p0 = run.idx0 * step[0] + tap.offset[0];
-      const int64_t p1 = run.idx1 * step[1] + tap.offset[1];
-      int64_t lo = run.last, hi = run.last, line = 0;
-      if (p0 >= 0 && p0 < extent[0] && p1 >= 0 && p1 < extent[1]) {
-        lo = std::clamp(lo2, run.first, run.last), hi = std::clamp(hi2, lo, run.last);
-        line = st.at(p0, p1, tap.offset[2]);
-      }
-      // Split the run into contiguous pieces once (shared by all channels), then every channel copies piece by
-      // piece (vectorised).
-      segments.clear();
-      for (int64_t j0 = run.first; j0 < run.last;) {
-        const int64_t j1 = layout.piece_end(run.base, j0, run.last);
-        const int64_t a = std::clamp(lo, j0, j1), b = std::clamp(hi, a, j1);
-        segments.push_back({j0, a, b, j1, pos[run.base + j0] - j0});
-        j0 = j1;
-      }
-      for (int64_t c = 0; c < channels; ++c) {
-        acc_t* out = col + layout.row_part(c * T + t);
-        const scalar_t* in = src + c * st.c + line;
-        for (const Segment& sg : segments) {
-          acc_t* o = out + sg.offset;
-          for (int64_t j = sg.j0; j < sg.a; ++j) o[j] = acc_t(0);
-          if (inner == 1) {
-            for (int64_t j = sg.a; j < sg.b; ++j) o[j] = static_cast<acc_t>(in[j]);
-          } else {
-            for (int64_t j = sg.a; j < sg.b; ++j) o[j] = static_cast<acc_t>(in[j * inner]);
-          }
-          for (int64_t j = sg.b; j < sg.j1; ++j) o[j] = acc_t(0);
-        }
-      }
-    }
-  }
-  layout.zero_padding(col, channels * T, m_end - m_begin);
-}
-
-// acc_t -> scalar_t as static_cast does (bfloat16: round to nearest even, NaN -> quiet NaN), but branch-free, so
-// the output stores of bfloat16 layers are not dominated by the conversion.
-template <typename scalar_t, typename acc_t>
-inline scalar_t narrow_to(acc_t v) {
-  if constexpr (std::is_same_v<scalar_t, c10::BFloat16> && std::is_same_v<acc_t, float>) {
-    uint32_t bits;
-    std::memcpy(&bits, &v, sizeof(bits));
-    const uint32_t rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
-    return c10::BFloat16(static_cast<uint16_t>(v != v ? 0x7FC0u : rounded), c10::BFloat16::from_bits());
-  } else {
-    return static_cast<scalar_t>(v);
-  }
-}
-
-// dst at channel c and spatial position_d = m_d*step_d + offset_d (strides `st`) = rows[c*ld + m - m_begin]
-// (+ bias[c]) over the grid of m. rows == nullptr stores the bias alone (or zero).
-template <typename scalar_t, typename acc_t>
-void store_rows(const acc_t* rows, int64_t ld, int64_t channels, const acc_t* bias, scalar_t* dst,
-                const Strides& st, const int64_t* step, const int64_t* offset, const int64_t* grid,
-                int64_t m_begin, int64_t m_end) {
-  const int64_t inner = step[2] * st.s[2];
-  for (int64_t c = 0; c < channels; ++c) {
-    const acc_t b = bias ? bias[c] : acc_t(0);
-    const acc_t* r = rows ? rows + c * ld - m_begin : nullptr;
-    scalar_t* d = dst + c * st.c;
-    int64_t m = m_begin, idx[kMaxDims];
-    unflatten3(m, grid, idx);
-    while (m < m_end) {
-      const int64_t first = idx[2], last = std::min(grid[2], first + (m_end - m));
-      scalar_t* row = d + st.at(idx[0] * step[0] + offset[0], idx[1] * step[1] + offset[1], offset[2]);
-      const acc_t* in = r ? r + m - first : nullptr;
-      if (in) {
-        for (int64_t j = first; j < last; ++j) row[j * inner] = narrow_to<scalar_t>(in[j] + b);
-      } else {
-        for (int64_t j = first; j < last; ++j) row[j * inner] = narrow_to<scalar_t>(b);
-      }
-      m += last - first;
-      idx[2] = 0;
-      if (++idx[1] == grid[1]) idx[1] = 0, ++idx[0];
-    }
-  }
-}
-
-// The data of a tensor in the accumulation type: the pointer itself where the types agree, else a copy.
-template <typename scalar_t, typename acc_t>
-const acc_t* as_acc(const scalar_t* data, int64_t n, std::vector<acc_t>& storage) {
-  if constexpr (std::is_same_v<scalar_t, acc_t>) {
-    return data;
-  } else {
-    storage.assign(n, acc_t(0));
-    for (int64_t i = 0; i < n; ++i) storage[i] = static_cast<acc_t>(data[i]);
-    return storage.data();
-  }
-}
-
-// Taps of a conv: every kernel position, reading big position i*stride - padding + k*dilation.
-std::vector<Tap> conv_taps(const ConvParams& p) {
-  std::vector<Tap> taps;
-  for (int64_t k0 = 0; k0 < p.kernel[0]; ++k0)
-    for (int64_t k1 = 0; k1 < p.kernel[1]; ++k1)
-      for (int64_t k2 = 0; k2 < p.kernel[2]; ++k2) {
-        const int64_t k[kMaxDims] = {k0, k1, k2};
-        Tap tap;
-        for (int d = 0; d < kMaxDims; ++d) tap.offset[d] = big_position(0, k[d], p.stride[d], p.padding[d], p.dilation[d]);
-        tap.k = (k0 * p.kernel[1] + k1) * p.kernel[2] + k2;
-        taps.push_back(tap);
-      }
-  return taps;
-}
+using namespace cpu;  // columns.h
 
 // ---------------------------------------------------------------------------------------------------------
-// Per-channel layers (depthwise: one input and one output channel per group). A one-row GEMM would waste its
-// register blocking and the column gather, so these run plain row loops, vectorised along the innermost dim.
+// Per-channel layers (depthwise): row loops (columns.h), no GEMM
 // ---------------------------------------------------------------------------------------------------------
-// Innermost-dim range [lo, hi) of grid points whose source lies inside `extent`, per tap.
-std::vector<std::pair<int64_t, int64_t>> inner_ranges(const std::vector<Tap>& taps, int64_t step, int64_t extent,
-                                                      int64_t count) {
-  std::vector<std::pair<int64_t, int64_t>> ranges(taps.size());
-  for (size_t t = 0; t < taps.size(); ++t) valid_range(taps[t].offset[2], step, extent, count, &ranges[t].first, &ranges[t].second);
-  return ranges;
-}
-
-// acc[j] = sum_t w[t] * src[(i0*step0 + offset0_t, i1*step1 + offset1_t, j*step2 + offset2_t)] for j < count,
-// zero where the position falls outside `extent`; taps in their fixed order.
-template <typename scalar_t, typename acc_t>
-void channel_row(const scalar_t* src, const int64_t* extent, const Strides& st, const std::vector<Tap>& taps,
-                 const acc_t* w,
-                 const std::vector<std::pair<int64_t, int64_t>>& ranges, const int64_t* step, int64_t i0, int64_t i1,
-                 int64_t count, acc_t* acc) {
-  std::fill(acc, acc + count, acc_t(0));
-  for (size_t t = 0; t < taps.size(); ++t) {
-    const int64_t p0 = i0 * step[0] + taps[t].offset[0], p1 = i1 * step[1] + taps[t].offset[1];
-    if (p0 < 0 || p0 >= extent[0] || p1 < 0 || p1 >= extent[1]) continue;
-    const scalar_t* row = src + st.at(p0, p1, taps[t].offset[2]);
-    const acc_t wt = w[t];
-    const int64_t lo = ranges[t].first, hi = ranges[t].second, s2 = step[2] * st.s[2];
-    if (s2 == 1) {
-      for (int64_t j = lo; j < hi; ++j) acc[j] += wt * static_cast<acc_t>(row[j]);
-    } else {
-      for (int64_t j = lo; j < hi; ++j) acc[j] += wt * static_cast<acc_t>(row[j * s2]);
-    }
-  }
-}
-
-// dst[(i0*step0 + offset0, i1*step1 + offset1, j*step2 + offset2)] = acc[j] + bias for j < count.
-template <typename scalar_t, typename acc_t>
-void store_channel_row(const acc_t* acc, acc_t bias, scalar_t* dst, const Strides& st, const int64_t* step,
-                       const int64_t* offset, int64_t i0, int64_t i1, int64_t count) {
-  scalar_t* row = dst + st.at(i0 * step[0] + offset[0], i1 * step[1] + offset[1], offset[2]);
-  const int64_t inner = step[2] * st.s[2];
-  for (int64_t j = 0; j < count; ++j) row[j * inner] = narrow_to<scalar_t>(acc[j] + bias);
-}
-
 // Per-channel conv: Y[n, c] = sum_k W[c, k] X[n, c, i*stride - padding + k*dilation] + bias[c].
 template <typename scalar_t>
 void conv_depthwise(const ConvParams& p, const scalar_t* x, const Strides& sx, const scalar_t* w, const scalar_t* bias,
@@ -319,6 +50,7 @@ void conv_depthwise(const ConvParams& p, const scalar_t* x, const Strides& sx, c
       const acc_t b = bias ? static_cast<acc_t>(bias[c]) : acc_t(0);
       for (int64_t r = 0; r < rows; ++r) {
         const int64_t i0 = r / p.small[1], i1 = r % p.small[1];
+        std::fill(acc.begin(), acc.end(), acc_t(0));
         channel_row(x + n * sx.n + c * sx.c, p.big, sx, taps, wt.data(), ranges, p.stride, i0, i1, p.small[2],
                     acc.data());
         store_channel_row(acc.data(), b, y + n * sy.n + c * sy.c, sy, one, zero, i0, i1, p.small[2]);
@@ -428,26 +160,34 @@ std::vector<Phase> transpose_phases(const ConvParams& p, bool* all_covered) {
   return phases;
 }
 
-// Per-channel conv_transpose, phase by phase: X[n, c, m*stride + r] = sum_t W[c, k_t] Y[n, c, m + shift_t] + bias.
+// Direct conv_transpose, phase by phase and row by row:
+//   X[n, c, m*stride + r] = sum_{cy in c's group} sum_t W[cy, c % Cxg, k_t] Y[n, cy, m + shift_t] + bias[c],
+// each sum over the taps inside Y only. For per-channel layers, and for non-finite weights (see columns.h).
 template <typename scalar_t, typename acc_t>
-void conv_transpose_depthwise(const ConvParams& p, const std::vector<Phase>& phases, const scalar_t* y,
-                              const Strides& sy, const scalar_t* w, const acc_t* bias, scalar_t* x,
-                              const Strides& sx) {
-  const int64_t C = p.big_channels, K = p.kernel_numel(), one[kMaxDims] = {1, 1, 1};
+void conv_transpose_direct(const ConvParams& p, const std::vector<Phase>& phases, const scalar_t* y,
+                           const Strides& sy, const scalar_t* w, const acc_t* bias, scalar_t* x, const Strides& sx) {
+  const int64_t C = p.big_channels, Cxg = p.big_group(), Cyg = p.small_group(), K = p.kernel_numel();
+  const int64_t one[kMaxDims] = {1, 1, 1};
   std::vector<std::vector<std::pair<int64_t, int64_t>>> ranges;
   for (const Phase& ph : phases) ranges.push_back(inner_ranges(ph.taps, 1, p.small[2], ph.grid[2]));
-  at::parallel_for(0, p.batch * C, grain(2 * K * p.small_spatial()), [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> acc(p.big[2]), wt(K);
+  at::parallel_for(0, p.batch * C, grain(2 * Cyg * K * p.small_spatial()), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> acc(p.big[2]), wt(Cyg * K);
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t n = item / C, c = item % C;
+      const int64_t n = item / C, c = item % C, g = c / Cxg, cx = c % Cxg;
+      const scalar_t* y_g = y + n * sy.n + g * Cyg * sy.c;
       const acc_t b = bias ? bias[c] : acc_t(0);
       for (size_t q = 0; q < phases.size(); ++q) {
         const Phase& ph = phases[q];
-        for (size_t t = 0; t < ph.taps.size(); ++t) wt[t] = static_cast<acc_t>(w[c * K + ph.taps[t].k]);
+        const int64_t T = static_cast<int64_t>(ph.taps.size());
+        for (int64_t cy = 0; cy < Cyg; ++cy)
+          for (int64_t t = 0; t < T; ++t)
+            wt[cy * T + t] = static_cast<acc_t>(w[((g * Cyg + cy) * Cxg + cx) * K + ph.taps[t].k]);
         for (int64_t r = 0; r < ph.grid[0] * ph.grid[1]; ++r) {
           const int64_t i0 = r / ph.grid[1], i1 = r % ph.grid[1];
-          channel_row(y + n * sy.n + c * sy.c, p.small, sy, ph.taps, wt.data(), ranges[q], one, i0, i1, ph.grid[2],
-                      acc.data());
+          std::fill(acc.begin(), acc.begin() + ph.grid[2], acc_t(0));
+          for (int64_t cy = 0; cy < Cyg; ++cy)
+            channel_row(y_g + cy * sy.c, p.small, sy, ph.taps, wt.data() + cy * T, ranges[q], one, i0, i1,
+                        ph.grid[2], acc.data());
           store_channel_row(acc.data(), b, x + n * sx.n + c * sx.c, sx, p.stride, ph.r, i0, i1, ph.grid[2]);
         }
       }
@@ -477,17 +217,21 @@ void conv_transpose_kernel(const ConvParams& p, const scalar_t* y, const Strides
     });
   }
 
-  if (Cxg == 1 && Cyg == 1) return conv_transpose_depthwise(p, phases, y, sy, w, ba, x, sx);
+  if ((Cxg == 1 && Cyg == 1) || !all_finite(w, p.small_channels * Cxg * K))
+    return conv_transpose_direct(p, phases, y, sy, w, ba, x, sx);
 
   // Phases with the same grid and the same tap shifts (k == s: every phase has the one shift 0) share one GEMM:
   // their weights are stacked as rows of A, so their columns are gathered once, and A is tall.
   struct PhaseSet {
     std::vector<int64_t> members;  // phase indices
-    int64_t rows = 0;              // depth: Cyg * taps
+    int64_t taps = 0;              // per phase (>= 1)
     int64_t out_rows = 0;          // Cxg * members
+    int64_t block = 1, blocks = 1;  // the depth (Cyg * taps) in blocks of `block` input channels (see conv)
     int64_t tile = 1;
     cpu::GemmTile gt{1, 1};
-    std::vector<acc_t> a;          // per group: A[(member, cx), cy*T + t] = W[g*Cyg + cy, cx, taps[t].k], packed
+    // per group and depth block: A[(member, cx), cy*T + t] = W[g*Cyg + cy, cx, taps[t].k], packed
+    std::vector<acc_t> a;
+    int64_t a_size = 0;  // of one (group, block) operand
   };
   const auto same_shifts = [](const Phase& u, const Phase& v) {
     if (u.taps.size() != v.taps.size() || !std::equal(u.grid, u.grid + kMaxDims, v.grid)) return false;
@@ -510,18 +254,22 @@ void conv_transpose_kernel(const ConvParams& p, const scalar_t* y, const Strides
   for (size_t si = 0; si < sets.size(); ++si) {
     PhaseSet& set = sets[si];
     const Phase& ph = phases[set.members[0]];
-    set.rows = Cyg * static_cast<int64_t>(ph.taps.size());
+    set.taps = static_cast<int64_t>(ph.taps.size());
     set.out_rows = Cxg * static_cast<int64_t>(set.members.size());
     set.gt = cpu::gemm_tile<acc_t>(set.out_rows);
-    set.a.resize(G * cpu::packed_size(set.out_rows, set.rows, set.gt.mr));
-    const int64_t M = ph.grid[0] * ph.grid[1] * ph.grid[2];
-    set.tile = tile_size(std::max(set.rows, set.out_rows), M, sizeof(acc_t), set.gt.nr);
+    set.block = std::max<int64_t>(
+        1, std::min(Cyg, kColumnBytes / (set.gt.nr * std::max<int64_t>(1, set.taps) * int64_t(sizeof(acc_t)))));
+    set.blocks = std::max<int64_t>(1, ceil_div(Cyg, set.block));  // (no channels: one empty block)
+    set.a_size = cpu::packed_size(set.out_rows, set.block * set.taps, set.gt.mr);
+    set.a.resize(G * set.blocks * set.a_size);
+    const int64_t M = ph.grid[0] * ph.grid[1] * ph.grid[2], rows = set.block * set.taps;
+    set.tile = tile_size(std::max(rows, set.out_rows), M, sizeof(acc_t), set.gt.nr);
     for (int64_t m0 = 0; m0 < M; m0 += set.tile)
       jobs.push_back({static_cast<int64_t>(si), m0, std::min(M, m0 + set.tile)});
-    max_rows = std::max(max_rows, set.rows);
+    max_rows = std::max(max_rows, rows);
     max_out = std::max(max_out, set.out_rows);
     max_tile = std::max(max_tile, set.tile);
-    flops += 2 * set.out_rows * set.rows * M;
+    flops += 2 * set.out_rows * Cyg * set.taps * M;
     pack_items = std::max(pack_items, ceil_div(set.out_rows, set.gt.mr));
   }
 
@@ -545,14 +293,15 @@ void conv_transpose_kernel(const ConvParams& p, const scalar_t* y, const Strides
       PhaseSet& set = sets[item / (G * pack_items)];
       const int64_t g = item / pack_items % G, MR = set.gt.mr, r0 = item % pack_items * MR;
       if (r0 >= set.out_rows) continue;
-      const int64_t T = set.rows / Cyg, width = std::min(MR, set.out_rows - r0);
+      const int64_t T = set.taps, width = std::min(MR, set.out_rows - r0);
       row_taps.resize(width), row_channel.resize(width);
       for (int64_t l = 0; l < width; ++l) {
         row_taps[l] = phases[set.members[(r0 + l) / Cxg]].taps.data();
         row_channel[l] = (r0 + l) % Cxg;
       }
-      acc_t* dst = set.a.data() + g * cpu::packed_size(set.out_rows, set.rows, MR) + r0 * set.rows;
       for (int64_t cy = 0; cy < Cyg; ++cy) {
+        const int64_t bi = cy / set.block, depth = std::min(set.block, Cyg - bi * set.block) * T;
+        acc_t* dst = set.a.data() + (g * set.blocks + bi) * set.a_size + r0 * depth + (cy - bi * set.block) * T * MR;
         const acc_t* src = w_t.data() + (g * Cyg + cy) * K * Cxg;
         for (int64_t t = 0; t < T; ++t, dst += MR) {
           for (int64_t l = 0; l < width; ++l) dst[l] = src[row_taps[l][t].k * Cxg + row_channel[l]];
@@ -573,10 +322,13 @@ void conv_transpose_kernel(const ConvParams& p, const scalar_t* y, const Strides
       const Phase& first = phases[set.members[0]];
       const int64_t cnt = job.m1 - job.m0;
       const scalar_t* y_g = y + n * sy.n + g * Cyg * sy.c;
-      const acc_t* a = set.a.data() + g * cpu::packed_size(set.out_rows, set.rows, set.gt.mr);
-      gather_columns(y_g, Cyg, p.small, sy, first.taps, one, first.grid, job.m0, job.m1, col,
-                     ColumnLayout{set.rows, set.gt.nr, 0});
-      cpu::gemm_packed<acc_t>(set.gt, set.out_rows, cnt, set.rows, a, col, false, out, cnt);
+      for (int64_t bi = 0; bi < set.blocks; ++bi) {
+        const int64_t channels = std::min(set.block, Cyg - bi * set.block), depth = channels * set.taps;
+        gather_columns(y_g + bi * set.block * sy.c, channels, p.small, sy, first.taps, one, first.grid, job.m0,
+                       job.m1, col, ColumnLayout{depth, set.gt.nr, 0});
+        cpu::gemm_packed<acc_t>(set.gt, set.out_rows, cnt, depth, set.a.data() + (g * set.blocks + bi) * set.a_size,
+                                col, bi > 0, out, cnt);
+      }
       for (size_t i = 0; i < set.members.size(); ++i)
         store_rows(out + i * Cxg * cnt, cnt, Cxg, ba ? ba + g * Cxg : nullptr,
                    x + n * sx.n + g * Cxg * sx.c, sx, p.stride, phases[set.members[i]].r, first.grid,
