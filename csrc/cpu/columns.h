@@ -8,6 +8,7 @@
 #include <ATen/OpMathType.h>
 
 #include <algorithm>
+#include <array>
 #include <cstring>
 #include <type_traits>
 #include <utility>
@@ -20,6 +21,7 @@ namespace torch_convt::cpu {
 
 constexpr int64_t kColumnBytes = int64_t(512) << 10;  // column tile per thread: stays in L2 from gather to GEMM
 constexpr int64_t kPartialBytes = int64_t(32) << 20;  // weight-gradient partial sums, all chunks together
+constexpr int64_t kWindowBytes = int64_t(4) << 20;  // frame windows of a tile per thread (see Frame)
 constexpr int64_t kMaxChunks = 8;                     // weight-gradient reduction chunks (fixed: determinism)
 constexpr int64_t kMinTaskFlops = int64_t(1) << 21;   // below this a task is not worth a thread
 constexpr int64_t kPackedWeightGradRows = 128;        // weight gradient: packed GEMM from this many rows of Y
@@ -193,31 +195,163 @@ inline scalar_t narrow_to(acc_t v) {
 }
 
 // dst at channel c and spatial position_d = m_d*step_d + offset_d (strides `st`) = rows[c*ld + m - m_begin]
-// (+ bias[c]) over the grid of m. rows == nullptr stores the bias alone (or zero).
+// (+ bias[c]) over the grid of m. rows == nullptr stores the bias alone (or zero). With a `frame` (>= grid in
+// every dim), m is flat over the frame instead, and only the points inside the grid are stored.
 template <typename scalar_t, typename acc_t>
 void store_rows(const acc_t* rows, int64_t ld, int64_t channels, const acc_t* bias, scalar_t* dst,
                 const Strides& st, const int64_t* step, const int64_t* offset, const int64_t* grid,
-                int64_t m_begin, int64_t m_end) {
+                int64_t m_begin, int64_t m_end, const int64_t* frame = nullptr) {
   const int64_t inner = step[2] * st.s[2];
+  const int64_t* fr = frame ? frame : grid;
   for (int64_t c = 0; c < channels; ++c) {
     const acc_t b = bias ? bias[c] : acc_t(0);
     const acc_t* r = rows ? rows + c * ld - m_begin : nullptr;
     scalar_t* d = dst + c * st.c;
     int64_t m = m_begin, idx[kMaxDims];
-    unflatten3(m, grid, idx);
+    unflatten3(m, fr, idx);
     while (m < m_end) {
-      const int64_t first = idx[2], last = std::min(grid[2], first + (m_end - m));
-      scalar_t* row = d + st.at(idx[0] * step[0] + offset[0], idx[1] * step[1] + offset[1], offset[2]);
-      const acc_t* in = r ? r + m - first : nullptr;
-      if (in) {
-        for (int64_t j = first; j < last; ++j) row[j * inner] = narrow_to<scalar_t>(in[j] + b);
-      } else {
-        for (int64_t j = first; j < last; ++j) row[j * inner] = narrow_to<scalar_t>(b);
+      const int64_t first = idx[2], last = std::min(fr[2], first + (m_end - m));
+      if (idx[0] < grid[0] && idx[1] < grid[1]) {
+        const int64_t stop = std::min(last, grid[2]);
+        scalar_t* row = d + st.at(idx[0] * step[0] + offset[0], idx[1] * step[1] + offset[1], offset[2]);
+        const acc_t* in = r ? r + m - first : nullptr;
+        if (in) {
+          for (int64_t j = first; j < stop; ++j) row[j * inner] = narrow_to<scalar_t>(in[j] + b);
+        } else {
+          for (int64_t j = first; j < stop; ++j) row[j * inner] = narrow_to<scalar_t>(b);
+        }
       }
       m += last - first;
       idx[2] = 0;
-      if (++idx[1] == grid[1]) idx[1] = 0, ++idx[0];
+      if (++idx[1] == fr[1]) idx[1] = 0, ++idx[0];
     }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Frame columns: the packed column operand of a correlation without per-tap bounds checks.
+//
+// Tap t reads source position m*step + offset_t at grid point m. Writing offset_t = q_t*step + r_t (0 <= r_t <
+// step), that is point m + q_t of the sub-sampled source plane r_t: src_r[u] = src[u*step + r]. Padded by
+// `pad` = max(0, -min q) at the low end, every plane is laid out on one frame of extents `ext` (>= grid), in
+// which the flat index of m + q_t + pad is flat(m) + off_t: each tap is a constant shift. Computing the GEMM over
+// flat frame positions f = flat(m) (points outside the grid are computed and dropped at the store), column row
+// (c, t) over a panel of positions is one contiguous run of plane r_t: the gather becomes, per channel, one
+// bounds-checked copy of a window of each plane (shared by all taps), then plain copies of NR-wide runs.
+// ---------------------------------------------------------------------------------------------------------
+struct Frame {
+  int64_t ext[kMaxDims], pad[kMaxDims], step[kMaxDims];
+  int64_t positions = 0;                     // flat(grid - 1) + 1: the frame positions that cover the grid
+  std::vector<std::array<int64_t, kMaxDims>> planes;  // r of each plane in use
+  std::vector<int64_t> tap_plane, tap_off;   // per tap: plane index, flat shift
+  int64_t min_off = 0, span = 0;             // window of a tile [f0, f1): [f0 + min_off, f1 + min_off + span)
+
+  int64_t flat(const int64_t* u) const { return (u[0] * ext[1] + u[1]) * ext[2] + u[2]; }
+  int64_t total() const { return ext[0] * ext[1] * ext[2]; }
+  // Elements of one (channel, plane) window for a tile of `count` positions read in panels of `nr`.
+  int64_t window(int64_t count, int64_t nr) const { return (count + nr - 1) / nr * nr + span; }
+};
+
+inline Frame make_frame(const std::vector<Tap>& taps, const int64_t* step, const int64_t* grid) {
+  Frame fr;
+  int64_t lo[kMaxDims], hi[kMaxDims];
+  for (int d = 0; d < kMaxDims; ++d) {
+    lo[d] = hi[d] = taps.empty() ? 0 : floor_div(taps[0].offset[d], step[d]);
+    for (const Tap& t : taps) {
+      const int64_t q = floor_div(t.offset[d], step[d]);
+      lo[d] = std::min(lo[d], q), hi[d] = std::max(hi[d], q);
+    }
+    fr.pad[d] = std::max<int64_t>(0, -lo[d]);
+    fr.ext[d] = grid[d] + std::max<int64_t>(0, hi[d] + fr.pad[d]);
+    fr.step[d] = step[d];
+  }
+  const int64_t last[kMaxDims] = {grid[0] - 1, grid[1] - 1, grid[2] - 1};
+  fr.positions = fr.flat(last) + 1;
+  int64_t max_off = 0;
+  for (size_t i = 0; i < taps.size(); ++i) {
+    std::array<int64_t, kMaxDims> r;
+    int64_t u[kMaxDims];
+    for (int d = 0; d < kMaxDims; ++d) {
+      const int64_t q = floor_div(taps[i].offset[d], step[d]);
+      r[d] = taps[i].offset[d] - q * step[d];
+      u[d] = q + fr.pad[d];
+    }
+    auto it = std::find(fr.planes.begin(), fr.planes.end(), r);
+    if (it == fr.planes.end()) it = fr.planes.insert(fr.planes.end(), r);
+    fr.tap_plane.push_back(it - fr.planes.begin());
+    fr.tap_off.push_back(fr.flat(u));
+    fr.min_off = i == 0 ? fr.tap_off.back() : std::min(fr.min_off, fr.tap_off.back());
+    max_off = std::max(max_off, fr.tap_off.back());
+  }
+  fr.span = max_off - fr.min_off;
+  return fr;
+}
+
+// Windows of a tile: win[(c*P + plane)*len + i] = plane `plane` of channel c at frame position w0 + i (zero
+// outside the source and past the frame), P = planes in use, i < len.
+template <typename scalar_t, typename acc_t>
+void gather_windows(const Frame& fr, const scalar_t* src, int64_t channels, const int64_t* extent,
+                    const Strides& st, int64_t w0, int64_t len, acc_t* win) {
+  const int64_t P = static_cast<int64_t>(fr.planes.size()), total = fr.total();
+  thread_local std::vector<Segment> rows;  // a frame row: zero [j0, a), copy [a, b), zero [b, j1); source line
+  for (int64_t pi = 0; pi < P; ++pi) {
+    const int64_t* r = fr.planes[pi].data();
+    const int64_t off2 = r[2] - fr.pad[2] * fr.step[2];  // source position along dim 2 = u2*step2 + off2
+    int64_t lo2, hi2;
+    valid_range(off2, fr.step[2], extent[2], fr.ext[2], &lo2, &hi2);
+    rows.clear();
+    int64_t f = w0, u[kMaxDims];
+    unflatten3(std::min(f, total), fr.ext, u);
+    while (f < w0 + len) {
+      if (f >= total) {  // past the frame: zeros
+        rows.push_back({f - w0, len, len, len, 0});
+        break;
+      }
+      const int64_t j1 = std::min(fr.ext[2], u[2] + (w0 + len - f));
+      const int64_t p0 = (u[0] - fr.pad[0]) * fr.step[0] + r[0], p1 = (u[1] - fr.pad[1]) * fr.step[1] + r[1];
+      const int64_t base = f - w0 - u[2];  // window index of u2 = 0 on this row
+      if (p0 >= 0 && p0 < extent[0] && p1 >= 0 && p1 < extent[1]) {
+        const int64_t a = std::clamp(lo2, u[2], j1), b = std::clamp(hi2, a, j1);
+        rows.push_back({base + u[2], base + a, base + b, base + j1, st.at(p0, p1, off2) - base * fr.step[2] * st.s[2]});
+      } else {
+        rows.push_back({base + u[2], base + j1, base + j1, base + j1, 0});
+      }
+      f += j1 - u[2];
+      u[2] = 0;
+      if (++u[1] == fr.ext[1]) u[1] = 0, ++u[0];
+    }
+    const int64_t inner = fr.step[2] * st.s[2];
+    for (int64_t c = 0; c < channels; ++c) {
+      acc_t* out = win + (c * P + pi) * len;
+      const scalar_t* in = src + c * st.c;
+      for (const Segment& sg : rows) {
+        for (int64_t j = sg.j0; j < sg.a; ++j) out[j] = acc_t(0);
+        if (inner == 1) {
+          for (int64_t j = sg.a; j < sg.b; ++j) out[j] = static_cast<acc_t>(in[sg.offset + j]);
+        } else {
+          for (int64_t j = sg.a; j < sg.b; ++j) out[j] = static_cast<acc_t>(in[sg.offset + j * inner]);
+        }
+        for (int64_t j = sg.b; j < sg.j1; ++j) out[j] = acc_t(0);
+      }
+    }
+  }
+}
+
+// The packed B operand (gemm.h) of a tile of `count` positions from its windows: row c*T + t of panel p is
+// window (c, plane_t) at [p*NR + off_t - min_off, +NR). Panel positions past `count` read window slack
+// (zeros or frame points off the grid): those GEMM columns are computed but never stored.
+template <typename acc_t>
+void pack_frame_columns(const Frame& fr, const acc_t* win, int64_t len, int64_t channels, int64_t count, int64_t nr,
+                        acc_t* col) {
+  const int64_t T = static_cast<int64_t>(fr.tap_off.size()), P = static_cast<int64_t>(fr.planes.size());
+  const int64_t depth = channels * T;
+  for (int64_t p0 = 0; p0 < count; p0 += nr) {
+    acc_t* dst = col + p0 * depth;
+    for (int64_t c = 0; c < channels; ++c)
+      for (int64_t t = 0; t < T; ++t, dst += nr) {
+        const acc_t* s = win + (c * P + fr.tap_plane[t]) * len + p0 + fr.tap_off[t] - fr.min_off;
+        for (int64_t l = 0; l < nr; ++l) dst[l] = s[l];  // (a call to memcpy costs more than these few vectors)
+      }
   }
 }
 

@@ -59,6 +59,14 @@ void conv_depthwise(const ConvParams& p, const scalar_t* x, const Strides& sx, c
   });
 }
 
+// Whether a GEMM over `M` grid points gathers its columns through a frame (columns.h): when there are several
+// taps to share a window, the frame adds few computed points off the grid, and the windows of a tile fit the
+// window budget.
+inline bool use_frame(const Frame& fr, int64_t M, int64_t channels, int64_t tile, int64_t nr, int64_t elem) {
+  const int64_t window_bytes = channels * static_cast<int64_t>(fr.planes.size()) * fr.window(tile, nr) * elem;
+  return fr.tap_off.size() > 1 && fr.positions <= M + M / 2 && window_bytes <= kWindowBytes;
+}
+
 // ---------------------------------------------------------------------------------------------------------
 // conv: Y = conv(X, W) + bias
 // ---------------------------------------------------------------------------------------------------------
@@ -68,8 +76,7 @@ void conv_kernel(const ConvParams& p, const scalar_t* x, const Strides& sx, cons
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t G = p.groups, Cxg = p.big_group(), Cyg = p.small_group();
   if (Cxg == 1 && Cyg == 1) return conv_depthwise(p, x, sx, w, bias, y, sy);
-  const int64_t T = p.kernel_numel(), KK = Cxg * T, M = p.small_spatial();
-  const bool in_place = std::is_same_v<scalar_t, acc_t> && sy.dense_rows(p.small);
+  const int64_t T = p.kernel_numel(), KK = Cxg * T;
   const cpu::GemmTile gt = cpu::gemm_tile<acc_t>(Cyg);
   // The depth (input channels x taps) runs in blocks of whole input channels, so that even a narrowest column
   // tile (NR positions) stays within kColumnBytes when channels x taps is huge (long 1d kernels); the GEMM
@@ -86,8 +93,16 @@ void conv_kernel(const ConvParams& p, const scalar_t* x, const Strides& sx, cons
                        w_packed.data() + (g * blocks + bi) * a_size);
   const acc_t* ba = bias ? as_acc(bias, p.small_channels, b_store) : nullptr;
   const std::vector<Tap> taps = conv_taps(p);
-  const int64_t tile = tile_size(depth, M, sizeof(acc_t), gt.nr), tiles = ceil_div(M, tile);
-  const int64_t zero[kMaxDims] = {0, 0, 0}, one[kMaxDims] = {1, 1, 1};
+  // Positions: flat frame positions (columns.h) where the frame gather applies, else the output grid's.
+  const Frame frame = make_frame(taps, p.stride, p.small);
+  int64_t M = p.small_spatial(), tile = tile_size(depth, frame.positions, sizeof(acc_t), gt.nr);
+  const bool framed = use_frame(frame, M, block, tile, gt.nr, sizeof(acc_t));
+  if (framed) M = frame.positions;
+  else tile = tile_size(depth, M, sizeof(acc_t), gt.nr);
+  const int64_t tiles = ceil_div(M, tile), zero[kMaxDims] = {0, 0, 0}, one[kMaxDims] = {1, 1, 1};
+  // Output rows that are dense (and have no frame points off the grid) are written by the GEMM in place.
+  const bool in_place = std::is_same_v<scalar_t, acc_t> && sy.dense_rows(p.small) &&
+                        (!framed || std::equal(frame.ext, frame.ext + kMaxDims, p.small));
 
   at::parallel_for(0, p.batch * G * tiles, grain(2 * Cyg * KK * tile), [&](int64_t begin, int64_t end) {
     acc_t* col = scratch<acc_t, 0>(cpu::packed_size(tile, depth, gt.nr));
@@ -101,8 +116,16 @@ void conv_kernel(const ConvParams& p, const scalar_t* x, const Strides& sx, cons
       const int64_t ldc = in_place ? sy.c : cnt;
       for (int64_t bi = 0; bi < blocks; ++bi) {
         const int64_t channels = std::min(block, Cxg - bi * block);
-        gather_columns(x + n * sx.n + (g * Cxg + bi * block) * sx.c, channels, p.big, sx, taps, p.stride, p.small,
-                       m0, m1, col, ColumnLayout{channels * T, gt.nr, 0});
+        const scalar_t* x_b = x + n * sx.n + (g * Cxg + bi * block) * sx.c;
+        if (framed) {
+          const int64_t len = frame.window(cnt, gt.nr);
+          acc_t* win = scratch<acc_t, 2>(channels * frame.planes.size() * len);
+          gather_windows(frame, x_b, channels, p.big, sx, m0 + frame.min_off, len, win);
+          pack_frame_columns(frame, win, len, channels, cnt, gt.nr, col);
+        } else {
+          gather_columns(x_b, channels, p.big, sx, taps, p.stride, p.small, m0, m1, col,
+                         ColumnLayout{channels * T, gt.nr, 0});
+        }
         cpu::gemm_packed<acc_t>(gt, Cyg, cnt, channels * T, w_packed.data() + (g * blocks + bi) * a_size, col,
                                 bi > 0, c, ldc);
       }
@@ -111,7 +134,8 @@ void conv_kernel(const ConvParams& p, const scalar_t* x, const Strides& sx, cons
           for (int64_t cy = 0; cy < Cyg; ++cy)
             for (int64_t j = 0; j < cnt; ++j) c[cy * ldc + j] += ba[g * Cyg + cy];
       } else {
-        store_rows(out, cnt, Cyg, ba ? ba + g * Cyg : nullptr, y_g, sy, one, zero, p.small, m0, m1);
+        store_rows(out, cnt, Cyg, ba ? ba + g * Cyg : nullptr, y_g, sy, one, zero, p.small, m0, m1,
+                   framed ? frame.ext : nullptr);
       }
     }
   });
@@ -232,6 +256,8 @@ void conv_transpose_kernel(const ConvParams& p, const scalar_t* y, const Strides
     // per group and depth block: A[(member, cx), cy*T + t] = W[g*Cyg + cy, cx, taps[t].k], packed
     std::vector<acc_t> a;
     int64_t a_size = 0;  // of one (group, block) operand
+    Frame frame;         // positions are flat frame positions (columns.h) when `framed`, else grid positions
+    bool framed = false;
   };
   const auto same_shifts = [](const Phase& u, const Phase& v) {
     if (u.taps.size() != v.taps.size() || !std::equal(u.grid, u.grid + kMaxDims, v.grid)) return false;
@@ -250,6 +276,7 @@ void conv_transpose_kernel(const ConvParams& p, const scalar_t* y, const Strides
     int64_t set, m0, m1;
   };
   std::vector<Job> jobs;
+  std::vector<int64_t> jobs_extent;  // per set: the positions its jobs tile
   int64_t max_rows = 0, max_out = 0, max_tile = 1, flops = 0, pack_items = 0;
   for (size_t si = 0; si < sets.size(); ++si) {
     PhaseSet& set = sets[si];
@@ -262,8 +289,14 @@ void conv_transpose_kernel(const ConvParams& p, const scalar_t* y, const Strides
     set.blocks = std::max<int64_t>(1, ceil_div(Cyg, set.block));  // (no channels: one empty block)
     set.a_size = cpu::packed_size(set.out_rows, set.block * set.taps, set.gt.mr);
     set.a.resize(G * set.blocks * set.a_size);
-    const int64_t M = ph.grid[0] * ph.grid[1] * ph.grid[2], rows = set.block * set.taps;
-    set.tile = tile_size(std::max(rows, set.out_rows), M, sizeof(acc_t), set.gt.nr);
+    const int64_t rows = set.block * set.taps;
+    int64_t M = ph.grid[0] * ph.grid[1] * ph.grid[2];
+    set.frame = make_frame(ph.taps, one, ph.grid);
+    set.tile = tile_size(std::max(rows, set.out_rows), set.frame.positions, sizeof(acc_t), set.gt.nr);
+    set.framed = use_frame(set.frame, M, set.block, set.tile, set.gt.nr, sizeof(acc_t));
+    if (set.framed) M = set.frame.positions;
+    else set.tile = tile_size(std::max(rows, set.out_rows), M, sizeof(acc_t), set.gt.nr);
+    jobs_extent.push_back(M);
     for (int64_t m0 = 0; m0 < M; m0 += set.tile)
       jobs.push_back({static_cast<int64_t>(si), m0, std::min(M, m0 + set.tile)});
     max_rows = std::max(max_rows, rows);
@@ -310,6 +343,11 @@ void conv_transpose_kernel(const ConvParams& p, const scalar_t* y, const Strides
       }
     }
   });
+  // Tiles at the same relative place in every set run one after another: the phases interleave in the output
+  // (stride 2: every output line is written by two phases), so a region is finished while its lines are cached.
+  std::stable_sort(jobs.begin(), jobs.end(), [&](const Job& u, const Job& v) {
+    return u.m0 * jobs_extent[v.set] < v.m0 * jobs_extent[u.set];
+  });
   const int64_t J = static_cast<int64_t>(jobs.size());
 
   at::parallel_for(0, p.batch * G * J, grain(flops / std::max<int64_t>(1, J)), [&](int64_t begin, int64_t end) {
@@ -324,15 +362,23 @@ void conv_transpose_kernel(const ConvParams& p, const scalar_t* y, const Strides
       const scalar_t* y_g = y + n * sy.n + g * Cyg * sy.c;
       for (int64_t bi = 0; bi < set.blocks; ++bi) {
         const int64_t channels = std::min(set.block, Cyg - bi * set.block), depth = channels * set.taps;
-        gather_columns(y_g + bi * set.block * sy.c, channels, p.small, sy, first.taps, one, first.grid, job.m0,
-                       job.m1, col, ColumnLayout{depth, set.gt.nr, 0});
+        if (set.framed) {
+          const int64_t len = set.frame.window(cnt, set.gt.nr);
+          acc_t* win = scratch<acc_t, 2>(channels * set.frame.planes.size() * len);
+          gather_windows(set.frame, y_g + bi * set.block * sy.c, channels, p.small, sy, job.m0 + set.frame.min_off,
+                         len, win);
+          pack_frame_columns(set.frame, win, len, channels, cnt, set.gt.nr, col);
+        } else {
+          gather_columns(y_g + bi * set.block * sy.c, channels, p.small, sy, first.taps, one, first.grid, job.m0,
+                         job.m1, col, ColumnLayout{depth, set.gt.nr, 0});
+        }
         cpu::gemm_packed<acc_t>(set.gt, set.out_rows, cnt, depth, set.a.data() + (g * set.blocks + bi) * set.a_size,
                                 col, bi > 0, out, cnt);
       }
       for (size_t i = 0; i < set.members.size(); ++i)
         store_rows(out + i * Cxg * cnt, cnt, Cxg, ba ? ba + g * Cxg : nullptr,
                    x + n * sx.n + g * Cxg * sx.c, sx, p.stride, phases[set.members[i]].r, first.grid,
-                   job.m0, job.m1);
+                   job.m0, job.m1, set.framed ? set.frame.ext : nullptr);
     }
   });
 }

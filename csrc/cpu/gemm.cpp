@@ -25,7 +25,7 @@
 namespace torch_convt::cpu {
 namespace {
 
-constexpr int64_t KC = 384;  // K block: one B panel (KC x NR floats, 48 KiB at NR 32) stays in L1/L2
+constexpr int64_t KC = 128;  // K block: one B panel (KC x NR floats, 16 KiB at NR 32) stays in the 32 KiB L1
 
 template <typename T>
 using MicroFn = void (*)(int64_t kc, const T* a, const T* b, T* c, int64_t ldc, bool accumulate);
