@@ -17,6 +17,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <memory>
 #include <new>
 #include <vector>
 
@@ -59,12 +60,13 @@ void conv_depthwise(const ConvParams& p, const scalar_t* x, const Strides& sx, c
   });
 }
 
-// Whether a GEMM over `M` grid points gathers its columns through a frame (columns.h): when there are several
-// taps to share a window, the frame adds few computed points off the grid, and the windows of a tile fit the
-// window budget.
+// Whether a GEMM over `M` grid points gathers its columns through a frame (columns.h): when the windows of a
+// tile are smaller than its columns (several taps share them; the span of the shifts is small next to the tile),
+// the frame adds few computed points off the grid, and the windows fit the window budget.
 inline bool use_frame(const Frame& fr, int64_t M, int64_t channels, int64_t tile, int64_t nr, int64_t elem) {
-  const int64_t window_bytes = channels * static_cast<int64_t>(fr.planes.size()) * fr.window(tile, nr) * elem;
-  return fr.tap_off.size() > 1 && fr.positions <= M + M / 2 && window_bytes <= kWindowBytes;
+  const int64_t window = static_cast<int64_t>(fr.planes.size()) * fr.window(tile, nr);
+  return window <= static_cast<int64_t>(fr.tap_off.size()) * tile && fr.positions <= M + M / 2 &&
+         channels * window * elem <= kWindowBytes;
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -86,11 +88,18 @@ void conv_kernel(const ConvParams& p, const scalar_t* x, const Strides& sx, cons
   const int64_t blocks = std::max<int64_t>(1, ceil_div(Cxg, block)), depth = block * T;  // (no channels: one empty block)
   // A operand per (group, block): the weight rows of the group's output channels over the block's depth.
   const int64_t a_size = cpu::packed_size(Cyg, depth, gt.mr);
-  std::vector<acc_t> w_packed(G * blocks * a_size), b_store;
-  for (int64_t g = 0; g < G; ++g)
-    for (int64_t bi = 0; bi < blocks; ++bi)
-      cpu::pack_panels(w + g * Cyg * KK + bi * depth, KK, 1, Cyg, std::min(depth, KK - bi * depth), gt.mr,
-                       w_packed.data() + (g * blocks + bi) * a_size);
+  // (packed in parallel, panel by panel; not zeroed first: packing writes every element)
+  std::unique_ptr<acc_t[]> w_packed(new acc_t[G * blocks * a_size]);
+  std::vector<acc_t> b_store;
+  const int64_t panels = ceil_div(Cyg, gt.mr);
+  at::parallel_for(0, G * blocks * panels, grain(gt.mr * depth * 4), [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t g = item / (blocks * panels), bi = item / panels % blocks, r0 = item % panels * gt.mr;
+      const int64_t d = std::min(depth, KK - bi * depth);
+      cpu::pack_panels(w + (g * Cyg + r0) * KK + bi * depth, KK, 1, std::min(gt.mr, Cyg - r0), d, gt.mr,
+                       w_packed.get() + (g * blocks + bi) * a_size + r0 * d);
+    }
+  });
   const acc_t* ba = bias ? as_acc(bias, p.small_channels, b_store) : nullptr;
   const std::vector<Tap> taps = conv_taps(p);
   // Positions: flat frame positions (columns.h) where the frame gather applies, else the output grid's.
@@ -126,7 +135,7 @@ void conv_kernel(const ConvParams& p, const scalar_t* x, const Strides& sx, cons
           gather_columns(x_b, channels, p.big, sx, taps, p.stride, p.small, m0, m1, col,
                          ColumnLayout{channels * T, gt.nr, 0});
         }
-        cpu::gemm_packed<acc_t>(gt, Cyg, cnt, channels * T, w_packed.data() + (g * blocks + bi) * a_size, col,
+        cpu::gemm_packed<acc_t>(gt, Cyg, cnt, channels * T, w_packed.get() + (g * blocks + bi) * a_size, col,
                                 bi > 0, c, ldc);
       }
       if (in_place) {
@@ -254,7 +263,7 @@ void conv_transpose_kernel(const ConvParams& p, const scalar_t* y, const Strides
     int64_t tile = 1;
     cpu::GemmTile gt{1, 1};
     // per group and depth block: A[(member, cx), cy*T + t] = W[g*Cyg + cy, cx, taps[t].k], packed
-    std::vector<acc_t> a;
+    std::unique_ptr<acc_t[]> a;  // (not zeroed: packing writes every element)
     int64_t a_size = 0;  // of one (group, block) operand
     Frame frame;         // positions are flat frame positions (columns.h) when `framed`, else grid positions
     bool framed = false;
@@ -277,7 +286,7 @@ void conv_transpose_kernel(const ConvParams& p, const scalar_t* y, const Strides
   };
   std::vector<Job> jobs;
   std::vector<int64_t> jobs_extent;  // per set: the positions its jobs tile
-  int64_t max_rows = 0, max_out = 0, max_tile = 1, flops = 0, pack_items = 0;
+  int64_t max_rows = 0, max_out = 0, max_tile = 1, flops = 0;
   for (size_t si = 0; si < sets.size(); ++si) {
     PhaseSet& set = sets[si];
     const Phase& ph = phases[set.members[0]];
@@ -288,7 +297,7 @@ void conv_transpose_kernel(const ConvParams& p, const scalar_t* y, const Strides
         1, std::min(Cyg, kColumnBytes / (set.gt.nr * std::max<int64_t>(1, set.taps) * int64_t(sizeof(acc_t)))));
     set.blocks = std::max<int64_t>(1, ceil_div(Cyg, set.block));  // (no channels: one empty block)
     set.a_size = cpu::packed_size(set.out_rows, set.block * set.taps, set.gt.mr);
-    set.a.resize(G * set.blocks * set.a_size);
+    set.a.reset(new acc_t[G * set.blocks * set.a_size]);
     const int64_t rows = set.block * set.taps;
     int64_t M = ph.grid[0] * ph.grid[1] * ph.grid[2];
     set.frame = make_frame(ph.taps, one, ph.grid);
@@ -303,42 +312,34 @@ void conv_transpose_kernel(const ConvParams& p, const scalar_t* y, const Strides
     max_out = std::max(max_out, set.out_rows);
     max_tile = std::max(max_tile, set.tile);
     flops += 2 * set.out_rows * Cyg * set.taps * M;
-    pack_items = std::max(pack_items, ceil_div(set.out_rows, set.gt.mr));
   }
 
-  // Pack A for every set, group and MR-row panel in parallel: with many channels this is megabytes of weights.
-  // The weight is first transposed to [g, cy, k, cx] (tile by tile, in L1), so that packing reads runs of output
-  // channels instead of one element per cache line.
-  std::vector<acc_t> w_t(static_cast<size_t>(G * Cyg * K * Cxg));
-  at::parallel_for(0, G * Cyg, grain(Cxg * K * 4), [&](int64_t begin, int64_t end) {
-    for (int64_t gc = begin; gc < end; ++gc) {
-      const scalar_t* src = w + gc * Cxg * K;
-      acc_t* dst = w_t.data() + gc * K * Cxg;
-      for (int64_t cx = 0; cx < Cxg; ++cx)
-        for (int64_t k = 0; k < K; ++k) dst[k * Cxg + cx] = static_cast<acc_t>(src[cx * K + k]);
-    }
-  });
+  // Pack A for every set in parallel over (group, input channel): with many channels this is megabytes of
+  // weights. The weights of one input channel (Cxg x K, contiguous) are read once, from L1, and give T depth rows
+  // of every panel; for each set a table maps (tap, row) to the element's offset in that block (-1: padding row).
+  std::vector<std::vector<int64_t>> source(sets.size());
+  for (size_t si = 0; si < sets.size(); ++si) {
+    const PhaseSet& set = sets[si];
+    const int64_t rows = ceil_div(set.out_rows, set.gt.mr) * set.gt.mr;
+    source[si].assign(set.taps * rows, -1);
+    for (int64_t t = 0; t < set.taps; ++t)
+      for (int64_t row = 0; row < set.out_rows; ++row)
+        source[si][t * rows + row] = phases[set.members[row / Cxg]].taps[t].k + (row % Cxg) * K;
+  }
   const int64_t S = static_cast<int64_t>(sets.size());
-  at::parallel_for(0, S * G * pack_items, grain(Cyg * K * 8), [&](int64_t begin, int64_t end) {
-    std::vector<const Tap*> row_taps;
-    std::vector<int64_t> row_channel;
+  at::parallel_for(0, S * G * Cyg, grain(Cxg * K * 4), [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
-      PhaseSet& set = sets[item / (G * pack_items)];
-      const int64_t g = item / pack_items % G, MR = set.gt.mr, r0 = item % pack_items * MR;
-      if (r0 >= set.out_rows) continue;
-      const int64_t T = set.taps, width = std::min(MR, set.out_rows - r0);
-      row_taps.resize(width), row_channel.resize(width);
-      for (int64_t l = 0; l < width; ++l) {
-        row_taps[l] = phases[set.members[(r0 + l) / Cxg]].taps.data();
-        row_channel[l] = (r0 + l) % Cxg;
-      }
-      for (int64_t cy = 0; cy < Cyg; ++cy) {
-        const int64_t bi = cy / set.block, depth = std::min(set.block, Cyg - bi * set.block) * T;
-        acc_t* dst = set.a.data() + (g * set.blocks + bi) * set.a_size + r0 * depth + (cy - bi * set.block) * T * MR;
-        const acc_t* src = w_t.data() + (g * Cyg + cy) * K * Cxg;
+      const int64_t si = item / (G * Cyg), g = item / Cyg % G, cy = item % Cyg;
+      PhaseSet& set = sets[si];
+      const int64_t MR = set.gt.mr, T = set.taps, rows = ceil_div(set.out_rows, MR) * MR;
+      const int64_t bi = cy / set.block, depth = std::min(set.block, Cyg - bi * set.block) * T;
+      const scalar_t* src = w + (g * Cyg + cy) * Cxg * K;
+      acc_t* base = set.a.get() + (g * set.blocks + bi) * set.a_size + (cy - bi * set.block) * T * MR;
+      for (int64_t r0 = 0; r0 < rows; r0 += MR) {
+        acc_t* dst = base + r0 * depth;
         for (int64_t t = 0; t < T; ++t, dst += MR) {
-          for (int64_t l = 0; l < width; ++l) dst[l] = src[row_taps[l][t].k * Cxg + row_channel[l]];
-          for (int64_t l = width; l < MR; ++l) dst[l] = acc_t(0);
+          const int64_t* at = source[si].data() + t * rows + r0;
+          for (int64_t l = 0; l < MR; ++l) dst[l] = at[l] < 0 ? acc_t(0) : static_cast<acc_t>(src[at[l]]);
         }
       }
     }
@@ -372,7 +373,7 @@ void conv_transpose_kernel(const ConvParams& p, const scalar_t* y, const Strides
           gather_columns(y_g + bi * set.block * sy.c, channels, p.small, sy, first.taps, one, first.grid, job.m0,
                          job.m1, col, ColumnLayout{depth, set.gt.nr, 0});
         }
-        cpu::gemm_packed<acc_t>(set.gt, set.out_rows, cnt, depth, set.a.data() + (g * set.blocks + bi) * set.a_size,
+        cpu::gemm_packed<acc_t>(set.gt, set.out_rows, cnt, depth, set.a.get() + (g * set.blocks + bi) * set.a_size,
                                 col, bi > 0, out, cnt);
       }
       for (size_t i = 0; i < set.members.size(); ++i)
