@@ -13,6 +13,8 @@
 // symbolic instead of specialising the graph; the kernels still take plain int64 lists (IntArrayRef).
 #include <torch/library.h>
 
+#include "cpu/gemm.h"
+
 TORCH_LIBRARY(torch_convt, m) {
   m.def(
       "conv_transpose(Tensor input, Tensor weight, Tensor? bias, SymInt[] stride, SymInt[] padding, "
@@ -23,4 +25,7 @@ TORCH_LIBRARY(torch_convt, m) {
   m.def(
       "conv_weight_grad(Tensor input, Tensor grad_output, SymInt[] weight_size, SymInt[] stride, "
       "SymInt[] padding, SymInt[] dilation, int groups) -> Tensor");
+  // Not an op on tensors: the CPU's fp32 FMA peak (GFLOP/s, all threads), measured by our own register-blocked
+  // loop with the GEMM's ISA; the benchmark's "% of peak" reference.
+  m.def("cpu_fma_peak_gflops(float seconds) -> float", &torch_convt::cpu::fma_peak_gflops);
 }

@@ -20,7 +20,16 @@ How the measurement works
   ``--budget-s`` take fewer, at least 3). The ``spread`` column is the larger of the two sides'
   (max - min) / median over the samples: a quick noise indicator.
 * GFLOP/s uses the direct-convolution count 2*N*Cin*(Cout/groups)*prod(kernel)*prod(in spatial)
-  (x3 for a training step); % of peak is relative to a large ``torch.mm`` (fp32) measured at start.
+  (x3 for a training step). % of peak is relative to the machine's fp32 FMA peak, measured at start on
+  all threads by our own register-only FMA loop (``torch.ops.torch_convt.cpu_fma_peak_gflops``; on CUDA,
+  a large ``torch.mm``); a large ``torch.mm`` (sgemm) is printed beside it for reference.
+* GB/s counts the bytes a call must move at least: input + output + weight for a forward, three times
+  input + output plus the weight and its gradient for a training step. %bw is relative to the copy
+  bandwidth (``Tensor.copy_`` of 256 MiB on all threads: read + write bytes) measured at start: the
+  figure of merit of memory-bound cases (kernel == stride).
+* workspace: peak memory of one forward call beyond its output (Linux: VmHWM after resetting it,
+  minus VmRSS before), for ours and for torch.nn; buffers served from memory the process already
+  holds are not seen.
 """
 from __future__ import annotations
 
@@ -157,6 +166,21 @@ def compare_abba(fa: Callable[[], None], fb: Callable[[], None], device: torch.d
     return ta, tb
 
 
+def measure_fma_peak(seconds: float = 0.5) -> Optional[float]:
+    """The CPU's fp32 FMA peak (GFLOP/s, all torch threads), by our register-only FMA loop."""
+    op = getattr(torch.ops.torch_convt, "cpu_fma_peak_gflops", None)
+    return None if op is None else float(op(seconds))
+
+
+def measure_copy_bandwidth(device: torch.device, mib: int = 256, reps: int = 5) -> float:
+    """GB/s of a large ``copy_`` (bytes read + written), median of a few."""
+    src = torch.ones(mib << 18, device=device)  # mib MiB of fp32
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    times = [_time_loop(lambda: dst.copy_(src), 1, device) for _ in range(reps)]
+    return 2 * src.numel() * 4 / statistics.median(times) / 1e9
+
+
 def measure_peak(device: torch.device, dtype: torch.dtype = torch.float32,
                  n: int = 2048, reps: int = 5) -> float:
     """Reference peak GFLOP/s: median of a few large ``torch.mm`` calls (sgemm for fp32)."""
@@ -177,8 +201,19 @@ def _rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
     return diff / max(ref_w.abs().max().item(), 1e-30)
 
 
-def _workspace_bytes(tc, fwd: Callable[[], torch.Tensor], device: torch.device) -> Optional[int]:
-    """Extra memory of one of our forward calls beyond inputs + output, if measurable."""
+def _proc_status_bytes(field: str) -> Optional[int]:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def _workspace_bytes(fwd: Callable[[], torch.Tensor], device: torch.device) -> Optional[int]:
+    """Peak memory of one forward call beyond its output (see the module docstring), if measurable."""
     if device.type == "cuda":
         _sync(device)
         torch.cuda.reset_peak_memory_stats(device)
@@ -187,12 +222,21 @@ def _workspace_bytes(tc, fwd: Callable[[], torch.Tensor], device: torch.device) 
             y = fwd()
         _sync(device)
         return max(0, torch.cuda.max_memory_allocated(device) - base - y.numel() * y.element_size())
-    getter = getattr(tc, "last_workspace_bytes", None)
-    if not callable(getter):
+    gc.collect()
+    try:
+        with open("/proc/self/clear_refs", "w") as f:  # resets VmHWM to the current VmRSS
+            f.write("5")
+    except OSError:
         return None
+    before = _proc_status_bytes("VmRSS")
     with torch.no_grad():
-        fwd()
-    return int(getter())
+        y = fwd()
+    peak = _proc_status_bytes("VmHWM")
+    if before is None or peak is None:
+        return None
+    out = y.numel() * y.element_size()
+    del y
+    return max(0, peak - before - out)
 
 
 def _cpu_model() -> str:
@@ -252,7 +296,7 @@ class TorchUnsupported(Exception):
 
 
 def run_case(tc, case: Case, device: torch.device, modes, samples: int, target_s: float,
-             budget_s: float, quick: bool, peak: float) -> list:
+             budget_s: float, quick: bool, peak: float, bandwidth: float) -> list:
     dtype = DTYPES[case.dtype]
     shape = case.quick_shape if (quick and case.quick_shape) else case.input_shape
     fwd_tol, grad_tol = TOLERANCES[dtype]
@@ -280,7 +324,11 @@ def run_case(tc, case: Case, device: torch.device, modes, samples: int, target_s
             tc_fn(x, ref.weight, ref.bias, case.stride, case.padding, case.output_padding,
                   case.groups, case.dilation), y_ref)
     problems += [f"{k} err {v:.2e} > {fwd_tol:g}" for k, v in errs.items() if not v <= fwd_tol]
-    workspace = _workspace_bytes(tc, lambda: ours(x), device)
+    workspace = _workspace_bytes(lambda: ours(x), device)
+    workspace_torch = _workspace_bytes(lambda: ref(x), device)
+    elem = x.element_size()
+    io_bytes = (x.numel() + y_ref.numel()) * elem
+    w_bytes = sum(t.numel() for t in ref.parameters()) * elem
     grad_out = torch.randn_like(y_ref)
     del y_ref
 
@@ -320,9 +368,12 @@ def run_case(tc, case: Case, device: torch.device, modes, samples: int, target_s
         spread = max((max(v) - min(v)) / statistics.median(v) for v in (s_ref, s_ours))
         flops = base["flops"] * (3 if mode == "train" else 1)
         gflops = flops / t_ours / 1e9
+        moved = 3 * io_bytes + 2 * w_bytes if mode == "train" else io_bytes + w_bytes
+        gbs = moved / t_ours / 1e9
         res = dict(base, mode=mode, samples=n, torch_ms=t_ref * 1e3, ours_ms=t_ours * 1e3,
                    ratio=t_ref / t_ours, spread_pct=100.0 * spread, gflops=gflops,
-                   pct_peak=100.0 * gflops / peak, torch_samples_ms=[t * 1e3 for t in s_ref],
+                   pct_peak=100.0 * gflops / peak, gbs=gbs, pct_bw=100.0 * gbs / bandwidth,
+                   workspace_torch_bytes=workspace_torch, torch_samples_ms=[t * 1e3 for t in s_ref],
                    ours_samples_ms=[t * 1e3 for t in s_ours],
                    workspace_bytes=workspace, errors=dict(errs), ok=not problems,
                    problems=list(problems))
@@ -357,7 +408,8 @@ def _fmt_bytes(n: Optional[int]) -> str:
 
 def print_table(results, out=sys.stdout) -> None:
     hdr = (f"{'case':<20s} {'mode':<5s} {'dtype':<8s} {'torch ms':>10s} {'ours ms':>10s} "
-           f"{'ratio':>6s} {'spread':>6s} {'GFLOP/s':>8s} {'%peak':>6s} {'workspace':>10s}  check")
+           f"{'ratio':>6s} {'spread':>6s} {'GFLOP/s':>8s} {'%peak':>6s} {'GB/s':>6s} {'%bw':>5s} "
+           f"{'workspace':>10s} {'torch ws':>10s}  check")
     print(hdr, file=out)
     print("-" * len(hdr), file=out)
     for r in results:
@@ -366,7 +418,8 @@ def print_table(results, out=sys.stdout) -> None:
             continue
         print(f"{r['case']:<20s} {r['mode']:<5s} {r['dtype']:<8s} {r['torch_ms']:10.3f} "
               f"{r['ours_ms']:10.3f} {r['ratio']:6.2f} {r['spread_pct']:5.0f}% {r['gflops']:8.1f} {r['pct_peak']:6.1f} "
-              f"{_fmt_bytes(r['workspace_bytes']):>10s}  {'ok' if r['ok'] else 'FAIL'}", file=out)
+              f"{r['gbs']:6.1f} {r['pct_bw']:5.1f} {_fmt_bytes(r['workspace_bytes']):>10s} "
+              f"{_fmt_bytes(r['workspace_torch_bytes']):>10s}  {'ok' if r['ok'] else 'FAIL'}", file=out)
     for mode in ("fwd", "train"):
         ratios = [r["ratio"] for r in results if r["mode"] == mode and "ratio" in r]
         if ratios:
@@ -435,16 +488,23 @@ def main(argv=None) -> int:
     if busy is not None and busy > 0.2:
         print(f"warning: other processes kept the CPUs {100 * busy:.0f}% busy just before "
               f"starting; timings will be noisy")
-    peak = measure_peak(device, torch.float32)
-    print(f"sgemm peak (torch.mm): {peak:.1f} GFLOP/s (fp32, also used for %peak of other dtypes)",
-          flush=True)
+    sgemm = measure_peak(device, torch.float32)
+    fma = measure_fma_peak() if device.type == "cpu" else None
+    peak = fma or sgemm
+    bandwidth = measure_copy_bandwidth(device)
+    if fma:
+        print(f"fp32 peak (our FMA loop, {torch.get_num_threads()} threads): {fma:.1f} GFLOP/s = 100% "
+              f"(also for other dtypes); sgemm (torch.mm 2048^2): {sgemm:.1f} GFLOP/s", flush=True)
+    else:
+        print(f"peak (torch.mm fp32): {sgemm:.1f} GFLOP/s = 100% (also for other dtypes)", flush=True)
+    print(f"copy bandwidth (copy_ of 256 MiB, read + write): {bandwidth:.1f} GB/s = 100% bw", flush=True)
 
     results, t_start, load = [], time.perf_counter(), CpuLoad()
     for i, case in enumerate(cases, 1):
         _log(f"[{i}/{len(cases)}] {case.name}")
         try:
             results += run_case(tc, case, device, modes, samples, target_s, budget_s,
-                                args.quick, peak)
+                                args.quick, peak, bandwidth)
         except TorchUnsupported as e:
             msg = f"SKIP (torch.nn cannot run it: {str(e).splitlines()[0]})"[:160]
             _log(f"  {case.name}: {msg}")
@@ -473,6 +533,7 @@ def main(argv=None) -> int:
                     python=platform.python_version(),
                     torch=torch.__version__, torch_convt=getattr(tc, "__version__", "?"),
                     device=str(device), threads=torch.get_num_threads(), peak_gflops=peak,
+                    fma_peak_gflops=fma, sgemm_gflops=sgemm, copy_bandwidth_gbs=bandwidth,
                     samples=samples, sample_ms=target_s * 1e3, budget_s=budget_s,
                     quick=args.quick, others_busy_at_start=busy, others_busy_during=busy_run)
         with open(args.json, "w") as f:

@@ -26,8 +26,17 @@ from . import ops
 __all__ = ["conv_transpose1d", "conv_transpose2d", "conv_transpose3d", "conv1d", "conv2d", "conv3d"]
 
 
+_INT64 = range(-2**63, 2**63)
+
+
 def _expand(name, fn, value, dims):
     """int or sequence of ints -> list of `dims` ints (a 1-element sequence is broadcast, as torch does)."""
+    # fast path, the common case of every module call: plain ints in range (bool is not int here: type() is exact)
+    if type(value) is int and value in _INT64:
+        return [value] * dims
+    if type(value) is tuple and len(value) == dims and all(type(v) is int and v in _INT64 for v in value):
+        return list(value)
+
     def is_int(v):
         return isinstance(v, (int, torch.SymInt)) and not isinstance(v, bool)
 

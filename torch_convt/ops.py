@@ -274,8 +274,12 @@ def _register_autograd_kernel(op, function):
                 return apply_at_this_level(*args)
             with torch._functorch.utils.enable_single_level_autograd_function():
                 return apply_at_this_level(*args)
-        # nothing to differentiate: straight to the backend kernel, no graph node
+        # nothing to differentiate: straight to the backend kernel, no graph node (calling the op again below
+        # autograd costs less than a Python redispatch, which matters to small layers; under torch.func the
+        # dispatch must continue from this level, so it redispatches)
         with torch._C._AutoDispatchBelowAutograd():
+            if not torch._C._are_functorch_transforms_active():
+                return op(*args)
             return op.redispatch(keyset & torch._C._after_autograd_keyset, *args)
 
     _autograd_lib.impl(op._schema.name.split("::")[1], autograd_kernel, "Autograd", with_keyset=True)

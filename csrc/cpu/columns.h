@@ -337,21 +337,88 @@ void gather_windows(const Frame& fr, const scalar_t* src, int64_t channels, cons
   }
 }
 
-// The packed B operand (gemm.h) of a tile of `count` positions from its windows: row c*T + t of panel p is
-// window (c, plane_t) at [p*NR + off_t - min_off, +NR). Panel positions past `count` read window slack
-// (zeros or frame points off the grid): those GEMM columns are computed but never stored.
+// The packed B operand (gemm.h) of a tile of `count` positions: row c*T + t of panel p is the run
+// [p*NR + off_t - min_off, +NR) of window (c, plane_t), found at win + c*channel_stride + plane*plane_stride.
+// Window elements at or past `limit` are not read (zeros instead). Panel positions past `count` read window
+// slack (zeros or frame points off the grid): those GEMM columns are computed but never stored.
 template <typename acc_t>
-void pack_frame_columns(const Frame& fr, const acc_t* win, int64_t len, int64_t channels, int64_t count, int64_t nr,
-                        acc_t* col) {
-  const int64_t T = static_cast<int64_t>(fr.tap_off.size()), P = static_cast<int64_t>(fr.planes.size());
-  const int64_t depth = channels * T;
+void pack_frame_columns(const Frame& fr, const acc_t* win, int64_t channel_stride, int64_t plane_stride,
+                        int64_t limit, int64_t channels, int64_t count, int64_t nr, acc_t* col) {
+  const int64_t T = static_cast<int64_t>(fr.tap_off.size()), depth = channels * T;
   for (int64_t p0 = 0; p0 < count; p0 += nr) {
     acc_t* dst = col + p0 * depth;
     for (int64_t c = 0; c < channels; ++c)
       for (int64_t t = 0; t < T; ++t, dst += nr) {
-        const acc_t* s = win + (c * P + fr.tap_plane[t]) * len + p0 + fr.tap_off[t] - fr.min_off;
-        for (int64_t l = 0; l < nr; ++l) dst[l] = s[l];  // (a call to memcpy costs more than these few vectors)
+        const int64_t i = p0 + fr.tap_off[t] - fr.min_off;
+        const acc_t* s = win + c * channel_stride + fr.tap_plane[t] * plane_stride + i;
+        if (i + nr <= limit) {
+          for (int64_t l = 0; l < nr; ++l) dst[l] = s[l];  // (a call to memcpy costs more than these few vectors)
+        } else {
+          for (int64_t l = 0; l < nr; ++l) dst[l] = i + l < limit ? s[l] : acc_t(0);
+        }
       }
+  }
+}
+
+// Whether the source's channel planes already are the frame's one plane: dense, no padding, no sub-sampling
+// (kernel == stride transposed layers, unpadded stride-1 convs). Then the columns are packed from it directly.
+inline bool source_is_frame(const Frame& fr, const int64_t* extent, const Strides& st) {
+  const int64_t zero[kMaxDims] = {0, 0, 0};
+  return fr.planes.size() == 1 && std::equal(zero, zero + kMaxDims, fr.planes[0].begin()) &&
+         std::equal(zero, zero + kMaxDims, fr.pad) && std::equal(fr.ext, fr.ext + kMaxDims, extent) &&
+         fr.step[0] == 1 && fr.step[1] == 1 && fr.step[2] == 1 && st.dense_rows(extent);
+}
+
+// The packed columns of the tile [f0, f0 + count) of frame positions, from channels [0, channels) of `src`:
+// through windows (gather_windows), or straight from `src` where source_is_frame and the types agree.
+template <typename scalar_t, typename acc_t>
+void frame_columns(const Frame& fr, const scalar_t* src, int64_t channels, const int64_t* extent, const Strides& st,
+                   int64_t f0, int64_t count, int64_t nr, acc_t* col) {
+  const int64_t w0 = f0 + fr.min_off;
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    if (source_is_frame(fr, extent, st))
+      return pack_frame_columns(fr, src + w0, st.c, 0, fr.total() - w0, channels, count, nr, col);
+  }
+  const int64_t P = static_cast<int64_t>(fr.planes.size()), len = fr.window(count, nr);
+  acc_t* win = scratch<acc_t, 2>(channels * P * len);
+  gather_windows(fr, src, channels, extent, st, w0, len, win);
+  pack_frame_columns(fr, win, P * len, len, len, channels, count, nr, col);
+}
+
+// store_rows for `ways` row blocks whose points interleave along the innermost dim: block w holds the points at
+// innermost position m2*ways + w (+ offset[2] = 0), i.e. phases r2 = 0..ways-1 of a stride-`ways` transposed
+// layer (step[2] == ways), and dst's innermost stride is 1. Each output run is then written once, contiguously,
+// instead of `ways` strided passes.
+template <typename scalar_t, typename acc_t>
+void store_rows_interleaved(const acc_t* const* rows, int64_t ways, int64_t ld, int64_t channels, const acc_t* bias,
+                            scalar_t* dst, const Strides& st, const int64_t* step, const int64_t* offset,
+                            const int64_t* grid, int64_t m_begin, int64_t m_end, const int64_t* frame = nullptr) {
+  const int64_t* fr = frame ? frame : grid;
+  for (int64_t c = 0; c < channels; ++c) {
+    const acc_t b = bias ? bias[c] : acc_t(0);
+    scalar_t* d = dst + c * st.c;
+    int64_t m = m_begin, idx[kMaxDims];
+    unflatten3(m, fr, idx);
+    while (m < m_end) {
+      const int64_t first = idx[2], last = std::min(fr[2], first + (m_end - m));
+      if (idx[0] < grid[0] && idx[1] < grid[1]) {
+        const int64_t stop = std::min(last, grid[2]), at = c * ld + m - m_begin - first;
+        scalar_t* row = d + st.at(idx[0] * step[0] + offset[0], idx[1] * step[1] + offset[1], 0);
+        if (ways == 2) {
+          const acc_t *r0 = rows[0] + at, *r1 = rows[1] + at;
+          for (int64_t j = first; j < stop; ++j) {
+            row[2 * j] = narrow_to<scalar_t>(r0[j] + b);
+            row[2 * j + 1] = narrow_to<scalar_t>(r1[j] + b);
+          }
+        } else {
+          for (int64_t j = first; j < stop; ++j)
+            for (int64_t w = 0; w < ways; ++w) row[j * ways + w] = narrow_to<scalar_t>(rows[w][at + j] + b);
+        }
+      }
+      m += last - first;
+      idx[2] = 0;
+      if (++idx[1] == fr[1]) idx[1] = 0, ++idx[0];
+    }
   }
 }
 

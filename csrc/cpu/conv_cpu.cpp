@@ -16,6 +16,10 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
 #include <algorithm>
 #include <memory>
 #include <new>
@@ -30,6 +34,8 @@ namespace torch_convt {
 namespace {
 
 using namespace cpu;  // columns.h
+
+constexpr int64_t kMaxInterleave = 16;  // transposed layers store up to this many phases interleaved
 
 // ---------------------------------------------------------------------------------------------------------
 // Per-channel layers (depthwise): row loops (columns.h), no GEMM
@@ -60,13 +66,18 @@ void conv_depthwise(const ConvParams& p, const scalar_t* x, const Strides& sx, c
   });
 }
 
-// Whether a GEMM over `M` grid points gathers its columns through a frame (columns.h): when the windows of a
-// tile are smaller than its columns (several taps share them; the span of the shifts is small next to the tile),
-// the frame adds few computed points off the grid, and the windows fit the window budget.
-inline bool use_frame(const Frame& fr, int64_t M, int64_t channels, int64_t tile, int64_t nr, int64_t elem) {
+// Whether a GEMM over `M` grid points gathers its columns through a frame (columns.h): when the frame adds few
+// computed points off the grid, and either the source is the frame itself (no gather at all), or the windows of
+// a tile are smaller than its columns (several taps share them; the span of the shifts is small next to the
+// tile) and fit the window budget.
+template <typename scalar_t, typename acc_t>
+bool use_frame(const Frame& fr, int64_t M, const int64_t* extent, const Strides& st, int64_t channels, int64_t tile,
+               int64_t nr) {
+  if (fr.positions > M + M / 2) return false;
+  if (std::is_same_v<scalar_t, acc_t> && source_is_frame(fr, extent, st)) return true;
   const int64_t window = static_cast<int64_t>(fr.planes.size()) * fr.window(tile, nr);
-  return window <= static_cast<int64_t>(fr.tap_off.size()) * tile && fr.positions <= M + M / 2 &&
-         channels * window * elem <= kWindowBytes;
+  const int64_t taps = static_cast<int64_t>(fr.tap_off.size());
+  return taps > 1 && window <= taps * tile && channels * window * int64_t(sizeof(acc_t)) <= kWindowBytes;
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -105,7 +116,7 @@ void conv_kernel(const ConvParams& p, const scalar_t* x, const Strides& sx, cons
   // Positions: flat frame positions (columns.h) where the frame gather applies, else the output grid's.
   const Frame frame = make_frame(taps, p.stride, p.small);
   int64_t M = p.small_spatial(), tile = tile_size(depth, frame.positions, sizeof(acc_t), gt.nr);
-  const bool framed = use_frame(frame, M, block, tile, gt.nr, sizeof(acc_t));
+  const bool framed = use_frame<scalar_t, acc_t>(frame, M, p.big, sx, block, tile, gt.nr);
   if (framed) M = frame.positions;
   else tile = tile_size(depth, M, sizeof(acc_t), gt.nr);
   const int64_t tiles = ceil_div(M, tile), zero[kMaxDims] = {0, 0, 0}, one[kMaxDims] = {1, 1, 1};
@@ -127,10 +138,7 @@ void conv_kernel(const ConvParams& p, const scalar_t* x, const Strides& sx, cons
         const int64_t channels = std::min(block, Cxg - bi * block);
         const scalar_t* x_b = x + n * sx.n + (g * Cxg + bi * block) * sx.c;
         if (framed) {
-          const int64_t len = frame.window(cnt, gt.nr);
-          acc_t* win = scratch<acc_t, 2>(channels * frame.planes.size() * len);
-          gather_windows(frame, x_b, channels, p.big, sx, m0 + frame.min_off, len, win);
-          pack_frame_columns(frame, win, len, channels, cnt, gt.nr, col);
+          frame_columns(frame, x_b, channels, p.big, sx, m0, cnt, gt.nr, col);
         } else {
           gather_columns(x_b, channels, p.big, sx, taps, p.stride, p.small, m0, m1, col,
                          ColumnLayout{channels * T, gt.nr, 0});
@@ -267,6 +275,8 @@ void conv_transpose_kernel(const ConvParams& p, const scalar_t* y, const Strides
     int64_t a_size = 0;  // of one (group, block) operand
     Frame frame;         // positions are flat frame positions (columns.h) when `framed`, else grid positions
     bool framed = false;
+    // members stored together: phases differing only in r2 that cover 0..stride2-1 (interleaved), else one each
+    std::vector<std::vector<int64_t>> store_groups;
   };
   const auto same_shifts = [](const Phase& u, const Phase& v) {
     if (u.taps.size() != v.taps.size() || !std::equal(u.grid, u.grid + kMaxDims, v.grid)) return false;
@@ -280,6 +290,31 @@ void conv_transpose_kernel(const ConvParams& p, const scalar_t* y, const Strides
                            [&](const PhaseSet& set) { return same_shifts(phases[set.members[0]], phases[q]); });
     if (it == sets.end()) it = sets.insert(sets.end(), PhaseSet{});
     it->members.push_back(static_cast<int64_t>(q));
+  }
+  for (PhaseSet& set : sets) {
+    std::vector<std::vector<int64_t>> by_row;  // member indices with the same (r0, r1), in r2 order
+    for (size_t i = 0; i < set.members.size(); ++i) {
+      const int64_t* r = phases[set.members[i]].r;
+      auto it = std::find_if(by_row.begin(), by_row.end(), [&](const std::vector<int64_t>& grp) {
+        const int64_t* r_first = phases[set.members[grp[0]]].r;
+        return r_first[0] == r[0] && r_first[1] == r[1];
+      });
+      if (it == by_row.end()) it = by_row.insert(by_row.end(), std::vector<int64_t>{});
+      it->push_back(static_cast<int64_t>(i));
+    }
+    for (auto& grp : by_row) {
+      std::sort(grp.begin(), grp.end(), [&](int64_t u, int64_t v) {
+        return phases[set.members[u]].r[2] < phases[set.members[v]].r[2];
+      });
+      bool whole = p.stride[2] > 1 && p.stride[2] <= kMaxInterleave &&
+                   static_cast<int64_t>(grp.size()) == p.stride[2] && sx.s[2] == 1;
+      for (size_t w = 0; w < grp.size() && whole; ++w) whole = phases[set.members[grp[w]]].r[2] == int64_t(w);
+      if (whole) {
+        set.store_groups.push_back(grp);
+      } else {
+        for (int64_t i : grp) set.store_groups.push_back({i});
+      }
+    }
   }
   struct Job {
     int64_t set, m0, m1;
@@ -302,7 +337,7 @@ void conv_transpose_kernel(const ConvParams& p, const scalar_t* y, const Strides
     int64_t M = ph.grid[0] * ph.grid[1] * ph.grid[2];
     set.frame = make_frame(ph.taps, one, ph.grid);
     set.tile = tile_size(std::max(rows, set.out_rows), set.frame.positions, sizeof(acc_t), set.gt.nr);
-    set.framed = use_frame(set.frame, M, set.block, set.tile, set.gt.nr, sizeof(acc_t));
+    set.framed = use_frame<scalar_t, acc_t>(set.frame, M, p.small, sy, set.block, set.tile, set.gt.nr);
     if (set.framed) M = set.frame.positions;
     else set.tile = tile_size(std::max(rows, set.out_rows), M, sizeof(acc_t), set.gt.nr);
     jobs_extent.push_back(M);
@@ -364,11 +399,7 @@ void conv_transpose_kernel(const ConvParams& p, const scalar_t* y, const Strides
       for (int64_t bi = 0; bi < set.blocks; ++bi) {
         const int64_t channels = std::min(set.block, Cyg - bi * set.block), depth = channels * set.taps;
         if (set.framed) {
-          const int64_t len = set.frame.window(cnt, set.gt.nr);
-          acc_t* win = scratch<acc_t, 2>(channels * set.frame.planes.size() * len);
-          gather_windows(set.frame, y_g + bi * set.block * sy.c, channels, p.small, sy, job.m0 + set.frame.min_off,
-                         len, win);
-          pack_frame_columns(set.frame, win, len, channels, cnt, set.gt.nr, col);
+          frame_columns(set.frame, y_g + bi * set.block * sy.c, channels, p.small, sy, job.m0, cnt, set.gt.nr, col);
         } else {
           gather_columns(y_g + bi * set.block * sy.c, channels, p.small, sy, first.taps, one, first.grid, job.m0,
                          job.m1, col, ColumnLayout{depth, set.gt.nr, 0});
@@ -376,10 +407,20 @@ void conv_transpose_kernel(const ConvParams& p, const scalar_t* y, const Strides
         cpu::gemm_packed<acc_t>(set.gt, set.out_rows, cnt, depth, set.a.get() + (g * set.blocks + bi) * set.a_size,
                                 col, bi > 0, out, cnt);
       }
-      for (size_t i = 0; i < set.members.size(); ++i)
-        store_rows(out + i * Cxg * cnt, cnt, Cxg, ba ? ba + g * Cxg : nullptr,
-                   x + n * sx.n + g * Cxg * sx.c, sx, p.stride, phases[set.members[i]].r, first.grid,
-                   job.m0, job.m1, set.framed ? set.frame.ext : nullptr);
+      const acc_t* b_g = ba ? ba + g * Cxg : nullptr;
+      scalar_t* x_g = x + n * sx.n + g * Cxg * sx.c;
+      const int64_t* frame = set.framed ? set.frame.ext : nullptr;
+      for (const std::vector<int64_t>& grp : set.store_groups) {
+        const int64_t* r = phases[set.members[grp[0]]].r;
+        if (grp.size() == 1) {
+          store_rows(out + grp[0] * Cxg * cnt, cnt, Cxg, b_g, x_g, sx, p.stride, r, first.grid, job.m0, job.m1, frame);
+        } else {
+          const acc_t* rows[kMaxInterleave];
+          for (size_t w = 0; w < grp.size(); ++w) rows[w] = out + grp[w] * Cxg * cnt;
+          store_rows_interleaved(rows, grp.size(), cnt, Cxg, b_g, x_g, sx, p.stride, r, first.grid, job.m0, job.m1,
+                                 frame);
+        }
+      }
     }
   });
 }
@@ -530,6 +571,20 @@ at::MemoryFormat output_format(const at::Tensor& input, const at::Tensor& weight
   return channels_last ? cl : at::MemoryFormat::Contiguous;
 }
 
+// A new output tensor. Large ones are backed by transparent huge pages where the OS offers them on request (THP
+// "madvise" mode, common): the first touch of a fresh 128 MiB output then costs about a third of what 4 KiB page
+// faults cost, which is a large part of a memory-bound layer's time. Advisory only: nothing else changes.
+at::Tensor new_output(at::IntArrayRef shape, const at::TensorOptions& options) {
+  at::Tensor out = at::empty(shape, options);
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
+  const uintptr_t p = reinterpret_cast<uintptr_t>(out.data_ptr()), bytes = out.storage().nbytes();
+  const uintptr_t first = (p + kHuge - 1) & ~(kHuge - 1), last = (p + bytes) & ~(kHuge - 1);
+  if (bytes >= 4 * kHuge && last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
+#endif
+  return out;
+}
+
 // A workspace allocation that fails inside a kernel surfaces like torch's own allocation failures
 // (torch.OutOfMemoryError, a RuntimeError), not as std::bad_alloc, which Python would turn into MemoryError.
 // Nothing outlives a failed call: the output is discarded and the workspace is freed or reused as is.
@@ -547,7 +602,7 @@ at::Tensor conv_transpose_cpu(const at::Tensor& input, const at::Tensor& weight,
                               at::IntArrayRef dilation, int64_t groups) {
   const ConvParams p = check_conv_args(ConvKind::ConvTranspose, input, weight, weight.sizes(), bias, stride,
                                        padding, output_padding, dilation, groups);
-  at::Tensor out = at::empty(p.big_shape(), input.options().memory_format(output_format(input, weight)));
+  at::Tensor out = new_output(p.big_shape(), input.options().memory_format(output_format(input, weight)));
   if (out.numel() == 0) return out;
   const at::Tensor y = readable(input), w = dense(weight);
   const at::Tensor b = dense(bias);
@@ -566,7 +621,7 @@ at::Tensor conv_cpu(const at::Tensor& input, const at::Tensor& weight, const std
                     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
   const ConvParams p =
       check_conv_args(ConvKind::Conv, input, weight, weight.sizes(), bias, stride, padding, {}, dilation, groups);
-  at::Tensor out = at::empty(p.small_shape(), input.options().memory_format(output_format(input, weight)));
+  at::Tensor out = new_output(p.small_shape(), input.options().memory_format(output_format(input, weight)));
   if (out.numel() == 0) return out;
   const at::Tensor x = readable(input), w = dense(weight);
   const at::Tensor b = dense(bias);
@@ -585,7 +640,7 @@ at::Tensor conv_weight_grad_cpu(const at::Tensor& input, const at::Tensor& grad_
                                 int64_t groups) {
   const ConvParams p = check_conv_args(ConvKind::WeightGrad, input, grad_output, weight_size, std::nullopt, stride,
                                        padding, {}, dilation, groups);
-  at::Tensor out = at::empty(p.weight_shape(), input.options());
+  at::Tensor out = new_output(p.weight_shape(), input.options());
   if (out.numel() == 0) return out;
   const at::Tensor x = readable(input), y = readable(grad_output);
   run_kernel("torch_convt.conv_weight_grad", [&] {

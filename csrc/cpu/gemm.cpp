@@ -12,8 +12,13 @@
 
 #include <c10/util/complex.h>
 
+#include <ATen/Parallel.h>
+
 #include <algorithm>
+#include <chrono>
+#include <string>
 #include <type_traits>
+#include <vector>
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
@@ -312,6 +317,99 @@ void gemm_nt(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* 
 
 const char* gemm_isa() {
   return kernel<float>().isa;
+}
+
+// ---- the machine's fp32 FMA peak: independent FMA chains in registers, no memory traffic ----------------------
+namespace {
+// Runs `iters` rounds of `chains` independent vector FMAs; returns a value the compiler must compute.
+float fma_rounds_portable(int64_t iters, double* flops) {
+  constexpr int L = 64;
+  float acc[L];
+  for (int l = 0; l < L; ++l) acc[l] = 1e-3f * l;
+  for (int64_t k = 0; k < iters; ++k)
+    for (int l = 0; l < L; ++l) acc[l] = acc[l] * 0.999999f + 1e-7f;
+  *flops = 2.0 * L * iters;
+  float s = 0;
+  for (int l = 0; l < L; ++l) s += acc[l];
+  return s;
+}
+#if TORCH_CONVT_X86
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+__attribute__((target("avx512f,fma"))) float fma_rounds_avx512(int64_t iters, double* flops) {
+  constexpr int C = 24;  // > FMA latency x ports: the FMA units never wait
+  __m512 acc[C];
+#pragma GCC unroll 24
+  for (int i = 0; i < C; ++i) acc[i] = _mm512_set1_ps(1e-3f * i);
+  const __m512 a = _mm512_set1_ps(0.999999f), b = _mm512_set1_ps(1e-7f);
+  for (int64_t k = 0; k < iters; ++k)
+#pragma GCC unroll 24
+    for (int i = 0; i < C; ++i) acc[i] = _mm512_fmadd_ps(acc[i], a, b);
+  *flops = 2.0 * 16 * C * iters;
+  for (int i = 1; i < C; ++i) acc[0] = _mm512_add_ps(acc[0], acc[i]);
+  return hsum_avx512(acc[0]);
+}
+#pragma GCC diagnostic pop
+__attribute__((target("avx2,fma"))) float fma_rounds_avx2(int64_t iters, double* flops) {
+  constexpr int C = 12;
+  __m256 acc[C];
+#pragma GCC unroll 12
+  for (int i = 0; i < C; ++i) acc[i] = _mm256_set1_ps(1e-3f * i);
+  const __m256 a = _mm256_set1_ps(0.999999f), b = _mm256_set1_ps(1e-7f);
+  for (int64_t k = 0; k < iters; ++k)
+#pragma GCC unroll 12
+    for (int i = 0; i < C; ++i) acc[i] = _mm256_fmadd_ps(acc[i], a, b);
+  *flops = 2.0 * 8 * C * iters;
+  float lanes[8];
+  for (int i = 1; i < C; ++i) acc[0] = _mm256_add_ps(acc[0], acc[i]);
+  _mm256_storeu_ps(lanes, acc[0]);
+  float s = 0;
+  for (float v : lanes) s += v;
+  return s;
+}
+#endif
+
+float fma_rounds(int64_t iters, double* flops) {
+#if TORCH_CONVT_X86
+  const std::string isa = gemm_isa();
+  if (isa == "avx512") return fma_rounds_avx512(iters, flops);
+  if (isa == "avx2") return fma_rounds_avx2(iters, flops);
+#endif
+  return fma_rounds_portable(iters, flops);
+}
+}  // namespace
+
+double fma_peak_gflops(double seconds) {
+  using clock = std::chrono::steady_clock;
+  double flops = 0;
+  volatile float sink = 0;
+  // calibrate on one thread: rounds for about `seconds`
+  int64_t iters = 1 << 16;
+  for (;;) {
+    const auto t0 = clock::now();
+    sink = sink + fma_rounds(iters, &flops);
+    const double s = std::chrono::duration<double>(clock::now() - t0).count();
+    if (s > 0.02 || iters > (int64_t(1) << 40)) {
+      iters = std::max<int64_t>(1, static_cast<int64_t>(iters * seconds / s));
+      break;
+    }
+    iters *= 4;
+  }
+  // every thread of torch's pool at once, one task each, each timing itself (threads that start late do not
+  // count as slow); the machine's rate is the sum of the threads' rates
+  const int threads = at::get_num_threads();
+  std::vector<double> rate(threads, 0.0);
+  at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      double f = 0;
+      const auto t0 = clock::now();
+      sink = sink + fma_rounds(iters, &f);
+      rate[i] = f / std::chrono::duration<double>(clock::now() - t0).count();
+    }
+  });
+  double total = 0;
+  for (double r : rate) total += r;
+  return total / 1e9;
 }
 
 #define TORCH_CONVT_INSTANTIATE_GEMM(T)                                                                  \

@@ -63,4 +63,8 @@ void gemm_nt(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* 
 // The float micro-kernel in use: "avx512", "avx2" or "portable".
 const char* gemm_isa();
 
+// The machine's fp32 peak in GFLOP/s for that ISA: chains of register-only FMAs on every thread of torch's pool
+// (at::get_num_threads), for about `seconds`. The benchmark's reference for "% of peak".
+double fma_peak_gflops(double seconds);
+
 }  // namespace torch_convt::cpu
