@@ -22,6 +22,7 @@ namespace torch_convt::cpu {
 constexpr int64_t kColumnBytes = int64_t(512) << 10;  // column tile per thread: stays in L2 from gather to GEMM
 constexpr int64_t kPartialBytes = int64_t(32) << 20;  // weight-gradient partial sums, all chunks together
 constexpr int64_t kWindowBytes = int64_t(4) << 20;  // frame windows of a tile per thread (see Frame)
+constexpr int kWindowSlot = 4;                       // their scratch slot (0-3: the kernels' own buffers)
 constexpr int64_t kMaxChunks = 8;                     // weight-gradient reduction chunks (fixed: determinism)
 constexpr int64_t kMinTaskFlops = int64_t(1) << 21;   // below this a task is not worth a thread
 constexpr int64_t kPackedWeightGradRows = 128;        // weight gradient: packed GEMM from this many rows of Y
@@ -380,7 +381,7 @@ void frame_columns(const Frame& fr, const scalar_t* src, int64_t channels, const
       return pack_frame_columns(fr, src + w0, st.c, 0, fr.total() - w0, channels, count, nr, col);
   }
   const int64_t P = static_cast<int64_t>(fr.planes.size()), len = fr.window(count, nr);
-  acc_t* win = scratch<acc_t, 2>(channels * P * len);
+  acc_t* win = scratch<acc_t, kWindowSlot>(channels * P * len);
   gather_windows(fr, src, channels, extent, st, w0, len, win);
   pack_frame_columns(fr, win, P * len, len, len, channels, count, nr, col);
 }
@@ -447,6 +448,62 @@ inline std::vector<Tap> conv_taps(const ConvParams& p) {
         taps.push_back(tap);
       }
   return taps;
+}
+
+// Row-major columns of the tile [f0, f0 + count) of frame positions (for the weight gradient's dot products):
+// col[(c*T + t)*ld + j] = column row (c, t) at frame position f0 + j; windows as in frame_columns.
+template <typename scalar_t, typename acc_t>
+void frame_rows(const Frame& fr, const scalar_t* src, int64_t channels, const int64_t* extent, const Strides& st,
+                int64_t f0, int64_t count, acc_t* col, int64_t ld) {
+  const int64_t T = static_cast<int64_t>(fr.tap_off.size()), P = static_cast<int64_t>(fr.planes.size());
+  const int64_t w0 = f0 + fr.min_off;
+  const acc_t* win;
+  int64_t channel_stride, plane_stride, limit;
+  bool direct = false;
+  if constexpr (std::is_same_v<scalar_t, acc_t>) direct = source_is_frame(fr, extent, st);
+  if (direct) {
+    win = reinterpret_cast<const acc_t*>(src) + w0, channel_stride = st.c, plane_stride = 0, limit = fr.total() - w0;
+  } else {
+    const int64_t len = fr.window(count, 1);
+    acc_t* w = scratch<acc_t, kWindowSlot>(channels * P * len);
+    gather_windows(fr, src, channels, extent, st, w0, len, w);
+    win = w, channel_stride = P * len, plane_stride = len, limit = len;
+  }
+  for (int64_t c = 0; c < channels; ++c)
+    for (int64_t t = 0; t < T; ++t) {
+      const int64_t i = fr.tap_off[t] - fr.min_off, n = std::clamp<int64_t>(limit - i, 0, count);
+      const acc_t* s = win + c * channel_stride + fr.tap_plane[t] * plane_stride + i;
+      acc_t* dst = col + (c * T + t) * ld;
+      for (int64_t j = 0; j < n; ++j) dst[j] = s[j];
+      for (int64_t j = n; j < count; ++j) dst[j] = acc_t(0);
+    }
+}
+
+// rows[c*ld + m - m_begin] = src at channel c and grid point m (strides `st`), for m in [m_begin, m_end) flat over
+// `frame` (>= grid in every dim): zero at the frame points off the grid. The reverse of store_rows.
+template <typename scalar_t, typename acc_t>
+void load_rows(const scalar_t* src, const Strides& st, int64_t channels, const int64_t* grid, const int64_t* frame,
+               int64_t m_begin, int64_t m_end, acc_t* rows, int64_t ld) {
+  for (int64_t c = 0; c < channels; ++c) {
+    const scalar_t* s = src + c * st.c;
+    acc_t* r = rows + c * ld - m_begin;
+    int64_t m = m_begin, idx[kMaxDims];
+    unflatten3(m, frame, idx);
+    while (m < m_end) {
+      const int64_t first = idx[2], last = std::min(frame[2], first + (m_end - m));
+      acc_t* out = r + m - first;
+      int64_t stop = first;
+      if (idx[0] < grid[0] && idx[1] < grid[1]) {
+        stop = std::clamp(grid[2], first, last);
+        const scalar_t* in = s + st.at(idx[0], idx[1], 0);
+        for (int64_t j = first; j < stop; ++j) out[j] = static_cast<acc_t>(in[j * st.s[2]]);
+      }
+      for (int64_t j = stop; j < last; ++j) out[j] = acc_t(0);
+      m += last - first;
+      idx[2] = 0;
+      if (++idx[1] == frame[1]) idx[1] = 0, ++idx[0];
+    }
+  }
 }
 
 // ---------------------------------------------------------------------------------------------------------

@@ -480,12 +480,19 @@ void conv_weight_grad_kernel(const ConvParams& p, const scalar_t* x, const Strid
   // The GEMM is dW_g[Cyg x KK] += Y_tile[Cyg x positions] . columns[KK x positions]^T (gemm_nt): positions are
   // its depth, so a tile takes many positions (long dot products; a tile may span batch items) and, when the
   // columns of all input channels would not fit the column budget, a block of input channels.
-  const int64_t elem = sizeof(acc_t), P = p.batch * M;  // positions over the whole batch, n-major
+  const int64_t elem = sizeof(acc_t);
   int64_t tile = std::max<int64_t>(512, kColumnBytes / (KK * elem) / 16 * 16);
-  tile = std::max<int64_t>(1, std::min(P, std::max<int64_t>(16, std::min(tile, 4 * kColumnBytes / (T * elem) / 16 * 16))));
+  tile = std::max<int64_t>(1, std::min(p.batch * M, std::max<int64_t>(16, std::min(tile, 4 * kColumnBytes / (T * elem) / 16 * 16))));
   const int64_t block = std::clamp<int64_t>(kColumnBytes / (tile * T * elem), 1, Cxg);
+  // Positions are flat frame positions (columns.h) where the frame gather applies (Y is zero at the frame points
+  // off the grid, so they add nothing), else grid positions; over the whole batch, n-major.
+  const Frame frame = make_frame(taps, p.stride, p.small);
+  const bool framed = use_frame<scalar_t, acc_t>(frame, M, p.big, sx, block, tile, 1);
+  const int64_t* positions = framed ? frame.ext : p.small;  // the layout of a batch item's positions
+  const int64_t Mp = framed ? frame.positions : M, P = p.batch * Mp;
+  const bool plain = std::equal(positions, positions + kMaxDims, p.small);
   const int64_t ld = tile / 16 * 16 + 16 + 8;  // padded row: rows do not share L1 sets
-  const int64_t tiles = ceil_div(P, tile), blocks = ceil_div(Cxg, block);
+  const int64_t tiles = ceil_div(P, tile), blocks = ceil_div(Cxg, block);  // (P: positions, above)
   const int64_t items = G * tiles * blocks;  // ordered (g, tile, channel block)
   // Fixed chunking of the reduction (independent of the thread count), each chunk with its own partial sum.
   const int64_t chunks = std::max<int64_t>(
@@ -499,7 +506,6 @@ void conv_weight_grad_kernel(const ConvParams& p, const scalar_t* x, const Strid
     acc_t* y_rows = scratch<acc_t, 1>(Cyg * ld);
     acc_t* a_packed = packed ? scratch<acc_t, 2>(cpu::packed_size(Cyg, tile, gt.mr)) : nullptr;
     acc_t* b_packed = packed ? scratch<acc_t, 3>(cpu::packed_size(block * T, tile, gt.nr)) : nullptr;
-    std::vector<int64_t> y_offsets;
     for (int64_t c = c_begin; c < c_end; ++c) {
       acc_t* acc = partial.data() + c * dw_numel;
       for (int64_t item = items * c / chunks; item < items * (c + 1) / chunks; ++item) {
@@ -510,22 +516,19 @@ void conv_weight_grad_kernel(const ConvParams& p, const scalar_t* x, const Strid
         // One piece per batch item in the tile: columns side by side, and Y's rows copied alongside unless the
         // tile lies in one batch item and Y is already in the accumulation type.
         for (int64_t q0 = t0; q0 < t1;) {
-          const int64_t n = q0 / M, m0 = q0 % M, m1 = std::min(M, m0 + (t1 - q0)), off = q0 - t0;
-          gather_columns(x + n * sx.n + (g * Cxg + cx0) * sx.c, channels, p.big, sx, taps, p.stride, p.small, m0,
-                         m1, col + off, ColumnLayout{0, 0, ld});
+          const int64_t n = q0 / Mp, m0 = q0 % Mp, m1 = std::min(Mp, m0 + (t1 - q0)), off = q0 - t0;
+          const scalar_t* x_b = x + n * sx.n + (g * Cxg + cx0) * sx.c;
+          if (framed) {
+            frame_rows(frame, x_b, channels, p.big, sx, m0, m1 - m0, col + off, ld);
+          } else {
+            gather_columns(x_b, channels, p.big, sx, taps, p.stride, p.small, m0, m1, col + off,
+                           ColumnLayout{0, 0, ld});
+          }
           const scalar_t* y_g = y + n * sy.n + g * Cyg * sy.c;
-          if (std::is_same_v<scalar_t, acc_t> && y_dense && off == 0 && m1 - m0 == cnt) {
+          if (std::is_same_v<scalar_t, acc_t> && y_dense && plain && off == 0 && m1 - m0 == cnt) {
             a = reinterpret_cast<const acc_t*>(y_g + m0), lda = sy.c;
           } else {
-            y_offsets.resize(m1 - m0);
-            for (int64_t j = m0; j < m1; ++j) {
-              int64_t idx[kMaxDims];
-              unflatten3(j, p.small, idx);
-              y_offsets[j - m0] = sy.at(idx[0], idx[1], idx[2]);
-            }
-            for (int64_t cy = 0; cy < Cyg; ++cy)
-              for (int64_t j = 0; j < m1 - m0; ++j)
-                y_rows[cy * ld + off + j] = static_cast<acc_t>(y_g[cy * sy.c + y_offsets[j]]);
+            load_rows(y_g, sy, Cyg, p.small, positions, m0, m1, y_rows + off, ld);
           }
           q0 += m1 - m0;
         }
