@@ -28,43 +28,15 @@
 #include "../common/index_math.h"
 #include "../common/params.h"
 #include "columns.h"
+#include "direct.h"
 #include "gemm.h"
 
 namespace torch_convt {
 namespace {
 
-using namespace cpu;  // columns.h
+using namespace cpu;  // columns.h, direct.h
 
 constexpr int64_t kMaxInterleave = 16;  // transposed layers store up to this many phases interleaved
-
-// ---------------------------------------------------------------------------------------------------------
-// Per-channel layers (depthwise): row loops (columns.h), no GEMM
-// ---------------------------------------------------------------------------------------------------------
-// Per-channel conv: Y[n, c] = sum_k W[c, k] X[n, c, i*stride - padding + k*dilation] + bias[c].
-template <typename scalar_t>
-void conv_depthwise(const ConvParams& p, const scalar_t* x, const Strides& sx, const scalar_t* w, const scalar_t* bias,
-                    scalar_t* y, const Strides& sy) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const int64_t C = p.small_channels, K = p.kernel_numel(), rows = p.small[0] * p.small[1];
-  const int64_t zero[kMaxDims] = {0, 0, 0}, one[kMaxDims] = {1, 1, 1};
-  const std::vector<Tap> taps = conv_taps(p);
-  const auto ranges = inner_ranges(taps, p.stride[2], p.big[2], p.small[2]);
-  at::parallel_for(0, p.batch * C, grain(2 * K * p.small_spatial()), [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> acc(p.small[2]), wt(K);
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t n = item / C, c = item % C;
-      for (int64_t t = 0; t < K; ++t) wt[t] = static_cast<acc_t>(w[c * K + taps[t].k]);
-      const acc_t b = bias ? static_cast<acc_t>(bias[c]) : acc_t(0);
-      for (int64_t r = 0; r < rows; ++r) {
-        const int64_t i0 = r / p.small[1], i1 = r % p.small[1];
-        std::fill(acc.begin(), acc.end(), acc_t(0));
-        channel_row(x + n * sx.n + c * sx.c, p.big, sx, taps, wt.data(), ranges, p.stride, i0, i1, p.small[2],
-                    acc.data());
-        store_channel_row(acc.data(), b, y + n * sy.n + c * sy.c, sy, one, zero, i0, i1, p.small[2]);
-      }
-    }
-  });
-}
 
 // Whether a GEMM over `M` grid points gathers its columns through a frame (columns.h): when the frame adds few
 // computed points off the grid, and either the source is the frame itself (no gather at all), or the windows of
@@ -428,46 +400,6 @@ void conv_transpose_kernel(const ConvParams& p, const scalar_t* y, const Strides
 // ---------------------------------------------------------------------------------------------------------
 // conv_weight_grad: dW[cy, cx, k] = sum_{n, i} Y[n, cy, i] * X[n, cx, i*stride - padding + k*dilation]
 // ---------------------------------------------------------------------------------------------------------
-// Per-channel weight gradient: dW[c, k] = sum_{n, i} Y[n, c, i] X[n, c, i*stride - padding + k*dilation]. Each
-// channel is summed by one task in a fixed order (lane-wise partial sums, then the lanes), so the result does
-// not depend on the thread count.
-template <typename scalar_t>
-void conv_weight_grad_depthwise(const ConvParams& p, const scalar_t* x, const Strides& sx, const scalar_t* y,
-                                const Strides& sy, scalar_t* dw) {
-  using acc_t = at::opmath_type<scalar_t>;
-  constexpr int L = 8;  // independent partial sums: the compiler vectorises the lanes
-  const int64_t C = p.small_channels, K = p.kernel_numel(), rows = p.small[0] * p.small[1], n2 = p.small[2];
-  const std::vector<Tap> taps = conv_taps(p);
-  const auto ranges = inner_ranges(taps, p.stride[2], p.big[2], n2);
-  at::parallel_for(0, C, grain(2 * K * p.batch * p.small_spatial()), [&](int64_t begin, int64_t end) {
-    for (int64_t c = begin; c < end; ++c) {
-      for (int64_t t = 0; t < K; ++t) {
-        acc_t lanes[L] = {};
-        const int64_t lo = ranges[t].first, hi = ranges[t].second, s2 = p.stride[2] * sx.s[2], y2 = sy.s[2];
-        for (int64_t n = 0; n < p.batch; ++n) {
-          const scalar_t* xs = x + n * sx.n + c * sx.c;
-          const scalar_t* ys = y + n * sy.n + c * sy.c;
-          for (int64_t r = 0; r < rows; ++r) {
-            const int64_t i0 = r / p.small[1], i1 = r % p.small[1];
-            const int64_t p0 = i0 * p.stride[0] + taps[t].offset[0], p1 = i1 * p.stride[1] + taps[t].offset[1];
-            if (p0 < 0 || p0 >= p.big[0] || p1 < 0 || p1 >= p.big[1]) continue;
-            const scalar_t* xr = xs + sx.at(p0, p1, taps[t].offset[2]);
-            const scalar_t* yr = ys + sy.at(i0, i1, 0);
-            int64_t j = lo;
-            for (; j + L <= hi; j += L)
-              for (int l = 0; l < L; ++l)
-                lanes[l] += static_cast<acc_t>(yr[(j + l) * y2]) * static_cast<acc_t>(xr[(j + l) * s2]);
-            for (; j < hi; ++j) lanes[0] += static_cast<acc_t>(yr[j * y2]) * static_cast<acc_t>(xr[j * s2]);
-          }
-        }
-        acc_t sum = acc_t(0);
-        for (int l = 0; l < L; ++l) sum += lanes[l];
-        dw[c * K + taps[t].k] = static_cast<scalar_t>(sum);
-      }
-    }
-  });
-}
-
 template <typename scalar_t>
 void conv_weight_grad_kernel(const ConvParams& p, const scalar_t* x, const Strides& sx, const scalar_t* y,
                              const Strides& sy, scalar_t* dw) {
