@@ -1,7 +1,7 @@
 // Building blocks of the CPU kernels (conv_cpu.cpp): strided addressing of (N, C, spatial...) tensors, tile
-// sizes and per-thread scratch, the column gather that feeds the GEMM (packed panels or row-major rows), the
-// strided output store, and the per-channel row loops of direct (GEMM-free) kernels. Scratch bounds: one column
-// tile (kColumnBytes) per thread, whatever the problem size.
+// sizes and per-thread scratch, the column gathers that feed the GEMM (tap by tap, or through a frame's windows;
+// packed panels or row-major rows), and the strided output stores and loads. Scratch bounds per thread: one
+// column tile (kColumnBytes) and one tile's windows (kWindowBytes), whatever the problem size.
 #pragma once
 
 #include <ATen/ATen.h>

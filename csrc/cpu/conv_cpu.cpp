@@ -8,8 +8,8 @@
 // computed once, by one GEMM, from its own contributors (a gather, never a scatter), so no atomics are
 // needed and results are deterministic. The weight gradient reduces over batch and space in fixed chunks
 // whose partial sums are added in a fixed order, so results do not depend on the thread count.
-// Work is tiled over output positions, so the scratch space of a call is bounded (kColumnBytes per thread,
-// plus at most kPartialBytes of weight-gradient partials), never a full column buffer.
+// Columns come through a padded "frame" where that is cheaper (columns.h), else tap by tap. Work is tiled, so
+// scratch is bounded (kColumnBytes + kWindowBytes per thread, kPartialBytes of weight-gradient partials).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
