@@ -103,6 +103,21 @@ struct ColumnLayout {
   }
 };
 
+// Calls fn(i0, i1, first, last, m) for each innermost-dim run of the flat range [m_begin, m_end) over the
+// row-major extents `frame`: points (i0, i1, j) for j in [first, last), the first of them at flat position m.
+template <typename Fn>
+inline void for_each_run(const int64_t* frame, int64_t m_begin, int64_t m_end, Fn&& fn) {
+  int64_t m = m_begin, idx[kMaxDims];
+  unflatten3(m, frame, idx);
+  while (m < m_end) {
+    const int64_t first = idx[2], last = std::min(frame[2], first + (m_end - m));
+    fn(idx[0], idx[1], first, last, m);
+    m += last - first;
+    idx[2] = 0;
+    if (++idx[1] == frame[1]) idx[1] = 0, ++idx[0];
+  }
+}
+
 // One innermost-dim run of a tile's grid: grid points (idx0, idx1, j) for j in [first, last), at tile
 // positions base + j.
 struct Run {
@@ -129,17 +144,9 @@ void gather_columns(const scalar_t* src, int64_t channels, const int64_t* extent
   pos.resize(m_end - m_begin);
   for (int64_t i = 0; i < m_end - m_begin; ++i) pos[i] = layout.pos_part(i);
   runs.clear();
-  {
-    int64_t m = m_begin, idx[kMaxDims];
-    unflatten3(m, grid, idx);
-    while (m < m_end) {
-      const int64_t first = idx[2], last = std::min(grid[2], first + (m_end - m));
-      runs.push_back({idx[0], idx[1], first, last, m - m_begin - first});
-      m += last - first;
-      idx[2] = 0;
-      if (++idx[1] == grid[1]) idx[1] = 0, ++idx[0];
-    }
-  }
+  for_each_run(grid, m_begin, m_end, [&](int64_t i0, int64_t i1, int64_t first, int64_t last, int64_t m) {
+    runs.push_back({i0, i1, first, last, m - m_begin - first});
+  });
   const int64_t s2 = step[2], inner = step[2] * st.s[2];  // grid step along the innermost dim, in elements
   for (int64_t t = 0; t < T; ++t) {
     const Tap& tap = taps[t];
@@ -208,24 +215,17 @@ void store_rows(const acc_t* rows, int64_t ld, int64_t channels, const acc_t* bi
     const acc_t b = bias ? bias[c] : acc_t(0);
     const acc_t* r = rows ? rows + c * ld - m_begin : nullptr;
     scalar_t* d = dst + c * st.c;
-    int64_t m = m_begin, idx[kMaxDims];
-    unflatten3(m, fr, idx);
-    while (m < m_end) {
-      const int64_t first = idx[2], last = std::min(fr[2], first + (m_end - m));
-      if (idx[0] < grid[0] && idx[1] < grid[1]) {
-        const int64_t stop = std::min(last, grid[2]);
-        scalar_t* row = d + st.at(idx[0] * step[0] + offset[0], idx[1] * step[1] + offset[1], offset[2]);
-        const acc_t* in = r ? r + m - first : nullptr;
-        if (in) {
-          for (int64_t j = first; j < stop; ++j) row[j * inner] = narrow_to<scalar_t>(in[j] + b);
-        } else {
-          for (int64_t j = first; j < stop; ++j) row[j * inner] = narrow_to<scalar_t>(b);
-        }
+    for_each_run(fr, m_begin, m_end, [&](int64_t i0, int64_t i1, int64_t first, int64_t last, int64_t m) {
+      if (i0 >= grid[0] || i1 >= grid[1]) return;
+      const int64_t stop = std::min(last, grid[2]);
+      scalar_t* row = d + st.at(i0 * step[0] + offset[0], i1 * step[1] + offset[1], offset[2]);
+      const acc_t* in = r ? r + m - first : nullptr;
+      if (in) {
+        for (int64_t j = first; j < stop; ++j) row[j * inner] = narrow_to<scalar_t>(in[j] + b);
+      } else {
+        for (int64_t j = first; j < stop; ++j) row[j * inner] = narrow_to<scalar_t>(b);
       }
-      m += last - first;
-      idx[2] = 0;
-      if (++idx[1] == fr[1]) idx[1] = 0, ++idx[0];
-    }
+    });
   }
 }
 
@@ -398,28 +398,21 @@ void store_rows_interleaved(const acc_t* const* rows, int64_t ways, int64_t ld, 
   for (int64_t c = 0; c < channels; ++c) {
     const acc_t b = bias ? bias[c] : acc_t(0);
     scalar_t* d = dst + c * st.c;
-    int64_t m = m_begin, idx[kMaxDims];
-    unflatten3(m, fr, idx);
-    while (m < m_end) {
-      const int64_t first = idx[2], last = std::min(fr[2], first + (m_end - m));
-      if (idx[0] < grid[0] && idx[1] < grid[1]) {
-        const int64_t stop = std::min(last, grid[2]), at = c * ld + m - m_begin - first;
-        scalar_t* row = d + st.at(idx[0] * step[0] + offset[0], idx[1] * step[1] + offset[1], 0);
-        if (ways == 2) {
-          const acc_t *r0 = rows[0] + at, *r1 = rows[1] + at;
-          for (int64_t j = first; j < stop; ++j) {
-            row[2 * j] = narrow_to<scalar_t>(r0[j] + b);
-            row[2 * j + 1] = narrow_to<scalar_t>(r1[j] + b);
-          }
-        } else {
-          for (int64_t j = first; j < stop; ++j)
-            for (int64_t w = 0; w < ways; ++w) row[j * ways + w] = narrow_to<scalar_t>(rows[w][at + j] + b);
+    for_each_run(fr, m_begin, m_end, [&](int64_t i0, int64_t i1, int64_t first, int64_t last, int64_t m) {
+      if (i0 >= grid[0] || i1 >= grid[1]) return;
+      const int64_t stop = std::min(last, grid[2]), at = c * ld + m - m_begin - first;
+      scalar_t* row = d + st.at(i0 * step[0] + offset[0], i1 * step[1] + offset[1], 0);
+      if (ways == 2) {
+        const acc_t *r0 = rows[0] + at, *r1 = rows[1] + at;
+        for (int64_t j = first; j < stop; ++j) {
+          row[2 * j] = narrow_to<scalar_t>(r0[j] + b);
+          row[2 * j + 1] = narrow_to<scalar_t>(r1[j] + b);
         }
+      } else {
+        for (int64_t j = first; j < stop; ++j)
+          for (int64_t w = 0; w < ways; ++w) row[j * ways + w] = narrow_to<scalar_t>(rows[w][at + j] + b);
       }
-      m += last - first;
-      idx[2] = 0;
-      if (++idx[1] == fr[1]) idx[1] = 0, ++idx[0];
-    }
+    });
   }
 }
 
@@ -487,22 +480,16 @@ void load_rows(const scalar_t* src, const Strides& st, int64_t channels, const i
   for (int64_t c = 0; c < channels; ++c) {
     const scalar_t* s = src + c * st.c;
     acc_t* r = rows + c * ld - m_begin;
-    int64_t m = m_begin, idx[kMaxDims];
-    unflatten3(m, frame, idx);
-    while (m < m_end) {
-      const int64_t first = idx[2], last = std::min(frame[2], first + (m_end - m));
+    for_each_run(frame, m_begin, m_end, [&](int64_t i0, int64_t i1, int64_t first, int64_t last, int64_t m) {
       acc_t* out = r + m - first;
       int64_t stop = first;
-      if (idx[0] < grid[0] && idx[1] < grid[1]) {
+      if (i0 < grid[0] && i1 < grid[1]) {
         stop = std::clamp(grid[2], first, last);
-        const scalar_t* in = s + st.at(idx[0], idx[1], 0);
+        const scalar_t* in = s + st.at(i0, i1, 0);
         for (int64_t j = first; j < stop; ++j) out[j] = static_cast<acc_t>(in[j * st.s[2]]);
       }
       for (int64_t j = stop; j < last; ++j) out[j] = acc_t(0);
-      m += last - first;
-      idx[2] = 0;
-      if (++idx[1] == frame[1]) idx[1] = 0, ++idx[0];
-    }
+    });
   }
 }
 
