@@ -370,20 +370,35 @@ inline bool source_is_frame(const Frame& fr, const int64_t* extent, const Stride
          fr.step[0] == 1 && fr.step[1] == 1 && fr.step[2] == 1 && st.dense_rows(extent);
 }
 
-// The packed columns of the tile [f0, f0 + count) of frame positions, from channels [0, channels) of `src`:
-// through windows (gather_windows), or straight from `src` where source_is_frame and the types agree.
+// The windows of a tile: window (c, plane) starts at data + c*channel_stride + plane*plane_stride, and its
+// elements at or past `limit` must not be read.
+template <typename acc_t>
+struct Windows {
+  const acc_t* data;
+  int64_t channel_stride, plane_stride, limit;
+};
+
+// The windows of the `len` frame positions from w0, for channels [0, channels) of `src`: gathered into scratch
+// (gather_windows), or `src` itself where source_is_frame and the types agree.
+template <typename scalar_t, typename acc_t>
+Windows<acc_t> frame_windows(const Frame& fr, const scalar_t* src, int64_t channels, const int64_t* extent,
+                             const Strides& st, int64_t w0, int64_t len) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    if (source_is_frame(fr, extent, st)) return {src + w0, st.c, 0, fr.total() - w0};
+  }
+  const int64_t P = static_cast<int64_t>(fr.planes.size());
+  acc_t* win = scratch<acc_t, kWindowSlot>(channels * P * len);
+  gather_windows(fr, src, channels, extent, st, w0, len, win);
+  return {win, P * len, len, len};
+}
+
+// The packed columns of the tile [f0, f0 + count) of frame positions, from channels [0, channels) of `src`.
 template <typename scalar_t, typename acc_t>
 void frame_columns(const Frame& fr, const scalar_t* src, int64_t channels, const int64_t* extent, const Strides& st,
                    int64_t f0, int64_t count, int64_t nr, acc_t* col) {
-  const int64_t w0 = f0 + fr.min_off;
-  if constexpr (std::is_same_v<scalar_t, acc_t>) {
-    if (source_is_frame(fr, extent, st))
-      return pack_frame_columns(fr, src + w0, st.c, 0, fr.total() - w0, channels, count, nr, col);
-  }
-  const int64_t P = static_cast<int64_t>(fr.planes.size()), len = fr.window(count, nr);
-  acc_t* win = scratch<acc_t, kWindowSlot>(channels * P * len);
-  gather_windows(fr, src, channels, extent, st, w0, len, win);
-  pack_frame_columns(fr, win, P * len, len, len, channels, count, nr, col);
+  const Windows<acc_t> w =
+      frame_windows<scalar_t, acc_t>(fr, src, channels, extent, st, f0 + fr.min_off, fr.window(count, nr));
+  pack_frame_columns(fr, w.data, w.channel_stride, w.plane_stride, w.limit, channels, count, nr, col);
 }
 
 // store_rows for `ways` row blocks whose points interleave along the innermost dim: block w holds the points at
@@ -444,28 +459,17 @@ inline std::vector<Tap> conv_taps(const ConvParams& p) {
 }
 
 // Row-major columns of the tile [f0, f0 + count) of frame positions (for the weight gradient's dot products):
-// col[(c*T + t)*ld + j] = column row (c, t) at frame position f0 + j; windows as in frame_columns.
+// col[(c*T + t)*ld + j] = column row (c, t) at frame position f0 + j.
 template <typename scalar_t, typename acc_t>
 void frame_rows(const Frame& fr, const scalar_t* src, int64_t channels, const int64_t* extent, const Strides& st,
                 int64_t f0, int64_t count, acc_t* col, int64_t ld) {
-  const int64_t T = static_cast<int64_t>(fr.tap_off.size()), P = static_cast<int64_t>(fr.planes.size());
-  const int64_t w0 = f0 + fr.min_off;
-  const acc_t* win;
-  int64_t channel_stride, plane_stride, limit;
-  bool direct = false;
-  if constexpr (std::is_same_v<scalar_t, acc_t>) direct = source_is_frame(fr, extent, st);
-  if (direct) {
-    win = reinterpret_cast<const acc_t*>(src) + w0, channel_stride = st.c, plane_stride = 0, limit = fr.total() - w0;
-  } else {
-    const int64_t len = fr.window(count, 1);
-    acc_t* w = scratch<acc_t, kWindowSlot>(channels * P * len);
-    gather_windows(fr, src, channels, extent, st, w0, len, w);
-    win = w, channel_stride = P * len, plane_stride = len, limit = len;
-  }
+  const int64_t T = static_cast<int64_t>(fr.tap_off.size());
+  const Windows<acc_t> w =
+      frame_windows<scalar_t, acc_t>(fr, src, channels, extent, st, f0 + fr.min_off, fr.window(count, 1));
   for (int64_t c = 0; c < channels; ++c)
     for (int64_t t = 0; t < T; ++t) {
-      const int64_t i = fr.tap_off[t] - fr.min_off, n = std::clamp<int64_t>(limit - i, 0, count);
-      const acc_t* s = win + c * channel_stride + fr.tap_plane[t] * plane_stride + i;
+      const int64_t i = fr.tap_off[t] - fr.min_off, n = std::clamp<int64_t>(w.limit - i, 0, count);
+      const acc_t* s = w.data + c * w.channel_stride + fr.tap_plane[t] * w.plane_stride + i;
       acc_t* dst = col + (c * T + t) * ld;
       for (int64_t j = 0; j < n; ++j) dst[j] = s[j];
       for (int64_t j = n; j < count; ++j) dst[j] = acc_t(0);
