@@ -499,6 +499,12 @@ MEDIUM = [
                                                    stride=2, dilation=2, padding=1, output_padding=1)),
     ("ct2d_c8_cout96_30x30", "ct", 2, Cfg(n=1, cin=8, cout=96, size=(30, 30), kernel=3)),
     ("ct3d_c48_k3_9x10x11", "ct", 3, Cfg(n=1, cin=48, cout=3, size=(9, 10, 11), kernel=3, padding=1)),
+    # strided 3d with deep columns: short tiles next to the frame's span, so conv reads its windows from a
+    # whole-frame copy of the input (use_split), in batch chunks; also the GEMM straight from the windows
+    ("conv3d_c16_k4_s2_28x28x30", "conv", 3, Cfg(n=2, cin=16, cout=5, size=(28, 28, 30), kernel=4, stride=2,
+                                                 padding=1)),
+    ("ct3d_c5_cout16_k4_s2_14x14x15", "ct", 3, Cfg(n=2, cin=5, cout=16, size=(14, 14, 15), kernel=4, stride=2,
+                                                    padding=1)),
 ]
 
 

@@ -16,12 +16,14 @@
 
 #include "../common/index_math.h"
 #include "../common/params.h"
+#include "gemm.h"
 
 namespace torch_convt::cpu {
 
 constexpr int64_t kColumnBytes = int64_t(512) << 10;  // column tile per thread: stays in L2 from gather to GEMM
 constexpr int64_t kPartialBytes = int64_t(32) << 20;  // weight-gradient partial sums, all chunks together
 constexpr int64_t kWindowBytes = int64_t(4) << 20;  // frame windows of a tile per thread (see Frame)
+constexpr int64_t kSplitBytes = int64_t(32) << 20;   // a whole-frame copy of the source (see split_size)
 constexpr int kWindowSlot = 4;                       // their scratch slot (0-3: the kernels' own buffers)
 constexpr int64_t kMaxChunks = 8;                     // weight-gradient reduction chunks (fixed: determinism)
 constexpr int64_t kMinTaskFlops = int64_t(1) << 21;   // below this a task is not worth a thread
@@ -392,13 +394,48 @@ Windows<acc_t> frame_windows(const Frame& fr, const scalar_t* src, int64_t chann
   return {win, P * len, len, len};
 }
 
-// The packed columns of the tile [f0, f0 + count) of frame positions, from channels [0, channels) of `src`.
+// A whole-frame copy of channels [0, channels) of `src` (gather_windows over every frame position): for frames
+// whose windows are long next to a tile (strided 3d layers with deep columns), building the planes once and
+// reading every tile's windows from it (`split` below) is cheaper than gathering windows tile by tile.
+inline int64_t split_size(const Frame& fr, int64_t channels) {
+  return channels * static_cast<int64_t>(fr.planes.size()) * fr.total();
+}
+
+// Windows of the tile from f0 in a whole-frame copy whose channel 0 starts at `split`.
+template <typename acc_t>
+Windows<acc_t> split_windows(const Frame& fr, const acc_t* split, int64_t f0) {
+  const int64_t w0 = f0 + fr.min_off, total = fr.total();
+  return {split + w0, static_cast<int64_t>(fr.planes.size()) * total, total, total - w0};
+}
+
+// C[rows x count] (+)= A . the columns of the tile [f0, f0 + count) of frame positions, from channels
+// [0, channels) of `src`, or of the whole-frame copy `split` where one is given. Column row (c, t) is a run of a
+// window, so the GEMM reads B straight from the windows (gemm_rows) for every panel whose runs lie inside them;
+// the rest (a panel reading past the end of a source that is its own frame) is packed with zeros.
 template <typename scalar_t, typename acc_t>
-void frame_columns(const Frame& fr, const scalar_t* src, int64_t channels, const int64_t* extent, const Strides& st,
-                   int64_t f0, int64_t count, int64_t nr, acc_t* col) {
+void frame_gemm(const Frame& fr, const scalar_t* src, int64_t channels, const int64_t* extent, const Strides& st,
+                int64_t f0, int64_t count, GemmTile gt, int64_t rows, const acc_t* a_packed, bool accumulate,
+                acc_t* c, int64_t ldc, acc_t* col, const acc_t* split = nullptr) {
   const Windows<acc_t> w =
-      frame_windows<scalar_t, acc_t>(fr, src, channels, extent, st, f0 + fr.min_off, fr.window(count, nr));
-  pack_frame_columns(fr, w.data, w.channel_stride, w.plane_stride, w.limit, channels, count, nr, col);
+      split ? split_windows(fr, split, f0)
+            : frame_windows<scalar_t, acc_t>(fr, src, channels, extent, st, f0 + fr.min_off, fr.window(count, gt.nr));
+  const int64_t T = static_cast<int64_t>(fr.tap_off.size()), depth = channels * T;
+  // panels [0, direct) are read in place: their runs end by window element direct + span <= limit
+  const int64_t whole = (count + gt.nr - 1) / gt.nr * gt.nr;
+  const int64_t direct = whole + fr.span <= w.limit ? count : std::max<int64_t>(0, (w.limit - fr.span) / gt.nr * gt.nr);
+  if (direct > 0) {
+    thread_local std::vector<const acc_t*> b_rows;
+    b_rows.resize(depth);
+    for (int64_t ch = 0; ch < channels; ++ch)
+      for (int64_t t = 0; t < T; ++t)
+        b_rows[ch * T + t] = w.data + ch * w.channel_stride + fr.tap_plane[t] * w.plane_stride + fr.tap_off[t] - fr.min_off;
+    gemm_rows<acc_t>(gt, rows, direct, depth, a_packed, b_rows.data(), accumulate, c, ldc);
+  }
+  if (direct < count) {
+    pack_frame_columns(fr, w.data + direct, w.channel_stride, w.plane_stride, w.limit - direct, channels,
+                       count - direct, gt.nr, col);
+    gemm_packed<acc_t>(gt, rows, count - direct, depth, a_packed, col, accumulate, c + direct, ldc);
+  }
 }
 
 // store_rows for `ways` row blocks whose points interleave along the innermost dim: block w holds the points at
@@ -462,10 +499,11 @@ inline std::vector<Tap> conv_taps(const ConvParams& p) {
 // col[(c*T + t)*ld + j] = column row (c, t) at frame position f0 + j.
 template <typename scalar_t, typename acc_t>
 void frame_rows(const Frame& fr, const scalar_t* src, int64_t channels, const int64_t* extent, const Strides& st,
-                int64_t f0, int64_t count, acc_t* col, int64_t ld) {
+                int64_t f0, int64_t count, acc_t* col, int64_t ld, const acc_t* split = nullptr) {
   const int64_t T = static_cast<int64_t>(fr.tap_off.size());
   const Windows<acc_t> w =
-      frame_windows<scalar_t, acc_t>(fr, src, channels, extent, st, f0 + fr.min_off, fr.window(count, 1));
+      split ? split_windows(fr, split, f0)
+            : frame_windows<scalar_t, acc_t>(fr, src, channels, extent, st, f0 + fr.min_off, fr.window(count, 1));
   for (int64_t c = 0; c < channels; ++c)
     for (int64_t t = 0; t < T; ++t) {
       const int64_t i = fr.tap_off[t] - fr.min_off, n = std::clamp<int64_t>(w.limit - i, 0, count);

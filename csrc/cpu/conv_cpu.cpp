@@ -52,6 +52,17 @@ bool use_frame(const Frame& fr, int64_t M, const int64_t* extent, const Strides&
   return taps > 1 && window <= taps * tile && channels * window * int64_t(sizeof(acc_t)) <= kWindowBytes;
 }
 
+// Whether a framed GEMM reads its windows from a whole-frame copy of `channels` source channels (split_size,
+// columns.h), built once: when gathering them tile by tile would copy the frame more than 4 times over (measured:
+// at ~3 times the tile-by-tile windows, which stay in L2, are as fast), and the copy fits kSplitBytes.
+template <typename scalar_t, typename acc_t>
+bool use_split(const Frame& fr, int64_t M, const int64_t* extent, const Strides& st, int64_t channels, int64_t tile,
+               int64_t nr) {
+  if (fr.positions > M + M / 2 || (std::is_same_v<scalar_t, acc_t> && source_is_frame(fr, extent, st))) return false;
+  return fr.window(tile, nr) * ceil_div(fr.positions, tile) > 4 * fr.total() &&
+         split_size(fr, channels) * int64_t(sizeof(acc_t)) <= kSplitBytes;
+}
+
 // ---------------------------------------------------------------------------------------------------------
 // conv: Y = conv(X, W) + bias
 // ---------------------------------------------------------------------------------------------------------
@@ -88,19 +99,35 @@ void conv_kernel(const ConvParams& p, const scalar_t* x, const Strides& sx, cons
   // Positions: flat frame positions (columns.h) where the frame gather applies, else the output grid's.
   const Frame frame = make_frame(taps, p.stride, p.small);
   int64_t M = p.small_spatial(), tile = tile_size(depth, frame.positions, sizeof(acc_t), gt.nr);
-  const bool framed = use_frame<scalar_t, acc_t>(frame, M, p.big, sx, block, tile, gt.nr);
+  // Windows come from a whole-frame copy of a few batch items at a time (`planes`, built in parallel) where that
+  // is cheaper than gathering them tile by tile.
+  const bool split = use_split<scalar_t, acc_t>(frame, M, p.big, sx, G * Cxg, tile, gt.nr);
+  const bool framed = split || use_frame<scalar_t, acc_t>(frame, M, p.big, sx, block, tile, gt.nr);
   if (framed) M = frame.positions;
   else tile = tile_size(depth, M, sizeof(acc_t), gt.nr);
   const int64_t tiles = ceil_div(M, tile), zero[kMaxDims] = {0, 0, 0}, one[kMaxDims] = {1, 1, 1};
   // Output rows that are dense (and have no frame points off the grid) are written by the GEMM in place.
   const bool in_place = std::is_same_v<scalar_t, acc_t> && sy.dense_rows(p.small) &&
                         (!framed || std::equal(frame.ext, frame.ext + kMaxDims, p.small));
+  const int64_t plane_set = split_size(frame, 1), per_item = G * Cxg * plane_set;  // (of the copy)
+  const int64_t nb = split ? std::clamp<int64_t>(kSplitBytes / (per_item * int64_t(sizeof(acc_t))), 1, p.batch)
+                           : p.batch;
+  std::unique_ptr<acc_t[]> planes(split ? new acc_t[nb * per_item] : nullptr);
 
-  at::parallel_for(0, p.batch * G * tiles, grain(2 * Cyg * KK * tile), [&](int64_t begin, int64_t end) {
+  for (int64_t n0 = 0; n0 < p.batch; n0 += nb) {
+  const int64_t n1 = std::min(p.batch, n0 + nb);
+  if (split) {
+    at::parallel_for(0, (n1 - n0) * G * Cxg, grain(plane_set), [&](int64_t begin, int64_t end) {
+      for (int64_t item = begin; item < end; ++item)
+        gather_windows(frame, x + (n0 + item / (G * Cxg)) * sx.n + item % (G * Cxg) * sx.c, 1, p.big, sx, 0,
+                       frame.total(), planes.get() + item * plane_set);
+    });
+  }
+  at::parallel_for(0, (n1 - n0) * G * tiles, grain(2 * Cyg * KK * tile), [&](int64_t begin, int64_t end) {
     acc_t* col = scratch<acc_t, 0>(cpu::packed_size(tile, depth, gt.nr));
     acc_t* out = scratch<acc_t, 1>(Cyg * tile);
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t n = item / (G * tiles), g = item / tiles % G, m0 = item % tiles * tile;
+      const int64_t n = n0 + item / (G * tiles), g = item / tiles % G, m0 = item % tiles * tile;
       const int64_t m1 = std::min(M, m0 + tile), cnt = m1 - m0;
       scalar_t* y_g = y + n * sy.n + g * Cyg * sy.c;
       // The output rows are dense: the GEMM writes them in place, then the bias is added.
@@ -109,14 +136,15 @@ void conv_kernel(const ConvParams& p, const scalar_t* x, const Strides& sx, cons
       for (int64_t bi = 0; bi < blocks; ++bi) {
         const int64_t channels = std::min(block, Cxg - bi * block);
         const scalar_t* x_b = x + n * sx.n + (g * Cxg + bi * block) * sx.c;
+        const acc_t* a = w_packed.get() + (g * blocks + bi) * a_size;
         if (framed) {
-          frame_columns(frame, x_b, channels, p.big, sx, m0, cnt, gt.nr, col);
+          frame_gemm(frame, x_b, channels, p.big, sx, m0, cnt, gt, Cyg, a, bi > 0, c, ldc, col,
+                     split ? planes.get() + ((n - n0) * G * Cxg + g * Cxg + bi * block) * plane_set : nullptr);
         } else {
           gather_columns(x_b, channels, p.big, sx, taps, p.stride, p.small, m0, m1, col,
                          ColumnLayout{channels * T, gt.nr, 0});
+          cpu::gemm_packed<acc_t>(gt, Cyg, cnt, channels * T, a, col, bi > 0, c, ldc);
         }
-        cpu::gemm_packed<acc_t>(gt, Cyg, cnt, channels * T, w_packed.get() + (g * blocks + bi) * a_size, col,
-                                bi > 0, c, ldc);
       }
       if (in_place) {
         if (ba)
@@ -128,6 +156,7 @@ void conv_kernel(const ConvParams& p, const scalar_t* x, const Strides& sx, cons
       }
     }
   });
+  }
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -370,14 +399,15 @@ void conv_transpose_kernel(const ConvParams& p, const scalar_t* y, const Strides
       const scalar_t* y_g = y + n * sy.n + g * Cyg * sy.c;
       for (int64_t bi = 0; bi < set.blocks; ++bi) {
         const int64_t channels = std::min(set.block, Cyg - bi * set.block), depth = channels * set.taps;
+        const acc_t* a = set.a.get() + (g * set.blocks + bi) * set.a_size;
         if (set.framed) {
-          frame_columns(set.frame, y_g + bi * set.block * sy.c, channels, p.small, sy, job.m0, cnt, set.gt.nr, col);
+          frame_gemm(set.frame, y_g + bi * set.block * sy.c, channels, p.small, sy, job.m0, cnt, set.gt, set.out_rows,
+                     a, bi > 0, out, cnt, col);
         } else {
           gather_columns(y_g + bi * set.block * sy.c, channels, p.small, sy, first.taps, one, first.grid, job.m0,
                          job.m1, col, ColumnLayout{depth, set.gt.nr, 0});
+          cpu::gemm_packed<acc_t>(set.gt, set.out_rows, cnt, depth, a, col, bi > 0, out, cnt);
         }
-        cpu::gemm_packed<acc_t>(set.gt, set.out_rows, cnt, depth, set.a.get() + (g * set.blocks + bi) * set.a_size,
-                                col, bi > 0, out, cnt);
       }
       const acc_t* b_g = ba ? ba + g * Cxg : nullptr;
       scalar_t* x_g = x + n * sx.n + g * Cxg * sx.c;

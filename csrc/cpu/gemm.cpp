@@ -32,8 +32,11 @@ namespace {
 
 constexpr int64_t KC = 128;  // K block: one B panel (KC x NR floats, 16 KiB at NR 32) stays in the 32 KiB L1
 
+// B is either a packed panel (`b`, advancing NR per k) or, where `rows` is given, row k of B starts at rows[k]
+// (the panel is rows[k][0, NR)).
 template <typename T>
-using MicroFn = void (*)(int64_t kc, const T* a, const T* b, T* c, int64_t ldc, bool accumulate);
+using MicroFn = void (*)(int64_t kc, const T* a, const T* b, const T* const* rows, T* c, int64_t ldc,
+                         bool accumulate);
 
 // Two register blockings per ISA, same NR: `mr` rows for tall operands and `small_mr` rows for operands whose
 // row count pads badly to `mr` (16 or 32 output channels: 8-row panels waste nothing, 12-row ones a third).
@@ -46,14 +49,15 @@ struct MicroKernel {
 
 // ---- portable micro-kernel (any type; the compiler vectorises the j loop) -----------------------------------
 template <typename T, int MR, int NR>
-void micro_portable(int64_t kc, const T* a, const T* b, T* c, int64_t ldc, bool accumulate) {
+void micro_portable(int64_t kc, const T* a, const T* b, const T* const* rows, T* c, int64_t ldc, bool accumulate) {
   T acc[MR][NR];
   for (int i = 0; i < MR; ++i)
     for (int j = 0; j < NR; ++j) acc[i][j] = T(0);
   for (int64_t k = 0; k < kc; ++k, a += MR, b += NR) {
+    const T* bk = rows ? rows[k] : b;
     for (int i = 0; i < MR; ++i) {
       const T ai = a[i];
-      for (int j = 0; j < NR; ++j) acc[i][j] += ai * b[j];
+      for (int j = 0; j < NR; ++j) acc[i][j] += ai * bk[j];
     }
   }
   for (int i = 0; i < MR; ++i)
@@ -63,20 +67,29 @@ void micro_portable(int64_t kc, const T* a, const T* b, T* c, int64_t ldc, bool 
 #if TORCH_CONVT_X86
 // ---- AVX-512: MR x 32 floats of C in 2*MR zmm registers (MR = 12 or 8) ------------------------------------------
 template <int MR>
-__attribute__((target("avx512f,fma"))) void micro_avx512(int64_t kc, const float* a, const float* b, float* c,
-                                                         int64_t ldc, bool accumulate) {
+__attribute__((target("avx512f,fma"))) void micro_avx512(int64_t kc, const float* a, const float* b,
+                                                         const float* const* rows, float* c, int64_t ldc,
+                                                         bool accumulate) {
   __m512 c0[MR], c1[MR];
 #pragma GCC unroll 12
   for (int i = 0; i < MR; ++i) c0[i] = c1[i] = _mm512_setzero_ps();
-  for (int64_t k = 0; k < kc; ++k, a += MR, b += 32) {
-    const __m512 b0 = _mm512_loadu_ps(b), b1 = _mm512_loadu_ps(b + 16);  // b advances by NR = 32
-#pragma GCC unroll 12
-    for (int i = 0; i < MR; ++i) {
-      const __m512 ai = _mm512_set1_ps(a[i]);
-      c0[i] = _mm512_fmadd_ps(ai, b0, c0[i]);
-      c1[i] = _mm512_fmadd_ps(ai, b1, c1[i]);
-    }
+  // One k step from B row `bk`; the loop is written twice so that the packed one has no per-step branch (a
+  // lambda would not inherit this function's target ISA).
+#define TORCH_CONVT_AVX512_STEP(bk)                                         \
+  {                                                                         \
+    const __m512 b0 = _mm512_loadu_ps(bk), b1 = _mm512_loadu_ps((bk) + 16); \
+    _Pragma("GCC unroll 12") for (int i = 0; i < MR; ++i) {                 \
+      const __m512 ai = _mm512_set1_ps(a[i]);                               \
+      c0[i] = _mm512_fmadd_ps(ai, b0, c0[i]);                               \
+      c1[i] = _mm512_fmadd_ps(ai, b1, c1[i]);                               \
+    }                                                                       \
   }
+  if (rows) {
+    for (int64_t k = 0; k < kc; ++k, a += MR) TORCH_CONVT_AVX512_STEP(rows[k])
+  } else {
+    for (int64_t k = 0; k < kc; ++k, a += MR, b += 32) TORCH_CONVT_AVX512_STEP(b)  // b advances by NR = 32
+  }
+#undef TORCH_CONVT_AVX512_STEP
 #pragma GCC unroll 12
   for (int i = 0; i < MR; ++i) {
     float* ci = c + i * ldc;
@@ -91,20 +104,27 @@ __attribute__((target("avx512f,fma"))) void micro_avx512(int64_t kc, const float
 
 // ---- AVX2 + FMA: MR x 16 floats of C in 2*MR ymm registers (MR = 6 or 4) -------------------------------------
 template <int MR>
-__attribute__((target("avx2,fma"))) void micro_avx2(int64_t kc, const float* a, const float* b, float* c,
-                                                    int64_t ldc, bool accumulate) {
+__attribute__((target("avx2,fma"))) void micro_avx2(int64_t kc, const float* a, const float* b,
+                                                    const float* const* rows, float* c, int64_t ldc,
+                                                    bool accumulate) {
   __m256 c0[MR], c1[MR];
 #pragma GCC unroll 6
   for (int i = 0; i < MR; ++i) c0[i] = c1[i] = _mm256_setzero_ps();
-  for (int64_t k = 0; k < kc; ++k, a += MR, b += 16) {
-    const __m256 b0 = _mm256_loadu_ps(b), b1 = _mm256_loadu_ps(b + 8);
-#pragma GCC unroll 6
-    for (int i = 0; i < MR; ++i) {
-      const __m256 ai = _mm256_broadcast_ss(a + i);
-      c0[i] = _mm256_fmadd_ps(ai, b0, c0[i]);
-      c1[i] = _mm256_fmadd_ps(ai, b1, c1[i]);
-    }
+#define TORCH_CONVT_AVX2_STEP(bk)                                          \
+  {                                                                        \
+    const __m256 b0 = _mm256_loadu_ps(bk), b1 = _mm256_loadu_ps((bk) + 8); \
+    _Pragma("GCC unroll 6") for (int i = 0; i < MR; ++i) {                 \
+      const __m256 ai = _mm256_broadcast_ss(a + i);                        \
+      c0[i] = _mm256_fmadd_ps(ai, b0, c0[i]);                              \
+      c1[i] = _mm256_fmadd_ps(ai, b1, c1[i]);                              \
+    }                                                                      \
   }
+  if (rows) {
+    for (int64_t k = 0; k < kc; ++k, a += MR) TORCH_CONVT_AVX2_STEP(rows[k])
+  } else {
+    for (int64_t k = 0; k < kc; ++k, a += MR, b += 16) TORCH_CONVT_AVX2_STEP(b)
+  }
+#undef TORCH_CONVT_AVX2_STEP
 #pragma GCC unroll 6
   for (int i = 0; i < MR; ++i) {
     float* ci = c + i * ldc;
@@ -265,9 +285,11 @@ GemmTile gemm_tile(int64_t M) {
   return {padded(mk.small_mr) < padded(mk.mr) ? mk.small_mr : mk.mr, mk.nr};
 }
 
+namespace {
+// The shared driver: B packed (b_packed) or given by rows (b_rows, row k of panel jr at b_rows[k] + jr).
 template <typename T>
-void gemm_packed(GemmTile tile, int64_t M, int64_t N, int64_t K, const T* a_packed, const T* b_packed,
-                 bool accumulate, T* C, int64_t ldc) {
+void gemm_driver(GemmTile tile, int64_t M, int64_t N, int64_t K, const T* a_packed, const T* b_packed,
+                 const T* const* b_rows, bool accumulate, T* C, int64_t ldc) {
   if (M <= 0 || N <= 0) return;
   if (K <= 0) {
     if (!accumulate)
@@ -278,21 +300,34 @@ void gemm_packed(GemmTile tile, int64_t M, int64_t N, int64_t K, const T* a_pack
   const int64_t MR = tile.mr, NR = mk.nr;
   const MicroFn<T> fn = MR == mk.mr ? mk.fn : mk.small_fn;
   T edge[16 * 32];  // an MR x NR block of C for ragged edges (MR <= 16, NR <= 32)
+  const T* rows[KC];  // the rows of one K block, moved to panel jr
   for (int64_t jr = 0; jr < N; jr += NR) {
     const int64_t nr = std::min(NR, N - jr);
-    const T* panel = b_packed + jr * K;
+    const T* panel = b_packed ? b_packed + jr * K : nullptr;
     for (int64_t pc = 0; pc < K; pc += KC) {
       const int64_t kc = std::min(KC, K - pc);
       const bool acc = accumulate || pc > 0;
+      if (b_rows) {
+        // Rows are runs somewhere in memory, not a packed stream the hardware prefetches: fetch the next
+        // panel's part of this block's rows while the A panels run over this one.
+        for (int64_t k = 0; k < kc; ++k) {
+          rows[k] = b_rows[pc + k] + jr;
+          if (jr + NR < N) {
+            __builtin_prefetch(rows[k] + NR, 0, 3);
+            __builtin_prefetch(rows[k] + NR + 16, 0, 3);
+          }
+        }
+      }
       for (int64_t ir = 0; ir < M; ir += MR) {
         const int64_t mr = std::min(MR, M - ir);
         const T* ap = a_packed + ir * K + pc * MR;
-        const T* bp = panel + pc * NR;
+        const T* bp = panel ? panel + pc * NR : nullptr;
+        const T* const* rp = b_rows ? rows : nullptr;
         T* c = C + ir * ldc + jr;
         if (mr == MR && nr == NR) {
-          fn(kc, ap, bp, c, ldc, acc);
+          fn(kc, ap, bp, rp, c, ldc, acc);
         } else {
-          fn(kc, ap, bp, edge, NR, false);
+          fn(kc, ap, bp, rp, edge, NR, false);
           for (int64_t i = 0; i < mr; ++i)
             for (int64_t j = 0; j < nr; ++j)
               c[i * ldc + j] = acc ? c[i * ldc + j] + edge[i * NR + j] : edge[i * NR + j];
@@ -300,6 +335,19 @@ void gemm_packed(GemmTile tile, int64_t M, int64_t N, int64_t K, const T* a_pack
       }
     }
   }
+}
+}  // namespace
+
+template <typename T>
+void gemm_packed(GemmTile tile, int64_t M, int64_t N, int64_t K, const T* a_packed, const T* b_packed,
+                 bool accumulate, T* C, int64_t ldc) {
+  gemm_driver<T>(tile, M, N, K, a_packed, b_packed, nullptr, accumulate, C, ldc);
+}
+
+template <typename T>
+void gemm_rows(GemmTile tile, int64_t M, int64_t N, int64_t K, const T* a_packed, const T* const* b_rows,
+               bool accumulate, T* C, int64_t ldc) {
+  gemm_driver<T>(tile, M, N, K, a_packed, nullptr, b_rows, accumulate, C, ldc);
 }
 
 template <typename T>
@@ -415,6 +463,7 @@ double fma_peak_gflops(double seconds) {
 #define TORCH_CONVT_INSTANTIATE_GEMM(T)                                                                  \
   template GemmTile gemm_tile<T>(int64_t);                                                               \
   template void gemm_packed<T>(GemmTile, int64_t, int64_t, int64_t, const T*, const T*, bool, T*, int64_t); \
+  template void gemm_rows<T>(GemmTile, int64_t, int64_t, int64_t, const T*, const T* const*, bool, T*, int64_t); \
   template void gemm_nt<T>(int64_t, int64_t, int64_t, const T*, int64_t, const T*, int64_t, T*, int64_t);
 TORCH_CONVT_INSTANTIATE_GEMM(float)
 TORCH_CONVT_INSTANTIATE_GEMM(double)

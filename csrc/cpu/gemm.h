@@ -55,6 +55,13 @@ template <typename T>
 void gemm_packed(GemmTile tile, int64_t M, int64_t N, int64_t K, const T* a_packed, const T* b_packed,
                  bool accumulate, T* C, int64_t ldc);
 
+// The same with B unpacked, given by rows: B[k][j] = b_rows[k][j]. Every row must be readable for whole
+// NR-wide panels (j < N rounded up to NR; the columns past N are computed and dropped). For columns that are
+// runs of a source (frame windows), this skips the packing pass.
+template <typename T>
+void gemm_rows(GemmTile tile, int64_t M, int64_t N, int64_t K, const T* a_packed, const T* const* b_rows,
+               bool accumulate, T* C, int64_t ldc);
+
 // C[M x N] += A[M x K] . B[N x K]^T with A and B row-major (lda, ldb): dot products along K, vectorised along K.
 // The summation order depends on the shapes only.
 template <typename T>
