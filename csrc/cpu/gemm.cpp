@@ -209,6 +209,64 @@ __attribute__((target("avx512f,fma"))) void dot_block_avx512(int64_t K, const fl
 #pragma GCC diagnostic pop
 #endif
 
+#if TORCH_CONVT_X86
+// ---- transposing pack: 16 rows x 16 k at a time through registers -----------------------------------------------
+__attribute__((target("avx512f"))) void pack_rows_avx512(const float* src, int64_t row_stride, int64_t rows,
+                                                          int64_t depth, int64_t width, float* dst) {
+  for (int64_t r0 = 0; r0 < rows; r0 += width, dst += depth * width) {
+    for (int64_t h = 0; h < width; h += 16) {  // 16-row groups of the panel
+      const int64_t valid = std::clamp<int64_t>(rows - r0 - h, 0, 16);
+      const __mmask16 lanes = static_cast<__mmask16>(width - h >= 16 ? 0xFFFF : (1u << (width - h)) - 1);
+      // rows past the end load nothing (mask 0) from a row that exists
+      const float* row[16];
+      for (int i = 0; i < 16; ++i) row[i] = src + (r0 + std::min<int64_t>(i + h, std::max<int64_t>(0, rows - 1 - r0))) * row_stride;
+      const __mmask16 live = static_cast<__mmask16>((1u << valid) - 1);
+      for (int64_t k = 0; k < depth; k += 16) {
+        const int64_t kc = std::min<int64_t>(16, depth - k);
+        const __mmask16 kmask = static_cast<__mmask16>(kc == 16 ? 0xFFFF : (1u << kc) - 1);
+        __m512 r[16], t[16];
+#pragma GCC unroll 16
+        for (int i = 0; i < 16; ++i)
+          r[i] = _mm512_maskz_loadu_ps(static_cast<__mmask16>((live >> i) & 1 ? kmask : 0), row[i] + k);
+#pragma GCC unroll 8
+        for (int i = 0; i < 8; ++i) {
+          t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+          t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+        }
+#pragma GCC unroll 4
+        for (int i = 0; i < 4; ++i) {
+          const __m512d a = _mm512_castps_pd(t[4 * i]), b = _mm512_castps_pd(t[4 * i + 1]);
+          const __m512d c = _mm512_castps_pd(t[4 * i + 2]), d = _mm512_castps_pd(t[4 * i + 3]);
+          r[4 * i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
+          r[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
+          r[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, d));
+          r[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
+        }
+#pragma GCC unroll 2
+        for (int i = 0; i < 2; ++i)
+#pragma GCC unroll 4
+          for (int j = 0; j < 4; ++j) {
+            t[8 * i + j] = _mm512_shuffle_f32x4(r[8 * i + j], r[8 * i + 4 + j], 0x88);
+            t[8 * i + 4 + j] = _mm512_shuffle_f32x4(r[8 * i + j], r[8 * i + 4 + j], 0xdd);
+          }
+#pragma GCC unroll 8
+        for (int j = 0; j < 8; ++j) {  // r[c] = column c: k + c over the 16 rows
+          r[j] = _mm512_shuffle_f32x4(t[j], t[8 + j], 0x88);
+          r[j + 8] = _mm512_shuffle_f32x4(t[j], t[8 + j], 0xdd);
+        }
+        float* d = dst + k * width + h;
+        if (kc == 16) {
+#pragma GCC unroll 16
+          for (int c = 0; c < 16; ++c) _mm512_mask_storeu_ps(d + c * width, lanes, r[c]);
+        } else {
+          for (int64_t c = 0; c < kc; ++c) _mm512_mask_storeu_ps(d + c * width, lanes, r[c]);
+        }
+      }
+    }
+  }
+}
+#endif
+
 // Table of block kernels by (rows, columns) of the block, so ragged edges get exact-size kernels too.
 template <typename T, template <int, int> class Make>
 struct DotTable {
@@ -361,6 +419,17 @@ void gemm_nt(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* 
       dot_block<T>(mb, nb)(K, A + m0 * lda, lda, B + n0 * ldb, ldb, C + m0 * ldc + n0, ldc);
     }
   }
+}
+
+bool pack_rows_simd(const float* src, int64_t row_stride, int64_t rows, int64_t depth, int64_t width, float* dst) {
+#if TORCH_CONVT_X86
+  static const bool avx512 = __builtin_cpu_supports("avx512f");
+  if (avx512 && width <= 32) {
+    pack_rows_avx512(src, row_stride, rows, depth, width, dst);
+    return true;
+  }
+#endif
+  return false;
 }
 
 const char* gemm_isa() {

@@ -11,6 +11,7 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 namespace torch_convt::cpu {
 
@@ -35,11 +36,18 @@ inline int64_t packed_index(int64_t row, int64_t k, int64_t depth, int64_t width
   return (row / width) * depth * width + k * width + row % width;
 }
 
+// pack_panels for float rows contiguous along k (depth_stride 1), by 16 x 16 in-register transposes where the
+// CPU has AVX-512 (width <= 32); false (nothing done) elsewhere.
+bool pack_rows_simd(const float* src, int64_t row_stride, int64_t rows, int64_t depth, int64_t width, float* dst);
+
 // Packs src(row, k) = src[row*row_stride + k*depth_stride] into that layout (converting to T), zero-padding
 // the last panel.
 template <typename Src, typename T>
 void pack_panels(const Src* src, int64_t row_stride, int64_t depth_stride, int64_t rows, int64_t depth,
                  int64_t width, T* dst) {
+  if constexpr (std::is_same_v<Src, float> && std::is_same_v<T, float>) {
+    if (depth_stride == 1 && pack_rows_simd(src, row_stride, rows, depth, width, dst)) return;
+  }
   for (int64_t r0 = 0; r0 < rows; r0 += width) {
     const int64_t w = rows - r0 < width ? rows - r0 : width;
     for (int64_t k = 0; k < depth; ++k, dst += width) {
