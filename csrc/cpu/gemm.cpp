@@ -210,6 +210,8 @@ __attribute__((target("avx512f,fma"))) void dot_block_avx512(int64_t K, const fl
 #endif
 
 #if TORCH_CONVT_X86
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"  // (as above: the intrinsic headers' placeholders)
 // ---- transposing pack: 16 rows x 16 k at a time through registers -----------------------------------------------
 __attribute__((target("avx512f"))) void pack_rows_avx512(const float* src, int64_t row_stride, int64_t rows,
                                                           int64_t depth, int64_t width, float* dst) {
@@ -265,6 +267,7 @@ __attribute__((target("avx512f"))) void pack_rows_avx512(const float* src, int64
     }
   }
 }
+#pragma GCC diagnostic pop
 #endif
 
 // Table of block kernels by (rows, columns) of the block, so ragged edges get exact-size kernels too.
