@@ -408,6 +408,31 @@ Windows<acc_t> split_windows(const Frame& fr, const acc_t* split, int64_t f0) {
   return {split + w0, static_cast<int64_t>(fr.planes.size()) * total, total, total - w0};
 }
 
+// Whether a GEMM over `M` grid points gathers its columns through a frame (columns.h): when the frame adds few
+// computed points off the grid, and either the source is the frame itself (no gather at all), or the windows of
+// a tile are smaller than its columns (several taps share them; the span of the shifts is small next to the
+// tile) and fit the window budget.
+template <typename scalar_t, typename acc_t>
+bool use_frame(const Frame& fr, int64_t M, const int64_t* extent, const Strides& st, int64_t channels, int64_t tile,
+               int64_t nr) {
+  if (fr.positions > M + M / 2) return false;
+  if (std::is_same_v<scalar_t, acc_t> && source_is_frame(fr, extent, st)) return true;
+  const int64_t window = static_cast<int64_t>(fr.planes.size()) * fr.window(tile, nr);
+  const int64_t taps = static_cast<int64_t>(fr.tap_off.size());
+  return taps > 1 && window <= taps * tile && channels * window * int64_t(sizeof(acc_t)) <= kWindowBytes;
+}
+
+// Whether a framed GEMM reads its windows from a whole-frame copy of `channels` source channels (split_size,
+// columns.h), built once: when gathering them tile by tile would copy the frame more than 4 times over (measured:
+// at ~3 times the tile-by-tile windows, which stay in L2, are as fast), and the copy fits kSplitBytes.
+template <typename scalar_t, typename acc_t>
+bool use_split(const Frame& fr, int64_t M, const int64_t* extent, const Strides& st, int64_t channels, int64_t tile,
+               int64_t nr) {
+  if (fr.positions > M + M / 2 || (std::is_same_v<scalar_t, acc_t> && source_is_frame(fr, extent, st))) return false;
+  return fr.window(tile, nr) * ceil_div(fr.positions, tile) > 4 * fr.total() &&
+         split_size(fr, channels) * int64_t(sizeof(acc_t)) <= kSplitBytes;
+}
+
 // C[rows x count] (+)= A . the columns of the tile [f0, f0 + count) of frame positions, from channels
 // [0, channels) of `src`, or of the whole-frame copy `split` where one is given. Column row (c, t) is a run of a
 // window, so the GEMM reads B straight from the windows (gemm_rows) for every panel whose runs lie inside them;

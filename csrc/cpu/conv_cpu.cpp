@@ -38,31 +38,6 @@ using namespace cpu;  // columns.h, direct.h
 
 constexpr int64_t kMaxInterleave = 16;  // transposed layers store up to this many phases interleaved
 
-// Whether a GEMM over `M` grid points gathers its columns through a frame (columns.h): when the frame adds few
-// computed points off the grid, and either the source is the frame itself (no gather at all), or the windows of
-// a tile are smaller than its columns (several taps share them; the span of the shifts is small next to the
-// tile) and fit the window budget.
-template <typename scalar_t, typename acc_t>
-bool use_frame(const Frame& fr, int64_t M, const int64_t* extent, const Strides& st, int64_t channels, int64_t tile,
-               int64_t nr) {
-  if (fr.positions > M + M / 2) return false;
-  if (std::is_same_v<scalar_t, acc_t> && source_is_frame(fr, extent, st)) return true;
-  const int64_t window = static_cast<int64_t>(fr.planes.size()) * fr.window(tile, nr);
-  const int64_t taps = static_cast<int64_t>(fr.tap_off.size());
-  return taps > 1 && window <= taps * tile && channels * window * int64_t(sizeof(acc_t)) <= kWindowBytes;
-}
-
-// Whether a framed GEMM reads its windows from a whole-frame copy of `channels` source channels (split_size,
-// columns.h), built once: when gathering them tile by tile would copy the frame more than 4 times over (measured:
-// at ~3 times the tile-by-tile windows, which stay in L2, are as fast), and the copy fits kSplitBytes.
-template <typename scalar_t, typename acc_t>
-bool use_split(const Frame& fr, int64_t M, const int64_t* extent, const Strides& st, int64_t channels, int64_t tile,
-               int64_t nr) {
-  if (fr.positions > M + M / 2 || (std::is_same_v<scalar_t, acc_t> && source_is_frame(fr, extent, st))) return false;
-  return fr.window(tile, nr) * ceil_div(fr.positions, tile) > 4 * fr.total() &&
-         split_size(fr, channels) * int64_t(sizeof(acc_t)) <= kSplitBytes;
-}
-
 // ---------------------------------------------------------------------------------------------------------
 // conv: Y = conv(X, W) + bias
 // ---------------------------------------------------------------------------------------------------------
@@ -115,59 +90,53 @@ void conv_kernel(const ConvParams& p, const scalar_t* x, const Strides& sx, cons
   std::unique_ptr<acc_t[]> planes(split ? new acc_t[nb * per_item] : nullptr);
 
   for (int64_t n0 = 0; n0 < p.batch; n0 += nb) {
-  const int64_t n1 = std::min(p.batch, n0 + nb);
-  if (split) {
-    at::parallel_for(0, (n1 - n0) * G * Cxg, grain(plane_set), [&](int64_t begin, int64_t end) {
-      for (int64_t item = begin; item < end; ++item)
-        gather_windows(frame, x + (n0 + item / (G * Cxg)) * sx.n + item % (G * Cxg) * sx.c, 1, p.big, sx, 0,
-                       frame.total(), planes.get() + item * plane_set);
-    });
-  }
-  at::parallel_for(0, (n1 - n0) * G * tiles, grain(2 * Cyg * KK * tile), [&](int64_t begin, int64_t end) {
-    acc_t* col = scratch<acc_t, 0>(cpu::packed_size(tile, depth, gt.nr));
-    acc_t* out = scratch<acc_t, 1>(Cyg * tile);
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t n = n0 + item / (G * tiles), g = item / tiles % G, m0 = item % tiles * tile;
-      const int64_t m1 = std::min(M, m0 + tile), cnt = m1 - m0;
-      scalar_t* y_g = y + n * sy.n + g * Cyg * sy.c;
-      // The output rows are dense: the GEMM writes them in place, then the bias is added.
-      acc_t* c = in_place ? reinterpret_cast<acc_t*>(y_g) + m0 : out;
-      const int64_t ldc = in_place ? sy.c : cnt;
-      for (int64_t bi = 0; bi < blocks; ++bi) {
-        const int64_t channels = std::min(block, Cxg - bi * block);
-        const scalar_t* x_b = x + n * sx.n + (g * Cxg + bi * block) * sx.c;
-        const acc_t* a = w_packed.get() + (g * blocks + bi) * a_size;
-        if (framed) {
-          frame_gemm(frame, x_b, channels, p.big, sx, m0, cnt, gt, Cyg, a, bi > 0, c, ldc, col,
-                     split ? planes.get() + ((n - n0) * G * Cxg + g * Cxg + bi * block) * plane_set : nullptr);
+    const int64_t n1 = std::min(p.batch, n0 + nb);
+    if (split) {
+      at::parallel_for(0, (n1 - n0) * G * Cxg, grain(plane_set), [&](int64_t begin, int64_t end) {
+        for (int64_t item = begin; item < end; ++item)
+          gather_windows(frame, x + (n0 + item / (G * Cxg)) * sx.n + item % (G * Cxg) * sx.c, 1, p.big, sx, 0,
+                         frame.total(), planes.get() + item * plane_set);
+      });
+    }
+    at::parallel_for(0, (n1 - n0) * G * tiles, grain(2 * Cyg * KK * tile), [&](int64_t begin, int64_t end) {
+      acc_t* col = scratch<acc_t, 0>(cpu::packed_size(tile, depth, gt.nr));
+      acc_t* out = scratch<acc_t, 1>(Cyg * tile);
+      for (int64_t item = begin; item < end; ++item) {
+        const int64_t n = n0 + item / (G * tiles), g = item / tiles % G, m0 = item % tiles * tile;
+        const int64_t m1 = std::min(M, m0 + tile), cnt = m1 - m0;
+        scalar_t* y_g = y + n * sy.n + g * Cyg * sy.c;
+        // The output rows are dense: the GEMM writes them in place, then the bias is added.
+        acc_t* c = in_place ? reinterpret_cast<acc_t*>(y_g) + m0 : out;
+        const int64_t ldc = in_place ? sy.c : cnt;
+        for (int64_t bi = 0; bi < blocks; ++bi) {
+          const int64_t channels = std::min(block, Cxg - bi * block);
+          const scalar_t* x_b = x + n * sx.n + (g * Cxg + bi * block) * sx.c;
+          const acc_t* a = w_packed.get() + (g * blocks + bi) * a_size;
+          if (framed) {
+            frame_gemm(frame, x_b, channels, p.big, sx, m0, cnt, gt, Cyg, a, bi > 0, c, ldc, col,
+                       split ? planes.get() + ((n - n0) * G * Cxg + g * Cxg + bi * block) * plane_set : nullptr);
+          } else {
+            gather_columns(x_b, channels, p.big, sx, taps, p.stride, p.small, m0, m1, col,
+                           ColumnLayout{channels * T, gt.nr, 0});
+            cpu::gemm_packed<acc_t>(gt, Cyg, cnt, channels * T, a, col, bi > 0, c, ldc);
+          }
+        }
+        if (in_place) {
+          if (ba)
+            for (int64_t cy = 0; cy < Cyg; ++cy)
+              for (int64_t j = 0; j < cnt; ++j) c[cy * ldc + j] += ba[g * Cyg + cy];
         } else {
-          gather_columns(x_b, channels, p.big, sx, taps, p.stride, p.small, m0, m1, col,
-                         ColumnLayout{channels * T, gt.nr, 0});
-          cpu::gemm_packed<acc_t>(gt, Cyg, cnt, channels * T, a, col, bi > 0, c, ldc);
+          store_rows(out, cnt, Cyg, ba ? ba + g * Cyg : nullptr, y_g, sy, one, zero, p.small, m0, m1,
+                     framed ? frame.ext : nullptr);
         }
       }
-      if (in_place) {
-        if (ba)
-          for (int64_t cy = 0; cy < Cyg; ++cy)
-            for (int64_t j = 0; j < cnt; ++j) c[cy * ldc + j] += ba[g * Cyg + cy];
-      } else {
-        store_rows(out, cnt, Cyg, ba ? ba + g * Cyg : nullptr, y_g, sy, one, zero, p.small, m0, m1,
-                   framed ? frame.ext : nullptr);
-      }
-    }
-  });
+    });
   }
 }
 
 // ---------------------------------------------------------------------------------------------------------
 // conv_transpose: X = conv_transpose(Y, W) + bias, one dense correlation per phase
 // ---------------------------------------------------------------------------------------------------------
-struct Phase {
-  int64_t r[kMaxDims];     // big position = m*stride + r
-  int64_t grid[kMaxDims];  // extent of m
-  std::vector<Tap> taps;   // offsets are shifts on the small tensor
-};
-
 std::vector<Phase> transpose_phases(const ConvParams& p, bool* all_covered) {
   // Only phases r < big exist (stride may exceed the output size); each tap belongs to exactly one phase per
   // dim, so there are at most kernel_numel phases with taps.
@@ -200,41 +169,6 @@ std::vector<Phase> transpose_phases(const ConvParams& p, bool* all_covered) {
       }
   *all_covered = static_cast<int64_t>(phases.size()) == total;
   return phases;
-}
-
-// Direct conv_transpose, phase by phase and row by row:
-//   X[n, c, m*stride + r] = sum_{cy in c's group} sum_t W[cy, c % Cxg, k_t] Y[n, cy, m + shift_t] + bias[c],
-// each sum over the taps inside Y only. For per-channel layers, and for non-finite weights (see columns.h).
-template <typename scalar_t, typename acc_t>
-void conv_transpose_direct(const ConvParams& p, const std::vector<Phase>& phases, const scalar_t* y,
-                           const Strides& sy, const scalar_t* w, const acc_t* bias, scalar_t* x, const Strides& sx) {
-  const int64_t C = p.big_channels, Cxg = p.big_group(), Cyg = p.small_group(), K = p.kernel_numel();
-  const int64_t one[kMaxDims] = {1, 1, 1};
-  std::vector<std::vector<std::pair<int64_t, int64_t>>> ranges;
-  for (const Phase& ph : phases) ranges.push_back(inner_ranges(ph.taps, 1, p.small[2], ph.grid[2]));
-  at::parallel_for(0, p.batch * C, grain(2 * Cyg * K * p.small_spatial()), [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> acc(p.big[2]), wt(Cyg * K);
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t n = item / C, c = item % C, g = c / Cxg, cx = c % Cxg;
-      const scalar_t* y_g = y + n * sy.n + g * Cyg * sy.c;
-      const acc_t b = bias ? bias[c] : acc_t(0);
-      for (size_t q = 0; q < phases.size(); ++q) {
-        const Phase& ph = phases[q];
-        const int64_t T = static_cast<int64_t>(ph.taps.size());
-        for (int64_t cy = 0; cy < Cyg; ++cy)
-          for (int64_t t = 0; t < T; ++t)
-            wt[cy * T + t] = static_cast<acc_t>(w[((g * Cyg + cy) * Cxg + cx) * K + ph.taps[t].k]);
-        for (int64_t r = 0; r < ph.grid[0] * ph.grid[1]; ++r) {
-          const int64_t i0 = r / ph.grid[1], i1 = r % ph.grid[1];
-          std::fill(acc.begin(), acc.begin() + ph.grid[2], acc_t(0));
-          for (int64_t cy = 0; cy < Cyg; ++cy)
-            channel_row(y_g + cy * sy.c, p.small, sy, ph.taps, wt.data() + cy * T, ranges[q], one, i0, i1,
-                        ph.grid[2], acc.data());
-          store_channel_row(acc.data(), b, x + n * sx.n + c * sx.c, sx, p.stride, ph.r, i0, i1, ph.grid[2]);
-        }
-      }
-    }
-  });
 }
 
 template <typename scalar_t>

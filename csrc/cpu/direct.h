@@ -143,4 +143,46 @@ void conv_weight_grad_depthwise(const ConvParams& p, const scalar_t* x, const St
   });
 }
 
+// A phase of a transposed layer (conv_cpu.cpp): the big positions m*stride + r and the taps that reach them.
+struct Phase {
+  int64_t r[kMaxDims];     // big position = m*stride + r
+  int64_t grid[kMaxDims];  // extent of m
+  std::vector<Tap> taps;   // offsets are shifts on the small tensor
+};
+
+// Direct conv_transpose, phase by phase and row by row:
+//   X[n, c, m*stride + r] = sum_{cy in c's group} sum_t W[cy, c % Cxg, k_t] Y[n, cy, m + shift_t] + bias[c],
+// each sum over the taps inside Y only. For per-channel layers, and for non-finite weights (see columns.h).
+template <typename scalar_t, typename acc_t>
+void conv_transpose_direct(const ConvParams& p, const std::vector<Phase>& phases, const scalar_t* y,
+                           const Strides& sy, const scalar_t* w, const acc_t* bias, scalar_t* x, const Strides& sx) {
+  const int64_t C = p.big_channels, Cxg = p.big_group(), Cyg = p.small_group(), K = p.kernel_numel();
+  const int64_t one[kMaxDims] = {1, 1, 1};
+  std::vector<std::vector<std::pair<int64_t, int64_t>>> ranges;
+  for (const Phase& ph : phases) ranges.push_back(inner_ranges(ph.taps, 1, p.small[2], ph.grid[2]));
+  at::parallel_for(0, p.batch * C, grain(2 * Cyg * K * p.small_spatial()), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> acc(p.big[2]), wt(Cyg * K);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t n = item / C, c = item % C, g = c / Cxg, cx = c % Cxg;
+      const scalar_t* y_g = y + n * sy.n + g * Cyg * sy.c;
+      const acc_t b = bias ? bias[c] : acc_t(0);
+      for (size_t q = 0; q < phases.size(); ++q) {
+        const Phase& ph = phases[q];
+        const int64_t T = static_cast<int64_t>(ph.taps.size());
+        for (int64_t cy = 0; cy < Cyg; ++cy)
+          for (int64_t t = 0; t < T; ++t)
+            wt[cy * T + t] = static_cast<acc_t>(w[((g * Cyg + cy) * Cxg + cx) * K + ph.taps[t].k]);
+        for (int64_t r = 0; r < ph.grid[0] * ph.grid[1]; ++r) {
+          const int64_t i0 = r / ph.grid[1], i1 = r % ph.grid[1];
+          std::fill(acc.begin(), acc.begin() + ph.grid[2], acc_t(0));
+          for (int64_t cy = 0; cy < Cyg; ++cy)
+            channel_row(y_g + cy * sy.c, p.small, sy, ph.taps, wt.data() + cy * T, ranges[q], one, i0, i1,
+                        ph.grid[2], acc.data());
+          store_channel_row(acc.data(), b, x + n * sx.n + c * sx.c, sx, p.stride, ph.r, i0, i1, ph.grid[2]);
+        }
+      }
+    }
+  });
+}
+
 }  // namespace torch_convt::cpu
