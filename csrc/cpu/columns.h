@@ -524,11 +524,10 @@ inline std::vector<Tap> conv_taps(const ConvParams& p) {
 // col[(c*T + t)*ld + j] = column row (c, t) at frame position f0 + j.
 template <typename scalar_t, typename acc_t>
 void frame_rows(const Frame& fr, const scalar_t* src, int64_t channels, const int64_t* extent, const Strides& st,
-                int64_t f0, int64_t count, acc_t* col, int64_t ld, const acc_t* split = nullptr) {
+                int64_t f0, int64_t count, acc_t* col, int64_t ld) {
   const int64_t T = static_cast<int64_t>(fr.tap_off.size());
   const Windows<acc_t> w =
-      split ? split_windows(fr, split, f0)
-            : frame_windows<scalar_t, acc_t>(fr, src, channels, extent, st, f0 + fr.min_off, fr.window(count, 1));
+      frame_windows<scalar_t, acc_t>(fr, src, channels, extent, st, f0 + fr.min_off, fr.window(count, 1));
   for (int64_t c = 0; c < channels; ++c)
     for (int64_t t = 0; t < T; ++t) {
       const int64_t i = fr.tap_off[t] - fr.min_off, n = std::clamp<int64_t>(w.limit - i, 0, count);
