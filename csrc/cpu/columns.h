@@ -408,7 +408,7 @@ Windows<acc_t> split_windows(const Frame& fr, const acc_t* split, int64_t f0) {
   return {split + w0, static_cast<int64_t>(fr.planes.size()) * total, total, total - w0};
 }
 
-// Whether a GEMM over `M` grid points gathers its columns through a frame (columns.h): when the frame adds few
+// Whether a GEMM over `M` grid points gathers its columns through a frame (above): when the frame adds few
 // computed points off the grid, and either the source is the frame itself (no gather at all), or the windows of
 // a tile are smaller than its columns (several taps share them; the span of the shifts is small next to the
 // tile) and fit the window budget.
@@ -422,8 +422,8 @@ bool use_frame(const Frame& fr, int64_t M, const int64_t* extent, const Strides&
   return taps > 1 && window <= taps * tile && channels * window * int64_t(sizeof(acc_t)) <= kWindowBytes;
 }
 
-// Whether a framed GEMM reads its windows from a whole-frame copy of `channels` source channels (split_size,
-// columns.h), built once: when gathering them tile by tile would copy the frame more than 4 times over (measured:
+// Whether a framed GEMM reads its windows from a whole-frame copy of `channels` source channels (split_size),
+// built once: when gathering them tile by tile would copy the frame more than 4 times over (measured:
 // at ~3 times the tile-by-tile windows, which stay in L2, are as fast), and the copy fits kSplitBytes.
 template <typename scalar_t, typename acc_t>
 bool use_split(const Frame& fr, int64_t M, const int64_t* extent, const Strides& st, int64_t channels, int64_t tile,
@@ -453,7 +453,8 @@ void frame_gemm(const Frame& fr, const scalar_t* src, int64_t channels, const in
     b_rows.resize(depth);
     for (int64_t ch = 0; ch < channels; ++ch)
       for (int64_t t = 0; t < T; ++t)
-        b_rows[ch * T + t] = w.data + ch * w.channel_stride + fr.tap_plane[t] * w.plane_stride + fr.tap_off[t] - fr.min_off;
+        b_rows[ch * T + t] =
+            w.data + ch * w.channel_stride + fr.tap_plane[t] * w.plane_stride + fr.tap_off[t] - fr.min_off;
     gemm_rows<acc_t>(gt, rows, direct, depth, a_packed, b_rows.data(), accumulate, c, ldc);
   }
   if (direct < count) {

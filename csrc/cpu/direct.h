@@ -21,7 +21,8 @@ namespace torch_convt::cpu {
 inline std::vector<std::pair<int64_t, int64_t>> inner_ranges(const std::vector<Tap>& taps, int64_t step, int64_t extent,
                                                       int64_t count) {
   std::vector<std::pair<int64_t, int64_t>> ranges(taps.size());
-  for (size_t t = 0; t < taps.size(); ++t) valid_range(taps[t].offset[2], step, extent, count, &ranges[t].first, &ranges[t].second);
+  for (size_t t = 0; t < taps.size(); ++t)
+    valid_range(taps[t].offset[2], step, extent, count, &ranges[t].first, &ranges[t].second);
   return ranges;
 }
 

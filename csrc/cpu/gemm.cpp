@@ -221,7 +221,7 @@ __attribute__((target("avx512f"))) void pack_rows_avx512(const float* src, int64
       const __mmask16 lanes = static_cast<__mmask16>(width - h >= 16 ? 0xFFFF : (1u << (width - h)) - 1);
       // rows past the end load nothing (mask 0) from a row that exists
       const float* row[16];
-      for (int i = 0; i < 16; ++i) row[i] = src + (r0 + std::min<int64_t>(i + h, std::max<int64_t>(0, rows - 1 - r0))) * row_stride;
+      for (int i = 0; i < 16; ++i) row[i] = src + std::min<int64_t>(r0 + h + i, rows - 1) * row_stride;
       const __mmask16 live = static_cast<__mmask16>((1u << valid) - 1);
       for (int64_t k = 0; k < depth; k += 16) {
         const int64_t kc = std::min<int64_t>(16, depth - k);
