@@ -724,10 +724,43 @@ def _fault_call(name, tensors):
     return ops.conv_weight_grad(a, b, c["weight"], s, p, d, 1)
 
 
+class _FreshCaller:
+    """A new calling thread. The kernels keep their call-wide buffers (packed weights, partial sums) per calling
+    thread for its later calls, so only a thread's first call of a size allocates them: running each attempt on a
+    fresh caller makes the limit bite on every allocation. Its OpenMP team is started (by a parallel torch op)
+    before any limit, since a thread that fails to start there ends the process."""
+
+    def __init__(self):
+        import queue
+        self.jobs, self.results = queue.Queue(), queue.Queue()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+        self.call(lambda: torch.ones(1 << 22).mul_(2))
+
+    def _serve(self):
+        while (fn := self.jobs.get()) is not None:
+            try:
+                self.results.put((True, fn()))
+            except Exception as e:  # noqa: BLE001 - handed to the caller
+                self.results.put((False, e))
+
+    def call(self, fn):
+        self.jobs.put(fn)
+        ok, value = self.results.get()
+        if not ok:
+            raise value
+        return value
+
+    def close(self):
+        self.jobs.put(None)
+        self.thread.join()
+
+
 def _child_out_of_memory(step_mib: int, max_mib: int) -> dict:
     """For each call: lower the address-space limit to (current size + k * step) for k = 0, 1, ... until the call
-    succeeds (and a little beyond), calling it under each limit; after every attempt, restore the limit and check
-    that a call then gives bitwise the result computed before any limit."""
+    succeeds (and a little beyond), calling it under each limit on a fresh calling thread (_FreshCaller); after
+    every attempt, restore the limit and check that a call then gives bitwise the result computed before any
+    limit."""
     torch.set_num_threads(2)
     gen = torch.Generator().manual_seed(0)
     soft, hard = resource.getrlimit(resource.RLIMIT_AS)
@@ -737,10 +770,11 @@ def _child_out_of_memory(step_mib: int, max_mib: int) -> dict:
         reference = _fault_call(name, tensors)
         failures, first_ok, bad_after, wrong_under_limit = {}, None, 0, 0
         for extra in range(0, max_mib + 1, step_mib):
+            caller = _FreshCaller()
             limit = proc_status_bytes("VmSize") + extra * MiB
             resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
             try:
-                out = _fault_call(name, tensors)
+                out = caller.call(lambda: _fault_call(name, tensors))
                 ok = True
             except Exception as e:  # noqa: BLE001 - classified below
                 ok = False
@@ -748,6 +782,7 @@ def _child_out_of_memory(step_mib: int, max_mib: int) -> dict:
                 failures[key] = failures.get(key, 0) + 1
             finally:
                 resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+                caller.close()
             if ok:
                 wrong_under_limit += not torch.equal(out, reference)
                 first_ok = extra if first_ok is None else first_ok
@@ -764,9 +799,10 @@ def _child_out_of_memory(step_mib: int, max_mib: int) -> dict:
 def out_of_memory_report():
     # glibc's malloc serves blocks below its (adaptive, up to 32 MiB) mmap threshold from memory it already holds,
     # where an address-space limit does not bite; a fixed 64 KiB threshold makes every buffer of the calls a
-    # fresh mapping, so the sweep hits each allocation of the call in turn.
-    return run_child("out_of_memory", timeout_s=420, extra_env={"MALLOC_MMAP_THRESHOLD_": "65536"}, step_mib=4,
-                     max_mib=400)
+    # fresh mapping, so the sweep hits each allocation of the call in turn. One arena: the per-thread arenas of
+    # the fresh callers would grow inside mappings reserved in advance, out of the limit's reach.
+    return run_child("out_of_memory", timeout_s=420,
+                     extra_env={"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_ARENA_MAX": "1"}, step_mib=4, max_mib=400)
 
 
 @linux_only

@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <array>
 #include <cstring>
+#include <memory>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -25,6 +26,8 @@ constexpr int64_t kPartialBytes = int64_t(32) << 20;  // weight-gradient partial
 constexpr int64_t kWindowBytes = int64_t(4) << 20;  // frame windows of a tile per thread (see Frame)
 constexpr int64_t kSplitBytes = int64_t(32) << 20;   // a whole-frame copy of the source (see split_size)
 constexpr int kWindowSlot = 4;                       // their scratch slot (0-3: the kernels' own buffers)
+constexpr int64_t kHeldBytes = int64_t(32) << 20;    // call-wide buffers kept across calls up to this size
+constexpr int kWeightSlot = 5, kPlaneSlot = 6, kPartialSlot = 7;  // theirs: packed weights, frame copy, partials
 constexpr int64_t kMaxChunks = 8;                     // weight-gradient reduction chunks (fixed: determinism)
 constexpr int64_t kMinTaskFlops = int64_t(1) << 21;   // below this a task is not worth a thread
 constexpr int64_t kPackedWeightGradRows = 128;        // weight gradient: packed GEMM from this many rows of Y
@@ -70,6 +73,16 @@ T* scratch(int64_t n) {
   thread_local std::vector<T> buffer;
   if (static_cast<int64_t>(buffer.size()) < n) buffer.resize(n);
   return buffer.data();
+}
+
+// A call-wide buffer of `n` elements (contents undefined): up to kHeldBytes, the calling thread's own, kept for its
+// later calls (fresh memory costs a page fault per 4 KiB on first touch, as much as packing a large layer's
+// weights); above that, a new one that `fresh` owns for this call. Slot tells buffers apart.
+template <typename T, int Slot>
+T* held_buffer(int64_t n, std::unique_ptr<T[]>& fresh) {
+  if (n * int64_t(sizeof(T)) <= kHeldBytes) return scratch<T, Slot>(n);
+  fresh.reset(new T[n]);
+  return fresh.get();
 }
 
 // Work items per thread task, so that small problems do not pay for threads they cannot use.
@@ -465,30 +478,39 @@ void frame_gemm(const Frame& fr, const scalar_t* src, int64_t channels, const in
 }
 
 // store_rows for `ways` row blocks whose points interleave along the innermost dim: block w holds the points at
-// innermost position m2*ways + w (+ offset[2] = 0), i.e. phases r2 = 0..ways-1 of a stride-`ways` transposed
-// layer (step[2] == ways), and dst's innermost stride is 1. Each output run is then written once, contiguously,
-// instead of `ways` strided passes.
+// innermost position m2*step[2] + offset[2] + w, i.e. consecutive phases r2 = offset[2] .. offset[2]+ways-1 of a
+// transposed layer (ways <= step[2]), and dst's innermost stride is 1. Each run of `ways` output points is then
+// written at once, instead of in `ways` strided passes.
 template <typename scalar_t, typename acc_t>
 void store_rows_interleaved(const acc_t* const* rows, int64_t ways, int64_t ld, int64_t channels, const acc_t* bias,
                             scalar_t* dst, const Strides& st, const int64_t* step, const int64_t* offset,
                             const int64_t* grid, int64_t m_begin, int64_t m_end, const int64_t* frame = nullptr) {
   const int64_t* fr = frame ? frame : grid;
+  const int64_t s = step[2];
   for (int64_t c = 0; c < channels; ++c) {
     const acc_t b = bias ? bias[c] : acc_t(0);
     scalar_t* d = dst + c * st.c;
     for_each_run(fr, m_begin, m_end, [&](int64_t i0, int64_t i1, int64_t first, int64_t last, int64_t m) {
       if (i0 >= grid[0] || i1 >= grid[1]) return;
       const int64_t stop = std::min(last, grid[2]), at = c * ld + m - m_begin - first;
-      scalar_t* row = d + st.at(i0 * step[0] + offset[0], i1 * step[1] + offset[1], 0);
+      scalar_t* row = d + st.at(i0 * step[0] + offset[0], i1 * step[1] + offset[1], offset[2]);
       if (ways == 2) {
         const acc_t *r0 = rows[0] + at, *r1 = rows[1] + at;
         for (int64_t j = first; j < stop; ++j) {
-          row[2 * j] = narrow_to<scalar_t>(r0[j] + b);
-          row[2 * j + 1] = narrow_to<scalar_t>(r1[j] + b);
+          row[s * j] = narrow_to<scalar_t>(r0[j] + b);
+          row[s * j + 1] = narrow_to<scalar_t>(r1[j] + b);
+        }
+      } else if (ways == 4) {
+        const acc_t *r0 = rows[0] + at, *r1 = rows[1] + at, *r2 = rows[2] + at, *r3 = rows[3] + at;
+        for (int64_t j = first; j < stop; ++j) {
+          row[s * j] = narrow_to<scalar_t>(r0[j] + b);
+          row[s * j + 1] = narrow_to<scalar_t>(r1[j] + b);
+          row[s * j + 2] = narrow_to<scalar_t>(r2[j] + b);
+          row[s * j + 3] = narrow_to<scalar_t>(r3[j] + b);
         }
       } else {
         for (int64_t j = first; j < stop; ++j)
-          for (int64_t w = 0; w < ways; ++w) row[j * ways + w] = narrow_to<scalar_t>(rows[w][at + j] + b);
+          for (int64_t w = 0; w < ways; ++w) row[j * s + w] = narrow_to<scalar_t>(rows[w][at + j] + b);
       }
     });
   }

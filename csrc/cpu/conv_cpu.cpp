@@ -58,7 +58,8 @@ void conv_kernel(const ConvParams& p, const scalar_t* x, const Strides& sx, cons
   // A operand per (group, block): the weight rows of the group's output channels over the block's depth.
   const int64_t a_size = cpu::packed_size(Cyg, depth, gt.mr);
   // (packed in parallel, panel by panel; not zeroed first: packing writes every element)
-  std::unique_ptr<acc_t[]> w_packed(new acc_t[G * blocks * a_size]);
+  std::unique_ptr<acc_t[]> w_fresh, planes_fresh;
+  acc_t* const w_packed = held_buffer<acc_t, kWeightSlot>(G * blocks * a_size, w_fresh);
   std::vector<acc_t> b_store;
   const int64_t panels = ceil_div(Cyg, gt.mr);
   at::parallel_for(0, G * blocks * panels, grain(gt.mr * depth * 4), [&](int64_t begin, int64_t end) {
@@ -66,7 +67,7 @@ void conv_kernel(const ConvParams& p, const scalar_t* x, const Strides& sx, cons
       const int64_t g = item / (blocks * panels), bi = item / panels % blocks, r0 = item % panels * gt.mr;
       const int64_t d = std::min(depth, KK - bi * depth);
       cpu::pack_panels(w + (g * Cyg + r0) * KK + bi * depth, KK, 1, std::min(gt.mr, Cyg - r0), d, gt.mr,
-                       w_packed.get() + (g * blocks + bi) * a_size + r0 * d);
+                       w_packed + (g * blocks + bi) * a_size + r0 * d);
     }
   });
   const acc_t* ba = bias ? as_acc(bias, p.small_channels, b_store) : nullptr;
@@ -87,7 +88,7 @@ void conv_kernel(const ConvParams& p, const scalar_t* x, const Strides& sx, cons
   const int64_t plane_set = split_size(frame, 1), per_item = G * Cxg * plane_set;  // (of the copy)
   const int64_t nb = split ? std::clamp<int64_t>(kSplitBytes / (per_item * int64_t(sizeof(acc_t))), 1, p.batch)
                            : p.batch;
-  std::unique_ptr<acc_t[]> planes(split ? new acc_t[nb * per_item] : nullptr);
+  acc_t* const planes = split ? held_buffer<acc_t, kPlaneSlot>(nb * per_item, planes_fresh) : nullptr;
 
   for (int64_t n0 = 0; n0 < p.batch; n0 += nb) {
     const int64_t n1 = std::min(p.batch, n0 + nb);
@@ -95,7 +96,7 @@ void conv_kernel(const ConvParams& p, const scalar_t* x, const Strides& sx, cons
       at::parallel_for(0, (n1 - n0) * G * Cxg, grain(plane_set), [&](int64_t begin, int64_t end) {
         for (int64_t item = begin; item < end; ++item)
           gather_windows(frame, x + (n0 + item / (G * Cxg)) * sx.n + item % (G * Cxg) * sx.c, 1, p.big, sx, 0,
-                         frame.total(), planes.get() + item * plane_set);
+                         frame.total(), planes + item * plane_set);
       });
     }
     at::parallel_for(0, (n1 - n0) * G * tiles, grain(2 * Cyg * KK * tile), [&](int64_t begin, int64_t end) {
@@ -111,10 +112,10 @@ void conv_kernel(const ConvParams& p, const scalar_t* x, const Strides& sx, cons
         for (int64_t bi = 0; bi < blocks; ++bi) {
           const int64_t channels = std::min(block, Cxg - bi * block);
           const scalar_t* x_b = x + n * sx.n + (g * Cxg + bi * block) * sx.c;
-          const acc_t* a = w_packed.get() + (g * blocks + bi) * a_size;
+          const acc_t* a = w_packed + (g * blocks + bi) * a_size;
           if (framed) {
             frame_gemm(frame, x_b, channels, p.big, sx, m0, cnt, gt, Cyg, a, bi > 0, c, ldc, col,
-                       split ? planes.get() + ((n - n0) * G * Cxg + g * Cxg + bi * block) * plane_set : nullptr);
+                       split ? planes + ((n - n0) * G * Cxg + g * Cxg + bi * block) * plane_set : nullptr);
           } else {
             gather_columns(x_b, channels, p.big, sx, taps, p.stride, p.small, m0, m1, col,
                            ColumnLayout{channels * T, gt.nr, 0});
@@ -206,11 +207,11 @@ void conv_transpose_kernel(const ConvParams& p, const scalar_t* y, const Strides
     int64_t tile = 1;
     cpu::GemmTile gt{1, 1};
     // per group and depth block: A[(member, cx), cy*T + t] = W[g*Cyg + cy, cx, taps[t].k], packed
-    std::unique_ptr<acc_t[]> a;  // (not zeroed: packing writes every element)
+    acc_t* a = nullptr;  // (in one buffer for all sets; not zeroed: packing writes every element)
     int64_t a_size = 0;  // of one (group, block) operand
     Frame frame;         // positions are flat frame positions (columns.h) when `framed`, else grid positions
     bool framed = false;
-    // members stored together: phases differing only in r2 that cover 0..stride2-1 (interleaved), else one each
+    // members stored together: phases differing only in r2, consecutive ones interleaved, else one each
     std::vector<std::vector<int64_t>> store_groups;
   };
   const auto same_shifts = [](const Phase& u, const Phase& v) {
@@ -241,10 +242,10 @@ void conv_transpose_kernel(const ConvParams& p, const scalar_t* y, const Strides
       std::sort(grp.begin(), grp.end(), [&](int64_t u, int64_t v) {
         return phases[set.members[u]].r[2] < phases[set.members[v]].r[2];
       });
-      bool whole = p.stride[2] > 1 && p.stride[2] <= kMaxInterleave &&
-                   static_cast<int64_t>(grp.size()) == p.stride[2] && sx.s[2] == 1;
-      for (size_t w = 0; w < grp.size() && whole; ++w) whole = phases[set.members[grp[w]]].r[2] == int64_t(w);
-      if (whole) {
+      const int64_t r_first = phases[set.members[grp[0]]].r[2];
+      bool runs = grp.size() > 1 && grp.size() <= kMaxInterleave && sx.s[2] == 1;
+      for (size_t w = 0; w < grp.size() && runs; ++w) runs = phases[set.members[grp[w]]].r[2] == r_first + int64_t(w);
+      if (runs) {
         set.store_groups.push_back(grp);
       } else {
         for (int64_t i : grp) set.store_groups.push_back({i});
@@ -267,7 +268,6 @@ void conv_transpose_kernel(const ConvParams& p, const scalar_t* y, const Strides
         1, std::min(Cyg, kColumnBytes / (set.gt.nr * std::max<int64_t>(1, set.taps) * int64_t(sizeof(acc_t)))));
     set.blocks = std::max<int64_t>(1, ceil_div(Cyg, set.block));  // (no channels: one empty block)
     set.a_size = cpu::packed_size(set.out_rows, set.block * set.taps, set.gt.mr);
-    set.a.reset(new acc_t[G * set.blocks * set.a_size]);
     const int64_t rows = set.block * set.taps;
     int64_t M = ph.grid[0] * ph.grid[1] * ph.grid[2];
     set.frame = make_frame(ph.taps, one, ph.grid);
@@ -283,6 +283,11 @@ void conv_transpose_kernel(const ConvParams& p, const scalar_t* y, const Strides
     max_tile = std::max(max_tile, set.tile);
     flops += 2 * set.out_rows * Cyg * set.taps * M;
   }
+  int64_t a_total = 0;
+  for (const PhaseSet& set : sets) a_total += G * set.blocks * set.a_size;
+  std::unique_ptr<acc_t[]> a_fresh;
+  acc_t* a_next = held_buffer<acc_t, kWeightSlot>(a_total, a_fresh);
+  for (PhaseSet& set : sets) set.a = a_next, a_next += G * set.blocks * set.a_size;
 
   // Pack A for every set in parallel over (group, input channel): with many channels this is megabytes of
   // weights. The weights of one input channel (Cxg x K, contiguous) are read once, from L1, and give T depth rows
@@ -304,7 +309,7 @@ void conv_transpose_kernel(const ConvParams& p, const scalar_t* y, const Strides
       const int64_t MR = set.gt.mr, T = set.taps, rows = ceil_div(set.out_rows, MR) * MR;
       const int64_t bi = cy / set.block, depth = std::min(set.block, Cyg - bi * set.block) * T;
       const scalar_t* src = w + (g * Cyg + cy) * Cxg * K;
-      acc_t* base = set.a.get() + (g * set.blocks + bi) * set.a_size + (cy - bi * set.block) * T * MR;
+      acc_t* base = set.a + (g * set.blocks + bi) * set.a_size + (cy - bi * set.block) * T * MR;
       for (int64_t r0 = 0; r0 < rows; r0 += MR) {
         acc_t* dst = base + r0 * depth;
         for (int64_t t = 0; t < T; ++t, dst += MR) {
@@ -333,7 +338,7 @@ void conv_transpose_kernel(const ConvParams& p, const scalar_t* y, const Strides
       const scalar_t* y_g = y + n * sy.n + g * Cyg * sy.c;
       for (int64_t bi = 0; bi < set.blocks; ++bi) {
         const int64_t channels = std::min(set.block, Cyg - bi * set.block), depth = channels * set.taps;
-        const acc_t* a = set.a.get() + (g * set.blocks + bi) * set.a_size;
+        const acc_t* a = set.a + (g * set.blocks + bi) * set.a_size;
         if (set.framed) {
           frame_gemm(set.frame, y_g + bi * set.block * sy.c, channels, p.small, sy, job.m0, cnt, set.gt, set.out_rows,
                      a, bi > 0, out, cnt, col);
@@ -393,7 +398,8 @@ void conv_weight_grad_kernel(const ConvParams& p, const scalar_t* x, const Strid
   // Fixed chunking of the reduction (independent of the thread count), each chunk with its own partial sum.
   const int64_t chunks = std::max<int64_t>(
       1, std::min({items, kMaxChunks, kPartialBytes / std::max<int64_t>(1, dw_numel * int64_t(sizeof(acc_t)))}));
-  std::vector<acc_t> partial(chunks * dw_numel, acc_t(0));
+  std::unique_ptr<acc_t[]> partial_fresh;
+  acc_t* const partial = held_buffer<acc_t, kPartialSlot>(chunks * dw_numel, partial_fresh);  // (zeroed below)
   const cpu::GemmTile gt = cpu::gemm_tile<acc_t>(Cyg);
   const bool packed = Cyg >= kPackedWeightGradRows, y_dense = sy.dense_rows(p.small);
 
@@ -403,7 +409,8 @@ void conv_weight_grad_kernel(const ConvParams& p, const scalar_t* x, const Strid
     acc_t* a_packed = packed ? scratch<acc_t, 2>(cpu::packed_size(Cyg, tile, gt.mr)) : nullptr;
     acc_t* b_packed = packed ? scratch<acc_t, 3>(cpu::packed_size(block * T, tile, gt.nr)) : nullptr;
     for (int64_t c = c_begin; c < c_end; ++c) {
-      acc_t* acc = partial.data() + c * dw_numel;
+      acc_t* acc = partial + c * dw_numel;
+      std::fill_n(acc, dw_numel, acc_t(0));
       for (int64_t item = items * c / chunks; item < items * (c + 1) / chunks; ++item) {
         const int64_t g = item / (tiles * blocks), t0 = item / blocks % tiles * tile, cx0 = item % blocks * block;
         const int64_t t1 = std::min(P, t0 + tile), cnt = t1 - t0, channels = std::min(block, Cxg - cx0);

@@ -31,6 +31,8 @@ namespace torch_convt::cpu {
 namespace {
 
 constexpr int64_t KC = 128;  // K block: one B panel (KC x NR floats, 16 KiB at NR 32) stays in the 32 KiB L1
+constexpr int64_t kAcBytes = 512 << 10;  // one K block of A (MC x KC) stays in L2
+constexpr int64_t kCopyPanels = 4;  // A panels from which a block of B rows is worth copying into a packed panel
 
 // B is either a packed panel (`b`, advancing NR per k) or, where `rows` is given, row k of B starts at rows[k]
 // (the panel is rows[k][0, NR)).
@@ -362,36 +364,49 @@ void gemm_driver(GemmTile tile, int64_t M, int64_t N, int64_t K, const T* a_pack
   const MicroFn<T> fn = MR == mk.mr ? mk.fn : mk.small_fn;
   T edge[16 * 32];  // an MR x NR block of C for ragged edges (MR <= 16, NR <= 32)
   const T* rows[KC];  // the rows of one K block, moved to panel jr
-  for (int64_t jr = 0; jr < N; jr += NR) {
-    const int64_t nr = std::min(NR, N - jr);
-    const T* panel = b_packed ? b_packed + jr * K : nullptr;
-    for (int64_t pc = 0; pc < K; pc += KC) {
-      const int64_t kc = std::min(KC, K - pc);
-      const bool acc = accumulate || pc > 0;
-      if (b_rows) {
-        // Rows are runs somewhere in memory, not a packed stream the hardware prefetches: fetch the next
-        // panel's part of this block's rows while the A panels run over this one.
-        for (int64_t k = 0; k < kc; ++k) {
-          rows[k] = b_rows[pc + k] + jr;
-          if (jr + NR < N) {
-            __builtin_prefetch(rows[k] + NR, 0, 3);
-            __builtin_prefetch(rows[k] + NR + 16, 0, 3);
+  alignas(64) T panel[KC * 32];  // those rows copied (NR <= 32)
+  // K blocks outermost, then blocks of MC rows of A: one (MC x KC) block of A stays in L2 while every B panel
+  // streams past it, and each B panel's KC x NR block stays in L1 while the A panels of the block run over it.
+  const int64_t MC = std::max<int64_t>(MR, kAcBytes / (KC * int64_t(sizeof(T))) / MR * MR);
+  for (int64_t pc = 0; pc < K; pc += KC) {
+    const int64_t kc = std::min(KC, K - pc);
+    const bool acc = accumulate || pc > 0;
+    for (int64_t ic = 0; ic < M; ic += MC) {
+      const int64_t mc = std::min(MC, M - ic);
+      for (int64_t jr = 0; jr < N; jr += NR) {
+        const int64_t nr = std::min(NR, N - jr);
+        if (b_rows) {
+          // Rows are runs somewhere in memory, not a packed stream the hardware prefetches: fetch the next
+          // panel's part of this block's rows while the A panels run over this one.
+          for (int64_t k = 0; k < kc; ++k) {
+            rows[k] = b_rows[pc + k] + jr;
+            if (jr + NR < N) {
+              __builtin_prefetch(rows[k] + NR, 0, 3);
+              __builtin_prefetch(rows[k] + NR + 16, 0, 3);
+            }
           }
         }
-      }
-      for (int64_t ir = 0; ir < M; ir += MR) {
-        const int64_t mr = std::min(MR, M - ir);
-        const T* ap = a_packed + ir * K + pc * MR;
-        const T* bp = panel ? panel + pc * NR : nullptr;
+        const T* bp = b_packed ? b_packed + jr * K + pc * NR : nullptr;
         const T* const* rp = b_rows ? rows : nullptr;
-        T* c = C + ir * ldc + jr;
-        if (mr == MR && nr == NR) {
-          fn(kc, ap, bp, rp, c, ldc, acc);
-        } else {
-          fn(kc, ap, bp, rp, edge, NR, false);
-          for (int64_t i = 0; i < mr; ++i)
-            for (int64_t j = 0; j < nr; ++j)
-              c[i * ldc + j] = acc ? c[i * ldc + j] + edge[i * NR + j] : edge[i * NR + j];
+        if (b_rows && mc >= kCopyPanels * MR) {
+          // Many A panels will read this block: copy its rows into one aligned panel first (row runs start
+          // anywhere, so every vector load from them would straddle two cache lines).
+          for (int64_t k = 0; k < kc; ++k) std::copy(rows[k], rows[k] + NR, panel + k * NR);
+          bp = panel;
+          rp = nullptr;
+        }
+        for (int64_t ir = ic; ir < ic + mc; ir += MR) {
+          const int64_t mr = std::min(MR, M - ir);
+          const T* ap = a_packed + ir * K + pc * MR;
+          T* c = C + ir * ldc + jr;
+          if (mr == MR && nr == NR) {
+            fn(kc, ap, bp, rp, c, ldc, acc);
+          } else {
+            fn(kc, ap, bp, rp, edge, NR, false);
+            for (int64_t i = 0; i < mr; ++i)
+              for (int64_t j = 0; j < nr; ++j)
+                c[i * ldc + j] = acc ? c[i * ldc + j] + edge[i * NR + j] : edge[i * NR + j];
+          }
         }
       }
     }
