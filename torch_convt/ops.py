@@ -13,9 +13,35 @@ from torch._prims_common import suggest_memory_format
 
 _ops = torch.ops.torch_convt
 
-conv_transpose = _ops.conv_transpose
-conv = _ops.conv
-conv_weight_grad = _ops.conv_weight_grad
+_conv_transpose_op = _ops.conv_transpose.default
+_conv_op = _ops.conv.default
+_conv_weight_grad_op = _ops.conv_weight_grad.default
+
+
+# ---- entry points ------------------------------------------------------------------------------------------
+# The functional API and the backward / jvp rules call the ops through these. When there is nothing to
+# differentiate they go straight below autograd, so the call does not pass through the op's Python autograd kernel
+# (a dispatcher-to-Python round trip and a second argument parse: 15-50 us, more than a small layer computes).
+# Everything else (grad needed, forward AD, torch.func transforms, torch.compile tracing) takes the op as is.
+def _direct(args):
+    return not (torch.compiler.is_compiling() or (torch.is_grad_enabled() and torch._C._any_requires_grad(*args))
+                or _forward_ad_active() or torch._C._are_functorch_transforms_active())
+
+
+def _entry(op):
+    def call(*args):
+        if _direct(args):
+            with torch._C._AutoDispatchBelowAutograd():
+                return op(*args)
+        return op(*args)
+    call.__name__ = call.__qualname__ = op._schema.name.split("::")[1]
+    call.__doc__ = f"torch.ops.{op._schema.name.replace('::', '.')} (see the module docstring)"
+    return call
+
+
+conv_transpose = _entry(_conv_transpose_op)
+conv = _entry(_conv_op)
+conv_weight_grad = _entry(_conv_weight_grad_op)
 
 
 # ---- sizes -------------------------------------------------------------------------------------------------
@@ -224,7 +250,7 @@ class _ConvTransposeFunction(torch.autograd.Function):
     """torch.ops.torch_convt.conv_transpose with its reverse (backward) and forward (jvp) rules."""
     @staticmethod
     def forward(*args):
-        return _below_autograd(conv_transpose.default, args)
+        return _below_autograd(_conv_transpose_op, args)
 
     setup_context = staticmethod(_setup)
     backward = staticmethod(_conv_transpose_backward)
@@ -235,7 +261,7 @@ class _ConvFunction(torch.autograd.Function):
     """torch.ops.torch_convt.conv with its reverse (backward) and forward (jvp) rules."""
     @staticmethod
     def forward(*args):
-        return _below_autograd(conv.default, args)
+        return _below_autograd(_conv_op, args)
 
     setup_context = staticmethod(_setup)
     backward = staticmethod(_conv_backward)
@@ -246,7 +272,7 @@ class _ConvWeightGradFunction(torch.autograd.Function):
     """torch.ops.torch_convt.conv_weight_grad with its reverse (backward) and forward (jvp) rules."""
     @staticmethod
     def forward(*args):
-        return _below_autograd(conv_weight_grad.default, args)
+        return _below_autograd(_conv_weight_grad_op, args)
 
     setup_context = staticmethod(_setup)
     backward = staticmethod(_conv_weight_grad_backward)
@@ -285,9 +311,9 @@ def _register_autograd_kernel(op, function):
     _autograd_lib.impl(op._schema.name.split("::")[1], autograd_kernel, "Autograd", with_keyset=True)
 
 
-_register_autograd_kernel(conv_transpose.default, _ConvTransposeFunction)
-_register_autograd_kernel(conv.default, _ConvFunction)
-_register_autograd_kernel(conv_weight_grad.default, _ConvWeightGradFunction)
+_register_autograd_kernel(_conv_transpose_op, _ConvTransposeFunction)
+_register_autograd_kernel(_conv_op, _ConvFunction)
+_register_autograd_kernel(_conv_weight_grad_op, _ConvWeightGradFunction)
 
 
 # ---- autocast ----------------------------------------------------------------------------------------------
@@ -316,6 +342,6 @@ def _register_autocast(op, device_type):
                        with_keyset=True)
 
 
-for _op in (conv_transpose.default, conv.default, conv_weight_grad.default):
+for _op in (_conv_transpose_op, _conv_op, _conv_weight_grad_op):
     for _device in ("cpu", "cuda"):
         _register_autocast(_op, _device)
