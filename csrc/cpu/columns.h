@@ -496,18 +496,29 @@ void store_rows_interleaved(const acc_t* const* rows, int64_t ways, int64_t ld, 
       scalar_t* row = d + st.at(i0 * step[0] + offset[0], i1 * step[1] + offset[1], offset[2]);
       if (ways == 2) {
         const acc_t *r0 = rows[0] + at, *r1 = rows[1] + at;
-        for (int64_t j = first; j < stop; ++j) {
-          row[s * j] = narrow_to<scalar_t>(r0[j] + b);
-          row[s * j + 1] = narrow_to<scalar_t>(r1[j] + b);
+        if (s == 2) {  // the whole run is contiguous: a constant stride, so the loop vectorises
+          for (int64_t j = first; j < stop; ++j) {
+            row[2 * j] = narrow_to<scalar_t>(r0[j] + b);
+            row[2 * j + 1] = narrow_to<scalar_t>(r1[j] + b);
+          }
+        } else {
+          for (int64_t j = first; j < stop; ++j) {
+            row[s * j] = narrow_to<scalar_t>(r0[j] + b);
+            row[s * j + 1] = narrow_to<scalar_t>(r1[j] + b);
+          }
         }
       } else if (ways == 4) {
         const acc_t *r0 = rows[0] + at, *r1 = rows[1] + at, *r2 = rows[2] + at, *r3 = rows[3] + at;
-        for (int64_t j = first; j < stop; ++j) {
-          row[s * j] = narrow_to<scalar_t>(r0[j] + b);
-          row[s * j + 1] = narrow_to<scalar_t>(r1[j] + b);
-          row[s * j + 2] = narrow_to<scalar_t>(r2[j] + b);
-          row[s * j + 3] = narrow_to<scalar_t>(r3[j] + b);
-        }
+        const int64_t s4 = s == 4 ? 4 : s;  // (4: a constant stride, as above)
+        const auto put = [&](int64_t stride) {
+          for (int64_t j = first; j < stop; ++j) {
+            row[stride * j] = narrow_to<scalar_t>(r0[j] + b);
+            row[stride * j + 1] = narrow_to<scalar_t>(r1[j] + b);
+            row[stride * j + 2] = narrow_to<scalar_t>(r2[j] + b);
+            row[stride * j + 3] = narrow_to<scalar_t>(r3[j] + b);
+          }
+        };
+        if (s4 == 4) put(4); else put(s);
       } else {
         for (int64_t j = first; j < stop; ++j)
           for (int64_t w = 0; w < ways; ++w) row[j * s + w] = narrow_to<scalar_t>(rows[w][at + j] + b);

@@ -21,6 +21,7 @@
 #endif
 
 #include <algorithm>
+#include <atomic>
 #include <memory>
 #include <new>
 #include <vector>
@@ -194,8 +195,7 @@ void conv_transpose_kernel(const ConvParams& p, const scalar_t* y, const Strides
     });
   }
 
-  if ((Cxg == 1 && Cyg == 1) || !all_finite(w, p.small_channels * Cxg * K))
-    return conv_transpose_direct(p, phases, y, sy, w, ba, x, sx);
+  if (Cxg == 1 && Cyg == 1) return conv_transpose_direct(p, phases, y, sy, w, ba, x, sx);
 
   // Phases with the same grid and the same tap shifts (k == s: every phase has the one shift 0) share one GEMM:
   // their weights are stacked as rows of A, so their columns are gathered once, and A is tall.
@@ -211,8 +211,7 @@ void conv_transpose_kernel(const ConvParams& p, const scalar_t* y, const Strides
     int64_t a_size = 0;  // of one (group, block) operand
     Frame frame;         // positions are flat frame positions (columns.h) when `framed`, else grid positions
     bool framed = false;
-    // members stored together: phases differing only in r2, consecutive ones interleaved, else one each
-    std::vector<std::vector<int64_t>> store_groups;
+    int64_t positions = 0;  // the extent its tiles cover
   };
   const auto same_shifts = [](const Phase& u, const Phase& v) {
     if (u.taps.size() != v.taps.size() || !std::equal(u.grid, u.grid + kMaxDims, v.grid)) return false;
@@ -227,39 +226,8 @@ void conv_transpose_kernel(const ConvParams& p, const scalar_t* y, const Strides
     if (it == sets.end()) it = sets.insert(sets.end(), PhaseSet{});
     it->members.push_back(static_cast<int64_t>(q));
   }
+  int64_t max_rows = 0, max_tile = 1, flops = 0;
   for (PhaseSet& set : sets) {
-    std::vector<std::vector<int64_t>> by_row;  // member indices with the same (r0, r1), in r2 order
-    for (size_t i = 0; i < set.members.size(); ++i) {
-      const int64_t* r = phases[set.members[i]].r;
-      auto it = std::find_if(by_row.begin(), by_row.end(), [&](const std::vector<int64_t>& grp) {
-        const int64_t* r_first = phases[set.members[grp[0]]].r;
-        return r_first[0] == r[0] && r_first[1] == r[1];
-      });
-      if (it == by_row.end()) it = by_row.insert(by_row.end(), std::vector<int64_t>{});
-      it->push_back(static_cast<int64_t>(i));
-    }
-    for (auto& grp : by_row) {
-      std::sort(grp.begin(), grp.end(), [&](int64_t u, int64_t v) {
-        return phases[set.members[u]].r[2] < phases[set.members[v]].r[2];
-      });
-      const int64_t r_first = phases[set.members[grp[0]]].r[2];
-      bool runs = grp.size() > 1 && grp.size() <= kMaxInterleave && sx.s[2] == 1;
-      for (size_t w = 0; w < grp.size() && runs; ++w) runs = phases[set.members[grp[w]]].r[2] == r_first + int64_t(w);
-      if (runs) {
-        set.store_groups.push_back(grp);
-      } else {
-        for (int64_t i : grp) set.store_groups.push_back({i});
-      }
-    }
-  }
-  struct Job {
-    int64_t set, m0, m1;
-  };
-  std::vector<Job> jobs;
-  std::vector<int64_t> jobs_extent;  // per set: the positions its jobs tile
-  int64_t max_rows = 0, max_out = 0, max_tile = 1, flops = 0;
-  for (size_t si = 0; si < sets.size(); ++si) {
-    PhaseSet& set = sets[si];
     const Phase& ph = phases[set.members[0]];
     set.taps = static_cast<int64_t>(ph.taps.size());
     set.out_rows = Cxg * static_cast<int64_t>(set.members.size());
@@ -269,19 +237,78 @@ void conv_transpose_kernel(const ConvParams& p, const scalar_t* y, const Strides
     set.blocks = std::max<int64_t>(1, ceil_div(Cyg, set.block));  // (no channels: one empty block)
     set.a_size = cpu::packed_size(set.out_rows, set.block * set.taps, set.gt.mr);
     const int64_t rows = set.block * set.taps;
-    int64_t M = ph.grid[0] * ph.grid[1] * ph.grid[2];
+    const int64_t M = ph.grid[0] * ph.grid[1] * ph.grid[2];
     set.frame = make_frame(ph.taps, one, ph.grid);
     set.tile = tile_size(std::max(rows, set.out_rows), set.frame.positions, sizeof(acc_t), set.gt.nr);
     set.framed = use_frame<scalar_t, acc_t>(set.frame, M, p.small, sy, set.block, set.tile, set.gt.nr);
-    if (set.framed) M = set.frame.positions;
-    else set.tile = tile_size(std::max(rows, set.out_rows), M, sizeof(acc_t), set.gt.nr);
-    jobs_extent.push_back(M);
-    for (int64_t m0 = 0; m0 < M; m0 += set.tile)
-      jobs.push_back({static_cast<int64_t>(si), m0, std::min(M, m0 + set.tile)});
+    set.positions = set.framed ? set.frame.positions : M;
+    if (!set.framed) set.tile = tile_size(std::max(rows, set.out_rows), M, sizeof(acc_t), set.gt.nr);
     max_rows = std::max(max_rows, rows);
-    max_out = std::max(max_out, set.out_rows);
     max_tile = std::max(max_tile, set.tile);
-    flops += 2 * set.out_rows * Cyg * set.taps * M;
+    flops += 2 * set.out_rows * Cyg * set.taps * set.positions;
+  }
+  // Sets whose tiles cover the same output points (same grid and position layout, same tile) form a team: one job
+  // computes a tile of every member, then stores them together, so the phases that interleave along the innermost
+  // output dim (stride 2: r2 = 0 and 1, which differ in shifts, so are different sets) are written as runs, each
+  // output line once, instead of in strided passes. A team's results stay within kColumnBytes.
+  struct Team {
+    std::vector<int64_t> sets;
+    std::vector<int64_t> phases;  // of its sets' members in order: the result rows of `slot` s are s*Cxg ...
+    // slots stored together: phases differing only in r2, consecutive ones interleaved, else one each
+    std::vector<std::vector<int64_t>> store_groups;
+    int64_t out_rows = 0;
+  };
+  std::vector<Team> teams;
+  for (size_t si = 0; si < sets.size(); ++si) {
+    const PhaseSet& set = sets[si];
+    const int64_t* layout = set.framed ? set.frame.ext : phases[set.members[0]].grid;
+    auto it = std::find_if(teams.begin(), teams.end(), [&](const Team& team) {
+      const PhaseSet& u = sets[team.sets[0]];
+      const int64_t* u_layout = u.framed ? u.frame.ext : phases[u.members[0]].grid;
+      return u.framed == set.framed && u.tile == set.tile && u.positions == set.positions &&
+             std::equal(layout, layout + kMaxDims, u_layout) &&
+             std::equal(phases[u.members[0]].grid, phases[u.members[0]].grid + kMaxDims, phases[set.members[0]].grid) &&
+             (team.out_rows + set.out_rows) * set.tile * int64_t(sizeof(acc_t)) <= kColumnBytes;
+    });
+    if (it == teams.end()) it = teams.insert(teams.end(), Team{});
+    it->sets.push_back(static_cast<int64_t>(si));
+    it->phases.insert(it->phases.end(), set.members.begin(), set.members.end());
+    it->out_rows += set.out_rows;
+  }
+  int64_t max_out = 0;
+  for (Team& team : teams) {
+    max_out = std::max(max_out, team.out_rows);
+    std::vector<std::vector<int64_t>> by_row;  // slots with the same (r0, r1), in r2 order
+    for (size_t i = 0; i < team.phases.size(); ++i) {
+      const int64_t* r = phases[team.phases[i]].r;
+      auto it = std::find_if(by_row.begin(), by_row.end(), [&](const std::vector<int64_t>& grp) {
+        const int64_t* r_first = phases[team.phases[grp[0]]].r;
+        return r_first[0] == r[0] && r_first[1] == r[1];
+      });
+      if (it == by_row.end()) it = by_row.insert(by_row.end(), std::vector<int64_t>{});
+      it->push_back(static_cast<int64_t>(i));
+    }
+    for (auto& grp : by_row) {
+      std::sort(grp.begin(), grp.end(),
+                [&](int64_t u, int64_t v) { return phases[team.phases[u]].r[2] < phases[team.phases[v]].r[2]; });
+      const int64_t r_first = phases[team.phases[grp[0]]].r[2];
+      bool runs = grp.size() > 1 && grp.size() <= kMaxInterleave && sx.s[2] == 1;
+      for (size_t w = 0; w < grp.size() && runs; ++w) runs = phases[team.phases[grp[w]]].r[2] == r_first + int64_t(w);
+      if (runs) {
+        team.store_groups.push_back(grp);
+      } else {
+        for (int64_t i : grp) team.store_groups.push_back({i});
+      }
+    }
+  }
+  struct Job {
+    int64_t team, m0, m1;
+  };
+  std::vector<Job> jobs;
+  for (size_t ti = 0; ti < teams.size(); ++ti) {
+    const PhaseSet& set = sets[teams[ti].sets[0]];
+    for (int64_t m0 = 0; m0 < set.positions; m0 += set.tile)
+      jobs.push_back({static_cast<int64_t>(ti), m0, std::min(set.positions, m0 + set.tile)});
   }
   int64_t a_total = 0;
   for (const PhaseSet& set : sets) a_total += G * set.blocks * set.a_size;
@@ -292,6 +319,7 @@ void conv_transpose_kernel(const ConvParams& p, const scalar_t* y, const Strides
   // Pack A for every set in parallel over (group, input channel): with many channels this is megabytes of
   // weights. The weights of one input channel (Cxg x K, contiguous) are read once, from L1, and give T depth rows
   // of every panel; for each set a table maps (tap, row) to the element's offset in that block (-1: padding row).
+  // The same pass checks that the weights in use are finite (lane-wise: v - v is 0 for a finite v, else NaN).
   std::vector<std::vector<int64_t>> source(sets.size());
   for (size_t si = 0; si < sets.size(); ++si) {
     const PhaseSet& set = sets[si];
@@ -302,7 +330,9 @@ void conv_transpose_kernel(const ConvParams& p, const scalar_t* y, const Strides
         source[si][t * rows + row] = phases[set.members[row / Cxg]].taps[t].k + (row % Cxg) * K;
   }
   const int64_t S = static_cast<int64_t>(sets.size());
+  std::atomic<bool> finite{true};
   at::parallel_for(0, S * G * Cyg, grain(Cxg * K * 4), [&](int64_t begin, int64_t end) {
+    acc_t lanes[16] = {};  // one per panel row (MR <= 16)
     for (int64_t item = begin; item < end; ++item) {
       const int64_t si = item / (G * Cyg), g = item / Cyg % G, cy = item % Cyg;
       PhaseSet& set = sets[si];
@@ -314,16 +344,25 @@ void conv_transpose_kernel(const ConvParams& p, const scalar_t* y, const Strides
         acc_t* dst = base + r0 * depth;
         for (int64_t t = 0; t < T; ++t, dst += MR) {
           const int64_t* at = source[si].data() + t * rows + r0;
-          for (int64_t l = 0; l < MR; ++l) dst[l] = at[l] < 0 ? acc_t(0) : static_cast<acc_t>(src[at[l]]);
+          for (int64_t l = 0; l < MR; ++l) {
+            const acc_t v = at[l] < 0 ? acc_t(0) : static_cast<acc_t>(src[at[l]]);
+            dst[l] = v;
+            lanes[l] += v - v;
+          }
         }
       }
     }
+    for (const acc_t& lane : lanes)
+      if (!(lane == acc_t(0))) finite = false;
   });
-  // Tiles at the same relative place in every set run one after another: the phases interleave in the output
-  // (stride 2: every output line is written by two phases), so a region is finished while its lines are cached.
-  std::stable_sort(jobs.begin(), jobs.end(), [&](const Job& u, const Job& v) {
-    return u.m0 * jobs_extent[v.set] < v.m0 * jobs_extent[u.set];
-  });
+  // Non-finite weights: the GEMM's padding (frame points, zero rows) would turn 0 * inf into NaN in outputs
+  // that the reference leaves finite, so the direct kernel, which multiplies only real contributions, takes over.
+  if (!finite) return conv_transpose_direct(p, phases, y, sy, w, ba, x, sx);
+  // Tiles at the same relative place in every team run one after another: the phases interleave in the output,
+  // so a region is finished while its lines are cached.
+  const auto extent = [&](const Job& job) { return sets[teams[job.team].sets[0]].positions; };
+  std::stable_sort(jobs.begin(), jobs.end(),
+                   [&](const Job& u, const Job& v) { return u.m0 * extent(v) < v.m0 * extent(u); });
   const int64_t J = static_cast<int64_t>(jobs.size());
 
   at::parallel_for(0, p.batch * G * J, grain(flops / std::max<int64_t>(1, J)), [&](int64_t begin, int64_t end) {
@@ -332,34 +371,40 @@ void conv_transpose_kernel(const ConvParams& p, const scalar_t* y, const Strides
     for (int64_t item = begin; item < end; ++item) {
       const int64_t n = item / (G * J), g = item / J % G;
       const Job& job = jobs[item % J];
-      const PhaseSet& set = sets[job.set];
-      const Phase& first = phases[set.members[0]];
+      const Team& team = teams[job.team];
       const int64_t cnt = job.m1 - job.m0;
       const scalar_t* y_g = y + n * sy.n + g * Cyg * sy.c;
-      for (int64_t bi = 0; bi < set.blocks; ++bi) {
-        const int64_t channels = std::min(set.block, Cyg - bi * set.block), depth = channels * set.taps;
-        const acc_t* a = set.a + (g * set.blocks + bi) * set.a_size;
-        if (set.framed) {
-          frame_gemm(set.frame, y_g + bi * set.block * sy.c, channels, p.small, sy, job.m0, cnt, set.gt, set.out_rows,
-                     a, bi > 0, out, cnt, col);
-        } else {
-          gather_columns(y_g + bi * set.block * sy.c, channels, p.small, sy, first.taps, one, first.grid, job.m0,
-                         job.m1, col, ColumnLayout{depth, set.gt.nr, 0});
-          cpu::gemm_packed<acc_t>(set.gt, set.out_rows, cnt, depth, a, col, bi > 0, out, cnt);
+      acc_t* result = out;  // the team's sets' results, one after another
+      for (int64_t si : team.sets) {
+        const PhaseSet& set = sets[si];
+        const Phase& first = phases[set.members[0]];
+        for (int64_t bi = 0; bi < set.blocks; ++bi) {
+          const int64_t channels = std::min(set.block, Cyg - bi * set.block), depth = channels * set.taps;
+          const acc_t* a = set.a + (g * set.blocks + bi) * set.a_size;
+          if (set.framed) {
+            frame_gemm(set.frame, y_g + bi * set.block * sy.c, channels, p.small, sy, job.m0, cnt, set.gt,
+                       set.out_rows, a, bi > 0, result, cnt, col);
+          } else {
+            gather_columns(y_g + bi * set.block * sy.c, channels, p.small, sy, first.taps, one, first.grid, job.m0,
+                           job.m1, col, ColumnLayout{depth, set.gt.nr, 0});
+            cpu::gemm_packed<acc_t>(set.gt, set.out_rows, cnt, depth, a, col, bi > 0, result, cnt);
+          }
         }
+        result += set.out_rows * cnt;
       }
+      const PhaseSet& lead = sets[team.sets[0]];
+      const int64_t* grid = phases[lead.members[0]].grid;
+      const int64_t* frame = lead.framed ? lead.frame.ext : nullptr;
       const acc_t* b_g = ba ? ba + g * Cxg : nullptr;
       scalar_t* x_g = x + n * sx.n + g * Cxg * sx.c;
-      const int64_t* frame = set.framed ? set.frame.ext : nullptr;
-      for (const std::vector<int64_t>& grp : set.store_groups) {
-        const int64_t* r = phases[set.members[grp[0]]].r;
+      for (const std::vector<int64_t>& grp : team.store_groups) {
+        const int64_t* r = phases[team.phases[grp[0]]].r;
         if (grp.size() == 1) {
-          store_rows(out + grp[0] * Cxg * cnt, cnt, Cxg, b_g, x_g, sx, p.stride, r, first.grid, job.m0, job.m1, frame);
+          store_rows(out + grp[0] * Cxg * cnt, cnt, Cxg, b_g, x_g, sx, p.stride, r, grid, job.m0, job.m1, frame);
         } else {
           const acc_t* rows[kMaxInterleave];
           for (size_t w = 0; w < grp.size(); ++w) rows[w] = out + grp[w] * Cxg * cnt;
-          store_rows_interleaved(rows, grp.size(), cnt, Cxg, b_g, x_g, sx, p.stride, r, first.grid, job.m0, job.m1,
-                                 frame);
+          store_rows_interleaved(rows, grp.size(), cnt, Cxg, b_g, x_g, sx, p.stride, r, grid, job.m0, job.m1, frame);
         }
       }
     }

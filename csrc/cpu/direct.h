@@ -9,7 +9,6 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
-#include <atomic>
 #include <utility>
 #include <vector>
 
@@ -55,31 +54,6 @@ void store_channel_row(const acc_t* acc, acc_t bias, scalar_t* dst, const Stride
   scalar_t* row = dst + st.at(i0 * step[0] + offset[0], i1 * step[1] + offset[1], offset[2]);
   const int64_t inner = step[2] * st.s[2];
   for (int64_t j = 0; j < count; ++j) row[j * inner] = narrow_to<scalar_t>(acc[j] + bias);
-}
-
-// Whether every element is finite (integers always are). Lane-wise, so that it vectorises: v - v is 0 for a
-// finite v and NaN otherwise; large weights are scanned by all threads.
-template <typename scalar_t>
-bool all_finite(const scalar_t* data, int64_t n) {
-  using acc_t = at::opmath_type<scalar_t>;
-  std::atomic<bool> finite{true};
-  at::parallel_for(0, n, int64_t(1) << 18, [&](int64_t begin, int64_t end) {
-    constexpr int L = 16;
-    acc_t lanes[L] = {};
-    int64_t i = begin;
-    for (; i + L <= end; i += L)
-      for (int l = 0; l < L; ++l) {
-        const acc_t v = static_cast<acc_t>(data[i + l]);
-        lanes[l] += v - v;
-      }
-    for (; i < end; ++i) {
-      const acc_t v = static_cast<acc_t>(data[i]);
-      lanes[0] += v - v;
-    }
-    for (int l = 0; l < L; ++l)
-      if (!(lanes[l] == acc_t(0))) finite = false;
-  });
-  return finite;
 }
 
 // Per-channel conv: Y[n, c] = sum_k W[c, k] X[n, c, i*stride - padding + k*dilation] + bias[c].
