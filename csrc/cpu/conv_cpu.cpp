@@ -38,6 +38,7 @@ namespace {
 using namespace cpu;  // columns.h, direct.h
 
 constexpr int64_t kMaxInterleave = 16;  // transposed layers store up to this many phases interleaved
+constexpr int64_t kPackAhead = 4;  // weight packing prefetches this many input channels ahead
 
 // ---------------------------------------------------------------------------------------------------------
 // conv: Y = conv(X, W) + bias
@@ -316,44 +317,60 @@ void conv_transpose_kernel(const ConvParams& p, const scalar_t* y, const Strides
   acc_t* a_next = held_buffer<acc_t, kWeightSlot>(a_total, a_fresh);
   for (PhaseSet& set : sets) set.a = a_next, a_next += G * set.blocks * set.a_size;
 
-  // Pack A for every set in parallel over (group, input channel): with many channels this is megabytes of
-  // weights. The weights of one input channel (Cxg x K, contiguous) are read once, from L1, and give T depth rows
-  // of every panel; for each set a table maps (tap, row) to the element's offset in that block (-1: padding row).
-  // The same pass checks that the weights in use are finite (lane-wise: v - v is 0 for a finite v, else NaN).
+  // Pack A for every set in parallel, megabytes of weights for wide layers. For each set a table maps (tap, row)
+  // to the element's offset in an input channel's weights (Cxg x K, contiguous; -1: padding row). A work item is
+  // a panel, or, where MR divides Cxg, the members' panels over the same MR output channels (which read the same
+  // weights); it walks the input channels in order, so every panel is written front to back and each weight line
+  // is read once per set. (Items of one input channel, writing 64 bytes to every panel 32 KiB apart, thrashed the
+  // caches.) The same pass checks that the weights in use are finite (v - v is 0 for a finite v, else NaN).
   std::vector<std::vector<int64_t>> source(sets.size());
+  std::vector<int64_t> first_item(sets.size() + 1, 0);  // per set: its first item, per group
   for (size_t si = 0; si < sets.size(); ++si) {
     const PhaseSet& set = sets[si];
-    const int64_t rows = ceil_div(set.out_rows, set.gt.mr) * set.gt.mr;
+    const int64_t MR = set.gt.mr, rows = ceil_div(set.out_rows, MR) * MR;
     source[si].assign(set.taps * rows, -1);
     for (int64_t t = 0; t < set.taps; ++t)
       for (int64_t row = 0; row < set.out_rows; ++row)
         source[si][t * rows + row] = phases[set.members[row / Cxg]].taps[t].k + (row % Cxg) * K;
+    first_item[si + 1] = first_item[si] + (Cxg % MR == 0 ? Cxg / MR : rows / MR);
   }
-  const int64_t S = static_cast<int64_t>(sets.size());
   std::atomic<bool> finite{true};
-  at::parallel_for(0, S * G * Cyg, grain(Cxg * K * 4), [&](int64_t begin, int64_t end) {
-    acc_t lanes[16] = {};  // one per panel row (MR <= 16)
+  const int64_t items = first_item.back();
+  at::parallel_for(0, G * items, grain(Cyg * Cxg * K), [&](int64_t begin, int64_t end) {
+    bool ok = true;
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t si = item / (G * Cyg), g = item / Cyg % G, cy = item % Cyg;
-      PhaseSet& set = sets[si];
-      const int64_t MR = set.gt.mr, T = set.taps, rows = ceil_div(set.out_rows, MR) * MR;
-      const int64_t bi = cy / set.block, depth = std::min(set.block, Cyg - bi * set.block) * T;
-      const scalar_t* src = w + (g * Cyg + cy) * Cxg * K;
-      acc_t* base = set.a + (g * set.blocks + bi) * set.a_size + (cy - bi * set.block) * T * MR;
-      for (int64_t r0 = 0; r0 < rows; r0 += MR) {
-        acc_t* dst = base + r0 * depth;
-        for (int64_t t = 0; t < T; ++t, dst += MR) {
-          const int64_t* at = source[si].data() + t * rows + r0;
-          for (int64_t l = 0; l < MR; ++l) {
-            const acc_t v = at[l] < 0 ? acc_t(0) : static_cast<acc_t>(src[at[l]]);
-            dst[l] = v;
-            lanes[l] += v - v;
+      const int64_t g = item / items, i = item % items;
+      const int64_t si = std::upper_bound(first_item.begin(), first_item.end(), i) - first_item.begin() - 1;
+      const PhaseSet& set = sets[si];
+      const int64_t MR = set.gt.mr, T = set.taps, rows = ceil_div(set.out_rows, MR) * MR, q = i - first_item[si];
+      const bool by_channels = Cxg % MR == 0;
+      const int64_t panels = by_channels ? static_cast<int64_t>(set.members.size()) : 1;
+      for (int64_t cy = 0; cy < Cyg; ++cy) {
+        const int64_t bi = cy / set.block, depth = std::min(set.block, Cyg - bi * set.block) * T;
+        const scalar_t* src = w + (g * Cyg + cy) * Cxg * K;
+        acc_t* base = set.a + (g * set.blocks + bi) * set.a_size + (cy - bi * set.block) * T * MR;
+        if (by_channels && cy + kPackAhead < Cyg) {
+          // The item's weights of input channel cy + kPackAhead (MR x K, contiguous): too far apart for the
+          // hardware prefetcher, so each channel's lines would arrive one cache miss at a time.
+          const char* next = reinterpret_cast<const char*>(src + kPackAhead * Cxg * K + q * MR * K);
+          const int64_t bytes = MR * K * int64_t(sizeof(scalar_t));
+          for (int64_t byte = 0; byte < bytes; byte += 64) __builtin_prefetch(next + byte);
+        }
+        for (int64_t j = 0; j < panels; ++j) {
+          const int64_t r0 = by_channels ? j * Cxg + q * MR : q * MR;
+          acc_t* dst = base + r0 * depth;
+          for (int64_t t = 0; t < T; ++t, dst += MR) {
+            const int64_t* at = source[si].data() + t * rows + r0;
+            for (int64_t l = 0; l < MR; ++l) {
+              const acc_t v = at[l] < 0 ? acc_t(0) : static_cast<acc_t>(src[at[l]]);
+              dst[l] = v;
+              ok &= v - v == acc_t(0);
+            }
           }
         }
       }
     }
-    for (const acc_t& lane : lanes)
-      if (!(lane == acc_t(0))) finite = false;
+    if (!ok) finite = false;
   });
   // Non-finite weights: the GEMM's padding (frame points, zero rows) would turn 0 * inf into NaN in outputs
   // that the reference leaves finite, so the direct kernel, which multiplies only real contributions, takes over.
