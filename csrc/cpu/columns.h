@@ -509,7 +509,6 @@ void store_rows_interleaved(const acc_t* const* rows, int64_t ways, int64_t ld, 
         }
       } else if (ways == 4) {
         const acc_t *r0 = rows[0] + at, *r1 = rows[1] + at, *r2 = rows[2] + at, *r3 = rows[3] + at;
-        const int64_t s4 = s == 4 ? 4 : s;  // (4: a constant stride, as above)
         const auto put = [&](int64_t stride) {
           for (int64_t j = first; j < stop; ++j) {
             row[stride * j] = narrow_to<scalar_t>(r0[j] + b);
@@ -518,7 +517,11 @@ void store_rows_interleaved(const acc_t* const* rows, int64_t ways, int64_t ld, 
             row[stride * j + 3] = narrow_to<scalar_t>(r3[j] + b);
           }
         };
-        if (s4 == 4) put(4); else put(s);
+        if (s == 4) {
+          put(4);  // (a constant stride, as above)
+        } else {
+          put(s);
+        }
       } else {
         for (int64_t j = first; j < stop; ++j)
           for (int64_t w = 0; w < ways; ++w) row[j * s + w] = narrow_to<scalar_t>(rows[w][at + j] + b);

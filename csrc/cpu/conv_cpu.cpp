@@ -262,13 +262,14 @@ void conv_transpose_kernel(const ConvParams& p, const scalar_t* y, const Strides
   std::vector<Team> teams;
   for (size_t si = 0; si < sets.size(); ++si) {
     const PhaseSet& set = sets[si];
-    const int64_t* layout = set.framed ? set.frame.ext : phases[set.members[0]].grid;
+    const int64_t* grid = phases[set.members[0]].grid;
+    const int64_t* layout = set.framed ? set.frame.ext : grid;
     auto it = std::find_if(teams.begin(), teams.end(), [&](const Team& team) {
       const PhaseSet& u = sets[team.sets[0]];
-      const int64_t* u_layout = u.framed ? u.frame.ext : phases[u.members[0]].grid;
+      const int64_t* u_grid = phases[u.members[0]].grid;
+      const int64_t* u_layout = u.framed ? u.frame.ext : u_grid;
       return u.framed == set.framed && u.tile == set.tile && u.positions == set.positions &&
-             std::equal(layout, layout + kMaxDims, u_layout) &&
-             std::equal(phases[u.members[0]].grid, phases[u.members[0]].grid + kMaxDims, phases[set.members[0]].grid) &&
+             std::equal(layout, layout + kMaxDims, u_layout) && std::equal(grid, grid + kMaxDims, u_grid) &&
              (team.out_rows + set.out_rows) * set.tile * int64_t(sizeof(acc_t)) <= kColumnBytes;
     });
     if (it == teams.end()) it = teams.insert(teams.end(), Team{});
