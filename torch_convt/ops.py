@@ -24,8 +24,7 @@ _conv_weight_grad_op = _ops.conv_weight_grad.default
 # (a dispatcher-to-Python round trip and a second argument parse: 15-50 us, more than a small layer computes).
 # Everything else (grad needed, forward AD, torch.func transforms, torch.compile tracing) takes the op as is.
 def _direct(args):
-    return not (torch.compiler.is_compiling() or (torch.is_grad_enabled() and torch._C._any_requires_grad(*args))
-                or _forward_ad_active() or torch._C._are_functorch_transforms_active())
+    return not (torch.compiler.is_compiling() or _needs_graph(args) or torch._C._are_functorch_transforms_active())
 
 
 def _entry(op):
@@ -284,6 +283,12 @@ def _forward_ad_active():
     return torch.autograd.forward_ad._current_level >= 0
 
 
+def _needs_graph(args):
+    """Whether a call with these arguments must record autograd (a tensor requires grad under grad mode, or
+    forward AD is active)."""
+    return (torch.is_grad_enabled() and torch._C._any_requires_grad(*args)) or _forward_ad_active()
+
+
 _autograd_lib = torch.library.Library("torch_convt", "IMPL")
 
 
@@ -291,7 +296,7 @@ def _register_autograd_kernel(op, function):
     apply_at_this_level = super(torch.autograd.Function, function).apply
 
     def autograd_kernel(keyset, *args):
-        if (torch.is_grad_enabled() and torch._C._any_requires_grad(*args)) or _forward_ad_active():
+        if _needs_graph(args):
             # The single-level apply underneath Function.apply: inside a torch.func grad/jvp level the dispatcher
             # hands us that level's wrapper tensors and, like ATen's autograd kernels, we record the node at this
             # level only (lower levels see the op again when forward() calls it). Function.apply would re-enter
