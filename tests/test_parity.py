@@ -505,6 +505,16 @@ MEDIUM = [
                                                  padding=1)),
     ("ct3d_c5_cout16_k4_s2_14x14x15", "ct", 3, Cfg(n=2, cin=5, cout=16, size=(14, 14, 15), kernel=4, stride=2,
                                                     padding=1)),
+    # weight gradient tap by tap on the windows: register-blocked with the small tensor's channels as columns
+    # (32 and 24 of them), tiles across batch items; in place on a source that is its own frame (stride 1, no
+    # padding); dot products for few channels per group; input channels in several window blocks
+    ("ct3d_c32_cout16_k4_s2_12x12x13", "ct", 3, Cfg(n=2, cin=32, cout=16, size=(12, 12, 13), kernel=4, stride=2,
+                                                     padding=1)),
+    ("conv2d_c20_cout24_k3_40x41", "conv", 2, Cfg(n=3, cin=20, cout=24, size=(40, 41), kernel=3)),
+    ("ct2d_c16_cout12_g2_k3_s2_33x31", "ct", 2, Cfg(n=2, cin=16, cout=12, groups=2, size=(33, 31), kernel=3,
+                                                     stride=2, padding=1, output_padding=1)),
+    ("ct3d_c32_cout64_k4_s2_12x12x12", "ct", 3, Cfg(n=1, cin=32, cout=64, size=(12, 12, 12), kernel=4, stride=2,
+                                                     padding=1)),
 ]
 
 
@@ -537,8 +547,8 @@ def _forward_backward(kind, nd, cfg, dtype, threads):
         torch.set_num_threads(old)
 
 
-@pytest.mark.parametrize("name,kind,nd,cfg", [MEDIUM[1], MEDIUM[6], MEDIUM[8]],
-                         ids=[MEDIUM[1][0], MEDIUM[6][0], MEDIUM[8][0]])
+@pytest.mark.parametrize("name,kind,nd,cfg", [MEDIUM[1], MEDIUM[6], MEDIUM[8], MEDIUM[11]],
+                         ids=[MEDIUM[1][0], MEDIUM[6][0], MEDIUM[8][0], MEDIUM[11][0]])
 def test_deterministic_run_to_run(name, kind, nd, cfg):
     """Bitwise identical forward and gradients across repeated runs and across 1 and 2 threads. CPU-only: it is
     about the intra-op thread count; test_cuda.py::test_deterministic_* covers CUDA."""

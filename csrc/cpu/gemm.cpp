@@ -351,8 +351,8 @@ GemmTile gemm_tile(int64_t M) {
 namespace {
 // The shared driver: B packed (b_packed) or given by rows (b_rows, row k of panel jr at b_rows[k] + jr).
 template <typename T>
-void gemm_driver(GemmTile tile, int64_t M, int64_t N, int64_t K, const T* a_packed, const T* b_packed,
-                 const T* const* b_rows, bool accumulate, T* C, int64_t ldc) {
+void gemm_driver(GemmTile tile, int64_t M, int64_t N, int64_t K, const T* a_packed, int64_t a_stride,
+                 const T* b_packed, const T* const* b_rows, bool accumulate, T* C, int64_t ldc) {
   if (M <= 0 || N <= 0) return;
   if (K <= 0) {
     if (!accumulate)
@@ -397,7 +397,7 @@ void gemm_driver(GemmTile tile, int64_t M, int64_t N, int64_t K, const T* a_pack
         }
         for (int64_t ir = ic; ir < ic + mc; ir += MR) {
           const int64_t mr = std::min(MR, M - ir);
-          const T* ap = a_packed + ir * K + pc * MR;
+          const T* ap = a_packed + ir / MR * a_stride + pc * MR;
           T* c = C + ir * ldc + jr;
           if (mr == MR && nr == NR) {
             fn(kc, ap, bp, rp, c, ldc, acc);
@@ -416,14 +416,15 @@ void gemm_driver(GemmTile tile, int64_t M, int64_t N, int64_t K, const T* a_pack
 
 template <typename T>
 void gemm_packed(GemmTile tile, int64_t M, int64_t N, int64_t K, const T* a_packed, const T* b_packed,
-                 bool accumulate, T* C, int64_t ldc) {
-  gemm_driver<T>(tile, M, N, K, a_packed, b_packed, nullptr, accumulate, C, ldc);
+                 bool accumulate, T* C, int64_t ldc, int64_t a_stride) {
+  gemm_driver<T>(tile, M, N, K, a_packed, a_stride > 0 ? a_stride : K * tile.mr, b_packed, nullptr, accumulate, C,
+                 ldc);
 }
 
 template <typename T>
 void gemm_rows(GemmTile tile, int64_t M, int64_t N, int64_t K, const T* a_packed, const T* const* b_rows,
                bool accumulate, T* C, int64_t ldc) {
-  gemm_driver<T>(tile, M, N, K, a_packed, nullptr, b_rows, accumulate, C, ldc);
+  gemm_driver<T>(tile, M, N, K, a_packed, K * tile.mr, nullptr, b_rows, accumulate, C, ldc);
 }
 
 template <typename T>
@@ -549,7 +550,8 @@ double fma_peak_gflops(double seconds) {
 
 #define TORCH_CONVT_INSTANTIATE_GEMM(T)                                                                  \
   template GemmTile gemm_tile<T>(int64_t);                                                               \
-  template void gemm_packed<T>(GemmTile, int64_t, int64_t, int64_t, const T*, const T*, bool, T*, int64_t); \
+  template void gemm_packed<T>(GemmTile, int64_t, int64_t, int64_t, const T*, const T*, bool, T*, int64_t,      \
+                               int64_t);                                                                 \
   template void gemm_rows<T>(GemmTile, int64_t, int64_t, int64_t, const T*, const T* const*, bool, T*, int64_t); \
   template void gemm_nt<T>(int64_t, int64_t, int64_t, const T*, int64_t, const T*, int64_t, T*, int64_t);
 TORCH_CONVT_INSTANTIATE_GEMM(float)

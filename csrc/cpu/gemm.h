@@ -58,10 +58,12 @@ void pack_panels(const Src* src, int64_t row_stride, int64_t depth_stride, int64
   }
 }
 
-// C = A . B (+ C) with A packed as [M / MR][K][MR] and B as [N / NR][K][NR] (packed_index with depth K).
+// C = A . B (+ C) with A packed as [M / MR][K][MR] and B as [N / NR][K][NR] (packed_index with depth K). A's
+// panels may lie `a_stride` elements apart instead of K*MR (a_stride > 0): A is then a K-deep part of a deeper
+// packed operand (the weight gradient's tap-shifted windows).
 template <typename T>
 void gemm_packed(GemmTile tile, int64_t M, int64_t N, int64_t K, const T* a_packed, const T* b_packed,
-                 bool accumulate, T* C, int64_t ldc);
+                 bool accumulate, T* C, int64_t ldc, int64_t a_stride = 0);
 
 // The same with B unpacked, given by rows: B[k][j] = b_rows[k][j]. Every row must be readable for whole
 // NR-wide panels (j < N rounded up to NR; the columns past N are computed and dropped). For columns that are
