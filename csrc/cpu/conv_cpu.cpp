@@ -509,6 +509,7 @@ void conv_weight_grad_kernel(const ConvParams& p, const scalar_t* x, const Strid
     acc_t* b_packed = outer    ? scratch<acc_t, 3>(cpu::packed_size(Cyg, tile, gtx.nr))
                       : packed ? scratch<acc_t, 3>(cpu::packed_size(block * T, tile, gt.nr))
                                : nullptr;
+    int64_t y_tile = -1;  // (g, tile) whose Y rows are in y_rows and a_packed
     for (int64_t c = c_begin; c < c_end; ++c) {
       acc_t* acc = partial + c * dw_numel;
       std::fill_n(acc, dw_numel, acc_t(0));
@@ -561,7 +562,9 @@ void conv_weight_grad_kernel(const ConvParams& p, const scalar_t* x, const Strid
         const acc_t* a = y_rows;
         int64_t lda = ld;
         // One piece per batch item in the tile: columns side by side, and Y's rows copied alongside unless the
-        // tile lies in one batch item and Y is already in the accumulation type.
+        // tile lies in one batch item and Y is already in the accumulation type. The channel blocks of a tile
+        // follow one another: the tile's Y rows (and packed A) are loaded for the first and kept for the rest.
+        const bool same_y = y_tile == g * tiles + t0 / tile;
         for (int64_t q0 = t0; q0 < t1;) {
           const int64_t n = q0 / Mp, m0 = q0 % Mp, m1 = std::min(Mp, m0 + (t1 - q0)), off = q0 - t0;
           const scalar_t* x_b = x + n * sx.n + (g * Cxg + cx0) * sx.c;
@@ -574,17 +577,18 @@ void conv_weight_grad_kernel(const ConvParams& p, const scalar_t* x, const Strid
           const scalar_t* y_g = y + n * sy.n + g * Cyg * sy.c;
           if (std::is_same_v<scalar_t, acc_t> && y_dense && plain && off == 0 && m1 - m0 == cnt) {
             a = reinterpret_cast<const acc_t*>(y_g + m0), lda = sy.c;
-          } else {
+          } else if (!same_y) {
             load_rows(y_g, sy, Cyg, p.small, positions, m0, m1, y_rows + off, ld);
           }
           q0 += m1 - m0;
         }
+        y_tile = g * tiles + t0 / tile;
         acc_t* c_block = acc + g * Cyg * KK + cx0 * T;
         if (packed) {
           // Tall Y: repack both operands into panels (a cheap pass next to 2*Cyg flops per column element) and
           // run the register-blocked micro-kernel, which beats dot products once A has many rows.
           cpu::pack_panels(col, ld, 1, channels * T, cnt, gt.nr, b_packed);
-          cpu::pack_panels(a, lda, 1, Cyg, cnt, gt.mr, a_packed);
+          if (!same_y) cpu::pack_panels(a, lda, 1, Cyg, cnt, gt.mr, a_packed);
           cpu::gemm_packed<acc_t>(gt, Cyg, channels * T, cnt, a_packed, b_packed, true, c_block, KK);
         } else {
           cpu::gemm_nt<acc_t>(Cyg, channels * T, cnt, a, lda, col, ld, c_block, KK);
