@@ -455,9 +455,9 @@ void conv_weight_grad_kernel(const ConvParams& p, const scalar_t* x, const Strid
   // ...]^T, since column row (cx, t) is a run of its window. The windows are gathered once per tile (read in place
   // where the source is its own frame) and no column row is copied: a many-tap layer's columns are taps times
   // the windows' size. Long tiles (Y's rows fill the column budget) amortise the per-tile work; input channels
-  // come in blocks whose windows fit kWindowBytes. (Measured, 2 threads: weight gradient of the k=4, s=2 3d case
-  // x0.58 time, of stride-1 k=3 3d x0.60, MONAI k=3 x0.83. Tall Y, the packed path below, gained 10% on DCGAN
-  // and lost 1.8x on HiFi-GAN, whose planes hold 2 taps each: not used there.)
+  // come in blocks whose windows fit kWindowBytes. (Measured: weight gradient of the k=4, s=2 3d case x0.58 /
+  // x0.61 time with 1 / 2 threads; with 2, stride-1 k=3 3d x0.60, MONAI k=3 x0.83. Tall Y, the packed path below,
+  // gained 10% on DCGAN and lost 1.8x on HiFi-GAN, whose planes hold 2 taps each: not used there.)
   int64_t tile = std::max<int64_t>(256, std::min<int64_t>(8192, kColumnBytes / (Cyg * elem)) / 16 * 16);
   const bool own_frame = std::is_same_v<scalar_t, acc_t> && source_is_frame(frame, p.big, sx);  // read in place
   const int64_t window_bytes = planes * frame.window(std::min(tile, p.batch * frame.positions), 1) * elem;
