@@ -269,6 +269,28 @@ def test_module_uses_the_custom_ops(device):
     assert "aten.convolution" not in names and "mkldnn" not in names and "cudnn" not in names, names
 
 
+def test_torch_function_modes_see_the_ops(device):
+    """The entry points skip the dispatcher's autograd round trip only where nothing else must see the call: a
+    __torch_function__ mode still sees the op, with or without a graph to record."""
+    from torch.overrides import TorchFunctionMode
+
+    class Record(TorchFunctionMode):
+        def __init__(self):
+            super().__init__()
+            self.funcs = []
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            self.funcs.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    m = torch_convt.ConvTranspose2d(2, 3, 3, stride=2).to(device)
+    for requires_grad in (True, False):
+        x = randn((1, 2, 4, 4), torch.float32, device, requires_grad=requires_grad)
+        with Record() as rec:
+            m(x)
+        assert "torch_convt.conv_transpose.default" in rec.funcs, rec.funcs
+
+
 # ----------------------------------------------------------------------------------------------------------
 # torch.compile
 # ----------------------------------------------------------------------------------------------------------

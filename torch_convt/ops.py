@@ -18,31 +18,6 @@ _conv_op = _ops.conv.default
 _conv_weight_grad_op = _ops.conv_weight_grad.default
 
 
-# ---- entry points ------------------------------------------------------------------------------------------
-# The functional API and the backward / jvp rules call the ops through these. When there is nothing to
-# differentiate they go straight below autograd, so the call does not pass through the op's Python autograd kernel
-# (a dispatcher-to-Python round trip and a second argument parse: 15-50 us, more than a small layer computes).
-# Everything else (grad needed, forward AD, torch.func transforms, torch.compile tracing) takes the op as is.
-def _direct(args):
-    return not (torch.compiler.is_compiling() or _needs_graph(args) or torch._C._are_functorch_transforms_active())
-
-
-def _entry(op):
-    def call(*args):
-        if _direct(args):
-            with torch._C._AutoDispatchBelowAutograd():
-                return op(*args)
-        return op(*args)
-    call.__name__ = call.__qualname__ = op._schema.name.split("::")[1]
-    call.__doc__ = f"torch.ops.{op._schema.name.replace('::', '.')} (see the module docstring)"
-    return call
-
-
-conv_transpose = _entry(_conv_transpose_op)
-conv = _entry(_conv_op)
-conv_weight_grad = _entry(_conv_weight_grad_op)
-
-
 # ---- sizes -------------------------------------------------------------------------------------------------
 def conv_out_size(big, kernel, stride, padding, dilation):
     return (big + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
@@ -205,32 +180,6 @@ def _conv_weight_grad_jvp(ctx, tx, ty, *_):
                      conv_weight_grad(x, ty, *geometry) if ty is not None else None], None, ctx.output_shape)
 
 
-# ---- torch.func.vmap ---------------------------------------------------------------------------------------
-def _vmap_rule(op, n_tensors, fold_into_batch=True):
-    """vmap of an op whose first `n_tensors` arguments are tensors (or None). With `fold_into_batch`, a batched
-    input alone folds the vmapped dim into the batch dim (one call); anything else (a batched weight,
-    per-sample gradients) runs the op once per vmapped slice. conv_weight_grad sums over the batch dim (its
-    two tensors are paired sample by sample), so it cannot fold."""
-    def rule(info, in_dims, *args):
-        dims = in_dims[:n_tensors]
-        tensors, rest = args[:n_tensors], args[n_tensors:]
-        if fold_into_batch and dims[0] is not None and all(d is None for d in dims[1:]):
-            x = tensors[0].movedim(dims[0], 0)
-            out = op(x.flatten(0, 1), *tensors[1:], *rest)
-            return out.unflatten(0, (x.shape[0], x.shape[1])), 0
-        moved = [t.movedim(d, 0) if d is not None else t for t, d in zip(tensors, dims)]
-        outs = [op(*[t[b] if d is not None else t for t, d in zip(moved, dims)], *rest)
-                for b in range(info.batch_size)]
-        return torch.stack(outs), 0
-    return rule
-
-
-torch.library.register_vmap("torch_convt::conv_transpose", _vmap_rule(conv_transpose, 3))
-torch.library.register_vmap("torch_convt::conv", _vmap_rule(conv, 3))
-torch.library.register_vmap("torch_convt::conv_weight_grad",
-                            _vmap_rule(conv_weight_grad, 2, fold_into_batch=False))
-
-
 # ---- the autograd kernels ----------------------------------------------------------------------------------
 def _below_autograd(op, args):
     # Straight to the backend (or fake / tracing) kernel. Without the guard, a call from forward() while
@@ -319,6 +268,66 @@ def _register_autograd_kernel(op, function):
 _register_autograd_kernel(_conv_transpose_op, _ConvTransposeFunction)
 _register_autograd_kernel(_conv_op, _ConvFunction)
 _register_autograd_kernel(_conv_weight_grad_op, _ConvWeightGradFunction)
+
+
+# ---- entry points ------------------------------------------------------------------------------------------
+# The functional API and the backward / jvp rules call the ops through these. A call through torch.ops costs a
+# dispatcher round trip to the op's Python autograd kernel below and a second argument parse (15-50 us, more than a
+# small layer computes), so where nothing but autograd stands between the caller and the backend kernel, the
+# entry point does autograd's part itself:
+# - nothing to differentiate: straight below autograd;
+# - a graph to record: the autograd.Function's single-level apply, as the autograd kernel would (unless autocast,
+#   tracing or a __torch_function__ override (subclass or mode) must see the op first).
+# Everything else (torch.func transforms, torch.compile tracing, autocast, ...) takes the op through the dispatcher.
+def _plain(args):
+    return not (torch._C._has_torch_function(args) or torch.is_autocast_enabled("cpu")
+                or torch.is_autocast_enabled("cuda") or torch._C._get_tracing_state() is not None)
+
+
+def _entry(op, function):
+    apply = super(torch.autograd.Function, function).apply
+
+    def call(*args):
+        if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+            return op(*args)
+        if not _needs_graph(args):
+            with torch._C._AutoDispatchBelowAutograd():
+                return op(*args)
+        return apply(*args) if _plain(args) else op(*args)
+    call.__name__ = call.__qualname__ = op._schema.name.split("::")[1]
+    call.__doc__ = f"torch.ops.{op._schema.name.replace('::', '.')} (see the module docstring)"
+    return call
+
+
+conv_transpose = _entry(_conv_transpose_op, _ConvTransposeFunction)
+conv = _entry(_conv_op, _ConvFunction)
+conv_weight_grad = _entry(_conv_weight_grad_op, _ConvWeightGradFunction)
+
+
+# ---- torch.func.vmap ---------------------------------------------------------------------------------------
+def _vmap_rule(op, n_tensors, fold_into_batch=True):
+    """vmap of an op whose first `n_tensors` arguments are tensors (or None). With `fold_into_batch`, a batched
+    input alone folds the vmapped dim into the batch dim (one call); anything else (a batched weight,
+    per-sample gradients) runs the op once per vmapped slice. conv_weight_grad sums over the batch dim (its
+    two tensors are paired sample by sample), so it cannot fold."""
+    def rule(info, in_dims, *args):
+        dims = in_dims[:n_tensors]
+        tensors, rest = args[:n_tensors], args[n_tensors:]
+        if fold_into_batch and dims[0] is not None and all(d is None for d in dims[1:]):
+            x = tensors[0].movedim(dims[0], 0)
+            out = op(x.flatten(0, 1), *tensors[1:], *rest)
+            return out.unflatten(0, (x.shape[0], x.shape[1])), 0
+        moved = [t.movedim(d, 0) if d is not None else t for t, d in zip(tensors, dims)]
+        outs = [op(*[t[b] if d is not None else t for t, d in zip(moved, dims)], *rest)
+                for b in range(info.batch_size)]
+        return torch.stack(outs), 0
+    return rule
+
+
+torch.library.register_vmap("torch_convt::conv_transpose", _vmap_rule(conv_transpose, 3))
+torch.library.register_vmap("torch_convt::conv", _vmap_rule(conv, 3))
+torch.library.register_vmap("torch_convt::conv_weight_grad",
+                            _vmap_rule(conv_weight_grad, 2, fold_into_batch=False))
 
 
 # ---- autocast ----------------------------------------------------------------------------------------------
