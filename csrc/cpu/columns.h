@@ -31,6 +31,7 @@ constexpr int kWeightSlot = 5, kPlaneSlot = 6, kPartialSlot = 7;  // theirs: pac
 constexpr int64_t kMaxChunks = 8;                     // weight-gradient reduction chunks (fixed: determinism)
 constexpr int64_t kMinTaskFlops = int64_t(1) << 21;   // below this a task is not worth a thread
 constexpr int64_t kPackedWeightGradRows = 128;        // weight gradient: packed GEMM from this many rows of Y
+constexpr int64_t kWeightGradKC = 512;                // weight gradient: K block of its packed GEMM
 
 // One kernel tap as seen from a tile: the source position of grid point m is m*step + offset per dim.
 struct Tap {

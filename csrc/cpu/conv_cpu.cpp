@@ -488,7 +488,11 @@ void conv_weight_grad_kernel(const ConvParams& p, const scalar_t* x, const Strid
       1, std::min({items, kMaxChunks, kPartialBytes / std::max<int64_t>(1, dw_numel * int64_t(sizeof(acc_t)))}));
   std::unique_ptr<acc_t[]> partial_fresh;
   acc_t* const partial = held_buffer<acc_t, kPartialSlot>(chunks * dw_numel, partial_fresh);  // (zeroed below)
-  const cpu::GemmTile gt = cpu::gemm_tile<acc_t>(Cyg);
+  // packed: C is this chunk's partial sums (Cyg x KK, far from cache for wide layers), so the tile's depth runs in
+  // K blocks of kWeightGradKC: each C block is loaded and stored once per tile instead of once per 128 positions,
+  // with the tall register blocking (measured, weight gradient time with 1 / 2 threads: deep blocks x0.94 / x0.92
+  // on HiFi-GAN, x0.92 / x0.97 on DCGAN; the tall blocking then another x0.95 / x0.93 and x0.92 / x0.95).
+  const cpu::GemmTile gt = cpu::gemm_tile_deep<acc_t>(kWeightGradKC);
   // outer: by_tap with Y wide enough to fill the micro-kernel's NR lanes runs the register-blocked GEMM instead
   // of dot products (which stream both operands from L2: two vector loads per five FMAs), with input channels as
   // rows.

@@ -348,6 +348,12 @@ GemmTile gemm_tile(int64_t M) {
   return {padded(mk.small_mr) < padded(mk.mr) ? mk.small_mr : mk.mr, mk.nr};
 }
 
+template <typename T>
+GemmTile gemm_tile_deep(int64_t kc) {
+  const MicroKernel<T>& mk = kernel<T>();
+  return {mk.mr, mk.nr, kc};
+}
+
 namespace {
 // The shared driver: B packed (b_packed) or given by rows (b_rows, row k of panel jr at b_rows[k] + jr).
 template <typename T>
@@ -362,14 +368,15 @@ void gemm_driver(GemmTile tile, int64_t M, int64_t N, int64_t K, const T* a_pack
   const MicroKernel<T>& mk = kernel<T>();
   const int64_t MR = tile.mr, NR = mk.nr;
   const MicroFn<T> fn = MR == mk.mr ? mk.fn : mk.small_fn;
+  const int64_t KB = b_rows || tile.kc <= 0 ? KC : tile.kc;  // (rows and panel below are used with b_rows only)
   T edge[16 * 32];  // an MR x NR block of C for ragged edges (MR <= 16, NR <= 32)
   const T* rows[KC];  // the rows of one K block, moved to panel jr
   alignas(64) T panel[KC * 32];  // those rows copied (NR <= 32)
   // K blocks outermost, then blocks of MC rows of A: one (MC x KC) block of A stays in L2 while every B panel
   // streams past it, and each B panel's KC x NR block stays in L1 while the A panels of the block run over it.
-  const int64_t MC = std::max<int64_t>(MR, kAcBytes / (KC * int64_t(sizeof(T))) / MR * MR);
-  for (int64_t pc = 0; pc < K; pc += KC) {
-    const int64_t kc = std::min(KC, K - pc);
+  const int64_t MC = std::max<int64_t>(MR, kAcBytes / (KB * int64_t(sizeof(T))) / MR * MR);
+  for (int64_t pc = 0; pc < K; pc += KB) {
+    const int64_t kc = std::min(KB, K - pc);
     const bool acc = accumulate || pc > 0;
     for (int64_t ic = 0; ic < M; ic += MC) {
       const int64_t mc = std::min(MC, M - ic);
@@ -550,6 +557,7 @@ double fma_peak_gflops(double seconds) {
 
 #define TORCH_CONVT_INSTANTIATE_GEMM(T)                                                                  \
   template GemmTile gemm_tile<T>(int64_t);                                                               \
+  template GemmTile gemm_tile_deep<T>(int64_t);                                                          \
   template void gemm_packed<T>(GemmTile, int64_t, int64_t, int64_t, const T*, const T*, bool, T*, int64_t,      \
                                int64_t);                                                                 \
   template void gemm_rows<T>(GemmTile, int64_t, int64_t, int64_t, const T*, const T* const*, bool, T*, int64_t); \

@@ -20,10 +20,20 @@ namespace torch_convt::cpu {
 // with that MR and the same tile passed to gemm_packed.
 struct GemmTile {
   int64_t mr, nr;
+  // Depth of gemm_packed's K blocks; 0: the default, which keeps a block of B (KC x NR) in L1. Every K block
+  // loads and stores each MR x NR block of C once, so where C is far (a large accumulated matrix that is not
+  // in cache) deeper blocks pay: B's block is then read from L2, which the micro-kernel's two loads per
+  // 2*MR FMAs can afford. (gemm_rows always uses the default.)
+  int64_t kc = 0;
 };
 
 template <typename T>
 GemmTile gemm_tile(int64_t M);
+
+// The blocking for K blocks `kc` deep (GemmTile::kc > 0): the taller register blocking whatever M, since B's block
+// then comes from L2 and the taller kernel loads each B vector for more FMAs.
+template <typename T>
+GemmTile gemm_tile_deep(int64_t kc);
 
 // Elements of a panel-packed operand: `rows` rounded up to whole panels of `width`, times `depth`.
 inline int64_t packed_size(int64_t rows, int64_t depth, int64_t width) {
