@@ -275,10 +275,10 @@ _register_autograd_kernel(_conv_weight_grad_op, _ConvWeightGradFunction)
 # dispatcher round trip to the op's Python autograd kernel below and a second argument parse (15-50 us, more than a
 # small layer computes), so where nothing but autograd stands between the caller and the backend kernel, the
 # entry point does autograd's part itself:
-# - nothing to differentiate: straight below autograd;
-# - a graph to record: the autograd.Function's single-level apply, as the autograd kernel would (unless autocast,
-#   tracing or a __torch_function__ override (subclass or mode) must see the op first).
-# Everything else (torch.func transforms, torch.compile tracing, autocast, ...) takes the op through the dispatcher.
+# - nothing to differentiate: straight below autograd (autocast, not an autograd key, still applies there);
+# - a graph to record: the autograd.Function's single-level apply, as the autograd kernel would, unless autocast,
+#   the tracer or a __torch_function__ override (subclass or mode) must see the op first.
+# Those, torch.func transforms and torch.compile tracing take the op through the dispatcher.
 def _plain(args):
     return not (torch._C._has_torch_function(args) or torch.is_autocast_enabled("cpu")
                 or torch.is_autocast_enabled("cuda") or torch._C._get_tracing_state() is not None)
