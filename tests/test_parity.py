@@ -236,6 +236,38 @@ def test_layouts(nd, kind, layout, device):
     check_parity(ours, ref, (x2, w2, b2), _variants(kind)[variant].kwargs(kind, nd))
 
 
+def test_plans_reused_across_calls():
+    """The CPU conv_transpose keeps the plans of each thread's recent geometries (a few dozen). Calls with the same
+    shapes in turn in two layouts and two dtypes (different plans), cycling through more geometries than it keeps,
+    from the main thread and a second one, must each match torch: a plan is only ever reused for its own
+    geometry."""
+    import threading
+    calls = []
+    extra = [Cfg(kernel=2, stride=2, size=4), Cfg(kernel=4, stride=2, padding=1, size=4), Cfg(kernel=3, stride=3)]
+    for cfg in list(CT_VARIANTS.values()) + extra:
+        for nd in DIMS:
+            y, w, b = cfg.tensors("ct", nd)
+            calls.append((nd, y, w, b, cfg.kwargs("ct", nd)))
+    failures = []
+
+    def run_all(tag):
+        for nd, y, w, b, kw in calls:
+            for dtype in (torch.float64, torch.float32):
+                for layout in (lambda t: t, channels_last, lambda t: t):
+                    yy, ww, bb = layout(y.to(dtype)), w.to(dtype), b.to(dtype)
+                    got, want = ours_ct(nd)(yy, ww, bb, **kw), torch_ct(nd)(yy, ww, bb, **kw)
+                    tol = 1e-12 if dtype == torch.float64 else 1e-4
+                    if got.shape != want.shape or not torch.allclose(got, want, rtol=tol, atol=tol):
+                        failures.append((tag, nd, dtype, kw))
+
+    run_all("main, first pass")
+    run_all("main, second pass")
+    thread = threading.Thread(target=run_all, args=("second thread",))
+    thread.start()
+    thread.join()
+    assert len(calls) > 32 and not failures, failures[:5]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
 @pytest.mark.parametrize("kind", ["ct", "conv"])
 @pytest.mark.parametrize("nd", [2, 3], ids=["2d", "3d"])

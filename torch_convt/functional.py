@@ -26,16 +26,22 @@ from . import ops
 __all__ = ["conv_transpose1d", "conv_transpose2d", "conv_transpose3d", "conv1d", "conv2d", "conv3d"]
 
 
-_INT64 = range(-2**63, 2**63)
+_INT64_END = 2**63  # int64 holds [-_INT64_END, _INT64_END)
 
 
 def _expand(name, fn, value, dims):
     """int or sequence of ints -> list of `dims` ints (a 1-element sequence is broadcast, as torch does)."""
     # fast path, the common case of every module call: plain ints in range (bool is not int here: type() is exact)
-    if type(value) is int and value in _INT64:
-        return [value] * dims
-    if type(value) is tuple and len(value) == dims and all(type(v) is int and v in _INT64 for v in value):
-        return list(value)
+    kind = type(value)
+    if kind is int:
+        if -_INT64_END <= value < _INT64_END:
+            return [value] * dims
+    elif kind is tuple and len(value) == dims:
+        for v in value:
+            if type(v) is not int or not -_INT64_END <= v < _INT64_END:
+                break
+        else:
+            return list(value)
 
     def is_int(v):
         return isinstance(v, (int, torch.SymInt)) and not isinstance(v, bool)
@@ -55,10 +61,13 @@ def _expand(name, fn, value, dims):
 def _batched(fn, input, dims):
     if not isinstance(input, torch.Tensor):
         raise TypeError(f"{fn}(): argument 'input' (position 1) must be Tensor, not {type(input).__name__}")
-    if input.dim() not in (dims + 1, dims + 2):
+    rank = input.dim()
+    if rank == dims + 2:
+        return True
+    if rank != dims + 1:
         raise RuntimeError(f"Expected {dims + 1}D (unbatched) or {dims + 2}D (batched) input to {fn}, "
                            f"but got input of size: {list(input.shape)}")
-    return input.dim() == dims + 2
+    return False
 
 
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")

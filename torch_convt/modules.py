@@ -57,8 +57,8 @@ def _conv_transpose_forward(module, input, output_size, dims, fn):
     else:
         if padding == "valid":
             padding = (0,) * dims
-        output_padding = module._output_padding(input, output_size, module.stride, padding, module.kernel_size,
-                                                dims, module.dilation)
+        output_padding = module.output_padding if output_size is None else module._output_padding(
+            input, output_size, module.stride, padding, module.kernel_size, dims, module.dilation)
     return fn(input, module.weight, module.bias, module.stride, padding, output_padding, module.groups,
               module.dilation, padding_mode=module.padding_mode)
 

@@ -218,6 +218,26 @@ inline scalar_t narrow_to(acc_t v) {
   }
 }
 
+// The innermost-dim runs of [m_begin, m_end) over the row-major extents `fr` (>= grid) that lie inside `grid`,
+// as stores see them: dst offset of the run's point j = 0, rows offset of it, and the run's [first, stop).
+// Computed once per store, shared by all channels. (The calling thread's; valid until its next call.)
+struct StoreRun {
+  int64_t dst, src, first, stop;
+};
+
+inline const std::vector<StoreRun>& store_runs(const Strides& st, const int64_t* step, const int64_t* offset,
+                                               const int64_t* grid, const int64_t* fr, int64_t m_begin,
+                                               int64_t m_end) {
+  thread_local std::vector<StoreRun> runs;
+  runs.clear();
+  for_each_run(fr, m_begin, m_end, [&](int64_t i0, int64_t i1, int64_t first, int64_t last, int64_t m) {
+    if (i0 >= grid[0] || i1 >= grid[1] || first >= grid[2]) return;
+    runs.push_back({st.at(i0 * step[0] + offset[0], i1 * step[1] + offset[1], offset[2]), m - m_begin - first,
+                    first, std::min(last, grid[2])});
+  });
+  return runs;
+}
+
 // dst at channel c and spatial position_d = m_d*step_d + offset_d (strides `st`) = rows[c*ld + m - m_begin]
 // (+ bias[c]) over the grid of m. rows == nullptr stores the bias alone (or zero). With a `frame` (>= grid in
 // every dim), m is flat over the frame instead, and only the points inside the grid are stored.
@@ -226,22 +246,19 @@ void store_rows(const acc_t* rows, int64_t ld, int64_t channels, const acc_t* bi
                 const Strides& st, const int64_t* step, const int64_t* offset, const int64_t* grid,
                 int64_t m_begin, int64_t m_end, const int64_t* frame = nullptr) {
   const int64_t inner = step[2] * st.s[2];
-  const int64_t* fr = frame ? frame : grid;
+  const std::vector<StoreRun>& runs = store_runs(st, step, offset, grid, frame ? frame : grid, m_begin, m_end);
   for (int64_t c = 0; c < channels; ++c) {
     const acc_t b = bias ? bias[c] : acc_t(0);
-    const acc_t* r = rows ? rows + c * ld - m_begin : nullptr;
     scalar_t* d = dst + c * st.c;
-    for_each_run(fr, m_begin, m_end, [&](int64_t i0, int64_t i1, int64_t first, int64_t last, int64_t m) {
-      if (i0 >= grid[0] || i1 >= grid[1]) return;
-      const int64_t stop = std::min(last, grid[2]);
-      scalar_t* row = d + st.at(i0 * step[0] + offset[0], i1 * step[1] + offset[1], offset[2]);
-      const acc_t* in = r ? r + m - first : nullptr;
-      if (in) {
-        for (int64_t j = first; j < stop; ++j) row[j * inner] = narrow_to<scalar_t>(in[j] + b);
+    for (const StoreRun& run : runs) {
+      scalar_t* row = d + run.dst;
+      if (rows) {
+        const acc_t* in = rows + c * ld + run.src;
+        for (int64_t j = run.first; j < run.stop; ++j) row[j * inner] = narrow_to<scalar_t>(in[j] + b);
       } else {
-        for (int64_t j = first; j < stop; ++j) row[j * inner] = narrow_to<scalar_t>(b);
+        for (int64_t j = run.first; j < run.stop; ++j) row[j * inner] = narrow_to<scalar_t>(b);
       }
-    });
+    }
   }
 }
 
@@ -486,15 +503,14 @@ template <typename scalar_t, typename acc_t>
 void store_rows_interleaved(const acc_t* const* rows, int64_t ways, int64_t ld, int64_t channels, const acc_t* bias,
                             scalar_t* dst, const Strides& st, const int64_t* step, const int64_t* offset,
                             const int64_t* grid, int64_t m_begin, int64_t m_end, const int64_t* frame = nullptr) {
-  const int64_t* fr = frame ? frame : grid;
   const int64_t s = step[2];
+  const std::vector<StoreRun>& runs = store_runs(st, step, offset, grid, frame ? frame : grid, m_begin, m_end);
   for (int64_t c = 0; c < channels; ++c) {
     const acc_t b = bias ? bias[c] : acc_t(0);
     scalar_t* d = dst + c * st.c;
-    for_each_run(fr, m_begin, m_end, [&](int64_t i0, int64_t i1, int64_t first, int64_t last, int64_t m) {
-      if (i0 >= grid[0] || i1 >= grid[1]) return;
-      const int64_t stop = std::min(last, grid[2]), at = c * ld + m - m_begin - first;
-      scalar_t* row = d + st.at(i0 * step[0] + offset[0], i1 * step[1] + offset[1], offset[2]);
+    for (const StoreRun& run : runs) {
+      const int64_t first = run.first, stop = run.stop, at = c * ld + run.src;
+      scalar_t* row = d + run.dst;
       if (ways == 2) {
         const acc_t *r0 = rows[0] + at, *r1 = rows[1] + at;
         if (s == 2) {  // the whole run is contiguous: a constant stride, so the loop vectorises
@@ -527,7 +543,7 @@ void store_rows_interleaved(const acc_t* const* rows, int64_t ways, int64_t ld, 
         for (int64_t j = first; j < stop; ++j)
           for (int64_t w = 0; w < ways; ++w) row[j * s + w] = narrow_to<scalar_t>(rows[w][at + j] + b);
       }
-    });
+    }
   }
 }
 

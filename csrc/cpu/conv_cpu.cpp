@@ -175,60 +175,80 @@ std::vector<Phase> transpose_phases(const ConvParams& p, bool* all_covered) {
   return phases;
 }
 
+// What conv_transpose_kernel derives from the geometry alone: the phases, their grouping into GEMMs (sets) and
+// stores (teams), the work items, and the weight-packing tables.
+//
+// Phases with the same grid and the same tap shifts (k == s: every phase has the one shift 0) share one GEMM (a
+// set): their weights are stacked as rows of A, so their columns are gathered once, and A is tall.
+struct PhaseSet {
+  std::vector<int64_t> members;  // phase indices
+  int64_t taps = 0;              // per phase (>= 1)
+  int64_t out_rows = 0;          // Cxg * members
+  int64_t block = 1, blocks = 1;  // the depth (Cyg * taps) in blocks of `block` input channels (see conv)
+  int64_t tile = 1;
+  cpu::GemmTile gt{1, 1};
+  // per group and depth block: A[(member, cx), cy*T + t] = W[g*Cyg + cy, cx, taps[t].k], packed, at element
+  // a_offset of the call's packed-weight buffer (one for all sets; not zeroed: packing writes every element)
+  int64_t a_offset = 0;
+  int64_t a_size = 0;  // of one (group, block) operand
+  Frame frame;         // positions are flat frame positions (columns.h) when `framed`, else grid positions
+  bool framed = false;
+  int64_t positions = 0;  // the extent its tiles cover
+};
+
+// Sets whose tiles cover the same output points (same grid and position layout, same tile) form a team: one job
+// computes a tile of every member, then stores them together, so the phases that interleave along the innermost
+// output dim (stride 2: r2 = 0 and 1, which differ in shifts, so are different sets) are written as runs, each
+// output line once, instead of in strided passes. A team's results stay within kColumnBytes.
+struct Team {
+  std::vector<int64_t> sets;
+  std::vector<int64_t> phases;  // of its sets' members in order: the result rows of `slot` s are s*Cxg ...
+  // slots stored together: phases differing only in r2, consecutive ones interleaved, else one each
+  std::vector<std::vector<int64_t>> store_groups;
+  int64_t out_rows = 0;
+};
+
+struct TransposeJob {
+  int64_t team, m0, m1;
+};
+
+struct TransposePlan {
+  std::vector<Phase> phases;
+  bool all_covered = false;  // every big position is reached by some tap
+  bool direct = false;       // per-channel groups: conv_transpose_direct, no GEMM (nothing below is set)
+  std::vector<PhaseSet> sets;
+  std::vector<Team> teams;
+  std::vector<TransposeJob> jobs;  // in run order
+  int64_t max_rows = 0, max_tile = 1, max_out = 0, flops = 0, a_total = 0;
+  // Weight packing: per set, a table mapping (tap, row) to the element's offset in an input channel's weights
+  // (Cxg x K, contiguous; -1: padding row), and the set's first work item (per group; one more at the end).
+  std::vector<std::vector<int64_t>> source;
+  std::vector<int64_t> first_item;
+};
+
 template <typename scalar_t>
-void conv_transpose_kernel(const ConvParams& p, const scalar_t* y, const Strides& sy, const scalar_t* w,
-                           const scalar_t* bias, scalar_t* x, const Strides& sx) {
+TransposePlan make_transpose_plan(const ConvParams& p, const Strides& sy, const Strides& sx) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t G = p.groups, Cxg = p.big_group(), Cyg = p.small_group(), K = p.kernel_numel();
-  std::vector<acc_t> b_store;
-  const acc_t* ba = bias ? as_acc(bias, p.big_channels, b_store) : nullptr;
-  const int64_t zero[kMaxDims] = {0, 0, 0}, one[kMaxDims] = {1, 1, 1};
-  bool all_covered = false;
-  const std::vector<Phase> phases = transpose_phases(p, &all_covered);
+  const int64_t Cxg = p.big_group(), Cyg = p.small_group(), K = p.kernel_numel();
+  const int64_t one[kMaxDims] = {1, 1, 1};
+  TransposePlan plan;
+  const std::vector<Phase>& phases = plan.phases = transpose_phases(p, &plan.all_covered);
+  plan.direct = Cxg == 1 && Cyg == 1;
+  if (plan.direct) return plan;
 
-  if (!all_covered) {  // big positions that no tap reaches hold the bias alone
-    const int64_t grid[kMaxDims] = {p.big[0], p.big[1], p.big[2]};
-    at::parallel_for(0, p.batch * p.big_channels, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t nc = begin; nc < end; ++nc) {
-        const int64_t n = nc / p.big_channels, c = nc % p.big_channels;
-        store_rows<scalar_t, acc_t>(nullptr, 0, 1, ba ? ba + c : nullptr, x + n * sx.n + c * sx.c, sx, one, zero, grid,
-                                    0, p.big_spatial());
-      }
-    });
-  }
-
-  if (Cxg == 1 && Cyg == 1) return conv_transpose_direct(p, phases, y, sy, w, ba, x, sx);
-
-  // Phases with the same grid and the same tap shifts (k == s: every phase has the one shift 0) share one GEMM:
-  // their weights are stacked as rows of A, so their columns are gathered once, and A is tall.
-  struct PhaseSet {
-    std::vector<int64_t> members;  // phase indices
-    int64_t taps = 0;              // per phase (>= 1)
-    int64_t out_rows = 0;          // Cxg * members
-    int64_t block = 1, blocks = 1;  // the depth (Cyg * taps) in blocks of `block` input channels (see conv)
-    int64_t tile = 1;
-    cpu::GemmTile gt{1, 1};
-    // per group and depth block: A[(member, cx), cy*T + t] = W[g*Cyg + cy, cx, taps[t].k], packed
-    acc_t* a = nullptr;  // (in one buffer for all sets; not zeroed: packing writes every element)
-    int64_t a_size = 0;  // of one (group, block) operand
-    Frame frame;         // positions are flat frame positions (columns.h) when `framed`, else grid positions
-    bool framed = false;
-    int64_t positions = 0;  // the extent its tiles cover
-  };
   const auto same_shifts = [](const Phase& u, const Phase& v) {
     if (u.taps.size() != v.taps.size() || !std::equal(u.grid, u.grid + kMaxDims, v.grid)) return false;
     for (size_t t = 0; t < u.taps.size(); ++t)
       if (!std::equal(u.taps[t].offset, u.taps[t].offset + kMaxDims, v.taps[t].offset)) return false;
     return true;
   };
-  std::vector<PhaseSet> sets;
+  std::vector<PhaseSet>& sets = plan.sets;
   for (size_t q = 0; q < phases.size(); ++q) {
     auto it = std::find_if(sets.begin(), sets.end(),
                            [&](const PhaseSet& set) { return same_shifts(phases[set.members[0]], phases[q]); });
     if (it == sets.end()) it = sets.insert(sets.end(), PhaseSet{});
     it->members.push_back(static_cast<int64_t>(q));
   }
-  int64_t max_rows = 0, max_tile = 1, flops = 0;
   for (PhaseSet& set : sets) {
     const Phase& ph = phases[set.members[0]];
     set.taps = static_cast<int64_t>(ph.taps.size());
@@ -238,6 +258,8 @@ void conv_transpose_kernel(const ConvParams& p, const scalar_t* y, const Strides
         1, std::min(Cyg, kColumnBytes / (set.gt.nr * std::max<int64_t>(1, set.taps) * int64_t(sizeof(acc_t)))));
     set.blocks = std::max<int64_t>(1, ceil_div(Cyg, set.block));  // (no channels: one empty block)
     set.a_size = cpu::packed_size(set.out_rows, set.block * set.taps, set.gt.mr);
+    set.a_offset = plan.a_total;
+    plan.a_total += p.groups * set.blocks * set.a_size;
     const int64_t rows = set.block * set.taps;
     const int64_t M = ph.grid[0] * ph.grid[1] * ph.grid[2];
     set.frame = make_frame(ph.taps, one, ph.grid);
@@ -245,22 +267,11 @@ void conv_transpose_kernel(const ConvParams& p, const scalar_t* y, const Strides
     set.framed = use_frame<scalar_t, acc_t>(set.frame, M, p.small, sy, set.block, set.tile, set.gt.nr);
     set.positions = set.framed ? set.frame.positions : M;
     if (!set.framed) set.tile = tile_size(std::max(rows, set.out_rows), M, sizeof(acc_t), set.gt.nr);
-    max_rows = std::max(max_rows, rows);
-    max_tile = std::max(max_tile, set.tile);
-    flops += 2 * set.out_rows * Cyg * set.taps * set.positions;
+    plan.max_rows = std::max(plan.max_rows, rows);
+    plan.max_tile = std::max(plan.max_tile, set.tile);
+    plan.flops += 2 * set.out_rows * Cyg * set.taps * set.positions;
   }
-  // Sets whose tiles cover the same output points (same grid and position layout, same tile) form a team: one job
-  // computes a tile of every member, then stores them together, so the phases that interleave along the innermost
-  // output dim (stride 2: r2 = 0 and 1, which differ in shifts, so are different sets) are written as runs, each
-  // output line once, instead of in strided passes. A team's results stay within kColumnBytes.
-  struct Team {
-    std::vector<int64_t> sets;
-    std::vector<int64_t> phases;  // of its sets' members in order: the result rows of `slot` s are s*Cxg ...
-    // slots stored together: phases differing only in r2, consecutive ones interleaved, else one each
-    std::vector<std::vector<int64_t>> store_groups;
-    int64_t out_rows = 0;
-  };
-  std::vector<Team> teams;
+  std::vector<Team>& teams = plan.teams;
   for (size_t si = 0; si < sets.size(); ++si) {
     const PhaseSet& set = sets[si];
     const int64_t* grid = phases[set.members[0]].grid;
@@ -278,9 +289,8 @@ void conv_transpose_kernel(const ConvParams& p, const scalar_t* y, const Strides
     it->phases.insert(it->phases.end(), set.members.begin(), set.members.end());
     it->out_rows += set.out_rows;
   }
-  int64_t max_out = 0;
   for (Team& team : teams) {
-    max_out = std::max(max_out, team.out_rows);
+    plan.max_out = std::max(plan.max_out, team.out_rows);
     std::vector<std::vector<int64_t>> by_row;  // slots with the same (r0, r1), in r2 order
     for (size_t i = 0; i < team.phases.size(); ++i) {
       const int64_t* r = phases[team.phases[i]].r;
@@ -304,53 +314,113 @@ void conv_transpose_kernel(const ConvParams& p, const scalar_t* y, const Strides
       }
     }
   }
-  struct Job {
-    int64_t team, m0, m1;
-  };
-  std::vector<Job> jobs;
+  std::vector<TransposeJob>& jobs = plan.jobs;
   for (size_t ti = 0; ti < teams.size(); ++ti) {
     const PhaseSet& set = sets[teams[ti].sets[0]];
     for (int64_t m0 = 0; m0 < set.positions; m0 += set.tile)
       jobs.push_back({static_cast<int64_t>(ti), m0, std::min(set.positions, m0 + set.tile)});
   }
-  int64_t a_total = 0;
-  for (const PhaseSet& set : sets) a_total += G * set.blocks * set.a_size;
-  std::unique_ptr<acc_t[]> a_fresh;
-  acc_t* a_next = held_buffer<acc_t, kWeightSlot>(a_total, a_fresh);
-  for (PhaseSet& set : sets) set.a = a_next, a_next += G * set.blocks * set.a_size;
+  // Tiles at the same relative place in every team run one after another: the phases interleave in the output,
+  // so a region is finished while its lines are cached.
+  const auto extent = [&](const TransposeJob& job) { return sets[teams[job.team].sets[0]].positions; };
+  std::stable_sort(jobs.begin(), jobs.end(), [&](const TransposeJob& u, const TransposeJob& v) {
+    return u.m0 * extent(v) < v.m0 * extent(u);
+  });
 
-  // Pack A for every set in parallel, megabytes of weights for wide layers. For each set a table maps (tap, row)
-  // to the element's offset in an input channel's weights (Cxg x K, contiguous; -1: padding row). A work item is
-  // a panel, or, where MR divides Cxg, the members' panels over the same MR output channels (which read the same
-  // weights); it walks the input channels in order, so every panel is written front to back and each weight line
-  // is read once per set. (Items of one input channel, writing 64 bytes to every panel 32 KiB apart, thrashed the
-  // caches.) The same pass checks that the weights in use are finite (v - v is 0 for a finite v, else NaN).
-  std::vector<std::vector<int64_t>> source(sets.size());
-  std::vector<int64_t> first_item(sets.size() + 1, 0);  // per set: its first item, per group
+  plan.source.resize(sets.size());
+  plan.first_item.assign(sets.size() + 1, 0);
   for (size_t si = 0; si < sets.size(); ++si) {
     const PhaseSet& set = sets[si];
     const int64_t MR = set.gt.mr, rows = ceil_div(set.out_rows, MR) * MR;
-    source[si].assign(set.taps * rows, -1);
+    std::vector<int64_t>& source = plan.source[si];
+    source.assign(set.taps * rows, -1);
     for (int64_t t = 0; t < set.taps; ++t)
       for (int64_t row = 0; row < set.out_rows; ++row)
-        source[si][t * rows + row] = phases[set.members[row / Cxg]].taps[t].k + (row % Cxg) * K;
-    first_item[si + 1] = first_item[si] + (Cxg % MR == 0 ? Cxg / MR : rows / MR);
+        source[t * rows + row] = phases[set.members[row / Cxg]].taps[t].k + (row % Cxg) * K;
+    plan.first_item[si + 1] = plan.first_item[si] + (Cxg % MR == 0 ? Cxg / MR : rows / MR);
   }
+  return plan;
+}
+
+// The plan of a geometry, from the calling thread's plans of its recent geometries: a layer called again (every
+// step of a training loop, every forward of a model) skips the planning, which costs more than a small layer's
+// arithmetic (an 8-channel 8x8 layer: ~10 us of a 36 us call). The plan depends on the geometry, the input's
+// strides and the output's (the dtype picks the function); kPlanCache of them, least recently used dropped.
+constexpr size_t kPlanCache = 32;
+
+template <typename scalar_t>
+std::shared_ptr<const TransposePlan> transpose_plan(const ConvParams& p, const Strides& sy, const Strides& sx) {
+  using Key = std::array<int64_t, 9 + 8 * kMaxDims>;
+  Key key{p.dims, p.batch, p.groups, p.big_channels, p.small_channels, sy.n, sy.c, sx.n, sx.c};
+  int64_t* k = key.data() + 9;
+  for (int d = 0; d < kMaxDims; ++d) {
+    for (const int64_t v : {p.big[d], p.small[d], p.kernel[d], p.stride[d], p.padding[d], p.dilation[d]}) *k++ = v;
+    *k++ = sy.s[d], *k++ = sx.s[d];
+  }
+  thread_local std::vector<std::pair<Key, std::shared_ptr<const TransposePlan>>> cache;  // most recent first
+  auto it = std::find_if(cache.begin(), cache.end(), [&](const auto& entry) { return entry.first == key; });
+  if (it == cache.end()) {
+    if (cache.size() == kPlanCache) cache.pop_back();
+    cache.emplace(cache.begin(), key, std::make_shared<const TransposePlan>(make_transpose_plan<scalar_t>(p, sy, sx)));
+  } else {
+    std::rotate(cache.begin(), it, it + 1);
+  }
+  return cache.front().second;
+}
+
+template <typename scalar_t>
+void conv_transpose_kernel(const ConvParams& p, const scalar_t* y, const Strides& sy, const scalar_t* w,
+                           const scalar_t* bias, scalar_t* x, const Strides& sx) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t G = p.groups, Cxg = p.big_group(), Cyg = p.small_group(), K = p.kernel_numel();
+  std::vector<acc_t> b_store;
+  const acc_t* ba = bias ? as_acc(bias, p.big_channels, b_store) : nullptr;
+  const int64_t zero[kMaxDims] = {0, 0, 0}, one[kMaxDims] = {1, 1, 1};
+  const std::shared_ptr<const TransposePlan> plan_ptr = transpose_plan<scalar_t>(p, sy, sx);
+  const TransposePlan& plan = *plan_ptr;
+  const std::vector<Phase>& phases = plan.phases;
+
+  if (!plan.all_covered) {  // big positions that no tap reaches hold the bias alone
+    const int64_t grid[kMaxDims] = {p.big[0], p.big[1], p.big[2]};
+    const int64_t plane = p.big[1] * p.big[2];  // an item: one (n, c, i0) plane
+    at::parallel_for(0, p.batch * p.big_channels * p.big[0], grain(plane), [&](int64_t begin, int64_t end) {
+      for (int64_t item = begin; item < end; ++item) {
+        const int64_t nc = item / p.big[0], i0 = item % p.big[0];
+        const int64_t n = nc / p.big_channels, c = nc % p.big_channels;
+        store_rows<scalar_t, acc_t>(nullptr, 0, 1, ba ? ba + c : nullptr, x + n * sx.n + c * sx.c, sx, one, zero, grid,
+                                    i0 * plane, (i0 + 1) * plane);
+      }
+    });
+  }
+
+  if (plan.direct) return conv_transpose_direct(p, phases, y, sy, w, ba, x, sx);
+
+  const std::vector<PhaseSet>& sets = plan.sets;
+  const std::vector<Team>& teams = plan.teams;
+  const std::vector<TransposeJob>& jobs = plan.jobs;
+  std::unique_ptr<acc_t[]> a_fresh;
+  acc_t* const a_all = held_buffer<acc_t, kWeightSlot>(plan.a_total, a_fresh);
+
+  // Pack A for every set in parallel, megabytes of weights for wide layers. A work item is a panel, or, where MR
+  // divides Cxg, the members' panels over the same MR output channels (which read the same weights); it walks the
+  // input channels in order, so every panel is written front to back and each weight line is read once per set.
+  // (Items of one input channel, writing 64 bytes to every panel 32 KiB apart, thrashed the caches.) The same
+  // pass checks that the weights in use are finite (v - v is 0 for a finite v, else NaN).
   std::atomic<bool> finite{true};
-  const int64_t items = first_item.back();
+  const int64_t items = plan.first_item.back();
   at::parallel_for(0, G * items, grain(Cyg * Cxg * K), [&](int64_t begin, int64_t end) {
     bool ok = true;
     for (int64_t item = begin; item < end; ++item) {
       const int64_t g = item / items, i = item % items;
-      const int64_t si = std::upper_bound(first_item.begin(), first_item.end(), i) - first_item.begin() - 1;
+      const int64_t si = std::upper_bound(plan.first_item.begin(), plan.first_item.end(), i) - plan.first_item.begin() - 1;
       const PhaseSet& set = sets[si];
-      const int64_t MR = set.gt.mr, T = set.taps, rows = ceil_div(set.out_rows, MR) * MR, q = i - first_item[si];
+      const int64_t MR = set.gt.mr, T = set.taps, rows = ceil_div(set.out_rows, MR) * MR, q = i - plan.first_item[si];
       const bool by_channels = Cxg % MR == 0;
       const int64_t panels = by_channels ? static_cast<int64_t>(set.members.size()) : 1;
       for (int64_t cy = 0; cy < Cyg; ++cy) {
         const int64_t bi = cy / set.block, depth = std::min(set.block, Cyg - bi * set.block) * T;
         const scalar_t* src = w + (g * Cyg + cy) * Cxg * K;
-        acc_t* base = set.a + (g * set.blocks + bi) * set.a_size + (cy - bi * set.block) * T * MR;
+        acc_t* base = a_all + set.a_offset + (g * set.blocks + bi) * set.a_size + (cy - bi * set.block) * T * MR;
         if (by_channels && cy + kPackAhead < Cyg) {
           // The item's weights of input channel cy + kPackAhead (MR x K, contiguous): too far apart for the
           // hardware prefetcher, so each channel's lines would arrive one cache miss at a time.
@@ -362,7 +432,7 @@ void conv_transpose_kernel(const ConvParams& p, const scalar_t* y, const Strides
           const int64_t r0 = by_channels ? j * Cxg + q * MR : q * MR;
           acc_t* dst = base + r0 * depth;
           for (int64_t t = 0; t < T; ++t, dst += MR) {
-            const int64_t* at = source[si].data() + t * rows + r0;
+            const int64_t* at = plan.source[si].data() + t * rows + r0;
             for (int64_t l = 0; l < MR; ++l) {
               const acc_t v = at[l] < 0 ? acc_t(0) : static_cast<acc_t>(src[at[l]]);
               dst[l] = v;
@@ -377,19 +447,14 @@ void conv_transpose_kernel(const ConvParams& p, const scalar_t* y, const Strides
   // Non-finite weights: the GEMM's padding (frame points, zero rows) would turn 0 * inf into NaN in outputs
   // that the reference leaves finite, so the direct kernel, which multiplies only real contributions, takes over.
   if (!finite) return conv_transpose_direct(p, phases, y, sy, w, ba, x, sx);
-  // Tiles at the same relative place in every team run one after another: the phases interleave in the output,
-  // so a region is finished while its lines are cached.
-  const auto extent = [&](const Job& job) { return sets[teams[job.team].sets[0]].positions; };
-  std::stable_sort(jobs.begin(), jobs.end(),
-                   [&](const Job& u, const Job& v) { return u.m0 * extent(v) < v.m0 * extent(u); });
   const int64_t J = static_cast<int64_t>(jobs.size());
 
-  at::parallel_for(0, p.batch * G * J, grain(flops / std::max<int64_t>(1, J)), [&](int64_t begin, int64_t end) {
-    acc_t* col = scratch<acc_t, 0>(cpu::packed_size(max_tile, max_rows, sets[0].gt.nr));
-    acc_t* out = scratch<acc_t, 1>(max_out * max_tile);
+  at::parallel_for(0, p.batch * G * J, grain(plan.flops / std::max<int64_t>(1, J)), [&](int64_t begin, int64_t end) {
+    acc_t* col = scratch<acc_t, 0>(cpu::packed_size(plan.max_tile, plan.max_rows, sets[0].gt.nr));
+    acc_t* out = scratch<acc_t, 1>(plan.max_out * plan.max_tile);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t n = item / (G * J), g = item / J % G;
-      const Job& job = jobs[item % J];
+      const TransposeJob& job = jobs[item % J];
       const Team& team = teams[job.team];
       const int64_t cnt = job.m1 - job.m0;
       const scalar_t* y_g = y + n * sy.n + g * Cyg * sy.c;
@@ -399,7 +464,7 @@ void conv_transpose_kernel(const ConvParams& p, const scalar_t* y, const Strides
         const Phase& first = phases[set.members[0]];
         for (int64_t bi = 0; bi < set.blocks; ++bi) {
           const int64_t channels = std::min(set.block, Cyg - bi * set.block), depth = channels * set.taps;
-          const acc_t* a = set.a + (g * set.blocks + bi) * set.a_size;
+          const acc_t* a = a_all + set.a_offset + (g * set.blocks + bi) * set.a_size;
           if (set.framed) {
             frame_gemm(set.frame, y_g + bi * set.block * sy.c, channels, p.small, sy, job.m0, cnt, set.gt,
                        set.out_rows, a, bi > 0, result, cnt, col);
