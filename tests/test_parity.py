@@ -236,6 +236,32 @@ def test_layouts(nd, kind, layout, device):
     check_parity(ours, ref, (x2, w2, b2), _variants(kind)[variant].kwargs(kind, nd))
 
 
+# Transposed layers whose phases gather their windows of the input together (one frame pad for all) where that
+# is exact, and geometries where a shared pad would read wrong points past a frame row's end (must not share).
+SHARED_WINDOWS = [
+    # (input shape, weight shape, stride, padding, output_padding, dilation, groups)
+    ((2, 8, 6, 5, 7), (8, 8, 4, 4, 4), 2, 1, 0, 1, 1),         # k4 s2 p1 3d: eight phases, one pad
+    ((2, 16, 9, 11), (16, 12, 4, 4), 2, 1, 0, 1, 1),           # 2d, odd sizes
+    ((2, 16, 9, 11), (16, 12, 4, 4), 2, 1, 1, 1, 1),           # output_padding: phase grids differ
+    ((1, 8, 7, 13), (8, 8, 6, 6), 3, 2, 1, 1, 1),              # k6 s3
+    ((2, 8, 4, 1, 9), (8, 8, 5, 2, 5), (3, 3, 4), (0, 0, 5), (0, 1, 1), (1, 3, 3), 1),
+    ((2, 16, 12, 11), (16, 1, 3, 3), (1, 4), (3, 2), (1, 0), (3, 3), 1),
+    ((1, 4, 1, 11), (4, 8, 4, 4), (4, 1), (5, 0), (3, 0), (3, 1), 1),
+    ((2, 16, 16, 7), (16, 1, 5, 3), (3, 4), (0, 2), (0, 1), (1, 3), 2),
+]
+
+
+@pytest.mark.parametrize("case", SHARED_WINDOWS, ids=[f"case{i}" for i in range(len(SHARED_WINDOWS))])
+def test_phases_sharing_windows(case):
+    in_shape, w_shape, stride, padding, output_padding, dilation, groups = case
+    nd = len(in_shape) - 2
+    torch.manual_seed(3)
+    y, w = torch.randn(in_shape, dtype=torch.float64), torch.randn(w_shape, dtype=torch.float64)
+    b = torch.randn(w_shape[1] * groups, dtype=torch.float64)
+    kwargs = dict(stride=stride, padding=padding, output_padding=output_padding, groups=groups, dilation=dilation)
+    check_parity(ours_ct(nd), torch_ct(nd), (y, w, b), kwargs)
+
+
 def test_plans_reused_across_calls():
     """The CPU conv_transpose keeps the plans of each thread's recent geometries (a few dozen). Calls with the same
     shapes in turn in two layouts and two dtypes (different plans), cycling through more geometries than it keeps,

@@ -286,7 +286,10 @@ struct Frame {
   int64_t window(int64_t count, int64_t nr) const { return (count + nr - 1) / nr * nr + span; }
 };
 
-inline Frame make_frame(const std::vector<Tap>& taps, const int64_t* step, const int64_t* grid) {
+// The frame of `taps` over `grid`. A given `pad` (>= the taps' own) and `ext` replace the ones computed: frames
+// of several tap sets laid over the same source plane (transposed layers' phases: shared_frame in conv_cpu.cpp).
+inline Frame make_frame(const std::vector<Tap>& taps, const int64_t* step, const int64_t* grid,
+                        const int64_t* pad = nullptr, const int64_t* ext = nullptr) {
   Frame fr;
   int64_t lo[kMaxDims], hi[kMaxDims];
   for (int d = 0; d < kMaxDims; ++d) {
@@ -295,8 +298,8 @@ inline Frame make_frame(const std::vector<Tap>& taps, const int64_t* step, const
       const int64_t q = floor_div(t.offset[d], step[d]);
       lo[d] = std::min(lo[d], q), hi[d] = std::max(hi[d], q);
     }
-    fr.pad[d] = std::max<int64_t>(0, -lo[d]);
-    fr.ext[d] = grid[d] + std::max<int64_t>(0, hi[d] + fr.pad[d]);
+    fr.pad[d] = pad ? pad[d] : std::max<int64_t>(0, -lo[d]);
+    fr.ext[d] = ext ? ext[d] : grid[d] + std::max<int64_t>(0, hi[d] + fr.pad[d]);
     fr.step[d] = step[d];
   }
   const int64_t last[kMaxDims] = {grid[0] - 1, grid[1] - 1, grid[2] - 1};
@@ -468,13 +471,10 @@ bool use_split(const Frame& fr, int64_t M, const int64_t* extent, const Strides&
 // [0, channels) of `src`, or of the whole-frame copy `split` where one is given. Column row (c, t) is a run of a
 // window, so the GEMM reads B straight from the windows (gemm_rows) for every panel whose runs lie inside them;
 // the rest (a panel reading past the end of a source that is its own frame) is packed with zeros.
-template <typename scalar_t, typename acc_t>
-void frame_gemm(const Frame& fr, const scalar_t* src, int64_t channels, const int64_t* extent, const Strides& st,
-                int64_t f0, int64_t count, GemmTile gt, int64_t rows, const acc_t* a_packed, bool accumulate,
-                acc_t* c, int64_t ldc, acc_t* col, const acc_t* split = nullptr) {
-  const Windows<acc_t> w =
-      split ? split_windows(fr, split, f0)
-            : frame_windows<scalar_t, acc_t>(fr, src, channels, extent, st, f0 + fr.min_off, fr.window(count, gt.nr));
+// frame_gemm_windows is the GEMM part, from windows `w` that start at frame position f0 + fr.min_off.
+template <typename acc_t>
+void frame_gemm_windows(const Frame& fr, const Windows<acc_t>& w, int64_t channels, int64_t count, GemmTile gt,
+                        int64_t rows, const acc_t* a_packed, bool accumulate, acc_t* c, int64_t ldc, acc_t* col) {
   const int64_t T = static_cast<int64_t>(fr.tap_off.size()), depth = channels * T;
   // panels [0, direct) are read in place: their runs end by window element direct + span <= limit
   const int64_t whole = (count + gt.nr - 1) / gt.nr * gt.nr;
@@ -493,6 +493,16 @@ void frame_gemm(const Frame& fr, const scalar_t* src, int64_t channels, const in
                        count - direct, gt.nr, col);
     gemm_packed<acc_t>(gt, rows, count - direct, depth, a_packed, col, accumulate, c + direct, ldc);
   }
+}
+
+template <typename scalar_t, typename acc_t>
+void frame_gemm(const Frame& fr, const scalar_t* src, int64_t channels, const int64_t* extent, const Strides& st,
+                int64_t f0, int64_t count, GemmTile gt, int64_t rows, const acc_t* a_packed, bool accumulate,
+                acc_t* c, int64_t ldc, acc_t* col, const acc_t* split = nullptr) {
+  const Windows<acc_t> w =
+      split ? split_windows(fr, split, f0)
+            : frame_windows<scalar_t, acc_t>(fr, src, channels, extent, st, f0 + fr.min_off, fr.window(count, gt.nr));
+  frame_gemm_windows(fr, w, channels, count, gt, rows, a_packed, accumulate, c, ldc, col);
 }
 
 // store_rows for `ways` row blocks whose points interleave along the innermost dim: block w holds the points at

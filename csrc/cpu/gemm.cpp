@@ -404,9 +404,9 @@ void gemm_driver(GemmTile tile, int64_t M, int64_t N, int64_t K, const T* a_pack
           bp = panel;
           rp = nullptr;
         }
-        for (int64_t ir = ic; ir < ic + mc; ir += MR) {
+        const T* ap = a_packed + ic / MR * a_stride + pc * MR;
+        for (int64_t ir = ic; ir < ic + mc; ir += MR, ap += a_stride) {
           const int64_t mr = std::min(MR, M - ir);
-          const T* ap = a_packed + ir / MR * a_stride + pc * MR;
           T* c = C + ir * ldc + jr;
           if (mr == MR && nr == NR) {
             fn(kc, ap, bp, rp, c, ldc, acc);
