@@ -287,7 +287,7 @@ struct Frame {
 };
 
 // The frame of `taps` over `grid`. A given `pad` (>= the taps' own) and `ext` replace the ones computed: frames
-// of several tap sets laid over the same source plane (transposed layers' phases: shared_frame in conv_cpu.cpp).
+// of several tap sets laid over the same source plane (transposed layers' phases: share_windows in conv_cpu.cpp).
 inline Frame make_frame(const std::vector<Tap>& taps, const int64_t* step, const int64_t* grid,
                         const int64_t* pad = nullptr, const int64_t* ext = nullptr) {
   Frame fr;

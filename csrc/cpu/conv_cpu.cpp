@@ -444,6 +444,9 @@ void conv_transpose_kernel(const ConvParams& p, const scalar_t* y, const Strides
   const std::vector<TransposeJob>& jobs = plan.jobs;
   std::unique_ptr<acc_t[]> a_fresh;
   acc_t* const a_all = held_buffer<acc_t, kWeightSlot>(plan.a_total, a_fresh);
+  const auto operand = [&](const PhaseSet& set, int64_t g, int64_t bi) {  // the packed A of (group, depth block)
+    return a_all + set.a_offset + (g * set.blocks + bi) * set.a_size;
+  };
 
   // Pack A for every set in parallel, megabytes of weights for wide layers. A work item is a panel, or, where MR
   // divides Cxg, the members' panels over the same MR output channels (which read the same weights); it walks the
@@ -464,7 +467,7 @@ void conv_transpose_kernel(const ConvParams& p, const scalar_t* y, const Strides
       for (int64_t cy = 0; cy < Cyg; ++cy) {
         const int64_t bi = cy / set.block, depth = std::min(set.block, Cyg - bi * set.block) * T;
         const scalar_t* src = w + (g * Cyg + cy) * Cxg * K;
-        acc_t* base = a_all + set.a_offset + (g * set.blocks + bi) * set.a_size + (cy - bi * set.block) * T * MR;
+        acc_t* base = operand(set, g, bi) + (cy - bi * set.block) * T * MR;
         if (by_channels && cy + kPackAhead < Cyg) {
           // The item's weights of input channel cy + kPackAhead (MR x K, contiguous): too far apart for the
           // hardware prefetcher, so each channel's lines would arrive one cache miss at a time.
@@ -514,8 +517,8 @@ void conv_transpose_kernel(const ConvParams& p, const scalar_t* y, const Strides
             const PhaseSet& set = sets[si];
             const int64_t shift = set.frame.min_off - team.win_lo;
             const Windows<acc_t> view{win.data + shift, win.channel_stride, win.plane_stride, win.limit - shift};
-            frame_gemm_windows(set.frame, view, channels, cnt, set.gt, set.out_rows,
-                               a_all + set.a_offset + (g * set.blocks + bi) * set.a_size, bi > 0, result, cnt, col);
+            frame_gemm_windows(set.frame, view, channels, cnt, set.gt, set.out_rows, operand(set, g, bi), bi > 0,
+                               result, cnt, col);
             result += set.out_rows * cnt;
           }
         }
@@ -526,7 +529,7 @@ void conv_transpose_kernel(const ConvParams& p, const scalar_t* y, const Strides
           const Phase& first = phases[set.members[0]];
           for (int64_t bi = 0; bi < set.blocks; ++bi) {
             const int64_t channels = std::min(set.block, Cyg - bi * set.block), depth = channels * set.taps;
-            const acc_t* a = a_all + set.a_offset + (g * set.blocks + bi) * set.a_size;
+            const acc_t* a = operand(set, g, bi);
             if (set.framed) {
               frame_gemm(set.frame, y_g + bi * set.block * sy.c, channels, p.small, sy, job.m0, cnt, set.gt,
                          set.out_rows, a, bi > 0, result, cnt, col);
