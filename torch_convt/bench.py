@@ -477,11 +477,17 @@ def main(argv=None) -> int:
     budget_s = args.budget_s or (4.0 if args.quick else 20.0)
     modes = ["fwd", "train"] if args.mode == "both" else [args.mode]
 
+    if device.type == "cuda":
+        # torch_convt computes float32 in float32; torch.nn's cuDNN and matmul default to TF32 (10-bit mantissa),
+        # which would fail the correctness check (~3e-4 relative) and time a less precise computation.
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
     dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_model()
     print(f"machine: {dev_name} | {platform.system()} {platform.machine()} | "
           f"torch threads {torch.get_num_threads()} (os cpus {os.cpu_count()})")
     print(f"torch {torch.__version__} | torch_convt {getattr(tc, '__version__', '?')} | "
-          f"device {device} | {samples} samples x >= {target_s * 1e3:.0f} ms, ABBA interleaved")
+          f"device {device} | {samples} samples x >= {target_s * 1e3:.0f} ms, ABBA interleaved"
+          + (" | TF32 off (float32 is float32 on both sides)" if device.type == "cuda" else ""))
     load = CpuLoad()
     time.sleep(1.0)
     busy = load.others()
