@@ -262,6 +262,28 @@ def test_phases_sharing_windows(case):
     check_parity(ours_ct(nd), torch_ct(nd), (y, w, b), kwargs)
 
 
+WIDE_TILES = [
+    # (input shape, weight shape, stride, padding, dilation): convolutions whose packed weights (output channels x
+    # input channels x taps) outgrow L2, so the CPU conv takes position tiles several times its column tile, and
+    # whose rows pad by under 5% to the taller register blocking (80 and 256 rows: 12-row panels)
+    ((4, 128, 20, 20), (80, 128, 4, 4), 2, 1, 1),     # stride 2: phase-split frame
+    ((4, 64, 20, 20), (256, 64, 3, 3), 1, 0, 1),      # the input is its own frame (read in place)
+    ((2, 16, 2000), (160, 16, 64), 1, 0, 8),          # a long dilated 1d kernel: wide windows
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+@pytest.mark.parametrize("case", WIDE_TILES, ids=[f"case{i}" for i in range(len(WIDE_TILES))])
+def test_conv_wide_tiles(case, dtype):
+    in_shape, w_shape, stride, padding, dilation = case
+    nd = len(in_shape) - 2
+    torch.manual_seed(4)
+    x, w = torch.randn(in_shape, dtype=dtype), torch.randn(w_shape, dtype=dtype)
+    b = torch.randn(w_shape[0], dtype=dtype)
+    ours, ref = fn_pair("conv", nd)
+    check_parity(ours, ref, (x, w, b), dict(stride=stride, padding=padding, dilation=dilation))
+
+
 def test_plans_reused_across_calls():
     """The CPU conv_transpose keeps the plans of each thread's recent geometries (a few dozen). Calls with the same
     shapes in turn in two layouts and two dtypes (different plans), cycling through more geometries than it keeps,

@@ -472,9 +472,12 @@ bool use_split(const Frame& fr, int64_t M, const int64_t* extent, const Strides&
 // window, so the GEMM reads B straight from the windows (gemm_rows) for every panel whose runs lie inside them;
 // the rest (a panel reading past the end of a source that is its own frame) is packed with zeros.
 // frame_gemm_windows is the GEMM part, from windows `w` that start at frame position f0 + fr.min_off.
+// `col` holds the packed columns of at most `col_cols` positions: panels that cannot be read in place are packed
+// and multiplied that many at a time.
 template <typename acc_t>
 void frame_gemm_windows(const Frame& fr, const Windows<acc_t>& w, int64_t channels, int64_t count, GemmTile gt,
-                        int64_t rows, const acc_t* a_packed, bool accumulate, acc_t* c, int64_t ldc, acc_t* col) {
+                        int64_t rows, const acc_t* a_packed, bool accumulate, acc_t* c, int64_t ldc, acc_t* col,
+                        int64_t col_cols) {
   const int64_t T = static_cast<int64_t>(fr.tap_off.size()), depth = channels * T;
   // panels [0, direct) are read in place: their runs end by window element direct + span <= limit
   const int64_t whole = (count + gt.nr - 1) / gt.nr * gt.nr;
@@ -488,21 +491,22 @@ void frame_gemm_windows(const Frame& fr, const Windows<acc_t>& w, int64_t channe
             w.data + ch * w.channel_stride + fr.tap_plane[t] * w.plane_stride + fr.tap_off[t] - fr.min_off;
     gemm_rows<acc_t>(gt, rows, direct, depth, a_packed, b_rows.data(), accumulate, c, ldc);
   }
-  if (direct < count) {
-    pack_frame_columns(fr, w.data + direct, w.channel_stride, w.plane_stride, w.limit - direct, channels,
-                       count - direct, gt.nr, col);
-    gemm_packed<acc_t>(gt, rows, count - direct, depth, a_packed, col, accumulate, c + direct, ldc);
+  const int64_t chunk = std::max(gt.nr, col_cols / gt.nr * gt.nr);
+  for (int64_t j0 = direct; j0 < count; j0 += chunk) {
+    const int64_t n = std::min(chunk, count - j0);
+    pack_frame_columns(fr, w.data + j0, w.channel_stride, w.plane_stride, w.limit - j0, channels, n, gt.nr, col);
+    gemm_packed<acc_t>(gt, rows, n, depth, a_packed, col, accumulate, c + j0, ldc);
   }
 }
 
 template <typename scalar_t, typename acc_t>
 void frame_gemm(const Frame& fr, const scalar_t* src, int64_t channels, const int64_t* extent, const Strides& st,
                 int64_t f0, int64_t count, GemmTile gt, int64_t rows, const acc_t* a_packed, bool accumulate,
-                acc_t* c, int64_t ldc, acc_t* col, const acc_t* split = nullptr) {
+                acc_t* c, int64_t ldc, acc_t* col, int64_t col_cols, const acc_t* split = nullptr) {
   const Windows<acc_t> w =
       split ? split_windows(fr, split, f0)
             : frame_windows<scalar_t, acc_t>(fr, src, channels, extent, st, f0 + fr.min_off, fr.window(count, gt.nr));
-  frame_gemm_windows(fr, w, channels, count, gt, rows, a_packed, accumulate, c, ldc, col);
+  frame_gemm_windows(fr, w, channels, count, gt, rows, a_packed, accumulate, c, ldc, col, col_cols);
 }
 
 // store_rows for `ways` row blocks whose points interleave along the innermost dim: block w holds the points at

@@ -342,10 +342,10 @@ const MicroKernel<T>& kernel() {
 }  // namespace
 
 template <typename T>
-GemmTile gemm_tile(int64_t M) {
+GemmTile gemm_tile(int64_t M, double tall_slack) {
   const MicroKernel<T>& mk = kernel<T>();
   const auto padded = [M](int64_t mr) { return (M + mr - 1) / mr * mr; };
-  return {padded(mk.small_mr) < padded(mk.mr) ? mk.small_mr : mk.mr, mk.nr};
+  return {double(padded(mk.mr)) <= double(padded(mk.small_mr)) * (1.0 + tall_slack) ? mk.mr : mk.small_mr, mk.nr};
 }
 
 template <typename T>
@@ -558,7 +558,7 @@ double fma_peak_gflops(double seconds) {
 }
 
 #define TORCH_CONVT_INSTANTIATE_GEMM(T)                                                                  \
-  template GemmTile gemm_tile<T>(int64_t);                                                               \
+  template GemmTile gemm_tile<T>(int64_t, double);                                                               \
   template GemmTile gemm_tile_deep<T>(int64_t);                                                          \
   template void gemm_packed<T>(GemmTile, int64_t, int64_t, int64_t, const T*, const T*, bool, T*, int64_t,      \
                                int64_t);                                                                 \

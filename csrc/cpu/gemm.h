@@ -27,8 +27,10 @@ struct GemmTile {
   int64_t kc = 0;
 };
 
+// The blocking for an M-row operand: the register blocking (of the two) that pads M to fewer rows. With
+// `tall_slack` > 0 the taller one is taken while it pads to at most that fraction more rows than the shorter.
 template <typename T>
-GemmTile gemm_tile(int64_t M);
+GemmTile gemm_tile(int64_t M, double tall_slack = 0.0);
 
 // The blocking for K blocks `kc` deep (GemmTile::kc > 0): the taller register blocking whatever M, since B's block
 // then comes from L2 and the taller kernel loads each B vector for more FMAs.
