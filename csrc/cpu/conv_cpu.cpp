@@ -51,7 +51,7 @@ void conv_kernel(const ConvParams& p, const scalar_t* x, const Strides& sx, cons
   const int64_t G = p.groups, Cxg = p.big_group(), Cyg = p.small_group();
   if (Cxg == 1 && Cyg == 1) return conv_depthwise(p, x, sx, w, bias, y, sy);
   const int64_t T = p.kernel_numel(), KK = Cxg * T;
-  // (The taller register blocking where it pads the rows by at most 5%: x0.92 time on the DCGAN and HiFi-GAN
+  // (The taller register blocking where it pads the rows by at most 5%: x0.92-0.95 time on the DCGAN and HiFi-GAN
   // backward convolutions, 256 and 512 rows. conv_transpose keeps the default: x1.07 on HiFi-GAN's forward.)
   const cpu::GemmTile gt = cpu::gemm_tile<acc_t>(Cyg, 0.05);
   // The depth (input channels x taps) runs in blocks of whole input channels, so that even a narrowest column
@@ -90,7 +90,7 @@ void conv_kernel(const ConvParams& p, const scalar_t* x, const Strides& sx, cons
   // panels at a frame's end, so where A (Cyg x depth) is too large to stay in L2 from one tile to the next, it
   // takes wider tiles, each of which streams A once: up to 8 column tiles while the block of C (Cyg x tile) stays
   // within kColumnBytes and gathered windows within kWindowBytes, and while there are 2 tasks per thread.
-  // Measured: x0.93-0.95 time on the DCGAN and HiFi-GAN backward convolutions (A of 2 and 8 MiB); where A is
+  // Measured: x0.95-0.96 time on the DCGAN and HiFi-GAN backward convolutions (A of 2 and 8 MiB); where A is
   // small (3d U-Net k=2: 64 KiB) wider tiles only push the windows out of L2 (x1.18).
   const int64_t col_tile = tile;
   if (framed && Cyg * depth * int64_t(sizeof(acc_t)) > kColumnBytes) {
