@@ -1,7 +1,8 @@
 """A short CUDA workout of the three torch_convt ops for compute-sanitizer (memcheck, racecheck, initcheck,
 synccheck): 1d/2d/3d, strides, padding, output_padding, dilation, groups, odd sizes, non-contiguous inputs,
-float64/float32/half/bfloat16 and both index widths' launch paths. Each result is compared with torch, so the
-script also fails on wrong numbers. Usage: compute-sanitizer --tool memcheck python tools/cuda_smoke.py
+float64/float32/half/bfloat16, forward and all three gradients (the 32-bit index path; tensors past 2^31 elements
+are tests/test_cuda.py's slow tests). Each result is compared with torch, so the script also fails on wrong
+numbers. Usage: compute-sanitizer --tool memcheck python tools/cuda_smoke.py
 """
 import os
 import sys

@@ -31,8 +31,8 @@ if [[ " $steps " == *" build "* ]]; then
   fi
 fi
 if [[ " $steps " == *" tests "* ]]; then
-  run tests "${TESTS_LIMIT:-300}" "$PY" -m pytest tests -m "cuda and not slow" -q --maxfail="${MAXFAIL:-100}" -p no:cacheprovider \
-    -n "${WORKERS:-8}" --timeout 240
+  run tests "${TESTS_LIMIT:-300}" "$PY" -m pytest tests -m "cuda and not slow" -q --maxfail="${MAXFAIL:-100}" \
+    -p no:cacheprovider -n "${WORKERS:-8}" --timeout 240
 fi
 if [[ " $steps " == *" slow "* ]]; then
   run slow "${SLOW_LIMIT:-400}" "$PY" -m pytest tests -m "cuda and slow" -q -p no:cacheprovider --timeout 380

@@ -558,7 +558,7 @@ double fma_peak_gflops(double seconds) {
 }
 
 #define TORCH_CONVT_INSTANTIATE_GEMM(T)                                                                  \
-  template GemmTile gemm_tile<T>(int64_t, double);                                                               \
+  template GemmTile gemm_tile<T>(int64_t, double);                                                       \
   template GemmTile gemm_tile_deep<T>(int64_t);                                                          \
   template void gemm_packed<T>(GemmTile, int64_t, int64_t, int64_t, const T*, const T*, bool, T*, int64_t,      \
                                int64_t);                                                                 \
