@@ -262,6 +262,37 @@ def test_phases_sharing_windows(case):
     check_parity(ours_ct(nd), torch_ct(nd), (y, w, b), kwargs)
 
 
+GRID_TILES = [
+    # (input shape, weight shape, stride, padding, dilation, channels_last): transposed layers whose every phase
+    # set reads a frame, so the CPU kernel tiles the grid points of the whole batch and reads its columns through a
+    # column map; each case takes one of its paths (checked with a temporary print when it was written; the
+    # in-place two-run panels are float32 only)
+    ((3, 32, 16, 16), (32, 64, 4, 4), 2, 1, 1, False),     # 64-row sets: panels of two lines assembled; a tile
+                                                           # spans two images
+    ((2, 8, 16, 16), (8, 16, 4, 4), 2, 1, 1, False),       # 16-row sets, lines of 16: two-run panels in place
+    ((2, 8, 6, 7, 9), (8, 8, 4, 4, 4), 2, 1, 1, False),    # 8-row sets, lines of 9: the frame's lines, whose
+                                                           # pad points are computed and dropped
+    ((3, 32, 50), (32, 16, 16), 8, 4, 1, False),           # 1d, 64 rows: ragged and image-crossing panels
+    ((3, 16, 5, 6, 7), (16, 16, 2, 2, 2), 2, 0, 1, False), # k == s: the input is the frame, read in place
+                                                           # across images
+    ((2, 8, 13, 11), (8, 12, 3, 3), 1, 2, 2, False),       # dilated, stride 1: wide pads
+    ((1, 4096, 24, 24), (4096, 1, 2, 2), 2, 0, 1, True),   # windows past the budget: frame tiles instead
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+@pytest.mark.parametrize("case", GRID_TILES, ids=[f"case{i}" for i in range(len(GRID_TILES))])
+def test_grid_tiles(case, dtype):
+    in_shape, w_shape, stride, padding, dilation, channels_last = case
+    nd = len(in_shape) - 2
+    torch.manual_seed(5)
+    y, w = torch.randn(in_shape, dtype=dtype), torch.randn(w_shape, dtype=dtype)
+    if channels_last:
+        y = y.contiguous(memory_format=torch.channels_last)
+    b = torch.randn(w_shape[1], dtype=dtype)
+    check_parity(ours_ct(nd), torch_ct(nd), (y, w, b), dict(stride=stride, padding=padding, dilation=dilation))
+
+
 WIDE_TILES = [
     # (input shape, weight shape, stride, padding, dilation): convolutions whose packed weights (output channels x
     # input channels x taps) outgrow L2, so the CPU conv takes position tiles several times its column tile, and

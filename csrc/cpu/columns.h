@@ -328,7 +328,8 @@ inline Frame make_frame(const std::vector<Tap>& taps, const int64_t* step, const
 // outside the source and past the frame), P = planes in use, i < len.
 template <typename scalar_t, typename acc_t>
 void gather_windows(const Frame& fr, const scalar_t* src, int64_t channels, const int64_t* extent,
-                    const Strides& st, int64_t w0, int64_t len, acc_t* win) {
+                    const Strides& st, int64_t w0, int64_t len, acc_t* win, int64_t ld = -1) {
+  if (ld < 0) ld = len;  // windows (c, plane) lie ld elements apart
   const int64_t P = static_cast<int64_t>(fr.planes.size()), total = fr.total();
   thread_local std::vector<Segment> rows;  // a frame row: zero [j0, a), copy [a, b), zero [b, j1); source line
   for (int64_t pi = 0; pi < P; ++pi) {
@@ -359,7 +360,7 @@ void gather_windows(const Frame& fr, const scalar_t* src, int64_t channels, cons
     }
     const int64_t inner = fr.step[2] * st.s[2];
     for (int64_t c = 0; c < channels; ++c) {
-      acc_t* out = win + (c * P + pi) * len;
+      acc_t* out = win + (c * P + pi) * ld;
       const scalar_t* in = src + c * st.c;
       for (const Segment& sg : rows) {
         for (int64_t j = sg.j0; j < sg.a; ++j) out[j] = acc_t(0);
@@ -467,6 +468,85 @@ bool use_split(const Frame& fr, int64_t M, const int64_t* extent, const Strides&
          split_size(fr, channels) * int64_t(sizeof(acc_t)) <= kSplitBytes;
 }
 
+// Calls fn(n, a, b, j) for each image n that the range [m0, m1) of points over the batch (n-major, images of
+// prod(layout) points) touches: its own points [a, b), the first of them at range index j.
+template <typename Fn>
+inline void for_each_image(const int64_t* layout, int64_t m0, int64_t m1, Fn&& fn) {
+  const int64_t M = layout[0] * layout[1] * layout[2];
+  for (int64_t m = m0; m < m1;) {
+    const int64_t n = m / M, a = m - n * M, b = std::min(M, a + (m1 - m));
+    fn(n, a, b, m - m0);
+    m += b - a;
+  }
+}
+
+// The frame position of point m of `layout` (row-major extents within the frame's: the grid's, or the grid's lines
+// of the frame; see grid_windows).
+inline int64_t frame_point(const Frame& fr, const int64_t* layout, int64_t m) {
+  int64_t u[kMaxDims];
+  unflatten3(m, layout, u);
+  return fr.flat(u);
+}
+
+// The window of an image's points [a, b) of `layout`: its first frame position (frame_point(a) + lo) and its
+// length, through `span` past the last point's.
+inline std::pair<int64_t, int64_t> grid_window(const Frame& fr, const int64_t* layout, int64_t a, int64_t b, int64_t lo,
+                                               int64_t span) {
+  const int64_t first = frame_point(fr, layout, a);
+  return {first + lo, frame_point(fr, layout, b - 1) - first + 1 + span};
+}
+
+// Grid tiles: a tile is a range [m0, m1) of the points of `layout` over the batch (n-major), where `layout` is the
+// grid, or (grid0, grid1, frame ext2): the frame's lines that hold grid points (their pad points are computed and
+// dropped). Unlike a frame tile, it skips the frame's points off those lines and may span images. Its columns are
+// read through a column map (gemm_rows): tap t of channel c reads point m0 + j at data + c*channel_stride +
+// plane_t*plane_stride + tap_off[t] - fr.min_off + cols[j], where data is frame position frame_point(a) +
+// fr.min_off of the tile's first point a. Returns those windows, and the map in `cols`: the windows of the images
+// follow one another (gathered, from frame position frame_point + lo through `span` past each image's last point;
+// lo <= fr.min_off and lo + span >= the taps' largest offset), or are the source itself where it is the frame
+// (images `n_stride` apart).
+template <typename scalar_t, typename acc_t>
+Windows<acc_t> grid_windows(const Frame& fr, const int64_t* layout, const scalar_t* src, int64_t n_stride,
+                            int64_t channels, const int64_t* extent, const Strides& st, int64_t m0, int64_t m1,
+                            int64_t lo, int64_t span, std::vector<int64_t>& cols) {
+  cols.resize(m1 - m0);
+  const auto map = [&](int64_t a, int64_t b, int64_t j, int64_t base) {
+    int64_t u[kMaxDims];
+    unflatten3(a, layout, u);
+    for (int64_t m = a; m < b; ++m, ++j) {
+      cols[j] = base + fr.flat(u);
+      if (++u[2] == layout[2]) {
+        u[2] = 0;
+        if (++u[1] == layout[1]) u[1] = 0, ++u[0];
+      }
+    }
+  };
+  const int64_t M = layout[0] * layout[1] * layout[2], n0 = m0 / M, start = frame_point(fr, layout, m0 - n0 * M);
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    if (source_is_frame(fr, extent, st)) {
+      for_each_image(layout, m0, m1, [&](int64_t n, int64_t a, int64_t b, int64_t j) {
+        map(a, b, j, (n - n0) * n_stride - start);
+      });
+      return {src + n0 * n_stride + start + fr.min_off, st.c, 0, 0};
+    }
+  }
+  const int64_t P = static_cast<int64_t>(fr.planes.size());
+  int64_t ld = 0;
+  for_each_image(layout, m0, m1, [&](int64_t, int64_t a, int64_t b, int64_t) {
+    ld += grid_window(fr, layout, a, b, lo, span).second;
+  });
+  acc_t* win = scratch<acc_t, kWindowSlot>(channels * P * ld);
+  int64_t base = 0;
+  for_each_image(layout, m0, m1, [&](int64_t n, int64_t a, int64_t b, int64_t j) {
+    const auto [w0, len] = grid_window(fr, layout, a, b, lo, span);
+    gather_windows(fr, src + n * n_stride, channels, extent, st, w0, len, win + base, ld);
+    // window element base + i is this image's frame position w0 + i, and data is element fr.min_off - lo
+    map(a, b, j, base - (w0 - lo));
+    base += len;
+  });
+  return {win + fr.min_off - lo, P * ld, ld, 0};
+}
+
 // C[rows x count] (+)= A . the columns of the tile [f0, f0 + count) of frame positions, from channels
 // [0, channels) of `src`, or of the whole-frame copy `split` where one is given. Column row (c, t) is a run of a
 // window, so the GEMM reads B straight from the windows (gemm_rows) for every panel whose runs lie inside them;
@@ -474,14 +554,18 @@ bool use_split(const Frame& fr, int64_t M, const int64_t* extent, const Strides&
 // frame_gemm_windows is the GEMM part, from windows `w` that start at frame position f0 + fr.min_off.
 // `col` holds the packed columns of at most `col_cols` positions: panels that cannot be read in place are packed
 // and multiplied that many at a time.
+// With a column map `cols` (grid_windows), column j reads the windows at cols[j] instead of j, and every column
+// through it (no window limit applies: the map reads only points of the grid).
 template <typename acc_t>
 void frame_gemm_windows(const Frame& fr, const Windows<acc_t>& w, int64_t channels, int64_t count, GemmTile gt,
                         int64_t rows, const acc_t* a_packed, bool accumulate, acc_t* c, int64_t ldc, acc_t* col,
-                        int64_t col_cols) {
+                        int64_t col_cols, const int64_t* cols = nullptr) {
   const int64_t T = static_cast<int64_t>(fr.tap_off.size()), depth = channels * T;
   // panels [0, direct) are read in place: their runs end by window element direct + span <= limit
   const int64_t whole = (count + gt.nr - 1) / gt.nr * gt.nr;
-  const int64_t direct = whole + fr.span <= w.limit ? count : std::max<int64_t>(0, (w.limit - fr.span) / gt.nr * gt.nr);
+  const int64_t direct = cols || whole + fr.span <= w.limit
+                             ? count
+                             : std::max<int64_t>(0, (w.limit - fr.span) / gt.nr * gt.nr);
   if (direct > 0) {
     thread_local std::vector<const acc_t*> b_rows;
     b_rows.resize(depth);
@@ -489,7 +573,7 @@ void frame_gemm_windows(const Frame& fr, const Windows<acc_t>& w, int64_t channe
       for (int64_t t = 0; t < T; ++t)
         b_rows[ch * T + t] =
             w.data + ch * w.channel_stride + fr.tap_plane[t] * w.plane_stride + fr.tap_off[t] - fr.min_off;
-    gemm_rows<acc_t>(gt, rows, direct, depth, a_packed, b_rows.data(), accumulate, c, ldc);
+    gemm_rows<acc_t>(gt, rows, direct, depth, a_packed, b_rows.data(), accumulate, c, ldc, cols);
   }
   const int64_t chunk = std::max(gt.nr, col_cols / gt.nr * gt.nr);
   for (int64_t j0 = direct; j0 < count; j0 += chunk) {

@@ -40,13 +40,22 @@ template <typename T>
 using MicroFn = void (*)(int64_t kc, const T* a, const T* b, const T* const* rows, T* c, int64_t ldc,
                          bool accumulate);
 
+// A B panel read in place from two runs (gemm_rows with a column map: a panel that crosses from one line of a
+// grid to the next at its middle): columns [0, NR/2) from rows[k] + at0 on, [NR/2, NR) from rows[k] + at1 on.
+template <typename T>
+using HalvesFn = void (*)(int64_t kc, const T* a, const T* const* rows, int64_t at0, int64_t at1, T* c, int64_t ldc,
+                          bool accumulate);
+
 // Two register blockings per ISA, same NR: `mr` rows for tall operands and `small_mr` rows for operands whose
 // row count pads badly to `mr` (16 or 32 output channels: 8-row panels waste nothing, 12-row ones a third).
+// halves_fn / small_halves_fn: the same for panels of two runs (AVX-512 only; elsewhere null: such panels are
+// assembled first).
 template <typename T>
 struct MicroKernel {
   int64_t mr, small_mr, nr;
   MicroFn<T> fn, small_fn;
   const char* isa;
+  HalvesFn<T> halves_fn = nullptr, small_halves_fn = nullptr;
 };
 
 // ---- portable micro-kernel (any type; the compiler vectorises the j loop) -----------------------------------
@@ -92,6 +101,35 @@ __attribute__((target("avx512f,fma"))) void micro_avx512(int64_t kc, const float
     for (int64_t k = 0; k < kc; ++k, a += MR, b += 32) TORCH_CONVT_AVX512_STEP(b)  // b advances by NR = 32
   }
 #undef TORCH_CONVT_AVX512_STEP
+#pragma GCC unroll 12
+  for (int i = 0; i < MR; ++i) {
+    float* ci = c + i * ldc;
+    if (accumulate) {
+      c0[i] = _mm512_add_ps(c0[i], _mm512_loadu_ps(ci));
+      c1[i] = _mm512_add_ps(c1[i], _mm512_loadu_ps(ci + 16));
+    }
+    _mm512_storeu_ps(ci, c0[i]);
+    _mm512_storeu_ps(ci + 16, c1[i]);
+  }
+}
+
+// The same for a panel of two runs (HalvesFn): each half of the panel is one load.
+template <int MR>
+__attribute__((target("avx512f,fma"))) void micro_avx512_halves(int64_t kc, const float* a, const float* const* rows,
+                                                                int64_t at0, int64_t at1, float* c, int64_t ldc,
+                                                                bool accumulate) {
+  __m512 c0[MR], c1[MR];
+#pragma GCC unroll 12
+  for (int i = 0; i < MR; ++i) c0[i] = c1[i] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < kc; ++k, a += MR) {
+    const __m512 b0 = _mm512_loadu_ps(rows[k] + at0), b1 = _mm512_loadu_ps(rows[k] + at1);
+#pragma GCC unroll 12
+    for (int i = 0; i < MR; ++i) {
+      const __m512 ai = _mm512_set1_ps(a[i]);
+      c0[i] = _mm512_fmadd_ps(ai, b0, c0[i]);
+      c1[i] = _mm512_fmadd_ps(ai, b1, c1[i]);
+    }
+  }
 #pragma GCC unroll 12
   for (int i = 0; i < MR; ++i) {
     float* ci = c + i * ldc;
@@ -214,6 +252,7 @@ __attribute__((target("avx512f,fma"))) void dot_block_avx512(int64_t K, const fl
 #if TORCH_CONVT_X86
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wuninitialized"  // (as above: the intrinsic headers' placeholders)
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 // ---- transposing pack: 16 rows x 16 k at a time through registers -----------------------------------------------
 __attribute__((target("avx512f"))) void pack_rows_avx512(const float* src, int64_t row_stride, int64_t rows,
                                                           int64_t depth, int64_t width, float* dst) {
@@ -326,7 +365,8 @@ MicroKernel<float> select_kernel<float>() {
 #if TORCH_CONVT_X86
   __builtin_cpu_init();
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("fma")) 
-    return {12, 8, 32, &micro_avx512<12>, &micro_avx512<8>, "avx512"};
+    return {12, 8, 32, &micro_avx512<12>, &micro_avx512<8>, "avx512", &micro_avx512_halves<12>,
+            &micro_avx512_halves<8>};
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) 
     return {6, 4, 16, &micro_avx2<6>, &micro_avx2<4>, "avx2"};
 #endif
@@ -355,10 +395,75 @@ GemmTile gemm_tile_deep(int64_t kc) {
 }
 
 namespace {
-// The shared driver: B packed (b_packed) or given by rows (b_rows, row k of panel jr at b_rows[k] + jr).
+// How gemm_rows reads a panel of a column map (cols[jr, jr + NR)): as one run from the rows at `at0` (like a panel
+// without a map), as two runs (`at0` for the first half, `at1` for the second, each one run), or assembled.
+struct MappedPanel {
+  enum Kind { kRun, kHalves, kAssembled } kind;
+  int64_t at0, at1;
+};
+
+inline MappedPanel map_panel(const int64_t* cols, int64_t nr, int64_t NR) {
+  const auto run = [&](int64_t j0, int64_t j1) {
+    for (int64_t j = j0 + 1; j < j1; ++j)
+      if (cols[j] != cols[j0] + (j - j0)) return false;
+    return true;
+  };
+  if (nr == NR && run(0, NR)) return {MappedPanel::kRun, cols[0], 0};
+  if (nr == NR && run(0, NR / 2) && run(NR / 2, NR)) return {MappedPanel::kHalves, cols[0], cols[NR / 2]};
+  return {MappedPanel::kAssembled, 0, 0};
+}
+
+// panel[k][j] = rows[k][cols[j]] for j < nr, 0 for nr <= j < NR: a mapped panel copied (aligned) for the micro-kernel.
+template <typename T>
+void assemble_panel(const T* const* rows, int64_t kc, const int64_t* cols, int64_t nr, int64_t NR, T* panel) {
+  for (int64_t k = 0; k < kc; ++k, panel += NR) {
+    const T* row = rows[k];
+    for (int64_t j = 0; j < nr; ++j) panel[j] = row[cols[j]];
+    for (int64_t j = nr; j < NR; ++j) panel[j] = T(0);
+  }
+}
+
+#if TORCH_CONVT_X86
+// The same for NR = 32 floats: the runs of each 16-lane half (at most 16) are masked loads, merged in a register.
+__attribute__((target("avx512f"))) void assemble_panel_avx512(const float* const* rows, int64_t kc,
+                                                               const int64_t* cols, int64_t nr, float* panel) {
+  __mmask16 mask[2][16];
+  int64_t shift[2][16], count[2] = {0, 0};
+  for (int64_t j = 0; j < nr;) {  // runs [j, e) inside one half: lane l reads row + shift + l
+    int64_t e = j + 1;
+    while (e < nr && e % 16 != 0 && cols[e] == cols[j] + (e - j)) ++e;
+    const int64_t h = j / 16;
+    mask[h][count[h]] = static_cast<__mmask16>(((1u << (e - j)) - 1) << (j % 16));
+    shift[h][count[h]++] = cols[j] - j + 16 * h;
+    j = e;
+  }
+  for (int64_t k = 0; k < kc; ++k, panel += 32) {
+    for (int64_t h = 0; h < 2; ++h) {
+      __m512 v = _mm512_setzero_ps();
+      for (int64_t i = 0; i < count[h]; ++i) v = _mm512_mask_loadu_ps(v, mask[h][i], rows[k] + shift[h][i]);
+      _mm512_store_ps(panel + 16 * h, v);
+    }
+  }
+}
+
+template <>
+void assemble_panel<float>(const float* const* rows, int64_t kc, const int64_t* cols, int64_t nr, int64_t NR,
+                           float* panel) {
+  static const bool avx512 = std::string(kernel<float>().isa) == "avx512";
+  if (avx512 && NR == 32) return assemble_panel_avx512(rows, kc, cols, nr, panel);
+  for (int64_t k = 0; k < kc; ++k, panel += NR) {
+    for (int64_t j = 0; j < nr; ++j) panel[j] = rows[k][cols[j]];
+    for (int64_t j = nr; j < NR; ++j) panel[j] = 0.0f;
+  }
+}
+#endif
+
+// The shared driver: B packed (b_packed) or given by rows (b_rows, row k of panel jr at b_rows[k] + jr, or at
+// b_rows[k] + b_cols[jr ...] through a column map).
 template <typename T>
 void gemm_driver(GemmTile tile, int64_t M, int64_t N, int64_t K, const T* a_packed, int64_t a_stride,
-                 const T* b_packed, const T* const* b_rows, bool accumulate, T* C, int64_t ldc) {
+                 const T* b_packed, const T* const* b_rows, const int64_t* b_cols, bool accumulate, T* C,
+                 int64_t ldc) {
   if (M <= 0 || N <= 0) return;
   if (K <= 0) {
     if (!accumulate)
@@ -368,10 +473,17 @@ void gemm_driver(GemmTile tile, int64_t M, int64_t N, int64_t K, const T* a_pack
   const MicroKernel<T>& mk = kernel<T>();
   const int64_t MR = tile.mr, NR = mk.nr;
   const MicroFn<T> fn = MR == mk.mr ? mk.fn : mk.small_fn;
+  const HalvesFn<T> halves_fn = MR == mk.mr ? mk.halves_fn : mk.small_halves_fn;
   const int64_t KB = b_rows || tile.kc <= 0 ? KC : tile.kc;  // (rows and panel below are used with b_rows only)
   T edge[16 * 32];  // an MR x NR block of C for ragged edges (MR <= 16, NR <= 32)
   const T* rows[KC];  // the rows of one K block, moved to panel jr
   alignas(64) T panel[KC * 32];  // those rows copied (NR <= 32)
+  // A column map's panels, classified once for all K blocks.
+  thread_local std::vector<MappedPanel> mapped;
+  if (b_cols) {
+    mapped.resize((N + NR - 1) / NR);
+    for (int64_t jr = 0; jr < N; jr += NR) mapped[jr / NR] = map_panel(b_cols + jr, std::min(NR, N - jr), NR);
+  }
   // K blocks outermost, then blocks of MC rows of A: one (MC x KC) block of A stays in L2 while every B panel
   // streams past it, and each B panel's KC x NR block stays in L1 while the A panels of the block run over it.
   const int64_t MC = std::max<int64_t>(MR, kAcBytes / (KB * int64_t(sizeof(T))) / MR * MR);
@@ -382,20 +494,31 @@ void gemm_driver(GemmTile tile, int64_t M, int64_t N, int64_t K, const T* a_pack
       const int64_t mc = std::min(MC, M - ic);
       for (int64_t jr = 0; jr < N; jr += NR) {
         const int64_t nr = std::min(NR, N - jr);
-        if (b_rows) {
+        // (a mapped panel: one run is read like a panel of an unmapped B, two runs in place by the halves kernel where
+        // few A panels read it and there is one, anything else from an assembled copy)
+        const MappedPanel mp = b_cols ? mapped[jr / NR] : MappedPanel{MappedPanel::kRun, jr, 0};
+        const bool many = mc >= kCopyPanels * MR;
+        const bool halves = b_rows && mp.kind == MappedPanel::kHalves && !many && halves_fn;
+        const bool assembled = b_rows && mp.kind != MappedPanel::kRun && !halves;
+        if (b_rows && !assembled) {
           // Rows are runs somewhere in memory, not a packed stream the hardware prefetches: fetch the next
           // panel's part of this block's rows while the A panels run over this one.
+          const int64_t next = jr + NR >= N ? -1 : b_cols ? b_cols[jr + NR] : jr + NR;
           for (int64_t k = 0; k < kc; ++k) {
-            rows[k] = b_rows[pc + k] + jr;
-            if (jr + NR < N) {
-              __builtin_prefetch(rows[k] + NR, 0, 3);
-              __builtin_prefetch(rows[k] + NR + 16, 0, 3);
+            rows[k] = b_rows[pc + k] + (halves ? 0 : mp.at0);
+            if (next >= 0) {
+              __builtin_prefetch(b_rows[pc + k] + next, 0, 3);
+              __builtin_prefetch(b_rows[pc + k] + next + 16, 0, 3);
             }
           }
         }
         const T* bp = b_packed ? b_packed + jr * K + pc * NR : nullptr;
         const T* const* rp = b_rows ? rows : nullptr;
-        if (b_rows && mc >= kCopyPanels * MR) {
+        if (assembled) {
+          assemble_panel(b_rows + pc, kc, b_cols + jr, nr, NR, panel);
+          bp = panel;
+          rp = nullptr;
+        } else if (b_rows && many && !halves) {
           // Many A panels will read this block: copy its rows into one aligned panel first (row runs start
           // anywhere, so every vector load from them would straddle two cache lines). For fewer panels the copy
           // costs more than it saves (measured with 4-7 panels of 8 rows, i.e. 32-56 output channels: x0.86-0.94
@@ -409,9 +532,11 @@ void gemm_driver(GemmTile tile, int64_t M, int64_t N, int64_t K, const T* a_pack
           const int64_t mr = std::min(MR, M - ir);
           T* c = C + ir * ldc + jr;
           if (mr == MR && nr == NR) {
-            fn(kc, ap, bp, rp, c, ldc, acc);
+            if (halves) halves_fn(kc, ap, rows, mp.at0, mp.at1, c, ldc, acc);
+            else fn(kc, ap, bp, rp, c, ldc, acc);
           } else {
-            fn(kc, ap, bp, rp, edge, NR, false);
+            if (halves) halves_fn(kc, ap, rows, mp.at0, mp.at1, edge, NR, false);
+            else fn(kc, ap, bp, rp, edge, NR, false);
             for (int64_t i = 0; i < mr; ++i)
               for (int64_t j = 0; j < nr; ++j)
                 c[i * ldc + j] = acc ? c[i * ldc + j] + edge[i * NR + j] : edge[i * NR + j];
@@ -426,14 +551,24 @@ void gemm_driver(GemmTile tile, int64_t M, int64_t N, int64_t K, const T* a_pack
 template <typename T>
 void gemm_packed(GemmTile tile, int64_t M, int64_t N, int64_t K, const T* a_packed, const T* b_packed,
                  bool accumulate, T* C, int64_t ldc, int64_t a_stride) {
-  gemm_driver<T>(tile, M, N, K, a_packed, a_stride > 0 ? a_stride : K * tile.mr, b_packed, nullptr, accumulate, C,
-                 ldc);
+  gemm_driver<T>(tile, M, N, K, a_packed, a_stride > 0 ? a_stride : K * tile.mr, b_packed, nullptr, nullptr,
+                 accumulate, C, ldc);
 }
 
 template <typename T>
 void gemm_rows(GemmTile tile, int64_t M, int64_t N, int64_t K, const T* a_packed, const T* const* b_rows,
-               bool accumulate, T* C, int64_t ldc) {
-  gemm_driver<T>(tile, M, N, K, a_packed, K * tile.mr, nullptr, b_rows, accumulate, C, ldc);
+               bool accumulate, T* C, int64_t ldc, const int64_t* cols) {
+  gemm_driver<T>(tile, M, N, K, a_packed, K * tile.mr, nullptr, b_rows, cols, accumulate, C, ldc);
+}
+
+template <typename T>
+int64_t gemm_copied_rows(GemmTile tile) {
+  return kCopyPanels * tile.mr;
+}
+
+template <typename T>
+int64_t gemm_run_width() {
+  return kernel<T>().halves_fn ? kernel<T>().nr / 2 : kernel<T>().nr;
 }
 
 template <typename T>
@@ -562,7 +697,10 @@ double fma_peak_gflops(double seconds) {
   template GemmTile gemm_tile_deep<T>(int64_t);                                                          \
   template void gemm_packed<T>(GemmTile, int64_t, int64_t, int64_t, const T*, const T*, bool, T*, int64_t,      \
                                int64_t);                                                                 \
-  template void gemm_rows<T>(GemmTile, int64_t, int64_t, int64_t, const T*, const T* const*, bool, T*, int64_t); \
+  template void gemm_rows<T>(GemmTile, int64_t, int64_t, int64_t, const T*, const T* const*, bool, T*, int64_t,    \
+                             const int64_t*);                                                            \
+  template int64_t gemm_copied_rows<T>(GemmTile);                                                        \
+  template int64_t gemm_run_width<T>();                                                                  \
   template void gemm_nt<T>(int64_t, int64_t, int64_t, const T*, int64_t, const T*, int64_t, T*, int64_t);
 TORCH_CONVT_INSTANTIATE_GEMM(float)
 TORCH_CONVT_INSTANTIATE_GEMM(double)

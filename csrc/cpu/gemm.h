@@ -80,9 +80,24 @@ void gemm_packed(GemmTile tile, int64_t M, int64_t N, int64_t K, const T* a_pack
 // The same with B unpacked, given by rows: B[k][j] = b_rows[k][j]. Every row must be readable for whole
 // NR-wide panels (j < N rounded up to NR; the columns past N are computed and dropped). For columns that are
 // runs of a source (frame windows), this skips the packing pass.
+// With a column map `cols` (N offsets), B[k][j] = b_rows[k][cols[j]] instead, and only those elements are read:
+// a panel whose columns are one run is read like an unmapped one, one of two runs (half a panel each) in place
+// where the ISA has a kernel for it, any other (more runs, or the ragged last panel) from an assembled aligned
+// copy. For columns that are the grid points of a frame, not all its points (conv_transpose's grid tiles).
 template <typename T>
 void gemm_rows(GemmTile tile, int64_t M, int64_t N, int64_t K, const T* a_packed, const T* const* b_rows,
-               bool accumulate, T* C, int64_t ldc);
+               bool accumulate, T* C, int64_t ldc, const int64_t* cols = nullptr);
+
+// From this many rows of A on, gemm_rows copies every block of B rows into an aligned panel anyway (so a column
+// map costs it nothing extra).
+template <typename T>
+int64_t gemm_copied_rows(GemmTile tile);
+
+// The shortest runs that gemm_rows reads a mapped panel from in place, at full speed, when they tile it (runs of
+// this many columns starting at multiples of it): half a panel where the micro-kernel loads its halves apart,
+// else the whole panel. Other panels are read from more runs, more slowly, or assembled.
+template <typename T>
+int64_t gemm_run_width();
 
 // C[M x N] += A[M x K] . B[N x K]^T with A and B row-major (lda, ldb): dot products along K, vectorised along K.
 // The summation order depends on the shapes only.
