@@ -242,18 +242,24 @@ struct Team {
 // the end of a frame row (by at most the pad it gained): the flat index carries into the next row's (or
 // plane's) pad, or past the frame, which hold zeros; that is the right value as long as it stands for a point
 // past the source, i.e. ext - pad >= the source extent in every dim where a read can pass the row end. Sets
-// with other depth blocks, or more than one plane, keep their own windows.
-void share_windows(Team& team, std::vector<PhaseSet>& sets, const std::vector<Phase>& phases, const ConvParams& p) {
+// with other depth blocks, or more than one plane, keep their own windows. With grid tiles the frames may differ
+// in extents too (teams form by grid): they take the largest, which computes no more points (grid tiles compute
+// grid points only). Measured, forward: MONAI k=3 x0.81 time, grouped 2d x0.89, the 8-channel 8 x 8 layer's op
+// call 12.2 -> 11.2 us.
+void share_windows(Team& team, std::vector<PhaseSet>& sets, const std::vector<Phase>& phases, const ConvParams& p,
+                   bool grid_tiles) {
   if (team.sets.size() < 2) return;
   const PhaseSet& lead = sets[team.sets[0]];
-  const int64_t* ext = lead.frame.ext;
-  int64_t pad[kMaxDims] = {0, 0, 0};
+  int64_t pad[kMaxDims] = {0, 0, 0}, ext[kMaxDims] = {0, 0, 0};
   for (int64_t si : team.sets)
-    for (int d = 0; d < kMaxDims; ++d) pad[d] = std::max(pad[d], sets[si].frame.pad[d]);
+    for (int d = 0; d < kMaxDims; ++d) {
+      pad[d] = std::max(pad[d], sets[si].frame.pad[d]);
+      ext[d] = std::max(ext[d], sets[si].frame.ext[d]);
+    }
   for (int64_t si : team.sets) {
     const PhaseSet& set = sets[si];
     if (!set.framed || set.block != lead.block || set.blocks != lead.blocks || set.frame.planes.size() != 1 ||
-        !std::equal(ext, ext + kMaxDims, set.frame.ext))  // (grid-tiled teams may mix frames)
+        (!grid_tiles && !std::equal(ext, ext + kMaxDims, set.frame.ext)))
       return;
     const Phase& ph = phases[set.members[0]];
     for (int d = 0; d < kMaxDims; ++d) {
@@ -360,6 +366,16 @@ TransposePlan make_transpose_plan(const ConvParams& p, const Strides& sy, const 
       const bool grid_lines = set.out_rows >= cpu::gemm_copied_rows<acc_t>(set.gt) ||
                               grid[2] % cpu::gemm_run_width<acc_t>() == 0;
       if (!grid_lines) set.layout[2] = set.frame.ext[2];
+    }
+  }
+  for (PhaseSet& set : sets) {
+    if (plan.grid_tiles) {
+      // Sets of one grid whose frames' lines differ would not form a team (stores of single phases, strided): they
+      // take the grid's lines. (8-channel 8 x 8 layer, stride 2: op call 13.4 -> 12.2 us.)
+      const int64_t* grid = phases[set.members[0]].grid;
+      for (const PhaseSet& u : sets)
+        if (std::equal(grid, grid + kMaxDims, phases[u.members[0]].grid) && u.layout[2] != set.layout[2])
+          set.layout[2] = grid[2];
       set.positions = p.batch * set.layout[0] * set.layout[1] * set.layout[2];
     }
     plan.max_rows = std::max(plan.max_rows, set.block * set.taps);
@@ -397,7 +413,7 @@ TransposePlan make_transpose_plan(const ConvParams& p, const Strides& sy, const 
       const int64_t tile = std::max<int64_t>(1, std::min(P, ceil_div(ceil_div(P, tiles), nr) * nr));
       for (int64_t si : team.sets) sets[si].tile = tile;
     }
-    share_windows(team, sets, phases, p);
+    share_windows(team, sets, phases, p, plan.grid_tiles);
     plan.max_out = std::max(plan.max_out, team.out_rows);
     plan.max_tile = std::max(plan.max_tile, sets[team.sets[0]].tile);
     std::vector<std::vector<int64_t>> by_row;  // slots with the same (r0, r1), in r2 order
