@@ -269,6 +269,36 @@ def test_module_uses_the_custom_ops(device):
     assert "aten.convolution" not in names and "mkldnn" not in names and "cudnn" not in names, names
 
 
+def test_calls_without_a_graph_are_seen(device):
+    """A call that records no graph takes the entry points' direct way into the dispatcher (torch_convt._C), from
+    below autograd: dispatch modes and the profiler must still see the op, for all three ops."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    y = randn((1, 2, 4, 4), torch.float32, device)
+    x = randn((1, 3, 9, 9), torch.float32, device)
+    w = randn((2, 3, 3, 3), torch.float32, device)
+    calls = [lambda: torch_convt.ops.conv_transpose(y, w, None, [2, 2], [0, 0], [0, 0], [1, 1], 1),
+             lambda: torch_convt.ops.conv(x, w, None, [2, 2], [0, 0], [1, 1], 1),
+             lambda: torch_convt.ops.conv_weight_grad(x, y, [2, 3, 3, 3], [2, 2], [0, 0], [1, 1], 1)]
+    for name, call in zip(("conv_transpose", "conv", "conv_weight_grad"), calls):
+        with torch.no_grad():
+            with Record() as rec:
+                call()
+            assert any(f"torch_convt.{name}." in op for op in rec.ops), rec.ops
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+                call()
+            assert f"torch_convt::{name}" in {e.name for e in prof.events()}, name
+
+
 def test_torch_function_modes_see_the_ops(device):
     """The entry points skip the dispatcher's autograd round trip only where nothing else must see the call: a
     __torch_function__ mode still sees the op, with or without a graph to record."""
