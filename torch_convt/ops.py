@@ -183,7 +183,24 @@ def _conv_weight_grad_jvp(ctx, tx, ty, *_):
 
 
 # ---- the autograd kernels ----------------------------------------------------------------------------------
-def _below_autograd(op, args):
+_is_compiling = torch.compiler.is_compiling
+_functorch_active = torch._C._are_functorch_transforms_active
+_has_torch_function = torch._C._has_torch_function
+_tracing_state = torch._C._get_tracing_state
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def _direct(args):
+    """Whether a call below autograd may take torch_convt._C's entry instead of torch.ops: plain tensors (fake,
+    functional and other tensor subclasses take torch.ops, which keeps symbolic sizes symbolic under tracing and
+    lets __torch_function__ overrides see the op), no __torch_function__ mode and no tracer."""
+    third = args[2]
+    return (type(args[0]) in _PLAIN and type(args[1]) in _PLAIN
+            and (type(third) in _PLAIN or not isinstance(third, torch.Tensor))
+            and not _has_torch_function(args) and _tracing_state() is None)
+
+
+def _below_autograd(op, direct, args):
     # Straight to the backend (or fake / tracing) kernel. Without the guard, a call from forward() while
     # forward-mode AD is active would come back to the autograd kernel and recurse.
     if torch._C._are_functorch_transforms_active():
@@ -192,6 +209,8 @@ def _below_autograd(op, args):
         with torch.enable_grad(), torch.autograd.forward_ad._set_fwd_grad_enabled(True), \
                 torch._C._AutoDispatchBelowAutograd():
             return op(*args)
+    if _direct(args):
+        return direct(*args)  # (torch_convt._C's entry: the same, without torch.ops' argument parsing)
     with torch._C._AutoDispatchBelowAutograd():
         return op(*args)
 
@@ -200,7 +219,7 @@ class _ConvTransposeFunction(torch.autograd.Function):
     """torch.ops.torch_convt.conv_transpose with its reverse (backward) and forward (jvp) rules."""
     @staticmethod
     def forward(*args):
-        return _below_autograd(_conv_transpose_op, args)
+        return _below_autograd(_conv_transpose_op, _C.conv_transpose, args)
 
     setup_context = staticmethod(_setup)
     backward = staticmethod(_conv_transpose_backward)
@@ -211,7 +230,7 @@ class _ConvFunction(torch.autograd.Function):
     """torch.ops.torch_convt.conv with its reverse (backward) and forward (jvp) rules."""
     @staticmethod
     def forward(*args):
-        return _below_autograd(_conv_op, args)
+        return _below_autograd(_conv_op, _C.conv, args)
 
     setup_context = staticmethod(_setup)
     backward = staticmethod(_conv_backward)
@@ -222,7 +241,7 @@ class _ConvWeightGradFunction(torch.autograd.Function):
     """torch.ops.torch_convt.conv_weight_grad with its reverse (backward) and forward (jvp) rules."""
     @staticmethod
     def forward(*args):
-        return _below_autograd(_conv_weight_grad_op, args)
+        return _below_autograd(_conv_weight_grad_op, _C.conv_weight_grad, args)
 
     setup_context = staticmethod(_setup)
     backward = staticmethod(_conv_weight_grad_backward)
@@ -281,18 +300,13 @@ _register_autograd_kernel(_conv_weight_grad_op, _ConvWeightGradFunction)
 # - a graph to record: the autograd.Function's single-level apply, as the autograd kernel would, unless autocast,
 #   the tracer or a __torch_function__ override (subclass or mode) must see the op first.
 # Those, torch.func transforms and torch.compile tracing take the op through the dispatcher.
-# - nothing to differentiate and nothing above the dispatcher to see the op (no __torch_function__ override, no
-#   tracer): torch_convt._C's direct entry, which converts the arguments itself and calls the op from below
-#   autograd (an op call of a small layer: 11 -> 6 us; torch.ops parses arguments in generic code).
+# - nothing to differentiate, plain tensors and nothing above the dispatcher to see the op (_direct):
+#   torch_convt._C's entry, which converts the arguments itself and calls the op from below autograd (an op call
+#   of a small layer: 11 -> 6 us; torch.ops parses arguments in generic code).
 def _plain(args):
     return not (torch._C._has_torch_function(args) or torch.is_autocast_enabled("cpu")
                 or torch.is_autocast_enabled("cuda") or torch._C._get_tracing_state() is not None)
 
-
-_is_compiling = torch.compiler.is_compiling
-_functorch_active = torch._C._are_functorch_transforms_active
-_has_torch_function = torch._C._has_torch_function
-_tracing_state = torch._C._get_tracing_state
 
 
 def _entry(op, function, direct):
@@ -302,7 +316,7 @@ def _entry(op, function, direct):
         if _is_compiling() or _functorch_active():
             return op(*args)
         if not _needs_graph(args):
-            if not (_has_torch_function(args) or _tracing_state() is not None):
+            if _direct(args):
                 return direct(*args)
             with torch._C._AutoDispatchBelowAutograd():
                 return op(*args)
