@@ -595,6 +595,54 @@ bool pack_rows_simd(const float* src, int64_t row_stride, int64_t rows, int64_t 
   return false;
 }
 
+namespace {
+bool gather_strided_rows_portable(const float* src, const int64_t* offsets, int64_t taps, int64_t stride,
+                                  int64_t width, float* dst) {
+  bool ok = true;
+  for (int64_t t = 0; t < taps; ++t, dst += width)
+    for (int64_t l = 0; l < width; ++l) {
+      const float v = src[offsets[t] + l * stride];
+      dst[l] = v;
+      ok &= v - v == 0.0f;  // (NaN for inf and NaN)
+    }
+  return ok;
+}
+
+#if TORCH_CONVT_X86
+__attribute__((target("avx2"))) bool gather_strided_rows_avx2(const float* src, const int64_t* offsets, int64_t taps,
+                                                              int64_t stride, int64_t width, float* dst) {
+  const __m256i index = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(int(stride)));
+  __m256 bad = _mm256_setzero_ps();  // v - v: 0 for finite v, NaN otherwise; NaN survives the sum
+  for (int64_t t = 0; t < taps; ++t, dst += width) {
+    const float* s = src + offsets[t];
+    int64_t l = 0;
+    for (; l + 8 <= width; l += 8) {
+      const __m256 v = _mm256_i32gather_ps(s + l * stride, index, 4);
+      _mm256_storeu_ps(dst + l, v);
+      bad = _mm256_add_ps(bad, _mm256_sub_ps(v, v));
+    }
+    for (; l < width; ++l) {
+      const float v = s[l * stride];
+      dst[l] = v;
+      bad = _mm256_add_ps(bad, _mm256_set1_ps(v - v));
+    }
+  }
+  return _mm256_movemask_ps(_mm256_cmp_ps(bad, bad, _CMP_UNORD_Q)) == 0;
+}
+#endif
+}  // namespace
+
+bool gather_strided_rows(const float* src, const int64_t* offsets, int64_t taps, int64_t stride, int64_t width,
+                         float* dst) {
+#if TORCH_CONVT_X86
+  // (8 elements per gather: 8 to 12 rows of a panel at about a fifth of the scalar loop's time; the element index
+  // fits 32 bits: stride * width is a channel's kernel size times 16 at most)
+  static const bool avx2 = __builtin_cpu_supports("avx2");
+  if (avx2 && stride * width < (int64_t(1) << 31)) return gather_strided_rows_avx2(src, offsets, taps, stride, width, dst);
+#endif
+  return gather_strided_rows_portable(src, offsets, taps, stride, width, dst);
+}
+
 const char* gemm_isa() {
   return kernel<float>().isa;
 }

@@ -70,6 +70,12 @@ void pack_panels(const Src* src, int64_t row_stride, int64_t depth_stride, int64
   }
 }
 
+// dst[t*width + l] = src[offsets[t] + l*stride] for t < taps, l < width: rows of `width` strided elements, packed
+// one after another (a transposed layer's weights, packed into a panel). Returns whether every value is finite.
+// AVX2 gathers where the CPU has them.
+bool gather_strided_rows(const float* src, const int64_t* offsets, int64_t taps, int64_t stride, int64_t width,
+                         float* dst);
+
 // C = A . B (+ C) with A packed as [M / MR][K][MR] and B as [N / NR][K][NR] (packed_index with depth K). A's
 // panels may lie `a_stride` elements apart instead of K*MR (a_stride > 0): A is then a K-deep part of a deeper
 // packed operand (the weight gradient's tap-shifted windows).
