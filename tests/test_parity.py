@@ -293,6 +293,32 @@ def test_grid_tiles(case, dtype):
     check_parity(ours_ct(nd), torch_ct(nd), (y, w, b), dict(stride=stride, padding=padding, dilation=dilation))
 
 
+CONV_GRID_TILES = [
+    # (input shape, weight shape, stride, padding, dilation, channels_last): convolutions whose frame has points off
+    # the output grid, so the CPU conv tiles the grid points of the whole batch through a column map; each case
+    # takes one of its paths (checked with a temporary print when it was written)
+    ((3, 32, 16, 16), (64, 32, 4, 4), 2, 1, 1, False),          # gathered windows, a tile spans images, Y in place
+    ((2, 64, 24, 24, 24), (16, 64, 4, 4, 4), 2, 1, 1, False),   # the windows from a whole-frame copy (split)
+    ((2, 8, 20, 20), (16, 8, 3, 3), 1, 0, 1, False),            # the input is its own frame: read in place
+    ((1, 8, 6, 6, 24), (8, 8, 3, 3, 3), 1, 1, 1, False),        # 8 rows, lines of 24: the frame's lines, Y stored
+    ((2, 16, 10, 12), (24, 16, 3, 3), 2, 1, 2, True),           # channels_last: Y stored; dilated
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+@pytest.mark.parametrize("case", CONV_GRID_TILES, ids=[f"case{i}" for i in range(len(CONV_GRID_TILES))])
+def test_conv_grid_tiles(case, dtype):
+    in_shape, w_shape, stride, padding, dilation, channels_last = case
+    nd = len(in_shape) - 2
+    torch.manual_seed(6)
+    x, w = torch.randn(in_shape, dtype=dtype), torch.randn(w_shape, dtype=dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    b = torch.randn(w_shape[0], dtype=dtype)
+    ours, ref = fn_pair("conv", nd)
+    check_parity(ours, ref, (x, w, b), dict(stride=stride, padding=padding, dilation=dilation))
+
+
 WIDE_TILES = [
     # (input shape, weight shape, stride, padding, dilation): convolutions whose packed weights (output channels x
     # input channels x taps) outgrow L2, so the CPU conv takes position tiles several times its column tile, and

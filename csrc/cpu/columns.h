@@ -496,6 +496,30 @@ inline std::pair<int64_t, int64_t> grid_window(const Frame& fr, const int64_t* l
   return {first + lo, frame_point(fr, layout, b - 1) - first + 1 + span};
 }
 
+// cols[j] = base + the frame position of point a + (j - j0) of `layout`, for j in [j0, j0 + b - a).
+inline void map_points(const Frame& fr, const int64_t* layout, int64_t a, int64_t b, int64_t j0, int64_t base,
+                       std::vector<int64_t>& cols) {
+  int64_t* out = cols.data() + j0 - a;
+  for_each_run(layout, a, b, [&](int64_t i0, int64_t i1, int64_t first, int64_t last, int64_t m) {
+    const int64_t u[kMaxDims] = {i0, i1, 0}, line = base + fr.flat(u);
+    for (int64_t i = first; i < last; ++i) out[m - first + i] = line + i;
+  });
+}
+
+// grid_windows for a source whose images already are the frame's (read in place): image n's plane `plane` of
+// channel c starts at `src` + n*n_stride + c*channel_stride + plane*plane_stride (n counted from m0's image 0).
+template <typename acc_t>
+Windows<acc_t> grid_windows_in_place(const Frame& fr, const int64_t* layout, const acc_t* src, int64_t n_stride,
+                                     int64_t channel_stride, int64_t plane_stride, int64_t m0, int64_t m1,
+                                     std::vector<int64_t>& cols) {
+  cols.resize(m1 - m0);
+  const int64_t M = layout[0] * layout[1] * layout[2], n0 = m0 / M, start = frame_point(fr, layout, m0 - n0 * M);
+  for_each_image(layout, m0, m1, [&](int64_t n, int64_t a, int64_t b, int64_t j) {
+    map_points(fr, layout, a, b, j, (n - n0) * n_stride - start, cols);
+  });
+  return {src + n0 * n_stride + start + fr.min_off, channel_stride, plane_stride, 0};
+}
+
 // Grid tiles: a tile is a range [m0, m1) of the points of `layout` over the batch (n-major), where `layout` is the
 // grid, or (grid0, grid1, frame ext2): the frame's lines that hold grid points (their pad points are computed and
 // dropped). Unlike a frame tile, it skips the frame's points off those lines and may span images. Its columns are
@@ -509,27 +533,10 @@ template <typename scalar_t, typename acc_t>
 Windows<acc_t> grid_windows(const Frame& fr, const int64_t* layout, const scalar_t* src, int64_t n_stride,
                             int64_t channels, const int64_t* extent, const Strides& st, int64_t m0, int64_t m1,
                             int64_t lo, int64_t span, std::vector<int64_t>& cols) {
-  cols.resize(m1 - m0);
-  const auto map = [&](int64_t a, int64_t b, int64_t j, int64_t base) {
-    int64_t u[kMaxDims];
-    unflatten3(a, layout, u);
-    for (int64_t m = a; m < b; ++m, ++j) {
-      cols[j] = base + fr.flat(u);
-      if (++u[2] == layout[2]) {
-        u[2] = 0;
-        if (++u[1] == layout[1]) u[1] = 0, ++u[0];
-      }
-    }
-  };
-  const int64_t M = layout[0] * layout[1] * layout[2], n0 = m0 / M, start = frame_point(fr, layout, m0 - n0 * M);
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
-    if (source_is_frame(fr, extent, st)) {
-      for_each_image(layout, m0, m1, [&](int64_t n, int64_t a, int64_t b, int64_t j) {
-        map(a, b, j, (n - n0) * n_stride - start);
-      });
-      return {src + n0 * n_stride + start + fr.min_off, st.c, 0, 0};
-    }
+    if (source_is_frame(fr, extent, st)) return grid_windows_in_place(fr, layout, src, n_stride, st.c, 0, m0, m1, cols);
   }
+  cols.resize(m1 - m0);
   const int64_t P = static_cast<int64_t>(fr.planes.size());
   int64_t ld = 0;
   for_each_image(layout, m0, m1, [&](int64_t, int64_t a, int64_t b, int64_t) {
@@ -541,7 +548,7 @@ Windows<acc_t> grid_windows(const Frame& fr, const int64_t* layout, const scalar
     const auto [w0, len] = grid_window(fr, layout, a, b, lo, span);
     gather_windows(fr, src + n * n_stride, channels, extent, st, w0, len, win + base, ld);
     // window element base + i is this image's frame position w0 + i, and data is element fr.min_off - lo
-    map(a, b, j, base - (w0 - lo));
+    map_points(fr, layout, a, b, j, base - (w0 - lo), cols);
     base += len;
   });
   return {win + fr.min_off - lo, P * ld, ld, 0};

@@ -43,10 +43,117 @@ constexpr int64_t kPackAhead = 4;  // weight packing prefetches this many input 
 constexpr int64_t kTeamTile = 128;  // grid tiles: a team's results fit kColumnBytes for tiles this long
 constexpr int64_t kJobsPerThread = 4;  // grid tiles: at least this many jobs per thread, where tiles allow
 constexpr int64_t kMinGridTile = 512;  // grid tiles: not shorter than this, to have more jobs
+constexpr int64_t kGridWindowBytes = int64_t(512) << 10;  // conv grid tiles: a tile's windows, where A is small
 
 // ---------------------------------------------------------------------------------------------------------
 // conv: Y = conv(X, W) + bias
 // ---------------------------------------------------------------------------------------------------------
+// The innermost extent of a grid-tiled layout: the grid's lines, or the frame's where few rows of A (so no aligned
+// copy of B) would read panels that cross the grid's lines in their middle (k=4 3d, 24-point lines: x1.05 time
+// with the grid's, x0.99 with the frame's) and where the frame's lines are at most an eighth longer. Not where the
+// source is read in place: the frame's pad points read past a line, and so past the source's end.
+template <typename acc_t>
+int64_t grid_lines(const Frame& fr, const int64_t* grid, int64_t rows, cpu::GemmTile gt, bool in_place) {
+  const bool frame_lines = !in_place && rows < cpu::gemm_copied_rows<acc_t>(gt) &&
+                           grid[2] % cpu::gemm_run_width<acc_t>() != 0 && fr.ext[2] <= grid[2] + grid[2] / 8;
+  return frame_lines ? fr.ext[2] : grid[2];
+}
+
+// A tile count for `P` points: tiles of at most `longest` points (a multiple of nr), but at least kJobsPerThread
+// jobs per thread for `jobs_per_tile` jobs a tile where tiles of kMinGridTile points allow, the tiles about equal.
+inline int64_t grid_tile(int64_t P, int64_t longest, int64_t jobs_per_tile, int64_t nr) {
+  int64_t tiles = ceil_div(P, std::max<int64_t>(1, longest));
+  tiles = std::min(std::max(tiles, ceil_div(kJobsPerThread * at::get_num_threads(), jobs_per_tile)),
+                   ceil_div(P, kMinGridTile));
+  return std::max<int64_t>(1, std::min(P, ceil_div(ceil_div(P, std::max<int64_t>(1, tiles)), nr) * nr));
+}
+
+// conv_kernel with grid tiles (as conv_transpose's): tiles are runs of Y's grid points over the batch (or over a
+// batch chunk of the whole-frame copy), read through a column map from the windows of the images they touch, so
+// no frame point off the grid is computed and tiles are about equal whatever a frame's size. Y is written in
+// place where its rows are dense (the GEMM of a tile runs image by image then), else stored. Returns false, having
+// done nothing, where a tile's windows would outgrow kWindowBytes (frame tiles then).
+template <typename scalar_t, typename acc_t>
+bool conv_grid_tiles(const ConvParams& p, const scalar_t* x, const Strides& sx, const acc_t* ba, scalar_t* y,
+                     const Strides& sy, const Frame& frame, bool split, cpu::GemmTile gt, int64_t block,
+                     int64_t blocks, const acc_t* w_packed, int64_t a_size, acc_t* planes, int64_t nb) {
+  const int64_t G = p.groups, Cxg = p.big_group(), Cyg = p.small_group(), P = int64_t(frame.planes.size());
+  const bool own_frame = !split && std::is_same_v<scalar_t, acc_t> && source_is_frame(frame, p.big, sx);
+  const int64_t layout[kMaxDims] = {p.small[0], p.small[1], grid_lines<acc_t>(frame, p.small, Cyg, gt, own_frame)};
+  const int64_t Mi = layout[0] * layout[1] * layout[2], plane_set = split_size(frame, 1);
+  const bool in_place = std::is_same_v<scalar_t, acc_t> && sy.dense_rows(p.small) && layout[2] == p.small[2];
+  const int64_t zero[kMaxDims] = {0, 0, 0}, one[kMaxDims] = {1, 1, 1};
+  // Tiles: the block of C within kColumnBytes; where A is small (Cyg x depth within kColumnBytes) also the windows
+  // (all planes of a depth block) within kGridWindowBytes, so that the GEMM reads them from L2 (3d U-Net k=2: x0.88
+  // time against windows of 2 MiB). Where A is large, each tile streams it once: long tiles instead.
+  const int64_t elem = sizeof(acc_t);
+  int64_t longest = kColumnBytes / (Cyg * elem);
+  if (Cyg * block * p.kernel_numel() * elem <= kColumnBytes)
+    longest = std::min(longest, (kGridWindowBytes / (block * P * elem) - frame.span) * Mi / frame.total());
+  const auto tile_of = [&](int64_t images) { return grid_tile(images * Mi, longest, G, gt.nr); };
+  if (!split) {  // the windows of every tile fit kWindowBytes
+    const int64_t tile = tile_of(p.batch);
+    for (int64_t m0 = 0; m0 < p.batch * Mi; m0 += tile) {
+      int64_t len = 0;
+      for_each_image(layout, m0, std::min(p.batch * Mi, m0 + tile), [&](int64_t, int64_t a, int64_t b, int64_t) {
+        len += grid_window(frame, layout, a, b, frame.min_off, frame.span).second;
+      });
+      if (block * P * len * int64_t(sizeof(acc_t)) > kWindowBytes) return false;
+    }
+  }
+  for (int64_t n0 = 0; n0 < p.batch; n0 += nb) {
+    const int64_t n1 = std::min(p.batch, n0 + nb), points = (n1 - n0) * Mi, tile = tile_of(n1 - n0);
+    const int64_t tiles = ceil_div(points, tile);
+    if (split) {
+      at::parallel_for(0, (n1 - n0) * G * Cxg, grain(plane_set), [&](int64_t begin, int64_t end) {
+        for (int64_t item = begin; item < end; ++item)
+          gather_windows(frame, x + (n0 + item / (G * Cxg)) * sx.n + item % (G * Cxg) * sx.c, 1, p.big, sx, 0,
+                         frame.total(), planes + item * plane_set);
+      });
+    }
+    at::parallel_for(0, G * tiles, grain(2 * Cyg * Cxg * p.kernel_numel() * tile), [&](int64_t begin, int64_t end) {
+      thread_local std::vector<int64_t> cols;
+      acc_t* out = in_place ? nullptr : scratch<acc_t, 1>(Cyg * tile);
+      for (int64_t item = begin; item < end; ++item) {
+        const int64_t g = item / tiles, m0 = item % tiles * tile, m1 = std::min(points, m0 + tile), cnt = m1 - m0;
+        for (int64_t bi = 0; bi < blocks; ++bi) {
+          const int64_t channels = std::min(block, Cxg - bi * block);
+          const acc_t* a = w_packed + (g * blocks + bi) * a_size;
+          const Windows<acc_t> win =
+              split ? grid_windows_in_place<acc_t>(frame, layout, planes + (g * Cxg + bi * block) * plane_set,
+                                                   G * Cxg * plane_set, plane_set, frame.total(), m0, m1, cols)
+                    : grid_windows<scalar_t, acc_t>(frame, layout, x + n0 * sx.n + (g * Cxg + bi * block) * sx.c,
+                                                    sx.n, channels, p.big, sx, m0, m1, frame.min_off, frame.span,
+                                                    cols);
+          if (in_place) {  // image by image, into Y's rows
+            for_each_image(layout, m0, m1, [&](int64_t n, int64_t a0, int64_t a1, int64_t j) {
+              acc_t* c = reinterpret_cast<acc_t*>(y + (n0 + n) * sy.n + g * Cyg * sy.c) + a0;
+              frame_gemm_windows<acc_t>(frame, win, channels, a1 - a0, gt, Cyg, a, bi > 0, c, sy.c, nullptr, 0,
+                                        cols.data() + j);
+            });
+          } else {
+            frame_gemm_windows<acc_t>(frame, win, channels, cnt, gt, Cyg, a, bi > 0, out, cnt, nullptr, 0,
+                                      cols.data());
+          }
+        }
+        for_each_image(layout, m0, m1, [&](int64_t n, int64_t a0, int64_t a1, int64_t j) {
+          scalar_t* y_g = y + (n0 + n) * sy.n + g * Cyg * sy.c;
+          if (in_place) {
+            if (ba) {
+              acc_t* c = reinterpret_cast<acc_t*>(y_g);
+              for (int64_t cy = 0; cy < Cyg; ++cy)
+                for (int64_t i = a0; i < a1; ++i) c[cy * sy.c + i] += ba[g * Cyg + cy];
+            }
+          } else {
+            store_rows(out + j, cnt, Cyg, ba ? ba + g * Cyg : nullptr, y_g, sy, one, zero, p.small, a0, a1, layout);
+          }
+        });
+      }
+    });
+  }
+  return true;
+}
+
 template <typename scalar_t>
 void conv_kernel(const ConvParams& p, const scalar_t* x, const Strides& sx, const scalar_t* w, const scalar_t* bias,
                  scalar_t* y, const Strides& sy) {
@@ -104,13 +211,20 @@ void conv_kernel(const ConvParams& p, const scalar_t* x, const Strides& sx, cons
     if (wide > tile && (split || block * window * int64_t(sizeof(acc_t)) <= kWindowBytes)) tile = wide;
   }
   const int64_t tiles = ceil_div(M, tile), zero[kMaxDims] = {0, 0, 0}, one[kMaxDims] = {1, 1, 1};
-  // Output rows that are dense (and have no frame points off the grid) are written by the GEMM in place.
-  const bool in_place = std::is_same_v<scalar_t, acc_t> && sy.dense_rows(p.small) &&
-                        (!framed || std::equal(frame.ext, frame.ext + kMaxDims, p.small));
   const int64_t plane_set = split_size(frame, 1), per_item = G * Cxg * plane_set;  // (of the copy)
   const int64_t nb = split ? std::clamp<int64_t>(kSplitBytes / (per_item * int64_t(sizeof(acc_t))), 1, p.batch)
                            : p.batch;
   acc_t* const planes = split ? held_buffer<acc_t, kPlaneSlot>(nb * per_item, planes_fresh) : nullptr;
+  // Grid tiles where the frame has points off the grid (padding, sub-sampled planes): measured against frame
+  // tiles, DCGAN's input gradient x0.87 time, k=4 3d x0.92, the anisotropic seed layer x0.90, dilated 3d x0.86,
+  // stride-1 3d x0.92, grouped 2d x0.92. Frames without such points (k == s, pointwise, 1d: x1.00-1.06 with grid
+  // tiles) keep frame tiles.
+  if (framed && frame.positions > p.small_spatial() && conv_grid_tiles<scalar_t, acc_t>(p, x, sx, ba, y, sy, frame, split, gt, block, blocks, w_packed,
+                                                 a_size, planes, nb))
+    return;
+  // Output rows that are dense (and have no frame points off the grid) are written by the GEMM in place.
+  const bool in_place = std::is_same_v<scalar_t, acc_t> && sy.dense_rows(p.small) &&
+                        (!framed || std::equal(frame.ext, frame.ext + kMaxDims, p.small));
 
   for (int64_t n0 = 0; n0 < p.batch; n0 += nb) {
     const int64_t n1 = std::min(p.batch, n0 + nb);
@@ -359,13 +473,8 @@ TransposePlan make_transpose_plan(const ConvParams& p, const Strides& sy, const 
     if (!plan.grid_tiles) {
       if (set.framed) std::copy(set.frame.ext, set.frame.ext + kMaxDims, set.layout);
     } else {
-      // The grid's lines where a panel that crosses from one line to the next is read as fast as one inside a
-      // line: where B blocks are copied anyway (many rows of A), or where lines are whole pieces of a panel. Else
-      // the frame's lines (a pad point per line is computed and dropped, but panels cross lines only at plane
-      // ends; k=4 3d: x1.05 time with the grid's 24-point lines, x0.99 with the frame's).
-      const bool grid_lines = set.out_rows >= cpu::gemm_copied_rows<acc_t>(set.gt) ||
-                              grid[2] % cpu::gemm_run_width<acc_t>() == 0;
-      if (!grid_lines) set.layout[2] = set.frame.ext[2];
+      const bool own_frame = std::is_same_v<scalar_t, acc_t> && source_is_frame(set.frame, p.small, sy);
+      set.layout[2] = grid_lines<acc_t>(set.frame, grid, set.out_rows, set.gt, own_frame);
     }
   }
   for (PhaseSet& set : sets) {
@@ -400,17 +509,13 @@ TransposePlan make_transpose_plan(const ConvParams& p, const Strides& sy, const 
     it->out_rows += set.out_rows;
   }
   // Grid tiles: a team's tile is as long as its results fit kColumnBytes, but short enough for every thread to have
-  // about kJobsPerThread jobs (a layer of a few long tiles on 2 threads: one waited a third of the time), and the
-  // tiles of a team are about equal.
-  const int64_t min_tiles =
-      ceil_div(kJobsPerThread * at::get_num_threads(), p.groups * std::max<int64_t>(1, teams.size()));
+  // about kJobsPerThread jobs (grid_tile; a layer of a few long tiles on 2 threads: one waited a third of the
+  // time).
   for (Team& team : teams) {
     if (plan.grid_tiles) {
       const PhaseSet& lead = sets[team.sets[0]];
-      const int64_t nr = lead.gt.nr, P = lead.positions;
-      int64_t tiles = ceil_div(P, tile_size(team.out_rows, P, sizeof(acc_t), nr));
-      tiles = std::min(std::max(tiles, min_tiles), ceil_div(P, kMinGridTile));
-      const int64_t tile = std::max<int64_t>(1, std::min(P, ceil_div(ceil_div(P, tiles), nr) * nr));
+      const int64_t tile = grid_tile(lead.positions, kColumnBytes / (team.out_rows * int64_t(sizeof(acc_t))),
+                                     p.groups * int64_t(teams.size()), lead.gt.nr);
       for (int64_t si : team.sets) sets[si].tile = tile;
     }
     share_windows(team, sets, phases, p, plan.grid_tiles);
