@@ -219,8 +219,9 @@ void conv_kernel(const ConvParams& p, const scalar_t* x, const Strides& sx, cons
   // tiles, DCGAN's input gradient x0.87 time, k=4 3d x0.92, the anisotropic seed layer x0.90, dilated 3d x0.86,
   // stride-1 3d x0.92, grouped 2d x0.92. Frames without such points (k == s, pointwise, 1d: x1.00-1.06 with grid
   // tiles) keep frame tiles.
-  if (framed && frame.positions > p.small_spatial() && conv_grid_tiles<scalar_t, acc_t>(p, x, sx, ba, y, sy, frame, split, gt, block, blocks, w_packed,
-                                                 a_size, planes, nb))
+  if (framed && frame.positions > p.small_spatial() &&
+      conv_grid_tiles<scalar_t, acc_t>(p, x, sx, ba, y, sy, frame, split, gt, block, blocks, w_packed, a_size, planes,
+                                       nb))
     return;
   // Output rows that are dense (and have no frame points off the grid) are written by the GEMM in place.
   const bool in_place = std::is_same_v<scalar_t, acc_t> && sy.dense_rows(p.small) &&
