@@ -293,6 +293,20 @@ def test_grid_tiles(case, dtype):
     check_parity(ours_ct(nd), torch_ct(nd), (y, w, b), dict(stride=stride, padding=padding, dilation=dilation))
 
 
+@pytest.mark.parametrize("case", [((1, 32, 32, 32, 32), (32, 16, 2, 2, 2), 0), ((1, 8, 255, 257), (8, 16, 4, 4), 1)],
+                         ids=["k2s2_3d", "k4s2p1_2d_odd_lines"])
+def test_large_outputs_streamed(case):
+    """Float32 outputs of 8 MiB and more are written with non-temporal stores where two phases interleave (stride 2),
+    from the first 64-byte aligned pair of each line on: aligned lines, and lines of 514 floats that start anywhere."""
+    in_shape, w_shape, padding = case
+    nd = len(in_shape) - 2
+    torch.manual_seed(7)
+    y, w = torch.randn(in_shape), torch.randn(w_shape)
+    b = torch.randn(w_shape[1])
+    out = check_parity(ours_ct(nd), torch_ct(nd), (y, w, b), dict(stride=2, padding=padding), grad=False)
+    assert out.numel() * 4 >= 8 << 20
+
+
 CONV_GRID_TILES = [
     # (input shape, weight shape, stride, padding, dilation, channels_last): convolutions whose frame has points off
     # the output grid, so the CPU conv tiles the grid points of the whole batch through a column map; each case

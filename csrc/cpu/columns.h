@@ -603,11 +603,13 @@ void frame_gemm(const Frame& fr, const scalar_t* src, int64_t channels, const in
 // store_rows for `ways` row blocks whose points interleave along the innermost dim: block w holds the points at
 // innermost position m2*step[2] + offset[2] + w, i.e. consecutive phases r2 = offset[2] .. offset[2]+ways-1 of a
 // transposed layer (ways <= step[2]), and dst's innermost stride is 1. Each run of `ways` output points is then
-// written at once, instead of in `ways` strided passes.
+// written at once, instead of in `ways` strided passes. With `stream`, float runs of two phases of stride 2 are
+// written with non-temporal stores (interleave2; the caller fences, cpu::stream_fence, before others read them).
 template <typename scalar_t, typename acc_t>
 void store_rows_interleaved(const acc_t* const* rows, int64_t ways, int64_t ld, int64_t channels, const acc_t* bias,
                             scalar_t* dst, const Strides& st, const int64_t* step, const int64_t* offset,
-                            const int64_t* grid, int64_t m_begin, int64_t m_end, const int64_t* frame = nullptr) {
+                            const int64_t* grid, int64_t m_begin, int64_t m_end, const int64_t* frame = nullptr,
+                            bool stream = false) {
   const int64_t s = step[2];
   const std::vector<StoreRun>& runs = store_runs(st, step, offset, grid, frame ? frame : grid, m_begin, m_end);
   for (int64_t c = 0; c < channels; ++c) {
@@ -618,6 +620,12 @@ void store_rows_interleaved(const acc_t* const* rows, int64_t ways, int64_t ld, 
       scalar_t* row = d + run.dst;
       if (ways == 2) {
         const acc_t *r0 = rows[0] + at, *r1 = rows[1] + at;
+        if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<acc_t, float>) {
+          if (s == 2) {  // (AVX-512 permutes, and streaming stores for large outputs)
+            interleave2(r0 + first, r1 + first, b, stop - first, row + 2 * first, stream);
+            continue;
+          }
+        }
         if (s == 2) {  // the whole run is contiguous: a constant stride, so the loop vectorises
           for (int64_t j = first; j < stop; ++j) {
             row[2 * j] = narrow_to<scalar_t>(r0[j] + b);

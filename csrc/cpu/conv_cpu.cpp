@@ -44,6 +44,7 @@ constexpr int64_t kTeamTile = 128;  // grid tiles: a team's results fit kColumnB
 constexpr int64_t kJobsPerThread = 4;  // grid tiles: at least this many jobs per thread, where tiles allow
 constexpr int64_t kMinGridTile = 512;  // grid tiles: not shorter than this, to have more jobs
 constexpr int64_t kGridWindowBytes = int64_t(512) << 10;  // conv grid tiles: a tile's windows, where A is small
+constexpr int64_t kStreamBytes = int64_t(8) << 20;  // conv_transpose outputs this large: streaming stores
 
 // ---------------------------------------------------------------------------------------------------------
 // conv: Y = conv(X, W) + bias
@@ -663,7 +664,7 @@ void grid_tile_job(const ConvParams& p, const TransposePlan& plan, const Team& t
 // Stores a grid-tiled job's results (grid_tile_job) image by image, the team's interleaving phases together.
 template <typename scalar_t, typename acc_t>
 void grid_tile_store(const ConvParams& p, const TransposePlan& plan, const Team& team, const TransposeJob& job,
-                     const acc_t* out, const acc_t* bias, scalar_t* x_g, const Strides& sx) {
+                     const acc_t* out, const acc_t* bias, scalar_t* x_g, const Strides& sx, bool stream) {
   const int64_t Cxg = p.big_group(), cnt = job.m1 - job.m0;
   const PhaseSet& lead = plan.sets[team.sets[0]];
   const int64_t* grid = plan.phases[lead.members[0]].grid;
@@ -676,7 +677,8 @@ void grid_tile_store(const ConvParams& p, const TransposePlan& plan, const Team&
       if (grp.size() == 1) {
         store_rows(rows[0], cnt, Cxg, bias, x_n, sx, p.stride, r, grid, a, b, lead.layout);
       } else {
-        store_rows_interleaved(rows, grp.size(), cnt, Cxg, bias, x_n, sx, p.stride, r, grid, a, b, lead.layout);
+        store_rows_interleaved(rows, grp.size(), cnt, Cxg, bias, x_n, sx, p.stride, r, grid, a, b, lead.layout,
+                               stream);
       }
     }
   });
@@ -782,6 +784,11 @@ void conv_transpose_kernel(const ConvParams& p, const scalar_t* y, const Strides
 
   // (grid tiles: a job covers all images, and its flops are the whole batch's share)
   const int64_t images = plan.grid_tiles ? 1 : p.batch;
+  // Outputs of kStreamBytes or more are written with non-temporal stores where the kernel writes runs of two
+  // interleaved phases (stride 2): no read of each output line before it is written (fresh memory, or not in cache
+  // anyway), at the cost of the output not being left in cache. Measured: 3d U-Net k=2 (8 and 128 MiB outputs)
+  // x0.77 and x0.73 time, DCGAN (16 MiB) x0.97.
+  const bool stream = p.batch * p.big_channels * p.big_spatial() * int64_t(sizeof(scalar_t)) >= kStreamBytes;
   at::parallel_for(0, images * G * J, grain(plan.flops / std::max<int64_t>(1, J)), [&](int64_t begin, int64_t end) {
     acc_t* col =
         plan.grid_tiles ? nullptr : scratch<acc_t, 0>(cpu::packed_size(plan.max_tile, plan.max_rows, sets[0].gt.nr));
@@ -794,7 +801,8 @@ void conv_transpose_kernel(const ConvParams& p, const scalar_t* y, const Strides
       const scalar_t* y_g = y + n * sy.n + g * Cyg * sy.c;
       if (plan.grid_tiles) {
         grid_tile_job<scalar_t, acc_t>(p, plan, team, job, g, y + g * Cyg * sy.c, sy, operand, out);
-        grid_tile_store<scalar_t, acc_t>(p, plan, team, job, out, ba ? ba + g * Cxg : nullptr, x + g * Cxg * sx.c, sx);
+        grid_tile_store<scalar_t, acc_t>(p, plan, team, job, out, ba ? ba + g * Cxg : nullptr, x + g * Cxg * sx.c, sx,
+                                         stream);
         continue;
       }
       if (team.shared) {  // (the same sums, in the same order, as below)
@@ -846,10 +854,12 @@ void conv_transpose_kernel(const ConvParams& p, const scalar_t* y, const Strides
         } else {
           const acc_t* rows[kMaxInterleave];
           for (size_t w = 0; w < grp.size(); ++w) rows[w] = out + grp[w] * Cxg * cnt;
-          store_rows_interleaved(rows, grp.size(), cnt, Cxg, b_g, x_g, sx, p.stride, r, grid, job.m0, job.m1, frame);
+          store_rows_interleaved(rows, grp.size(), cnt, Cxg, b_g, x_g, sx, p.stride, r, grid, job.m0, job.m1, frame,
+                                 stream);
         }
       }
     }
+    if (stream) cpu::stream_fence();  // (this thread's streamed output, before the caller reads it)
   });
 }
 

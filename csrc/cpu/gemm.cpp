@@ -643,6 +643,60 @@ bool gather_strided_rows(const float* src, const int64_t* offsets, int64_t taps,
   return gather_strided_rows_portable(src, offsets, taps, stride, width, dst);
 }
 
+namespace {
+void interleave2_portable(const float* a, const float* c, float bias, int64_t n, float* dst) {
+  for (int64_t j = 0; j < n; ++j) {
+    dst[2 * j] = a[j] + bias;
+    dst[2 * j + 1] = c[j] + bias;
+  }
+}
+
+#if TORCH_CONVT_X86
+__attribute__((target("avx512f"))) void interleave2_avx512(const float* a, const float* c, float bias, int64_t n,
+                                                           float* dst, bool stream) {
+  int64_t j = 0;
+  if (stream)  // up to a 64-byte line of dst (a whole number of pairs: dst is float-aligned, so 8 bytes apart)
+    for (; j < n && (reinterpret_cast<uintptr_t>(dst + 2 * j) & 63) != 0; ++j) {
+      dst[2 * j] = a[j] + bias;
+      dst[2 * j + 1] = c[j] + bias;
+    }
+  const __m512 vb = _mm512_set1_ps(bias);
+  const __m512i lo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+  const __m512i hi = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+  const bool aligned = stream && (reinterpret_cast<uintptr_t>(dst + 2 * j) & 63) == 0;
+  for (; j + 16 <= n; j += 16) {
+    const __m512 va = _mm512_add_ps(_mm512_loadu_ps(a + j), vb), vc = _mm512_add_ps(_mm512_loadu_ps(c + j), vb);
+    const __m512 v0 = _mm512_permutex2var_ps(va, lo, vc), v1 = _mm512_permutex2var_ps(va, hi, vc);
+    if (aligned) {
+      _mm512_stream_ps(dst + 2 * j, v0);
+      _mm512_stream_ps(dst + 2 * j + 16, v1);
+    } else {
+      _mm512_storeu_ps(dst + 2 * j, v0);
+      _mm512_storeu_ps(dst + 2 * j + 16, v1);
+    }
+  }
+  for (; j < n; ++j) {
+    dst[2 * j] = a[j] + bias;
+    dst[2 * j + 1] = c[j] + bias;
+  }
+}
+#endif
+}  // namespace
+
+void interleave2(const float* a, const float* c, float bias, int64_t n, float* dst, bool stream) {
+#if TORCH_CONVT_X86
+  static const bool avx512 = __builtin_cpu_supports("avx512f");
+  if (avx512) return interleave2_avx512(a, c, bias, n, dst, stream);
+#endif
+  interleave2_portable(a, c, bias, n, dst);
+}
+
+void stream_fence() {
+#if TORCH_CONVT_X86
+  _mm_sfence();
+#endif
+}
+
 const char* gemm_isa() {
   return kernel<float>().isa;
 }

@@ -76,6 +76,16 @@ void pack_panels(const Src* src, int64_t row_stride, int64_t depth_stride, int64
 bool gather_strided_rows(const float* src, const int64_t* offsets, int64_t taps, int64_t stride, int64_t width,
                          float* dst);
 
+// dst[2j] = a[j] + bias, dst[2j + 1] = c[j] + bias for j < n: two rows interleaved (a stride-2 transposed
+// layer's phases). With `stream`, whole 64-byte lines of dst are written with non-temporal stores (no read of
+// the line first, and it bypasses the caches: for outputs far larger than the caches). AVX-512 where the CPU has
+// it.
+void interleave2(const float* a, const float* c, float bias, int64_t n, float* dst, bool stream);
+
+// Orders the calling thread's non-temporal stores before its later stores (sfence): where a thread's streamed
+// output is done, before other threads may read it.
+void stream_fence();
+
 // C = A . B (+ C) with A packed as [M / MR][K][MR] and B as [N / NR][K][NR] (packed_index with depth K). A's
 // panels may lie `a_stride` elements apart instead of K*MR (a_stride > 0): A is then a K-deep part of a deeper
 // packed operand (the weight gradient's tap-shifted windows).
