@@ -333,6 +333,21 @@ def test_conv_grid_tiles(case, dtype):
     check_parity(ours, ref, (x, w, b), dict(stride=stride, padding=padding, dilation=dilation))
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+@pytest.mark.parametrize("case", [((2, 16, 12, 14), (128, 16, 4, 4), 2, 1), ((2, 16, 20, 20), (128, 16, 3, 3), 1, 0)],
+                         ids=["stride2_padded", "input_is_frame"])
+def test_weight_grad_grid_points(case, dtype):
+    """Weight gradients of 128+ output channels sum over the grid points of Y only (the frame's points off the grid,
+    where Y is zero, are skipped through a column map): a padded stride-2 frame, and an input that is its own
+    frame (read in place)."""
+    in_shape, w_shape, stride, padding = case
+    nd = len(in_shape) - 2
+    torch.manual_seed(8)
+    x, w = torch.randn(in_shape, dtype=dtype), torch.randn(w_shape, dtype=dtype)
+    ours, ref = fn_pair("conv", nd)
+    check_parity(ours, ref, (x, w), dict(stride=stride, padding=padding))
+
+
 WIDE_TILES = [
     # (input shape, weight shape, stride, padding, dilation): convolutions whose packed weights (output channels x
     # input channels x taps) outgrow L2, so the CPU conv takes position tiles several times its column tile, and

@@ -705,6 +705,32 @@ void frame_rows(const Frame& fr, const scalar_t* src, int64_t channels, const in
     }
 }
 
+// frame_rows for the grid points [m0, m1) of one image (flat over `grid`), read through grid_windows' column map:
+// col[(c*T + t)*ld + j] = column row (c, t) at grid point m0 + j, copied line by line (the frame's points off the
+// grid are skipped).
+template <typename scalar_t, typename acc_t>
+void frame_rows_grid(const Frame& fr, const int64_t* grid, const scalar_t* src, int64_t channels,
+                     const int64_t* extent, const Strides& st, int64_t m0, int64_t m1, acc_t* col, int64_t ld) {
+  thread_local std::vector<int64_t> cols;
+  thread_local std::vector<std::array<int64_t, 3>> runs;  // (first column, its window offset, length)
+  const Windows<acc_t> w =
+      grid_windows<scalar_t, acc_t>(fr, grid, src, 0, channels, extent, st, m0, m1, fr.min_off, fr.span, cols);
+  runs.clear();
+  for (int64_t j = 0, count = m1 - m0; j < count;) {
+    int64_t e = j + 1;
+    while (e < count && cols[e] == cols[j] + (e - j)) ++e;
+    runs.push_back({j, cols[j], e - j});
+    j = e;
+  }
+  const int64_t T = static_cast<int64_t>(fr.tap_off.size());
+  for (int64_t c = 0; c < channels; ++c)
+    for (int64_t t = 0; t < T; ++t) {
+      const acc_t* s = w.data + c * w.channel_stride + fr.tap_plane[t] * w.plane_stride + fr.tap_off[t] - fr.min_off;
+      acc_t* dst = col + (c * T + t) * ld;
+      for (const auto& run : runs) std::copy(s + run[1], s + run[1] + run[2], dst + run[0]);
+    }
+}
+
 // rows[c*ld + m - m_begin] = src at channel c and grid point m (strides `st`), for m in [m_begin, m_end) flat over
 // `frame` (>= grid in every dim): zero at the frame points off the grid. The reverse of store_rows.
 template <typename scalar_t, typename acc_t>
