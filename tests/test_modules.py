@@ -224,6 +224,26 @@ def test_ct_padding_mode_changed_after_construction(nd):
     assert str(info.value)
 
 
+@pytest.mark.parametrize("nd", DIMS, ids=[f"{d}d" for d in DIMS])
+def test_ct_geometry_changed_after_calls(nd):
+    """The modules keep the op's geometry lists while their attributes stay the same objects: changing stride,
+    padding, output_padding, dilation or groups after calls (new tuples, a list, even a list changed in place) must
+    take effect as in torch.nn."""
+    # (no bias: a new groups count changes the output channels the weight stands for)
+    ours, ref = _pair("ct", nd, dict(in_channels=4, out_channels=4, kernel_size=3, stride=2, padding=1, bias=False))
+    x = torch.randn((2, 4) + (5,) * nd)
+    changes = [("stride", (3,) * nd), ("padding", (2,) * nd), ("output_padding", (1,) * nd), ("dilation", (2,) * nd),
+               ("padding", (0,) * nd), ("groups", 2), ("stride", [1] * nd), ("output_padding", (0,) * nd)]
+    for name, value in changes:
+        assert_close(ours(x), ref(x))
+        setattr(ours, name, value)
+        setattr(ref, name, value)
+        assert_close(ours(x), ref(x))
+    ours.stride[0] = 2  # (a list, changed in place)
+    ref.stride[0] = 2
+    assert_close(ours(x), ref(x))
+
+
 # ----------------------------------------------------------------------------------------------------------
 # output_size
 # ----------------------------------------------------------------------------------------------------------

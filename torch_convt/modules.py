@@ -6,10 +6,12 @@ ConvTranspose constructor rejects: padding_mode 'reflect' / 'replicate' / 'circu
 (see torch_convt.functional); they are stored in the attributes torch's Conv uses (`padding_mode`, a string
 `padding`), so repr shows them as torch's Conv repr does, and the state_dict is unchanged.
 """
+import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from . import functional as TF
+from . import ops
 
 __all__ = ["ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d", "Conv1d", "Conv2d", "Conv3d"]
 
@@ -48,7 +50,34 @@ def _same_output_size(module, input, output_size, dims):
                          f"is input * stride = {expected} (for an input of {list(input.shape[-dims:])})")
 
 
+def _plain_geometry(module, dims, fn):
+    """The op's geometry lists of a module with numeric padding and padding_mode 'zeros', kept on the module while its
+    attributes stay the same (tuple) objects (they are validated once, by the functional layer's argument checks);
+    None for string padding or another padding_mode, which take the functional path."""
+    key = (module.stride, module.padding, module.output_padding, module.dilation, module.groups, module.padding_mode,
+           module.out_channels)
+    cached = module.__dict__.get("_torch_convt_geometry")
+    if cached is not None and len(cached[0]) == len(key) and all(a is b for a, b in zip(cached[0], key)):
+        return cached[1]
+    geometry = None
+    if module.padding_mode == "zeros" and not isinstance(module.padding, str) and module.out_channels > 0:
+        geometry = (TF._expand("stride", fn, module.stride, dims), TF._expand("padding", fn, module.padding, dims),
+                    TF._expand("output_padding", fn, module.output_padding, dims),
+                    TF._expand("dilation", fn, module.dilation, dims), module.groups)
+        if any(len(v) != dims for v in geometry[:4]):
+            geometry = None  # (a wrong length: the functional path reports it)
+    if all(type(v) is tuple for v in key[:4]):  # (immutable: identity stands for the values)
+        module.__dict__["_torch_convt_geometry"] = (key, geometry)
+    return geometry
+
+
 def _conv_transpose_forward(module, input, output_size, dims, fn):
+    if output_size is None:
+        # the common call (numeric padding, 'zeros', a batched input): straight to the op with the module's geometry,
+        # checked once (a small layer's call: -3 us)
+        geometry = _plain_geometry(module, dims, fn.__name__)
+        if geometry is not None and isinstance(input, torch.Tensor) and input.dim() == dims + 2:
+            return ops.conv_transpose(input, module.weight, module.bias, *geometry)
     padding = module.padding
     if padding == "same":
         if output_size is not None:
