@@ -307,6 +307,42 @@ def test_large_outputs_streamed(case):
     assert out.numel() * 4 >= 8 << 20
 
 
+HALF_STORES = [
+    # (op, input shape, weight shape, stride): 16-bit outputs stored through the vectorised narrowing stores
+    ("ct", (2, 64, 5, 6, 19), (64, 8, 2, 2, 2), 2),       # two phases interleaved, runs of 19 (16 + a tail)
+    ("ct", (2, 48, 7, 37), (48, 8, 3, 2), (2, 1)),        # stride 1 innermost: plain rows, runs of 38
+    ("ct", (1, 16, 128, 1024), (16, 16, 2, 2), 2),        # 8 MiB of output: streamed lines
+    ("conv", (2, 32, 11, 40), (16, 32, 3, 3), 1),         # conv's output rows
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bfloat16", "float16"])
+@pytest.mark.parametrize("case", HALF_STORES, ids=["interleaved", "rows", "streamed", "conv"])
+def test_half_precision_stores_round_to_nearest_even(case, dtype):
+    """bfloat16 and float16 outputs are rounded from the float sums as torch rounds (to nearest, ties to even; NaN
+    stays NaN). Small integers make every sum exact in float whatever its order, and many of them are not
+    representable in 16 bits, so each output must equal torch's float64 result rounded to the dtype, bit for bit; a
+    NaN bias puts NaN in one channel."""
+    op, in_shape, w_shape, stride = case
+    nd = len(in_shape) - 2
+    g = torch.Generator().manual_seed(11)
+    r = 8 if dtype == torch.bfloat16 else 32  # (sums past 256 and 2048, where the dtypes start rounding integers)
+    x = torch.randint(-r, r + 1, in_shape, generator=g).to(dtype)
+    w = torch.randint(-r, r + 1, w_shape, generator=g).to(dtype)
+    out_channels = w_shape[1] if op == "ct" else w_shape[0]
+    b = (torch.randint(-64, 65, (out_channels,), generator=g) + 0.5).to(dtype)
+    b[1] = float("nan")
+    ours, ref = (ours_ct(nd), torch_ct(nd)) if op == "ct" else (ours_conv(nd), torch_conv(nd))
+    got = ours(x, w, b, stride=stride)
+    exact = ref(x.double(), w.double(), b.double(), stride=stride)
+    want = exact.to(dtype)
+    assert got.dtype == dtype and got.shape == want.shape
+    nan = want.isnan()
+    assert torch.equal(got.isnan(), nan) and nan[:, 1].all() and nan.sum() == nan[:, 1].numel()
+    assert torch.equal(got[~nan].view(torch.int16), want[~nan].view(torch.int16))
+    assert (want[~nan].double() != exact[~nan]).float().mean() > 0.2  # (the case rounds, often)
+
+
 CONV_GRID_TILES = [
     # (input shape, weight shape, stride, padding, dilation, channels_last): convolutions whose frame has points off
     # the output grid, so the CPU conv tiles the grid points of the whole batch through a column map; each case

@@ -204,6 +204,11 @@ void gather_columns(const scalar_t* src, int64_t channels, const int64_t* extent
   layout.zero_padding(col, channels * T, m_end - m_begin);
 }
 
+// Whether scalar_t is a 16-bit float accumulated in float (its rows are stored through narrow_rows16).
+template <typename scalar_t, typename acc_t>
+constexpr bool is_float16 = (std::is_same_v<scalar_t, c10::BFloat16> || std::is_same_v<scalar_t, c10::Half>) &&
+                            std::is_same_v<acc_t, float>;
+
 // acc_t -> scalar_t as static_cast does (bfloat16: round to nearest even, NaN -> quiet NaN), but branch-free, so
 // the output stores of bfloat16 layers are not dominated by the conversion.
 template <typename scalar_t, typename acc_t>
@@ -221,10 +226,6 @@ inline scalar_t narrow_to(acc_t v) {
 // The innermost-dim runs of [m_begin, m_end) over the row-major extents `fr` (>= grid) that lie inside `grid`,
 // as stores see them: dst offset of the run's point j = 0, rows offset of it, and the run's [first, stop).
 // Computed once per store, shared by all channels. (The calling thread's; valid until its next call.)
-struct StoreRun {
-  int64_t dst, src, first, stop;
-};
-
 inline const std::vector<StoreRun>& store_runs(const Strides& st, const int64_t* step, const int64_t* offset,
                                                const int64_t* grid, const int64_t* fr, int64_t m_begin,
                                                int64_t m_end) {
@@ -247,6 +248,13 @@ void store_rows(const acc_t* rows, int64_t ld, int64_t channels, const acc_t* bi
                 int64_t m_begin, int64_t m_end, const int64_t* frame = nullptr) {
   const int64_t inner = step[2] * st.s[2];
   const std::vector<StoreRun>& runs = store_runs(st, step, offset, grid, frame ? frame : grid, m_begin, m_end);
+  if constexpr (is_float16<scalar_t, acc_t>) {
+    if (rows && inner == 1) {  // (all channels in one call)
+      narrow_rows16(rows, nullptr, StoreChannels{channels, ld, st.c, bias}, runs.data(), runs.size(),
+                    reinterpret_cast<uint16_t*>(dst), std::is_same_v<scalar_t, c10::BFloat16>, false);
+      return;
+    }
+  }
   for (int64_t c = 0; c < channels; ++c) {
     const acc_t b = bias ? bias[c] : acc_t(0);
     scalar_t* d = dst + c * st.c;
@@ -612,6 +620,15 @@ void store_rows_interleaved(const acc_t* const* rows, int64_t ways, int64_t ld, 
                             bool stream = false) {
   const int64_t s = step[2];
   const std::vector<StoreRun>& runs = store_runs(st, step, offset, grid, frame ? frame : grid, m_begin, m_end);
+  if (ways == 2 && s == 2) {  // (AVX-512, streaming stores for large outputs; all channels and runs in one call)
+    if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<acc_t, float>) {
+      return interleave2(rows[0], rows[1], StoreChannels{channels, ld, st.c, bias}, runs.data(), runs.size(), dst,
+                         stream);
+    } else if constexpr (is_float16<scalar_t, acc_t>) {
+      return narrow_rows16(rows[0], rows[1], StoreChannels{channels, ld, st.c, bias}, runs.data(), runs.size(),
+                           reinterpret_cast<uint16_t*>(dst), std::is_same_v<scalar_t, c10::BFloat16>, stream);
+    }
+  }
   for (int64_t c = 0; c < channels; ++c) {
     const acc_t b = bias ? bias[c] : acc_t(0);
     scalar_t* d = dst + c * st.c;
@@ -620,12 +637,6 @@ void store_rows_interleaved(const acc_t* const* rows, int64_t ways, int64_t ld, 
       scalar_t* row = d + run.dst;
       if (ways == 2) {
         const acc_t *r0 = rows[0] + at, *r1 = rows[1] + at;
-        if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<acc_t, float>) {
-          if (s == 2) {  // (AVX-512 permutes, and streaming stores for large outputs)
-            interleave2(r0 + first, r1 + first, b, stop - first, row + 2 * first, stream);
-            continue;
-          }
-        }
         if (s == 2) {  // the whole run is contiguous: a constant stride, so the loop vectorises
           for (int64_t j = first; j < stop; ++j) {
             row[2 * j] = narrow_to<scalar_t>(r0[j] + b);

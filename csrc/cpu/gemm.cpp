@@ -10,12 +10,14 @@
 // so no AVX-512 instruction can leak into code that runs elsewhere.
 #include "gemm.h"
 
+#include <c10/util/Half.h>
 #include <c10/util/complex.h>
 
 #include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <chrono>
+#include <cstring>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -644,51 +646,167 @@ bool gather_strided_rows(const float* src, const int64_t* offsets, int64_t taps,
 }
 
 namespace {
-void interleave2_portable(const float* a, const float* c, float bias, int64_t n, float* dst) {
+// The stores of one run; narrow: 16-bit floats (uint16_t), rounded as c10 does; else float.
+uint16_t narrow16_portable(float v, bool bf16) {
+  if (bf16) {
+    uint32_t bits;
+    std::memcpy(&bits, &v, sizeof(bits));
+    return static_cast<uint16_t>(v != v ? 0x7FC0u : (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
+  }
+  return c10::Half(v).x;
+}
+
+template <typename D>
+void store_run_portable(const float* a, const float* c, float bias, int64_t n, D* dst, bool bf16) {
+  const auto put = [&](float v) {
+    if constexpr (std::is_same_v<D, float>) {
+      return v;
+    } else {
+      return narrow16_portable(v, bf16);
+    }
+  };
   for (int64_t j = 0; j < n; ++j) {
-    dst[2 * j] = a[j] + bias;
-    dst[2 * j + 1] = c[j] + bias;
+    if (c) {
+      dst[2 * j] = put(a[j] + bias);
+      dst[2 * j + 1] = put(c[j] + bias);
+    } else {
+      dst[j] = put(a[j] + bias);
+    }
+  }
+}
+
+template <typename D>
+void store_runs_portable(const float* a, const float* c, const StoreChannels& ch, const StoreRun* runs,
+                         int64_t count, D* dst, bool bf16) {
+  for (int64_t k = 0; k < ch.channels; ++k) {
+    const float bias = ch.bias ? ch.bias[k] : 0.0f;
+    const float *ak = a + k * ch.ld, *ck = c ? c + k * ch.ld : nullptr;
+    D* dk = dst + k * ch.dst_stride;
+    for (const StoreRun* run = runs; run != runs + count; ++run)
+      store_run_portable(ak + run->src + run->first, ck ? ck + run->src + run->first : nullptr, bias,
+                         run->stop - run->first, dk + run->dst + (c ? 2 : 1) * run->first, bf16);
   }
 }
 
 #if TORCH_CONVT_X86
-__attribute__((target("avx512f"))) void interleave2_avx512(const float* a, const float* c, float bias, int64_t n,
-                                                           float* dst, bool stream) {
-  int64_t j = 0;
-  if (stream)  // up to a 64-byte line of dst (a whole number of pairs: dst is float-aligned, so 8 bytes apart)
-    for (; j < n && (reinterpret_cast<uintptr_t>(dst + 2 * j) & 63) != 0; ++j) {
-      dst[2 * j] = a[j] + bias;
-      dst[2 * j + 1] = c[j] + bias;
-    }
-  const __m512 vb = _mm512_set1_ps(bias);
+// (GCC 12 warns inside its own AVX-512 intrinsics, whose "undefined" pass-through operands it takes for uninitialised)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+__attribute__((target("avx512f"))) inline __m256i narrow16_avx512(__m512 v, bool bf16) {
+  if (!bf16) return _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512i bits = _mm512_castps_si512(v);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF))), 16);
+  r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+  return _mm512_cvtepi32_epi16(r);
+}
+
+// bfloat16 of v (rounded to nearest even, NaN -> 0x7fc0) in the high 16 bits of each 32-bit lane; the low bits
+// are garbage.
+__attribute__((target("avx512f"))) inline __m512i bf16_high_avx512(__m512 v) {
+  const __m512i bits = _mm512_castps_si512(v);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  const __m512i r = _mm512_add_epi32(_mm512_add_epi32(bits, _mm512_set1_epi32(0x7FFF)), odd);
+  return _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC00000));
+}
+
+// The 16 pairs (a_j, c_j) as 32 16-bit floats, interleaved: each pair is one 32-bit lane (a low, c high), so no
+// permutes.
+__attribute__((target("avx512f"))) inline __m512i pairs16_avx512(__m512 va, __m512 vc, bool bf16) {
+  if (bf16)  // (a >> 16) | (c & 0xffff0000)
+    return _mm512_ternarylogic_epi32(_mm512_srli_epi32(bf16_high_avx512(va), 16), bf16_high_avx512(vc),
+                                     _mm512_set1_epi32(int(0xFFFF0000u)), 0xF8);  // A | (B & C)
+  const __m512i ha = _mm512_cvtepu16_epi32(_mm512_cvtps_ph(va, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  const __m512i hc = _mm512_cvtepu16_epi32(_mm512_cvtps_ph(vc, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  return _mm512_or_si512(ha, _mm512_slli_epi32(hc, 16));
+}
+
+// 16 values (a 64-byte line of float, 32 bytes of 16-bit floats) at dst.
+__attribute__((target("avx512f"))) inline void put16_avx512(__m512 v, float* dst, bool, bool stream) {
+  if (stream) {
+    _mm512_stream_ps(dst, v);
+  } else {
+    _mm512_storeu_ps(dst, v);
+  }
+}
+__attribute__((target("avx512f"))) inline void put16_avx512(__m512 v, uint16_t* dst, bool bf16, bool stream) {
+  if (stream) {
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(dst), narrow16_avx512(v, bf16));
+  } else {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), narrow16_avx512(v, bf16));
+  }
+}
+
+// With `stream`, whole 64-byte lines of an interleaved run's dst are streamed (the run's head up to the first
+// line boundary, and its tail, are stored plainly).
+template <typename D>
+__attribute__((target("avx512f"))) void store_runs_avx512(const float* a, const float* c, const StoreChannels& ch,
+                                                          const StoreRun* runs, int64_t count, D* dst, bool bf16,
+                                                          bool stream) {
   const __m512i lo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
   const __m512i hi = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
-  const bool aligned = stream && (reinterpret_cast<uintptr_t>(dst + 2 * j) & 63) == 0;
-  for (; j + 16 <= n; j += 16) {
-    const __m512 va = _mm512_add_ps(_mm512_loadu_ps(a + j), vb), vc = _mm512_add_ps(_mm512_loadu_ps(c + j), vb);
-    const __m512 v0 = _mm512_permutex2var_ps(va, lo, vc), v1 = _mm512_permutex2var_ps(va, hi, vc);
-    if (aligned) {
-      _mm512_stream_ps(dst + 2 * j, v0);
-      _mm512_stream_ps(dst + 2 * j + 16, v1);
-    } else {
-      _mm512_storeu_ps(dst + 2 * j, v0);
-      _mm512_storeu_ps(dst + 2 * j + 16, v1);
+  constexpr uintptr_t kPair = 2 * sizeof(D);  // bytes of an interleaved pair
+  for (int64_t k = 0; k < ch.channels; ++k) {
+    const float bias = ch.bias ? ch.bias[k] : 0.0f;
+    const __m512 vb = _mm512_set1_ps(bias);
+    const float *ak = a + k * ch.ld, *ck = c ? c + k * ch.ld : nullptr;
+    D* dk = dst + k * ch.dst_stride;
+    for (const StoreRun* run = runs; run != runs + count; ++run) {
+      const float *ra = ak + run->src, *rc = c ? ck + run->src : nullptr;
+      D* d = dk + run->dst;
+      int64_t j = run->first;
+      const int64_t n = run->stop;
+      bool aligned = false;
+      if (c && stream) {
+        int64_t head = j;
+        while (head < n && (reinterpret_cast<uintptr_t>(d + 2 * head) & 63) != 0) ++head;
+        aligned = (reinterpret_cast<uintptr_t>(d + 2 * head) & 63) == 0 && (64 % kPair) == 0;
+        if (!aligned) head = j;  // (dst not aligned to a pair: plain stores)
+        store_run_portable(ra + j, rc + j, bias, head - j, d + 2 * j, bf16);
+        j = head;
+      }
+      for (; j + 16 <= n; j += 16) {
+        const __m512 va = _mm512_add_ps(_mm512_loadu_ps(ra + j), vb);
+        if (c) {
+          const __m512 vc = _mm512_add_ps(_mm512_loadu_ps(rc + j), vb);
+          if constexpr (std::is_same_v<D, float>) {
+            put16_avx512(_mm512_permutex2var_ps(va, lo, vc), d + 2 * j, bf16, aligned);
+            put16_avx512(_mm512_permutex2var_ps(va, hi, vc), d + 2 * j + 16, bf16, aligned);
+          } else if (aligned) {
+            _mm512_stream_si512(reinterpret_cast<__m512i*>(d + 2 * j), pairs16_avx512(va, vc, bf16));
+          } else {
+            _mm512_storeu_si512(d + 2 * j, pairs16_avx512(va, vc, bf16));
+          }
+        } else {
+          put16_avx512(va, d + j, bf16, false);
+        }
+      }
+      if (j < n) store_run_portable(ra + j, rc ? rc + j : nullptr, bias, n - j, d + (c ? 2 : 1) * j, bf16);
     }
   }
-  for (; j < n; ++j) {
-    dst[2 * j] = a[j] + bias;
-    dst[2 * j + 1] = c[j] + bias;
-  }
 }
+#pragma GCC diagnostic pop
 #endif
-}  // namespace
 
-void interleave2(const float* a, const float* c, float bias, int64_t n, float* dst, bool stream) {
+template <typename D>
+void store_runs_any(const float* a, const float* c, const StoreChannels& ch, const StoreRun* runs, int64_t count, D* dst,
+                    bool bf16, bool stream) {
 #if TORCH_CONVT_X86
   static const bool avx512 = __builtin_cpu_supports("avx512f");
-  if (avx512) return interleave2_avx512(a, c, bias, n, dst, stream);
+  if (avx512) return store_runs_avx512(a, c, ch, runs, count, dst, bf16, stream);
 #endif
-  interleave2_portable(a, c, bias, n, dst);
+  store_runs_portable(a, c, ch, runs, count, dst, bf16);
+}
+}  // namespace
+
+void interleave2(const float* a, const float* c, const StoreChannels& ch, const StoreRun* runs, int64_t count,
+                 float* dst, bool stream) {
+  store_runs_any(a, c, ch, runs, count, dst, false, stream);
+}
+
+void narrow_rows16(const float* a, const float* c, const StoreChannels& ch, const StoreRun* runs, int64_t count,
+                   uint16_t* dst, bool bf16, bool stream) {
+  store_runs_any(a, c, ch, runs, count, dst, bf16, stream);
 }
 
 void stream_fence() {

@@ -76,11 +76,30 @@ void pack_panels(const Src* src, int64_t row_stride, int64_t depth_stride, int64
 bool gather_strided_rows(const float* src, const int64_t* offsets, int64_t taps, int64_t stride, int64_t width,
                          float* dst);
 
-// dst[2j] = a[j] + bias, dst[2j + 1] = c[j] + bias for j < n: two rows interleaved (a stride-2 transposed
-// layer's phases). With `stream`, whole 64-byte lines of dst are written with non-temporal stores (no read of
-// the line first, and it bypasses the caches: for outputs far larger than the caches). AVX-512 where the CPU has
-// it.
-void interleave2(const float* a, const float* c, float bias, int64_t n, float* dst, bool stream);
+// A run of one output channel's points: dst[dst + ways*j + w] = rows[w][src + j] for j in [first, stop).
+struct StoreRun {
+  int64_t dst, src, first, stop;
+};
+
+// The channels of a store: channel k's rows start k * ld elements after the first channel's, its output
+// k * dst_stride elements after, and it adds bias[k] (bias == nullptr: nothing).
+struct StoreChannels {
+  int64_t channels, ld, dst_stride;
+  const float* bias;
+};
+
+// Two rows interleaved (a stride-2 transposed layer's phases), channel by channel (ch) and run by run:
+// dst[run.dst + 2j] = a[run.src + j] + bias, dst[run.dst + 2j + 1] = c[run.src + j] + bias. With `stream`, whole
+// 64-byte lines of dst are written with non-temporal stores (no read of the line first, and it bypasses the
+// caches: for outputs far larger than the caches). AVX-512 where the CPU has it.
+void interleave2(const float* a, const float* c, const StoreChannels& ch, const StoreRun* runs, int64_t count,
+                 float* dst, bool stream);
+
+// The same into 16-bit floats, each value rounded to nearest even as c10's conversions do: bfloat16 (`bf16`;
+// NaN -> 0x7fc0) or IEEE half. With c == nullptr, one row: dst[run.dst + j] = a[run.src + j] + bias. (A
+// bfloat16 layer's output stores were 30% of its forward, converted one value at a time.)
+void narrow_rows16(const float* a, const float* c, const StoreChannels& ch, const StoreRun* runs, int64_t count,
+                   uint16_t* dst, bool bf16, bool stream);
 
 // Orders the calling thread's non-temporal stores before its later stores (sfence): where a thread's streamed
 // output is done, before other threads may read it.
