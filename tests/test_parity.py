@@ -307,40 +307,49 @@ def test_large_outputs_streamed(case):
     assert out.numel() * 4 >= 8 << 20
 
 
-HALF_STORES = [
-    # (op, input shape, weight shape, stride): 16-bit outputs stored through the vectorised narrowing stores
-    ("ct", (2, 64, 5, 6, 19), (64, 8, 2, 2, 2), 2),       # two phases interleaved, runs of 19 (16 + a tail)
-    ("ct", (2, 48, 7, 37), (48, 8, 3, 2), (2, 1)),        # stride 1 innermost: plain rows, runs of 38
-    ("ct", (1, 16, 128, 1024), (16, 16, 2, 2), 2),        # 8 MiB of output: streamed lines
-    ("conv", (2, 32, 11, 40), (16, 32, 3, 3), 1),         # conv's output rows
+STORE_CASES = [
+    # (op, input shape, weight shape, stride, padding): outputs stored through the vectorised stores (runs of phases
+    # interleaved in registers, 16-bit outputs rounded there)
+    ("ct", (2, 64, 5, 6, 19), (64, 8, 2, 2, 2), 2, 0),    # two phases interleaved, runs of 19 (16 + a tail)
+    ("ct", (2, 48, 7, 37), (48, 8, 3, 2), (2, 1), 0),     # stride 1 innermost: plain rows, runs of 38
+    ("ct", (1, 16, 128, 1024), (16, 16, 2, 2), 2, 0),     # 8 MiB of float32 output: streamed lines
+    ("ct", (1, 16, 5, 21), (16, 8, 4, 4), 4, 0),          # four phases interleaved
+    ("ct", (1, 8, 3, 19), (8, 4, 8, 8), 8, 0),            # eight
+    ("ct", (1, 4, 2, 17), (4, 4, 1, 16), (1, 16), 0),     # sixteen
+    ("ct", (2, 32, 45), (32, 8, 16), 8, 4),               # HiFi-GAN-like: two sets of four phases, 8 apart
+    ("conv", (2, 32, 11, 40), (16, 32, 3, 3), 1, 0),      # conv's output rows
 ]
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bfloat16", "float16"])
-@pytest.mark.parametrize("case", HALF_STORES, ids=["interleaved", "rows", "streamed", "conv"])
-def test_half_precision_stores_round_to_nearest_even(case, dtype):
-    """bfloat16 and float16 outputs are rounded from the float sums as torch rounds (to nearest, ties to even; NaN
-    stays NaN). Small integers make every sum exact in float whatever its order, and many of them are not
-    representable in 16 bits, so each output must equal torch's float64 result rounded to the dtype, bit for bit; a
-    NaN bias puts NaN in one channel."""
-    op, in_shape, w_shape, stride = case
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16],
+                         ids=["float32", "bfloat16", "float16"])
+@pytest.mark.parametrize("case", STORE_CASES, ids=["interleaved", "rows", "streamed", "ways4", "ways8", "ways16",
+                                                   "ways4_step8", "conv"])
+def test_stores_exact_and_round_to_nearest_even(case, dtype):
+    """Outputs are stored exactly, and bfloat16 and float16 ones rounded from the float sums as torch rounds (to
+    nearest, ties to even; NaN stays NaN). Small integers make every sum exact in float whatever its order, and for
+    the 16-bit types many of them are not representable, so each output must equal torch's float64 result rounded
+    to the dtype, bit for bit; a NaN bias puts NaN in one channel."""
+    op, in_shape, w_shape, stride, padding = case
     nd = len(in_shape) - 2
     g = torch.Generator().manual_seed(11)
-    r = 8 if dtype == torch.bfloat16 else 32  # (sums past 256 and 2048, where the dtypes start rounding integers)
+    r = 8 if dtype == torch.bfloat16 else 32  # (sums past 256 and 2048, where the 16-bit types round integers)
     x = torch.randint(-r, r + 1, in_shape, generator=g).to(dtype)
     w = torch.randint(-r, r + 1, w_shape, generator=g).to(dtype)
     out_channels = w_shape[1] if op == "ct" else w_shape[0]
     b = (torch.randint(-64, 65, (out_channels,), generator=g) + 0.5).to(dtype)
     b[1] = float("nan")
     ours, ref = (ours_ct(nd), torch_ct(nd)) if op == "ct" else (ours_conv(nd), torch_conv(nd))
-    got = ours(x, w, b, stride=stride)
-    exact = ref(x.double(), w.double(), b.double(), stride=stride)
+    got = ours(x, w, b, stride=stride, padding=padding)
+    exact = ref(x.double(), w.double(), b.double(), stride=stride, padding=padding)
     want = exact.to(dtype)
     assert got.dtype == dtype and got.shape == want.shape
     nan = want.isnan()
     assert torch.equal(got.isnan(), nan) and nan[:, 1].all() and nan.sum() == nan[:, 1].numel()
-    assert torch.equal(got[~nan].view(torch.int16), want[~nan].view(torch.int16))
-    assert (want[~nan].double() != exact[~nan]).float().mean() > 0.2  # (the case rounds, often)
+    view = torch.int32 if dtype == torch.float32 else torch.int16
+    assert torch.equal(got[~nan].view(view), want[~nan].view(view))
+    if dtype != torch.float32:
+        assert (want[~nan].double() != exact[~nan]).float().mean() > 0.02  # (the case rounds)
 
 
 CONV_GRID_TILES = [

@@ -204,7 +204,7 @@ void gather_columns(const scalar_t* src, int64_t channels, const int64_t* extent
   layout.zero_padding(col, channels * T, m_end - m_begin);
 }
 
-// Whether scalar_t is a 16-bit float accumulated in float (its rows are stored through narrow_rows16).
+// Whether scalar_t is a 16-bit float accumulated in float (its rows are stored through store_interleaved16).
 template <typename scalar_t, typename acc_t>
 constexpr bool is_float16 = (std::is_same_v<scalar_t, c10::BFloat16> || std::is_same_v<scalar_t, c10::Half>) &&
                             std::is_same_v<acc_t, float>;
@@ -239,6 +239,24 @@ inline const std::vector<StoreRun>& store_runs(const Strides& st, const int64_t*
   return runs;
 }
 
+// cpu::store_interleaved(16) where it takes the types and the row count (a power of two up to kMaxStoreWays; one
+// row: dense rows only): all channels and runs in one call. False where it does not.
+template <typename scalar_t, typename acc_t>
+bool store_fast(const acc_t* const* rows, int64_t ways, int64_t step, int64_t channels, int64_t ld, const acc_t* bias,
+                const std::vector<StoreRun>& runs, scalar_t* dst, int64_t dst_channel_stride, bool stream) {
+  if (ways > kMaxStoreWays || (ways & (ways - 1)) != 0 || (ways == 1 && step != 1)) return false;
+  if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<acc_t, float>) {
+    store_interleaved(rows, ways, step, StoreChannels{channels, ld, dst_channel_stride, bias}, runs.data(), runs.size(),
+                      dst, stream);
+    return true;
+  } else if constexpr (is_float16<scalar_t, acc_t>) {
+    store_interleaved16(rows, ways, step, StoreChannels{channels, ld, dst_channel_stride, bias}, runs.data(), runs.size(),
+                        reinterpret_cast<uint16_t*>(dst), std::is_same_v<scalar_t, c10::BFloat16>, stream);
+    return true;
+  }
+  return false;
+}
+
 // dst at channel c and spatial position_d = m_d*step_d + offset_d (strides `st`) = rows[c*ld + m - m_begin]
 // (+ bias[c]) over the grid of m. rows == nullptr stores the bias alone (or zero). With a `frame` (>= grid in
 // every dim), m is flat over the frame instead, and only the points inside the grid are stored.
@@ -248,13 +266,7 @@ void store_rows(const acc_t* rows, int64_t ld, int64_t channels, const acc_t* bi
                 int64_t m_begin, int64_t m_end, const int64_t* frame = nullptr) {
   const int64_t inner = step[2] * st.s[2];
   const std::vector<StoreRun>& runs = store_runs(st, step, offset, grid, frame ? frame : grid, m_begin, m_end);
-  if constexpr (is_float16<scalar_t, acc_t>) {
-    if (rows && inner == 1) {  // (all channels in one call)
-      narrow_rows16(rows, nullptr, StoreChannels{channels, ld, st.c, bias}, runs.data(), runs.size(),
-                    reinterpret_cast<uint16_t*>(dst), std::is_same_v<scalar_t, c10::BFloat16>, false);
-      return;
-    }
-  }
+  if (rows && inner == 1 && store_fast(&rows, 1, 1, channels, ld, bias, runs, dst, st.c, false)) return;
   for (int64_t c = 0; c < channels; ++c) {
     const acc_t b = bias ? bias[c] : acc_t(0);
     scalar_t* d = dst + c * st.c;
@@ -611,8 +623,8 @@ void frame_gemm(const Frame& fr, const scalar_t* src, int64_t channels, const in
 // store_rows for `ways` row blocks whose points interleave along the innermost dim: block w holds the points at
 // innermost position m2*step[2] + offset[2] + w, i.e. consecutive phases r2 = offset[2] .. offset[2]+ways-1 of a
 // transposed layer (ways <= step[2]), and dst's innermost stride is 1. Each run of `ways` output points is then
-// written at once, instead of in `ways` strided passes. With `stream`, float runs of two phases of stride 2 are
-// written with non-temporal stores (interleave2; the caller fences, cpu::stream_fence, before others read them).
+// written at once, instead of in `ways` strided passes. With `stream`, the runs that store_fast takes are written
+// with non-temporal stores (the caller fences, cpu::stream_fence, before others read them).
 template <typename scalar_t, typename acc_t>
 void store_rows_interleaved(const acc_t* const* rows, int64_t ways, int64_t ld, int64_t channels, const acc_t* bias,
                             scalar_t* dst, const Strides& st, const int64_t* step, const int64_t* offset,
@@ -620,15 +632,7 @@ void store_rows_interleaved(const acc_t* const* rows, int64_t ways, int64_t ld, 
                             bool stream = false) {
   const int64_t s = step[2];
   const std::vector<StoreRun>& runs = store_runs(st, step, offset, grid, frame ? frame : grid, m_begin, m_end);
-  if (ways == 2 && s == 2) {  // (AVX-512, streaming stores for large outputs; all channels and runs in one call)
-    if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<acc_t, float>) {
-      return interleave2(rows[0], rows[1], StoreChannels{channels, ld, st.c, bias}, runs.data(), runs.size(), dst,
-                         stream);
-    } else if constexpr (is_float16<scalar_t, acc_t>) {
-      return narrow_rows16(rows[0], rows[1], StoreChannels{channels, ld, st.c, bias}, runs.data(), runs.size(),
-                           reinterpret_cast<uint16_t*>(dst), std::is_same_v<scalar_t, c10::BFloat16>, stream);
-    }
-  }
+  if (store_fast(rows, ways, s, channels, ld, bias, runs, dst, st.c, s == ways && stream)) return;
   for (int64_t c = 0; c < channels; ++c) {
     const acc_t b = bias ? bias[c] : acc_t(0);
     scalar_t* d = dst + c * st.c;

@@ -646,7 +646,7 @@ bool gather_strided_rows(const float* src, const int64_t* offsets, int64_t taps,
 }
 
 namespace {
-// The stores of one run; narrow: 16-bit floats (uint16_t), rounded as c10 does; else float.
+// Stores of interleaved rows (store_interleaved): D is float, or uint16_t for 16-bit floats rounded as c10 rounds.
 uint16_t narrow16_portable(float v, bool bf16) {
   if (bf16) {
     uint32_t bits;
@@ -656,35 +656,31 @@ uint16_t narrow16_portable(float v, bool bf16) {
   return c10::Half(v).x;
 }
 
+// dst[step*j + w] = rows[w][j] + bias for j in [j0, j1), w < ways.
 template <typename D>
-void store_run_portable(const float* a, const float* c, float bias, int64_t n, D* dst, bool bf16) {
-  const auto put = [&](float v) {
-    if constexpr (std::is_same_v<D, float>) {
-      return v;
-    } else {
-      return narrow16_portable(v, bf16);
+void store_points_portable(const float* const* rows, int64_t ways, int64_t step, float bias, int64_t j0, int64_t j1,
+                           D* dst, bool bf16) {
+  for (int64_t j = j0; j < j1; ++j)
+    for (int64_t w = 0; w < ways; ++w) {
+      const float v = rows[w][j] + bias;
+      if constexpr (std::is_same_v<D, float>) {
+        dst[step * j + w] = v;
+      } else {
+        dst[step * j + w] = narrow16_portable(v, bf16);
+      }
     }
-  };
-  for (int64_t j = 0; j < n; ++j) {
-    if (c) {
-      dst[2 * j] = put(a[j] + bias);
-      dst[2 * j + 1] = put(c[j] + bias);
-    } else {
-      dst[j] = put(a[j] + bias);
-    }
-  }
 }
 
 template <typename D>
-void store_runs_portable(const float* a, const float* c, const StoreChannels& ch, const StoreRun* runs,
-                         int64_t count, D* dst, bool bf16) {
+void store_runs_portable(const float* const* rows, int64_t ways, int64_t step, const StoreChannels& ch,
+                         const StoreRun* runs, int64_t count, D* dst, bool bf16) {
+  const float* r[kMaxStoreWays];
   for (int64_t k = 0; k < ch.channels; ++k) {
     const float bias = ch.bias ? ch.bias[k] : 0.0f;
-    const float *ak = a + k * ch.ld, *ck = c ? c + k * ch.ld : nullptr;
-    D* dk = dst + k * ch.dst_stride;
-    for (const StoreRun* run = runs; run != runs + count; ++run)
-      store_run_portable(ak + run->src + run->first, ck ? ck + run->src + run->first : nullptr, bias,
-                         run->stop - run->first, dk + run->dst + (c ? 2 : 1) * run->first, bf16);
+    for (const StoreRun* run = runs; run != runs + count; ++run) {
+      for (int64_t w = 0; w < ways; ++w) r[w] = rows[w] + k * ch.ld + run->src;
+      store_points_portable(r, ways, step, bias, run->first, run->stop, dst + k * ch.dst_stride + run->dst, bf16);
+    }
   }
 }
 
@@ -737,51 +733,75 @@ __attribute__((target("avx512f"))) inline void put16_avx512(__m512 v, uint16_t* 
   }
 }
 
-// With `stream`, whole 64-byte lines of an interleaved run's dst are streamed (the run's head up to the first
-// line boundary, and its tail, are stored plainly).
-template <typename D>
-__attribute__((target("avx512f"))) void store_runs_avx512(const float* a, const float* c, const StoreChannels& ch,
-                                                          const StoreRun* runs, int64_t count, D* dst, bool bf16,
-                                                          bool stream) {
+// W rows (a power of two) interleaved, 16 points of each at a time: log2(W) rounds of pairwise interleaving, in
+// which vector i is interleaved with vector i + W/2 into vectors 2i and 2i + 1, leave the W*16 values in output
+// order (W = 8: 24 permutes for 128 values). Where the points lie `step` > W apart, the vectors go through a
+// buffer from which each point's W values are copied. With `stream` (step == W), whole 64-byte lines of dst are
+// written with non-temporal stores (a run's head up to the first line boundary, and its tail, are stored plainly).
+template <int W, typename D>
+__attribute__((target("avx512f"))) void store_runs_avx512(const float* const* rows, int64_t step,
+                                                          const StoreChannels& ch, const StoreRun* runs, int64_t count,
+                                                          D* dst, bool bf16, bool stream) {
   const __m512i lo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
   const __m512i hi = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
-  constexpr uintptr_t kPair = 2 * sizeof(D);  // bytes of an interleaved pair
+  constexpr uintptr_t kPoint = W * sizeof(D);  // bytes of one point's W values
+  const float* r[W];
   for (int64_t k = 0; k < ch.channels; ++k) {
     const float bias = ch.bias ? ch.bias[k] : 0.0f;
     const __m512 vb = _mm512_set1_ps(bias);
-    const float *ak = a + k * ch.ld, *ck = c ? c + k * ch.ld : nullptr;
     D* dk = dst + k * ch.dst_stride;
     for (const StoreRun* run = runs; run != runs + count; ++run) {
-      const float *ra = ak + run->src, *rc = c ? ck + run->src : nullptr;
+      for (int w = 0; w < W; ++w) r[w] = rows[w] + k * ch.ld + run->src;
       D* d = dk + run->dst;
       int64_t j = run->first;
       const int64_t n = run->stop;
       bool aligned = false;
-      if (c && stream) {
+      if (stream && W > 1 && step == W) {
         int64_t head = j;
-        while (head < n && (reinterpret_cast<uintptr_t>(d + 2 * head) & 63) != 0) ++head;
-        aligned = (reinterpret_cast<uintptr_t>(d + 2 * head) & 63) == 0 && (64 % kPair) == 0;
-        if (!aligned) head = j;  // (dst not aligned to a pair: plain stores)
-        store_run_portable(ra + j, rc + j, bias, head - j, d + 2 * j, bf16);
+        while (head < n && (reinterpret_cast<uintptr_t>(d + W * head) & 63) != 0) ++head;
+        aligned = (reinterpret_cast<uintptr_t>(d + W * head) & 63) == 0 && (kPoint >= 64 || 64 % kPoint == 0);
+        if (!aligned) head = j;  // (dst not aligned to a point: plain stores)
+        store_points_portable(r, W, step, bias, j, head, d, bf16);
         j = head;
       }
       for (; j + 16 <= n; j += 16) {
-        const __m512 va = _mm512_add_ps(_mm512_loadu_ps(ra + j), vb);
-        if (c) {
-          const __m512 vc = _mm512_add_ps(_mm512_loadu_ps(rc + j), vb);
-          if constexpr (std::is_same_v<D, float>) {
-            put16_avx512(_mm512_permutex2var_ps(va, lo, vc), d + 2 * j, bf16, aligned);
-            put16_avx512(_mm512_permutex2var_ps(va, hi, vc), d + 2 * j + 16, bf16, aligned);
-          } else if (aligned) {
-            _mm512_stream_si512(reinterpret_cast<__m512i*>(d + 2 * j), pairs16_avx512(va, vc, bf16));
-          } else {
-            _mm512_storeu_si512(d + 2 * j, pairs16_avx512(va, vc, bf16));
+        __m512 v[W];
+#pragma GCC unroll 16
+        for (int w = 0; w < W; ++w) v[w] = _mm512_add_ps(_mm512_loadu_ps(r[w] + j), vb);
+        if constexpr (W == 2 && !std::is_same_v<D, float>) {
+          if (step == W) {
+            const __m512i p = pairs16_avx512(v[0], v[1], bf16);
+            if (aligned) {
+              _mm512_stream_si512(reinterpret_cast<__m512i*>(d + 2 * j), p);
+            } else {
+              _mm512_storeu_si512(d + 2 * j, p);
+            }
+            continue;
           }
+        }
+#pragma GCC unroll 4
+        for (int h = 1; h < W; h *= 2) {
+          __m512 u[W];
+#pragma GCC unroll 8
+          for (int i = 0; i < W / 2; ++i) {
+            u[2 * i] = _mm512_permutex2var_ps(v[i], lo, v[i + W / 2]);
+            u[2 * i + 1] = _mm512_permutex2var_ps(v[i], hi, v[i + W / 2]);
+          }
+#pragma GCC unroll 16
+          for (int i = 0; i < W; ++i) v[i] = u[i];
+        }
+        if (step == W) {
+#pragma GCC unroll 16
+          for (int i = 0; i < W; ++i) put16_avx512(v[i], d + W * j + 16 * i, bf16, aligned);
         } else {
-          put16_avx512(va, d + j, bf16, false);
+          alignas(64) D buf[16 * W];
+#pragma GCC unroll 16
+          for (int i = 0; i < W; ++i) put16_avx512(v[i], buf + 16 * i, bf16, false);
+#pragma GCC unroll 16
+          for (int q = 0; q < 16; ++q) std::memcpy(d + step * (j + q), buf + W * q, W * sizeof(D));
         }
       }
-      if (j < n) store_run_portable(ra + j, rc ? rc + j : nullptr, bias, n - j, d + (c ? 2 : 1) * j, bf16);
+      if (j < n) store_points_portable(r, W, step, bias, j, n, d, bf16);
     }
   }
 }
@@ -789,24 +809,90 @@ __attribute__((target("avx512f"))) void store_runs_avx512(const float* a, const 
 #endif
 
 template <typename D>
-void store_runs_any(const float* a, const float* c, const StoreChannels& ch, const StoreRun* runs, int64_t count, D* dst,
-                    bool bf16, bool stream) {
+void store_runs_any(const float* const* rows, int64_t ways, int64_t step, const StoreChannels& ch,
+                    const StoreRun* runs, int64_t count, D* dst, bool bf16, bool stream) {
 #if TORCH_CONVT_X86
   static const bool avx512 = __builtin_cpu_supports("avx512f");
-  if (avx512) return store_runs_avx512(a, c, ch, runs, count, dst, bf16, stream);
+  if (avx512) {
+    switch (ways) {
+      case 1: return store_runs_avx512<1>(rows, step, ch, runs, count, dst, bf16, false);
+      case 2: return store_runs_avx512<2>(rows, step, ch, runs, count, dst, bf16, stream);
+      case 4: return store_runs_avx512<4>(rows, step, ch, runs, count, dst, bf16, stream);
+      case 8: return store_runs_avx512<8>(rows, step, ch, runs, count, dst, bf16, stream);
+      case 16: return store_runs_avx512<16>(rows, step, ch, runs, count, dst, bf16, stream);
+      default: break;
+    }
+  }
 #endif
-  store_runs_portable(a, c, ch, runs, count, dst, bf16);
+  store_runs_portable(rows, ways, step, ch, runs, count, dst, bf16);
 }
 }  // namespace
 
-void interleave2(const float* a, const float* c, const StoreChannels& ch, const StoreRun* runs, int64_t count,
-                 float* dst, bool stream) {
-  store_runs_any(a, c, ch, runs, count, dst, false, stream);
+void store_interleaved(const float* const* rows, int64_t ways, int64_t step, const StoreChannels& ch,
+                       const StoreRun* runs, int64_t count, float* dst, bool stream) {
+  store_runs_any(rows, ways, step, ch, runs, count, dst, false, stream);
 }
 
-void narrow_rows16(const float* a, const float* c, const StoreChannels& ch, const StoreRun* runs, int64_t count,
-                   uint16_t* dst, bool bf16, bool stream) {
-  store_runs_any(a, c, ch, runs, count, dst, bf16, stream);
+void store_interleaved16(const float* const* rows, int64_t ways, int64_t step, const StoreChannels& ch,
+                         const StoreRun* runs, int64_t count, uint16_t* dst, bool bf16, bool stream) {
+  store_runs_any(rows, ways, step, ch, runs, count, dst, bf16, stream);
+}
+
+namespace {
+float widen16_portable(uint16_t v, bool bf16) {
+  if (bf16) {
+    const uint32_t bits = uint32_t(v) << 16;
+    float f;
+    std::memcpy(&f, &bits, sizeof(f));
+    return f;
+  }
+  return static_cast<float>(c10::Half(v, c10::Half::from_bits()));
+}
+
+void widen16_panels_portable(const uint16_t* src, int64_t channel_stride, int64_t channels, int64_t count,
+                             int64_t nr, float* dst, bool bf16) {
+  for (int64_t j0 = 0; j0 < count; j0 += nr)
+    for (int64_t c = 0; c < channels; ++c, dst += nr) {
+      const uint16_t* s = src + c * channel_stride + j0;
+      const int64_t n = std::min(nr, count - j0);
+      for (int64_t j = 0; j < n; ++j) dst[j] = widen16_portable(s[j], bf16);
+      for (int64_t j = n; j < nr; ++j) dst[j] = 0.0f;
+    }
+}
+
+#if TORCH_CONVT_X86
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // (as for the stores)
+__attribute__((target("avx512f"))) void widen16_panels_avx512(const uint16_t* src, int64_t channel_stride,
+                                                               int64_t channels, int64_t count, int64_t nr,
+                                                               float* dst, bool bf16) {
+  if (nr % 16 != 0) return widen16_panels_portable(src, channel_stride, channels, count, nr, dst, bf16);
+  for (int64_t j0 = 0; j0 < count; j0 += nr) {
+    const int64_t n = std::min(nr, count - j0);
+    for (int64_t c = 0; c < channels; ++c, dst += nr) {
+      const uint16_t* s = src + c * channel_stride + j0;
+      int64_t j = 0;
+      for (; j + 16 <= n; j += 16) {
+        const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + j));
+        _mm512_storeu_ps(dst + j, bf16 ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16))
+                                       : _mm512_cvtph_ps(h));
+      }
+      for (; j < n; ++j) dst[j] = widen16_portable(s[j], bf16);
+      for (; j < nr; ++j) dst[j] = 0.0f;
+    }
+  }
+}
+#pragma GCC diagnostic pop
+#endif
+}  // namespace
+
+void widen16_panels(const uint16_t* src, int64_t channel_stride, int64_t channels, int64_t count, int64_t nr,
+                    float* dst, bool bf16) {
+#if TORCH_CONVT_X86
+  static const bool avx512 = __builtin_cpu_supports("avx512f");
+  if (avx512) return widen16_panels_avx512(src, channel_stride, channels, count, nr, dst, bf16);
+#endif
+  widen16_panels_portable(src, channel_stride, channels, count, nr, dst, bf16);
 }
 
 void stream_fence() {

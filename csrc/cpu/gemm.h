@@ -88,18 +88,29 @@ struct StoreChannels {
   const float* bias;
 };
 
-// Two rows interleaved (a stride-2 transposed layer's phases), channel by channel (ch) and run by run:
-// dst[run.dst + 2j] = a[run.src + j] + bias, dst[run.dst + 2j + 1] = c[run.src + j] + bias. With `stream`, whole
-// 64-byte lines of dst are written with non-temporal stores (no read of the line first, and it bypasses the
-// caches: for outputs far larger than the caches). AVX-512 where the CPU has it.
-void interleave2(const float* a, const float* c, const StoreChannels& ch, const StoreRun* runs, int64_t count,
-                 float* dst, bool stream);
+// The most rows store_interleaved takes.
+constexpr int64_t kMaxStoreWays = 16;
+
+// `ways` rows interleaved (consecutive phases of a transposed layer along the innermost dim, its stride `step` >=
+// ways), channel by channel (ch) and run by run: dst[run.dst + step*j + w] = rows[w][run.src + j] + bias for j in
+// [run.first, run.stop). With `stream` and step == ways, whole 64-byte lines of dst are written with
+// non-temporal stores (no read of the line first, and it bypasses the caches: for outputs far larger than the
+// caches). AVX-512 in-register transposes for 1, 2, 4, 8 and 16 rows where the CPU has it (one call for all
+// channels and runs: a call per run cost as much as the stores where runs are short).
+void store_interleaved(const float* const* rows, int64_t ways, int64_t step, const StoreChannels& ch,
+                       const StoreRun* runs, int64_t count, float* dst, bool stream);
 
 // The same into 16-bit floats, each value rounded to nearest even as c10's conversions do: bfloat16 (`bf16`;
-// NaN -> 0x7fc0) or IEEE half. With c == nullptr, one row: dst[run.dst + j] = a[run.src + j] + bias. (A
-// bfloat16 layer's output stores were 30% of its forward, converted one value at a time.)
-void narrow_rows16(const float* a, const float* c, const StoreChannels& ch, const StoreRun* runs, int64_t count,
-                   uint16_t* dst, bool bf16, bool stream);
+// NaN -> 0x7fc0) or IEEE half.
+void store_interleaved16(const float* const* rows, int64_t ways, int64_t step, const StoreChannels& ch,
+                         const StoreRun* runs, int64_t count, uint16_t* dst, bool bf16, bool stream);
+
+// B panels (gemm_packed's layout, `nr` wide) of 16-bit floats widened to float: B[c][j] = src[c * channel_stride +
+// j] for c < channels, j < count (the panels' columns past count are zero); bfloat16 (`bf16`) or IEEE half. For a
+// 16-bit layer's 1-tap sets (kernel == stride) over a dense input, which float layers read in place. AVX-512
+// where the CPU has it.
+void widen16_panels(const uint16_t* src, int64_t channel_stride, int64_t channels, int64_t count, int64_t nr,
+                    float* dst, bool bf16);
 
 // Orders the calling thread's non-temporal stores before its later stores (sfence): where a thread's streamed
 // output is done, before other threads may read it.
