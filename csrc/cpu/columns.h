@@ -140,11 +140,6 @@ struct Run {
   int64_t idx0, idx1, first, last, base;
 };
 
-// A contiguous piece of a run (inside one packed panel): zero [j0, a), copy [a, b), zero [b, j1); offset + j.
-struct Segment {
-  int64_t j0, a, b, j1, offset;
-};
-
 // Column block of a tile: element (row = c*T + t, position m - m_begin) = src at channel c and spatial
 // position_d = m_d*step_d + taps[t].offset_d (strides `st`) over the row-major grid of m, and zero where that falls
 // outside `extent`. Written straight into the GEMM's packed layout. The run geometry and the position part of
@@ -379,6 +374,12 @@ void gather_windows(const Frame& fr, const scalar_t* src, int64_t channels, cons
       if (++u[1] == fr.ext[1]) u[1] = 0, ++u[0];
     }
     const int64_t inner = fr.step[2] * st.s[2];
+    if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<acc_t, float>) {
+      if (inner <= 2) {  // (every channel in one call: AVX-512 copies and stride-2 de-interleaving)
+        copy_segments(src, st.c, channels, rows.data(), rows.size(), inner, win + pi * ld, P * ld);
+        continue;
+      }
+    }
     for (int64_t c = 0; c < channels; ++c) {
       acc_t* out = win + (c * P + pi) * ld;
       const scalar_t* in = src + c * st.c;

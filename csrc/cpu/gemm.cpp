@@ -895,6 +895,62 @@ void widen16_panels(const uint16_t* src, int64_t channel_stride, int64_t channel
   widen16_panels_portable(src, channel_stride, channels, count, nr, dst, bf16);
 }
 
+namespace {
+void copy_segments_portable(const float* src, int64_t src_channel_stride, int64_t channels, const Segment* segments,
+                            int64_t count, int64_t step, float* dst, int64_t dst_channel_stride) {
+  for (int64_t c = 0; c < channels; ++c) {
+    const float* in = src + c * src_channel_stride;
+    float* out = dst + c * dst_channel_stride;
+    for (const Segment* sg = segments; sg != segments + count; ++sg) {
+      for (int64_t j = sg->j0; j < sg->a; ++j) out[j] = 0.0f;
+      for (int64_t j = sg->a; j < sg->b; ++j) out[j] = in[sg->offset + j * step];
+      for (int64_t j = sg->b; j < sg->j1; ++j) out[j] = 0.0f;
+    }
+  }
+}
+
+#if TORCH_CONVT_X86
+__attribute__((target("avx512f"))) void copy_segments_avx512(const float* src, int64_t src_channel_stride,
+                                                              int64_t channels, const Segment* segments, int64_t count,
+                                                              int64_t step, float* dst, int64_t dst_channel_stride) {
+  const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  for (int64_t c = 0; c < channels; ++c) {
+    const float* in = src + c * src_channel_stride;
+    float* out = dst + c * dst_channel_stride;
+    for (const Segment* sg = segments; sg != segments + count; ++sg) {
+      for (int64_t j = sg->j0; j < sg->a; ++j) out[j] = 0.0f;
+      int64_t j = sg->a;
+      const float* s = in + sg->offset;
+      // (masked loads read no element past the last one needed, s[(b - 1) * step]: they do not fault there)
+      const auto mask = [](int64_t n) { return static_cast<__mmask16>(n >= 16 ? 0xFFFF : (1u << n) - 1); };
+      for (; j < sg->b; j += 16) {
+        const int64_t n = sg->b - j;  // elements left; this vector takes up to 16
+        __m512 v;
+        if (step == 1) {
+          v = _mm512_maskz_loadu_ps(mask(n), s + j);
+        } else {  // the even elements of s[2j .. 2j + 31], of which 2n - 1 are needed
+          v = _mm512_permutex2var_ps(_mm512_maskz_loadu_ps(mask(2 * n - 1), s + 2 * j), even,
+                                     _mm512_maskz_loadu_ps(mask(std::max<int64_t>(0, 2 * n - 17)), s + 2 * j + 16));
+        }
+        _mm512_mask_storeu_ps(out + j, mask(n), v);
+      }
+      for (j = sg->b; j < sg->j1; ++j) out[j] = 0.0f;
+    }
+  }
+}
+#endif
+}  // namespace
+
+void copy_segments(const float* src, int64_t src_channel_stride, int64_t channels, const Segment* segments,
+                   int64_t count, int64_t step, float* dst, int64_t dst_channel_stride) {
+#if TORCH_CONVT_X86
+  static const bool avx512 = __builtin_cpu_supports("avx512f");
+  if (avx512 && (step == 1 || step == 2))
+    return copy_segments_avx512(src, src_channel_stride, channels, segments, count, step, dst, dst_channel_stride);
+#endif
+  copy_segments_portable(src, src_channel_stride, channels, segments, count, step, dst, dst_channel_stride);
+}
+
 void stream_fence() {
 #if TORCH_CONVT_X86
   _mm_sfence();

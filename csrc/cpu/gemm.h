@@ -112,6 +112,18 @@ void store_interleaved16(const float* const* rows, int64_t ways, int64_t step, c
 void widen16_panels(const uint16_t* src, int64_t channel_stride, int64_t channels, int64_t count, int64_t nr,
                     float* dst, bool bf16);
 
+// A contiguous piece of a run (a window's row, or one inside a packed panel): zero [j0, a), copy [a, b), zero
+// [b, j1); source element offset + j (times the source step).
+struct Segment {
+  int64_t j0, a, b, j1, offset;
+};
+
+// For each channel c < channels and segment: dst[c * dst_channel_stride + j] = src[c * src_channel_stride +
+// offset + j * step] on the segment's copy part, zero on the rest (the windows of frame gathers, every channel in
+// one call). AVX-512 where the CPU has it, for step 1 (copies) and 2 (de-interleaving a stride-2 conv's input).
+void copy_segments(const float* src, int64_t src_channel_stride, int64_t channels, const Segment* segments,
+                   int64_t count, int64_t step, float* dst, int64_t dst_channel_stride);
+
 // Orders the calling thread's non-temporal stores before its later stores (sfence): where a thread's streamed
 // output is done, before other threads may read it.
 void stream_fence();
