@@ -10,6 +10,7 @@
 // so no AVX-512 instruction can leak into code that runs elsewhere.
 #include "gemm.h"
 
+#include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <c10/util/complex.h>
 
@@ -648,12 +649,7 @@ bool gather_strided_rows(const float* src, const int64_t* offsets, int64_t taps,
 namespace {
 // Stores of interleaved rows (store_interleaved): D is float, or uint16_t for 16-bit floats rounded as c10 rounds.
 uint16_t narrow16_portable(float v, bool bf16) {
-  if (bf16) {
-    uint32_t bits;
-    std::memcpy(&bits, &v, sizeof(bits));
-    return static_cast<uint16_t>(v != v ? 0x7FC0u : (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
-  }
-  return c10::Half(v).x;
+  return bf16 ? c10::BFloat16(v).x : c10::Half(v).x;
 }
 
 // dst[step*j + w] = rows[w][j] + bias for j in [j0, j1), w < ways.
@@ -840,13 +836,8 @@ void store_interleaved16(const float* const* rows, int64_t ways, int64_t step, c
 
 namespace {
 float widen16_portable(uint16_t v, bool bf16) {
-  if (bf16) {
-    const uint32_t bits = uint32_t(v) << 16;
-    float f;
-    std::memcpy(&f, &bits, sizeof(f));
-    return f;
-  }
-  return static_cast<float>(c10::Half(v, c10::Half::from_bits()));
+  return bf16 ? static_cast<float>(c10::BFloat16(v, c10::BFloat16::from_bits()))
+              : static_cast<float>(c10::Half(v, c10::Half::from_bits()));
 }
 
 void widen16_panels_portable(const uint16_t* src, int64_t channel_stride, int64_t channels, int64_t count,
