@@ -684,15 +684,6 @@ void store_runs_portable(const float* const* rows, int64_t ways, int64_t step, c
 // (GCC 12 warns inside its own AVX-512 intrinsics, whose "undefined" pass-through operands it takes for uninitialised)
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-__attribute__((target("avx512f"))) inline __m256i narrow16_avx512(__m512 v, bool bf16) {
-  if (!bf16) return _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512i bits = _mm512_castps_si512(v);
-  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF))), 16);
-  r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
-  return _mm512_cvtepi32_epi16(r);
-}
-
 // bfloat16 of v (rounded to nearest even, NaN -> 0x7fc0) in the high 16 bits of each 32-bit lane; the low bits
 // are garbage.
 __attribute__((target("avx512f"))) inline __m512i bf16_high_avx512(__m512 v) {
@@ -700,6 +691,12 @@ __attribute__((target("avx512f"))) inline __m512i bf16_high_avx512(__m512 v) {
   const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
   const __m512i r = _mm512_add_epi32(_mm512_add_epi32(bits, _mm512_set1_epi32(0x7FFF)), odd);
   return _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC00000));
+}
+
+// The 16 values of v as 16-bit floats: bfloat16 (`bf16`) or IEEE half.
+__attribute__((target("avx512f"))) inline __m256i narrow16_avx512(__m512 v, bool bf16) {
+  if (!bf16) return _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  return _mm512_cvtepi32_epi16(_mm512_srli_epi32(bf16_high_avx512(v), 16));
 }
 
 // The 16 pairs (a_j, c_j) as 32 16-bit floats, interleaved: each pair is one 32-bit lane (a low, c high), so no

@@ -76,7 +76,8 @@ void pack_panels(const Src* src, int64_t row_stride, int64_t depth_stride, int64
 bool gather_strided_rows(const float* src, const int64_t* offsets, int64_t taps, int64_t stride, int64_t width,
                          float* dst);
 
-// A run of one output channel's points: dst[dst + ways*j + w] = rows[w][src + j] for j in [first, stop).
+// A run of one output channel's points: dst[dst + step*j + w] = rows[w][src + j] for j in [first, stop), w < ways
+// (store_interleaved).
 struct StoreRun {
   int64_t dst, src, first, stop;
 };
