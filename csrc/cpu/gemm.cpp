@@ -37,17 +37,20 @@ constexpr int64_t KC = 128;  // K block: one B panel (KC x NR floats, 16 KiB at 
 constexpr int64_t kAcBytes = 512 << 10;  // one K block of A (MC x KC) stays in L2
 constexpr int64_t kCopyPanels = 8;  // A panels from which a block of B rows is worth copying into a packed panel
 
-// B is either a packed panel (`b`, advancing NR per k) or, where `rows` is given, row k of B starts at rows[k]
-// (the panel is rows[k][0, NR)).
+// B is either a packed panel (`b`, advancing NR per k) or, where `rows` is given, row k of B starts at rows[k] + at
+// (the panel is rows[k][at, at + NR)); the kernel then also prefetches rows[k][pf, pf + 32) (the next panel's part
+// of the rows, which are runs somewhere in memory, not a packed stream the hardware prefetches: fetched while
+// the FMAs run; pf = at where there is nothing to fetch).
 template <typename T>
-using MicroFn = void (*)(int64_t kc, const T* a, const T* b, const T* const* rows, T* c, int64_t ldc,
-                         bool accumulate);
+using MicroFn = void (*)(int64_t kc, const T* a, const T* b, const T* const* rows, int64_t at, int64_t pf, T* c,
+                         int64_t ldc, bool accumulate);
 
 // A B panel read in place from two runs (gemm_rows with a column map: a panel that crosses from one line of a
-// grid to the next at its middle): columns [0, NR/2) from rows[k] + at0 on, [NR/2, NR) from rows[k] + at1 on.
+// grid to the next at its middle): columns [0, NR/2) from rows[k] + at0 on, [NR/2, NR) from rows[k] + at1 on;
+// prefetching as MicroFn.
 template <typename T>
-using HalvesFn = void (*)(int64_t kc, const T* a, const T* const* rows, int64_t at0, int64_t at1, T* c, int64_t ldc,
-                          bool accumulate);
+using HalvesFn = void (*)(int64_t kc, const T* a, const T* const* rows, int64_t at0, int64_t at1, int64_t pf, T* c,
+                          int64_t ldc, bool accumulate);
 
 // Two register blockings per ISA, same NR: `mr` rows for tall operands and `small_mr` rows for operands whose
 // row count pads badly to `mr` (16 or 32 output channels: 8-row panels waste nothing, 12-row ones a third).
@@ -63,12 +66,14 @@ struct MicroKernel {
 
 // ---- portable micro-kernel (any type; the compiler vectorises the j loop) -----------------------------------
 template <typename T, int MR, int NR>
-void micro_portable(int64_t kc, const T* a, const T* b, const T* const* rows, T* c, int64_t ldc, bool accumulate) {
+void micro_portable(int64_t kc, const T* a, const T* b, const T* const* rows, int64_t at, int64_t pf, T* c, int64_t ldc,
+                    bool accumulate) {
   T acc[MR][NR];
   for (int i = 0; i < MR; ++i)
     for (int j = 0; j < NR; ++j) acc[i][j] = T(0);
   for (int64_t k = 0; k < kc; ++k, a += MR, b += NR) {
-    const T* bk = rows ? rows[k] : b;
+    if (rows) __builtin_prefetch(rows[k] + pf, 0, 3);
+    const T* bk = rows ? rows[k] + at : b;
     for (int i = 0; i < MR; ++i) {
       const T ai = a[i];
       for (int j = 0; j < NR; ++j) acc[i][j] += ai * bk[j];
@@ -82,8 +87,8 @@ void micro_portable(int64_t kc, const T* a, const T* b, const T* const* rows, T*
 // ---- AVX-512: MR x 32 floats of C in 2*MR zmm registers (MR = 12 or 8) ------------------------------------------
 template <int MR>
 __attribute__((target("avx512f,fma"))) void micro_avx512(int64_t kc, const float* a, const float* b,
-                                                         const float* const* rows, float* c, int64_t ldc,
-                                                         bool accumulate) {
+                                                         const float* const* rows, int64_t at, int64_t pf, float* c,
+                                                         int64_t ldc, bool accumulate) {
   __m512 c0[MR], c1[MR];
 #pragma GCC unroll 12
   for (int i = 0; i < MR; ++i) c0[i] = c1[i] = _mm512_setzero_ps();
@@ -99,7 +104,12 @@ __attribute__((target("avx512f,fma"))) void micro_avx512(int64_t kc, const float
     }                                                                       \
   }
   if (rows) {
-    for (int64_t k = 0; k < kc; ++k, a += MR) TORCH_CONVT_AVX512_STEP(rows[k])
+    for (int64_t k = 0; k < kc; ++k, a += MR) {
+      const float* row = rows[k];
+      __builtin_prefetch(row + pf, 0, 3);
+      __builtin_prefetch(row + pf + 16, 0, 3);
+      TORCH_CONVT_AVX512_STEP(row + at)
+    }
   } else {
     for (int64_t k = 0; k < kc; ++k, a += MR, b += 32) TORCH_CONVT_AVX512_STEP(b)  // b advances by NR = 32
   }
@@ -119,13 +129,16 @@ __attribute__((target("avx512f,fma"))) void micro_avx512(int64_t kc, const float
 // The same for a panel of two runs (HalvesFn): each half of the panel is one load.
 template <int MR>
 __attribute__((target("avx512f,fma"))) void micro_avx512_halves(int64_t kc, const float* a, const float* const* rows,
-                                                                int64_t at0, int64_t at1, float* c, int64_t ldc,
-                                                                bool accumulate) {
+                                                                int64_t at0, int64_t at1, int64_t pf, float* c,
+                                                                int64_t ldc, bool accumulate) {
   __m512 c0[MR], c1[MR];
 #pragma GCC unroll 12
   for (int i = 0; i < MR; ++i) c0[i] = c1[i] = _mm512_setzero_ps();
   for (int64_t k = 0; k < kc; ++k, a += MR) {
-    const __m512 b0 = _mm512_loadu_ps(rows[k] + at0), b1 = _mm512_loadu_ps(rows[k] + at1);
+    const float* row = rows[k];
+    __builtin_prefetch(row + pf, 0, 3);
+    __builtin_prefetch(row + pf + 16, 0, 3);
+    const __m512 b0 = _mm512_loadu_ps(row + at0), b1 = _mm512_loadu_ps(row + at1);
 #pragma GCC unroll 12
     for (int i = 0; i < MR; ++i) {
       const __m512 ai = _mm512_set1_ps(a[i]);
@@ -148,8 +161,8 @@ __attribute__((target("avx512f,fma"))) void micro_avx512_halves(int64_t kc, cons
 // ---- AVX2 + FMA: MR x 16 floats of C in 2*MR ymm registers (MR = 6 or 4) -------------------------------------
 template <int MR>
 __attribute__((target("avx2,fma"))) void micro_avx2(int64_t kc, const float* a, const float* b,
-                                                    const float* const* rows, float* c, int64_t ldc,
-                                                    bool accumulate) {
+                                                    const float* const* rows, int64_t at, int64_t pf, float* c,
+                                                    int64_t ldc, bool accumulate) {
   __m256 c0[MR], c1[MR];
 #pragma GCC unroll 6
   for (int i = 0; i < MR; ++i) c0[i] = c1[i] = _mm256_setzero_ps();
@@ -163,7 +176,11 @@ __attribute__((target("avx2,fma"))) void micro_avx2(int64_t kc, const float* a, 
     }                                                                      \
   }
   if (rows) {
-    for (int64_t k = 0; k < kc; ++k, a += MR) TORCH_CONVT_AVX2_STEP(rows[k])
+    for (int64_t k = 0; k < kc; ++k, a += MR) {
+      const float* row = rows[k];
+      __builtin_prefetch(row + pf, 0, 3);
+      TORCH_CONVT_AVX2_STEP(row + at)
+    }
   } else {
     for (int64_t k = 0; k < kc; ++k, a += MR, b += 16) TORCH_CONVT_AVX2_STEP(b)
   }
@@ -477,10 +494,9 @@ void gemm_driver(GemmTile tile, int64_t M, int64_t N, int64_t K, const T* a_pack
   const int64_t MR = tile.mr, NR = mk.nr;
   const MicroFn<T> fn = MR == mk.mr ? mk.fn : mk.small_fn;
   const HalvesFn<T> halves_fn = MR == mk.mr ? mk.halves_fn : mk.small_halves_fn;
-  const int64_t KB = b_rows || tile.kc <= 0 ? KC : tile.kc;  // (rows and panel below are used with b_rows only)
+  const int64_t KB = b_rows || tile.kc <= 0 ? KC : tile.kc;  // (panel below is used with b_rows only)
   T edge[16 * 32];  // an MR x NR block of C for ragged edges (MR <= 16, NR <= 32)
-  const T* rows[KC];  // the rows of one K block, moved to panel jr
-  alignas(64) T panel[KC * 32];  // those rows copied (NR <= 32)
+  alignas(64) T panel[KC * 32];  // a block of B rows copied or assembled (NR <= 32)
   // A column map's panels, classified once for all K blocks.
   thread_local std::vector<MappedPanel> mapped;
   if (b_cols) {
@@ -503,20 +519,11 @@ void gemm_driver(GemmTile tile, int64_t M, int64_t N, int64_t K, const T* a_pack
         const bool many = mc >= kCopyPanels * MR;
         const bool halves = b_rows && mp.kind == MappedPanel::kHalves && !many && halves_fn;
         const bool assembled = b_rows && mp.kind != MappedPanel::kRun && !halves;
-        if (b_rows && !assembled) {
-          // Rows are runs somewhere in memory, not a packed stream the hardware prefetches: fetch the next
-          // panel's part of this block's rows while the A panels run over this one.
-          const int64_t next = jr + NR >= N ? -1 : b_cols ? b_cols[jr + NR] : jr + NR;
-          for (int64_t k = 0; k < kc; ++k) {
-            rows[k] = b_rows[pc + k] + (halves ? 0 : mp.at0);
-            if (next >= 0) {
-              __builtin_prefetch(b_rows[pc + k] + next, 0, 3);
-              __builtin_prefetch(b_rows[pc + k] + next + 16, 0, 3);
-            }
-          }
-        }
+        // The next panel's first column: its part of this block's rows is fetched while the A panels run over this
+        // one (by the first one's kernel, or while copying).
+        const int64_t next = !b_rows || jr + NR >= N ? mp.at0 : b_cols ? b_cols[jr + NR] : jr + NR;
         const T* bp = b_packed ? b_packed + jr * K + pc * NR : nullptr;
-        const T* const* rp = b_rows ? rows : nullptr;
+        const T* const* rp = b_rows ? b_rows + pc : nullptr;
         if (assembled) {
           assemble_panel(b_rows + pc, kc, b_cols + jr, nr, NR, panel);
           bp = panel;
@@ -526,7 +533,12 @@ void gemm_driver(GemmTile tile, int64_t M, int64_t N, int64_t K, const T* a_pack
           // anywhere, so every vector load from them would straddle two cache lines). For fewer panels the copy
           // costs more than it saves (measured with 4-7 panels of 8 rows, i.e. 32-56 output channels: x0.86-0.94
           // time without it on the stride-1 3d, k=4 3d, MONAI and grouped layers; 8+ panels: no difference).
-          for (int64_t k = 0; k < kc; ++k) std::copy(rows[k], rows[k] + NR, panel + k * NR);
+          for (int64_t k = 0; k < kc; ++k) {
+            const T* row = b_rows[pc + k];
+            __builtin_prefetch(row + next, 0, 3);
+            __builtin_prefetch(row + next + 16, 0, 3);
+            std::copy(row + mp.at0, row + mp.at0 + NR, panel + k * NR);
+          }
           bp = panel;
           rp = nullptr;
         }
@@ -534,12 +546,13 @@ void gemm_driver(GemmTile tile, int64_t M, int64_t N, int64_t K, const T* a_pack
         for (int64_t ir = ic; ir < ic + mc; ir += MR, ap += a_stride) {
           const int64_t mr = std::min(MR, M - ir);
           T* c = C + ir * ldc + jr;
+          const int64_t pf = ir == ic ? next : mp.at0;
           if (mr == MR && nr == NR) {
-            if (halves) halves_fn(kc, ap, rows, mp.at0, mp.at1, c, ldc, acc);
-            else fn(kc, ap, bp, rp, c, ldc, acc);
+            if (halves) halves_fn(kc, ap, rp, mp.at0, mp.at1, pf, c, ldc, acc);
+            else fn(kc, ap, bp, rp, mp.at0, pf, c, ldc, acc);
           } else {
-            if (halves) halves_fn(kc, ap, rows, mp.at0, mp.at1, edge, NR, false);
-            else fn(kc, ap, bp, rp, edge, NR, false);
+            if (halves) halves_fn(kc, ap, rp, mp.at0, mp.at1, pf, edge, NR, false);
+            else fn(kc, ap, bp, rp, mp.at0, pf, edge, NR, false);
             for (int64_t i = 0; i < mr; ++i)
               for (int64_t j = 0; j < nr; ++j)
                 c[i * ldc + j] = acc ? c[i * ldc + j] + edge[i * NR + j] : edge[i * NR + j];
