@@ -393,6 +393,35 @@ def test_weight_grad_grid_points(case, dtype):
     check_parity(ours, ref, (x, w), dict(stride=stride, padding=padding))
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+@pytest.mark.parametrize("case", [((1, 24, 12, 12, 12), (24, 16, 3, 3, 3), 2, 1, 1),   # one tile -> two
+                                  ((2, 64, 400), (64, 32, 16), 8, 4, 0),              # a HiFi-GAN-like 1d layer
+                                  ((3, 16, 9, 40, 30), (16, 8, 3, 5, 2), (2, 1, 1), (0, 4, 2), 0)],
+                         ids=["monai_like", "hifigan_like", "aniso_batch3"])
+def test_weight_grad_equal_chunks(case, dtype):
+    """Transposed layers whose weight-gradient tiles are re-cut into equal ones, more of them where a few would not
+    split evenly into the reduction's chunks: the gradients still match torch's, and are bitwise the same on 1 and
+    2 threads (the cut depends on the shapes only)."""
+    in_shape, w_shape, stride, padding, output_padding = case
+    nd = len(in_shape) - 2
+    torch.manual_seed(9)
+    x, w = torch.randn(in_shape, dtype=dtype), torch.randn(w_shape, dtype=dtype)
+    ours, ref = fn_pair("ct", nd)
+    kw = dict(stride=stride, padding=padding, output_padding=output_padding)
+    check_parity(ours, ref, (x, w), kw)
+    grads = []
+    for threads in (1, 2):
+        old = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            wr = w.clone().requires_grad_(True)
+            y = ours(x, wr, **kw)
+            grads.append(torch.autograd.grad(y, wr, torch.ones_like(y))[0])
+        finally:
+            torch.set_num_threads(old)
+    assert torch.equal(grads[0], grads[1])
+
+
 WIDE_TILES = [
     # (input shape, weight shape, stride, padding, dilation): convolutions whose packed weights (output channels x
     # input channels x taps) outgrow L2, so the CPU conv takes position tiles several times its column tile, and

@@ -32,6 +32,7 @@ constexpr int64_t kMaxChunks = 8;                     // weight-gradient reducti
 constexpr int64_t kMinTaskFlops = int64_t(1) << 21;   // below this a task is not worth a thread
 constexpr int64_t kPackedWeightGradRows = 128;        // weight gradient: packed GEMM from this many rows of Y
 constexpr int64_t kWeightGradKC = 512;                // weight gradient: K block of its packed GEMM
+constexpr int64_t kMinWeightGradTile = 256;           // weight gradient: tiles not shorter than this, to balance chunks
 
 // One kernel tap as seen from a tile: the source position of grid point m is m*step + offset per dim.
 struct Tap {
