@@ -361,6 +361,7 @@ CONV_GRID_TILES = [
     ((2, 8, 20, 20), (16, 8, 3, 3), 1, 0, 1, False),            # the input is its own frame: read in place
     ((1, 8, 6, 6, 24), (8, 8, 3, 3, 3), 1, 1, 1, False),        # 8 rows, lines of 24: the frame's lines, Y stored
     ((2, 16, 10, 12), (24, 16, 3, 3), 2, 1, 2, True),           # channels_last: Y stored; dilated
+    ((1, 32, 32, 32, 32), (64, 32, 3, 3, 3), 2, 1, 1, False),   # MONAI's input gradient: windows 1% over the columns
 ]
 
 

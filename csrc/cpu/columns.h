@@ -468,15 +468,15 @@ Windows<acc_t> split_windows(const Frame& fr, const acc_t* split, int64_t f0) {
 // Whether a GEMM over `M` grid points gathers its columns through a frame (above): when the frame adds few
 // computed points off the grid, and either the source is the frame itself (no gather at all), or the windows of
 // a tile are smaller than its columns (several taps share them; the span of the shifts is small next to the
-// tile) and fit the window budget.
+// tile), or at most `slack` times as large, and fit the window budget.
 template <typename scalar_t, typename acc_t>
 bool use_frame(const Frame& fr, int64_t M, const int64_t* extent, const Strides& st, int64_t channels, int64_t tile,
-               int64_t nr) {
+               int64_t nr, int64_t slack = 1) {
   if (fr.positions > M + M / 2) return false;
   if (std::is_same_v<scalar_t, acc_t> && source_is_frame(fr, extent, st)) return true;
   const int64_t window = static_cast<int64_t>(fr.planes.size()) * fr.window(tile, nr);
   const int64_t taps = static_cast<int64_t>(fr.tap_off.size());
-  return taps > 1 && window <= taps * tile && channels * window * int64_t(sizeof(acc_t)) <= kWindowBytes;
+  return taps > 1 && window <= slack * taps * tile && channels * window * int64_t(sizeof(acc_t)) <= kWindowBytes;
 }
 
 // Whether a framed GEMM reads its windows from a whole-frame copy of `channels` source channels (split_size),
