@@ -423,6 +423,36 @@ def test_weight_grad_equal_chunks(case, dtype):
     assert torch.equal(grads[0], grads[1])
 
 
+DEPTHWISE_LONG_ROWS = [
+    # (kind, input shape, kernel, stride, padding, output_padding, dilation, channels_last): per-channel layers whose
+    # innermost rows span several 16-point vectors, with taps whose ranges start and end inside them
+    ("ct", (2, 4, 5, 6, 37), 3, 2, 1, 1, 1, False),       # phases interleaved 2 ways
+    ("ct", (1, 3, 4, 45), (2, 5), (1, 3), (0, 2), 0, 1, False),  # 3 ways
+    ("conv", (2, 4, 6, 7, 75), 3, 2, 1, 0, 1, False),     # stride-2 reads, de-interleaved
+    ("conv", (2, 3, 70), 5, 1, 4, 0, 2, False),           # dilated, unit-stride reads
+    ("conv", (1, 5, 33, 40), 3, 3, 1, 0, 1, False),       # stride 3 (the loops without vectors)
+    ("ct", (2, 4, 5, 6, 20), 3, 2, 1, 1, 1, True),        # channels_last
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+@pytest.mark.parametrize("case", DEPTHWISE_LONG_ROWS, ids=[f"case{i}" for i in range(len(DEPTHWISE_LONG_ROWS))])
+def test_depthwise_long_rows(case, dtype):
+    kind, in_shape, kernel, stride, padding, output_padding, dilation, channels_last = case
+    nd = len(in_shape) - 2
+    C = in_shape[1]
+    kernel = (kernel,) * nd if isinstance(kernel, int) else kernel
+    torch.manual_seed(10)
+    x, w, b = torch.randn(in_shape, dtype=dtype), torch.randn((C, 1) + kernel, dtype=dtype), torch.randn(C, dtype=dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last_3d if nd == 3 else torch.channels_last)
+    kw = dict(stride=stride, padding=padding, dilation=dilation, groups=C)
+    if kind == "ct":
+        kw["output_padding"] = output_padding
+    ours, ref = fn_pair(kind, nd)
+    check_parity(ours, ref, (x, w, b), kw)
+
+
 WIDE_TILES = [
     # (input shape, weight shape, stride, padding, dilation): convolutions whose packed weights (output channels x
     # input channels x taps) outgrow L2, so the CPU conv takes position tiles several times its column tile, and

@@ -17,6 +17,8 @@
 
 namespace torch_convt::cpu {
 
+constexpr int64_t kRowBlockBytes = int64_t(32) << 10;  // a block of rows' sums, revisited tap by tap: stays in L1
+
 // Innermost-dim range [lo, hi) of grid points whose source lies inside `extent`, per tap.
 inline std::vector<std::pair<int64_t, int64_t>> inner_ranges(const std::vector<Tap>& taps, int64_t step, int64_t extent,
                                                       int64_t count) {
@@ -26,34 +28,123 @@ inline std::vector<std::pair<int64_t, int64_t>> inner_ranges(const std::vector<T
   return ranges;
 }
 
-// acc[j] += sum_t w[t] * src[(i0*step0 + offset0_t, i1*step1 + offset1_t, j*step2 + offset2_t)] for j < count,
-// over the taps whose position falls inside `extent`, in their fixed order.
+// The row loops below are compiled twice: for the build's generic x86-64 target (SSE2) and for AVX-512, taken at
+// run time where the CPU has it; float rows with an innermost step of 1 or 2 have AVX-512 kernels of their own.
+// Measured on the depthwise 3d layer (k=3, s=2), against the SSE2 row-by-row loops: forward x0.63 time, input
+// gradient x0.57, weight gradient x0.45.
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define TORCH_CONVT_DIRECT_AVX512 1
+#define TORCH_CONVT_AVX512_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,bmi2")))
+inline bool direct_avx512() {
+  static const bool yes = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+                          __builtin_cpu_supports("fma") && __builtin_cpu_supports("bmi2");
+  return yes;
+}
+#else
+#define TORCH_CONVT_DIRECT_AVX512 0
+#endif
+
+// Rows [r0, r1) of a grid whose second dim is `grid1` (row r: i0 = r / grid1, i1 = r % grid1), each `count` points:
+//   acc[(r - r0)*count + j] += sum_t w[t] * src[(i0*step0 + offset0_t, i1*step1 + offset1_t, j*step2 + offset2_t)]
+// for j in tap t's range (inner_ranges: where its position falls inside `extent`), taps outermost: every point
+// sums its taps in their fixed order.
 template <typename scalar_t, typename acc_t>
-void channel_row(const scalar_t* src, const int64_t* extent, const Strides& st, const std::vector<Tap>& taps,
-                 const acc_t* w,
-                 const std::vector<std::pair<int64_t, int64_t>>& ranges, const int64_t* step, int64_t i0, int64_t i1,
-                 int64_t count, acc_t* acc) {
+__attribute__((always_inline)) inline void channel_rows_body(const scalar_t* src, const int64_t* extent,
+                                                             const Strides& st, const std::vector<Tap>& taps,
+                                                             const acc_t* w,
+                                                             const std::vector<std::pair<int64_t, int64_t>>& ranges,
+                                                             const int64_t* step, int64_t grid1, int64_t r0, int64_t r1,
+                                                             int64_t count, acc_t* acc) {
+  const int64_t s2 = step[2] * st.s[2];
   for (size_t t = 0; t < taps.size(); ++t) {
-    const int64_t p0 = i0 * step[0] + taps[t].offset[0], p1 = i1 * step[1] + taps[t].offset[1];
-    if (p0 < 0 || p0 >= extent[0] || p1 < 0 || p1 >= extent[1]) continue;
-    const scalar_t* row = src + st.at(p0, p1, taps[t].offset[2]);
     const acc_t wt = w[t];
-    const int64_t lo = ranges[t].first, hi = ranges[t].second, s2 = step[2] * st.s[2];
-    if (s2 == 1) {
-      for (int64_t j = lo; j < hi; ++j) acc[j] += wt * static_cast<acc_t>(row[j]);
-    } else {
-      for (int64_t j = lo; j < hi; ++j) acc[j] += wt * static_cast<acc_t>(row[j * s2]);
+    const int64_t lo = ranges[t].first, hi = ranges[t].second;
+    for (int64_t r = r0; r < r1 && lo < hi; ++r) {
+      const int64_t p0 = r / grid1 * step[0] + taps[t].offset[0], p1 = r % grid1 * step[1] + taps[t].offset[1];
+      if (p0 < 0 || p0 >= extent[0] || p1 < 0 || p1 >= extent[1]) continue;
+      const scalar_t* __restrict__ row = src + st.at(p0, p1, taps[t].offset[2]);
+      acc_t* __restrict__ out = acc + (r - r0) * count;
+      if (s2 == 1) {
+        for (int64_t j = lo; j < hi; ++j) out[j] += wt * static_cast<acc_t>(row[j]);
+      } else {
+        for (int64_t j = lo; j < hi; ++j) out[j] += wt * static_cast<acc_t>(row[j * s2]);
+      }
     }
   }
 }
 
-// dst[(i0*step0 + offset0, i1*step1 + offset1, j*step2 + offset2)] = acc[j] + bias for j < count.
+#if TORCH_CONVT_DIRECT_AVX512
 template <typename scalar_t, typename acc_t>
-void store_channel_row(const acc_t* acc, acc_t bias, scalar_t* dst, const Strides& st, const int64_t* step,
-                       const int64_t* offset, int64_t i0, int64_t i1, int64_t count) {
-  scalar_t* row = dst + st.at(i0 * step[0] + offset[0], i1 * step[1] + offset[1], offset[2]);
-  const int64_t inner = step[2] * st.s[2];
-  for (int64_t j = 0; j < count; ++j) row[j * inner] = narrow_to<scalar_t>(acc[j] + bias);
+TORCH_CONVT_AVX512_TARGET void channel_rows_avx512(const scalar_t* src, const int64_t* extent, const Strides& st,
+                                                   const std::vector<Tap>& taps, const acc_t* w,
+                                                   const std::vector<std::pair<int64_t, int64_t>>& ranges,
+                                                   const int64_t* step, int64_t grid1, int64_t r0, int64_t r1,
+                                                   int64_t count, acc_t* acc) {
+  channel_rows_body(src, extent, st, taps, w, ranges, step, grid1, r0, r1, count, acc);
+}
+
+// v[l] = row[(j0 + l) * step] for the lanes l in m (step 1 or 2), zero elsewhere; nothing outside m is read.
+TORCH_CONVT_AVX512_TARGET inline __m512 load_points_avx512(const float* row, int64_t j0, int64_t step, __mmask16 m) {
+  if (step == 1) return _mm512_maskz_loadu_ps(m, row + j0);
+  const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  const float* r = row + 2 * j0;
+  const __mmask16 m0 = static_cast<__mmask16>(_pdep_u32(m & 0xFFu, 0x5555u));
+  const __mmask16 m1 = static_cast<__mmask16>(_pdep_u32(m >> 8, 0x5555u));
+  return _mm512_permutex2var_ps(_mm512_maskz_loadu_ps(m0, r), even, _mm512_maskz_loadu_ps(m1, r + 16));
+}
+
+// Lanes [lo - j0, hi - j0) of a 16-lane block starting at j0 (none where the ranges do not meet).
+inline __mmask16 lane_mask(int64_t j0, int64_t lo, int64_t hi) {
+  lo = std::max(lo, j0), hi = std::min(hi, j0 + 16);
+  return lo >= hi ? __mmask16(0) : static_cast<__mmask16>(((1u << (hi - lo)) - 1) << (lo - j0));
+}
+
+// channel_rows for float with an innermost step of 1 or 2: 16 points of a row stay in a register across all taps
+// (the same sums in the same order; a tap's points outside its range are masked off, so they add nothing, not even
+// 0 * inf). The compiled loops load and store the sums once per tap and gather stride-2 points one by one.
+TORCH_CONVT_AVX512_TARGET inline void channel_rows_f32_avx512(const float* src, const int64_t* extent,
+                                                              const Strides& st, const std::vector<Tap>& taps,
+                                                              const float* w,
+                                                              const std::vector<std::pair<int64_t, int64_t>>& ranges,
+                                                              const int64_t* step, int64_t grid1, int64_t r0,
+                                                              int64_t r1, int64_t count, float* acc) {
+  const int64_t s2 = step[2] * st.s[2], T = static_cast<int64_t>(taps.size());
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t i0 = r / grid1 * step[0], i1 = r % grid1 * step[1];
+    float* out = acc + (r - r0) * count;
+    for (int64_t j0 = 0; j0 < count; j0 += 16) {
+      const __mmask16 all = lane_mask(j0, 0, count);
+      __m512 a = _mm512_maskz_loadu_ps(all, out + j0);
+      for (int64_t t = 0; t < T; ++t) {
+        const int64_t p0 = i0 + taps[t].offset[0], p1 = i1 + taps[t].offset[1];
+        const __mmask16 m = lane_mask(j0, ranges[t].first, ranges[t].second);
+        if (p0 < 0 || p0 >= extent[0] || p1 < 0 || p1 >= extent[1] || !m) continue;
+        const float* row = src + st.at(p0, p1, taps[t].offset[2]);
+        a = _mm512_mask3_fmadd_ps(_mm512_set1_ps(w[t]), load_points_avx512(row, j0, s2, m), a, m);
+      }
+      _mm512_mask_storeu_ps(out + j0, all, a);
+    }
+  }
+}
+#endif
+
+template <typename scalar_t, typename acc_t>
+void channel_rows(const scalar_t* src, const int64_t* extent, const Strides& st, const std::vector<Tap>& taps,
+                  const acc_t* w, const std::vector<std::pair<int64_t, int64_t>>& ranges, const int64_t* step,
+                  int64_t grid1, int64_t r0, int64_t r1, int64_t count, acc_t* acc) {
+#if TORCH_CONVT_DIRECT_AVX512
+  if (direct_avx512()) {
+    if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<acc_t, float>) {
+      const int64_t s2 = step[2] * st.s[2];
+      if (s2 == 1 || s2 == 2)
+        return channel_rows_f32_avx512(src, extent, st, taps, w, ranges, step, grid1, r0, r1, count, acc);
+    }
+    return channel_rows_avx512(src, extent, st, taps, w, ranges, step, grid1, r0, r1, count, acc);
+  }
+#endif
+  channel_rows_body(src, extent, st, taps, w, ranges, step, grid1, r0, r1, count, acc);
 }
 
 // Per-channel conv: Y[n, c] = sum_k W[c, k] X[n, c, i*stride - padding + k*dilation] + bias[c].
@@ -65,59 +156,134 @@ void conv_depthwise(const ConvParams& p, const scalar_t* x, const Strides& sx, c
   const int64_t zero[kMaxDims] = {0, 0, 0}, one[kMaxDims] = {1, 1, 1};
   const std::vector<Tap> taps = conv_taps(p);
   const auto ranges = inner_ranges(taps, p.stride[2], p.big[2], p.small[2]);
+  // rows in blocks whose sums stay in L1
+  const int64_t block = std::max<int64_t>(1, kRowBlockBytes / (std::max<int64_t>(1, p.small[2]) * int64_t(sizeof(acc_t))));
   at::parallel_for(0, p.batch * C, grain(2 * K * p.small_spatial()), [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> acc(p.small[2]), wt(K);
+    std::vector<acc_t> acc(std::min(rows, block) * p.small[2]), wt(K);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t n = item / C, c = item % C;
       for (int64_t t = 0; t < K; ++t) wt[t] = static_cast<acc_t>(w[c * K + taps[t].k]);
       const acc_t b = bias ? static_cast<acc_t>(bias[c]) : acc_t(0);
-      for (int64_t r = 0; r < rows; ++r) {
-        const int64_t i0 = r / p.small[1], i1 = r % p.small[1];
+      for (int64_t r0 = 0; r0 < rows; r0 += block) {
+        const int64_t r1 = std::min(rows, r0 + block);
         std::fill(acc.begin(), acc.end(), acc_t(0));
-        channel_row(x + n * sx.n + c * sx.c, p.big, sx, taps, wt.data(), ranges, p.stride, i0, i1, p.small[2],
-                    acc.data());
-        store_channel_row(acc.data(), b, y + n * sy.n + c * sy.c, sy, one, zero, i0, i1, p.small[2]);
+        channel_rows(x + n * sx.n + c * sx.c, p.big, sx, taps, wt.data(), ranges, p.stride, p.small[1], r0, r1,
+                     p.small[2], acc.data());
+        store_rows(acc.data(), 0, 1, bias ? &b : nullptr, y + n * sy.n + c * sy.c, sy, one, zero, p.small,
+                   r0 * p.small[2], r1 * p.small[2]);
       }
     }
   });
 }
 
-// Per-channel weight gradient: dW[c, k] = sum_{n, i} Y[n, c, i] X[n, c, i*stride - padding + k*dilation]. Each
-// channel is summed by one task in a fixed order (lane-wise partial sums, then the lanes), so the result does
+// Per-channel weight gradient of channel c: dW[c, k] = sum_{n, i} Y[n, c, i] X[n, c, i*stride - padding +
+// k*dilation], lane-wise partial sums over the innermost dim, then the lanes, in a fixed order.
+template <typename scalar_t, typename acc_t>
+__attribute__((always_inline)) inline void weight_grad_channel_body(
+    const ConvParams& p, const scalar_t* x, const Strides& sx, const scalar_t* y, const Strides& sy,
+    const std::vector<Tap>& taps, const std::vector<std::pair<int64_t, int64_t>>& ranges, int64_t c, scalar_t* dw) {
+  constexpr int L = 16;  // independent partial sums: the compiler vectorises the lanes
+  const int64_t K = p.kernel_numel(), rows = p.small[0] * p.small[1];
+  for (int64_t t = 0; t < K; ++t) {
+    acc_t lanes[L] = {};
+    const int64_t lo = ranges[t].first, hi = ranges[t].second, s2 = p.stride[2] * sx.s[2], y2 = sy.s[2];
+    for (int64_t n = 0; n < p.batch; ++n) {
+      const scalar_t* xs = x + n * sx.n + c * sx.c;
+      const scalar_t* ys = y + n * sy.n + c * sy.c;
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t i0 = r / p.small[1], i1 = r % p.small[1];
+        const int64_t p0 = i0 * p.stride[0] + taps[t].offset[0], p1 = i1 * p.stride[1] + taps[t].offset[1];
+        if (p0 < 0 || p0 >= p.big[0] || p1 < 0 || p1 >= p.big[1]) continue;
+        const scalar_t* xr = xs + sx.at(p0, p1, taps[t].offset[2]);
+        const scalar_t* yr = ys + sy.at(i0, i1, 0);
+        int64_t j = lo;
+        if (s2 == 1 && y2 == 1) {  // (unit strides: plain vector loads)
+          for (; j + L <= hi; j += L)
+            for (int l = 0; l < L; ++l) lanes[l] += static_cast<acc_t>(yr[j + l]) * static_cast<acc_t>(xr[j + l]);
+        } else {
+          for (; j + L <= hi; j += L)
+            for (int l = 0; l < L; ++l)
+              lanes[l] += static_cast<acc_t>(yr[(j + l) * y2]) * static_cast<acc_t>(xr[(j + l) * s2]);
+        }
+        for (int l = 0; j < hi; ++j, ++l) lanes[l] += static_cast<acc_t>(yr[j * y2]) * static_cast<acc_t>(xr[j * s2]);
+      }
+    }
+    acc_t sum = acc_t(0);
+    for (int l = 0; l < L; ++l) sum += lanes[l];
+    dw[c * K + taps[t].k] = static_cast<scalar_t>(sum);
+  }
+}
+
+#if TORCH_CONVT_DIRECT_AVX512
+template <typename scalar_t, typename acc_t>
+TORCH_CONVT_AVX512_TARGET void weight_grad_channel_avx512(const ConvParams& p, const scalar_t* x, const Strides& sx,
+                                                          const scalar_t* y, const Strides& sy,
+                                                          const std::vector<Tap>& taps,
+                                                          const std::vector<std::pair<int64_t, int64_t>>& ranges,
+                                                          int64_t c, scalar_t* dw) {
+  weight_grad_channel_body<scalar_t, acc_t>(p, x, sx, y, sy, taps, ranges, c, dw);
+}
+#endif
+
+#if TORCH_CONVT_DIRECT_AVX512
+// weight_grad_channel_body for float with unit innermost strides in Y and a step of 1 or 2 in X: the same lanes
+// (point j of a row adds to lane (j - lo) % 16) and order, 16 lanes a vector.
+TORCH_CONVT_AVX512_TARGET inline void weight_grad_channel_f32_avx512(
+    const ConvParams& p, const float* x, const Strides& sx, const float* y, const Strides& sy,
+    const std::vector<Tap>& taps, const std::vector<std::pair<int64_t, int64_t>>& ranges, int64_t c, float* dw) {
+  const int64_t K = p.kernel_numel(), rows = p.small[0] * p.small[1], s2 = p.stride[2] * sx.s[2];
+  for (int64_t t = 0; t < K; ++t) {
+    __m512 lanes = _mm512_setzero_ps();
+    const int64_t lo = ranges[t].first, hi = ranges[t].second;
+    for (int64_t n = 0; n < p.batch && lo < hi; ++n) {
+      const float* xs = x + n * sx.n + c * sx.c;
+      const float* ys = y + n * sy.n + c * sy.c;
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t i0 = r / p.small[1], i1 = r % p.small[1];
+        const int64_t p0 = i0 * p.stride[0] + taps[t].offset[0], p1 = i1 * p.stride[1] + taps[t].offset[1];
+        if (p0 < 0 || p0 >= p.big[0] || p1 < 0 || p1 >= p.big[1]) continue;
+        const float* xr = xs + sx.at(p0, p1, taps[t].offset[2]) + lo * s2;
+        const float* yr = ys + sy.at(i0, i1, 0) + lo;
+        for (int64_t j = 0; j < hi - lo; j += 16) {
+          const __mmask16 m = lane_mask(j, 0, hi - lo);
+          lanes = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, yr + j), load_points_avx512(xr, j, s2, m), lanes);
+        }
+      }
+    }
+    alignas(64) float part[16];
+    _mm512_store_ps(part, lanes);
+    float sum = 0.0f;
+    for (int l = 0; l < 16; ++l) sum += part[l];
+    dw[c * K + taps[t].k] = sum;
+  }
+}
+#endif
+
+// Per-channel weight gradient: each channel is summed by one task (weight_grad_channel_body), so the result does
 // not depend on the thread count.
 template <typename scalar_t>
 void conv_weight_grad_depthwise(const ConvParams& p, const scalar_t* x, const Strides& sx, const scalar_t* y,
                                 const Strides& sy, scalar_t* dw) {
   using acc_t = at::opmath_type<scalar_t>;
-  constexpr int L = 8;  // independent partial sums: the compiler vectorises the lanes
-  const int64_t C = p.small_channels, K = p.kernel_numel(), rows = p.small[0] * p.small[1], n2 = p.small[2];
+  const int64_t C = p.small_channels, K = p.kernel_numel();
   const std::vector<Tap> taps = conv_taps(p);
-  const auto ranges = inner_ranges(taps, p.stride[2], p.big[2], n2);
+  const auto ranges = inner_ranges(taps, p.stride[2], p.big[2], p.small[2]);
   at::parallel_for(0, C, grain(2 * K * p.batch * p.small_spatial()), [&](int64_t begin, int64_t end) {
     for (int64_t c = begin; c < end; ++c) {
-      for (int64_t t = 0; t < K; ++t) {
-        acc_t lanes[L] = {};
-        const int64_t lo = ranges[t].first, hi = ranges[t].second, s2 = p.stride[2] * sx.s[2], y2 = sy.s[2];
-        for (int64_t n = 0; n < p.batch; ++n) {
-          const scalar_t* xs = x + n * sx.n + c * sx.c;
-          const scalar_t* ys = y + n * sy.n + c * sy.c;
-          for (int64_t r = 0; r < rows; ++r) {
-            const int64_t i0 = r / p.small[1], i1 = r % p.small[1];
-            const int64_t p0 = i0 * p.stride[0] + taps[t].offset[0], p1 = i1 * p.stride[1] + taps[t].offset[1];
-            if (p0 < 0 || p0 >= p.big[0] || p1 < 0 || p1 >= p.big[1]) continue;
-            const scalar_t* xr = xs + sx.at(p0, p1, taps[t].offset[2]);
-            const scalar_t* yr = ys + sy.at(i0, i1, 0);
-            int64_t j = lo;
-            for (; j + L <= hi; j += L)
-              for (int l = 0; l < L; ++l)
-                lanes[l] += static_cast<acc_t>(yr[(j + l) * y2]) * static_cast<acc_t>(xr[(j + l) * s2]);
-            for (; j < hi; ++j) lanes[0] += static_cast<acc_t>(yr[j * y2]) * static_cast<acc_t>(xr[j * s2]);
+#if TORCH_CONVT_DIRECT_AVX512
+      if (direct_avx512()) {
+        if constexpr (std::is_same_v<scalar_t, float>) {
+          const int64_t s2 = p.stride[2] * sx.s[2];
+          if (sy.s[2] == 1 && (s2 == 1 || s2 == 2)) {
+            weight_grad_channel_f32_avx512(p, x, sx, y, sy, taps, ranges, c, dw);
+            continue;
           }
         }
-        acc_t sum = acc_t(0);
-        for (int l = 0; l < L; ++l) sum += lanes[l];
-        dw[c * K + taps[t].k] = static_cast<scalar_t>(sum);
+        weight_grad_channel_avx512<scalar_t, acc_t>(p, x, sx, y, sy, taps, ranges, c, dw);
+        continue;
       }
+#endif
+      weight_grad_channel_body<scalar_t, acc_t>(p, x, sx, y, sy, taps, ranges, c, dw);
     }
   });
 }
@@ -131,7 +297,9 @@ struct Phase {
 
 // Direct conv_transpose, phase by phase and row by row:
 //   X[n, c, m*stride + r] = sum_{cy in c's group} sum_t W[cy, c % Cxg, k_t] Y[n, cy, m + shift_t] + bias[c],
-// each sum over the taps inside Y only. For per-channel layers, and for non-finite weights (see columns.h).
+// each sum over the taps inside Y only. For per-channel layers, and for non-finite weights (see columns.h). Phases
+// with the same (r0, r1) and grid whose r2 follow one another are computed block by block together and stored
+// interleaved, each output line once (store_rows_interleaved), as the GEMM path's teams are.
 template <typename scalar_t, typename acc_t>
 void conv_transpose_direct(const ConvParams& p, const std::vector<Phase>& phases, const scalar_t* y,
                            const Strides& sy, const scalar_t* w, const acc_t* bias, scalar_t* x, const Strides& sx) {
@@ -139,25 +307,69 @@ void conv_transpose_direct(const ConvParams& p, const std::vector<Phase>& phases
   const int64_t one[kMaxDims] = {1, 1, 1};
   std::vector<std::vector<std::pair<int64_t, int64_t>>> ranges;
   for (const Phase& ph : phases) ranges.push_back(inner_ranges(ph.taps, 1, p.small[2], ph.grid[2]));
+  // Store groups: phases of the same (r0, r1) and grid, by r2; a group whose r2 are not consecutive (or whose
+  // output's innermost stride is not 1) is split into single phases.
+  std::vector<std::vector<size_t>> groups;
+  for (size_t q = 0; q < phases.size(); ++q) {
+    const Phase& ph = phases[q];
+    auto it = std::find_if(groups.begin(), groups.end(), [&](const std::vector<size_t>& grp) {
+      const Phase& first = phases[grp[0]];
+      return first.r[0] == ph.r[0] && first.r[1] == ph.r[1] && std::equal(ph.grid, ph.grid + kMaxDims, first.grid);
+    });
+    if (it == groups.end()) it = groups.insert(groups.end(), std::vector<size_t>{});
+    it->push_back(q);
+  }
+  std::vector<std::vector<size_t>> singles;
+  for (std::vector<size_t>& grp : groups) {
+    std::sort(grp.begin(), grp.end(), [&](size_t u, size_t v) { return phases[u].r[2] < phases[v].r[2]; });
+    bool runs = grp.size() <= size_t(kMaxStoreWays) && sx.s[2] == 1;
+    for (size_t m = 0; m < grp.size() && runs; ++m) runs = phases[grp[m]].r[2] == phases[grp[0]].r[2] + int64_t(m);
+    if (!runs) {
+      for (size_t m = 1; m < grp.size(); ++m) singles.push_back({grp[m]});
+      grp.resize(1);
+    }
+  }
+  groups.insert(groups.end(), singles.begin(), singles.end());
+  size_t ways_max = 1;
+  for (const auto& grp : groups) ways_max = std::max(ways_max, grp.size());
   at::parallel_for(0, p.batch * C, grain(2 * Cyg * K * p.small_spatial()), [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> acc(p.big[2]), wt(Cyg * K);
+    std::vector<acc_t> acc, wt(ways_max * Cyg * K);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t n = item / C, c = item % C, g = c / Cxg, cx = c % Cxg;
       const scalar_t* y_g = y + n * sy.n + g * Cyg * sy.c;
-      const acc_t b = bias ? bias[c] : acc_t(0);
-      for (size_t q = 0; q < phases.size(); ++q) {
-        const Phase& ph = phases[q];
-        const int64_t T = static_cast<int64_t>(ph.taps.size());
-        for (int64_t cy = 0; cy < Cyg; ++cy)
-          for (int64_t t = 0; t < T; ++t)
-            wt[cy * T + t] = static_cast<acc_t>(w[((g * Cyg + cy) * Cxg + cx) * K + ph.taps[t].k]);
-        for (int64_t r = 0; r < ph.grid[0] * ph.grid[1]; ++r) {
-          const int64_t i0 = r / ph.grid[1], i1 = r % ph.grid[1];
-          std::fill(acc.begin(), acc.begin() + ph.grid[2], acc_t(0));
+      scalar_t* x_c = x + n * sx.n + c * sx.c;
+      for (const std::vector<size_t>& grp : groups) {
+        const Phase& lead = phases[grp[0]];
+        const int64_t ways = static_cast<int64_t>(grp.size()), g2 = lead.grid[2], rows = lead.grid[0] * lead.grid[1];
+        if (rows * g2 == 0) continue;
+        for (int64_t m = 0; m < ways; ++m) {
+          const Phase& ph = phases[grp[m]];
+          const int64_t T = static_cast<int64_t>(ph.taps.size());
           for (int64_t cy = 0; cy < Cyg; ++cy)
-            channel_row(y_g + cy * sy.c, p.small, sy, ph.taps, wt.data() + cy * T, ranges[q], one, i0, i1,
-                        ph.grid[2], acc.data());
-          store_channel_row(acc.data(), b, x + n * sx.n + c * sx.c, sx, p.stride, ph.r, i0, i1, ph.grid[2]);
+            for (int64_t t = 0; t < T; ++t)
+              wt[(m * Cyg + cy) * K + t] = static_cast<acc_t>(w[((g * Cyg + cy) * Cxg + cx) * K + ph.taps[t].k]);
+        }
+        const int64_t block = std::max<int64_t>(1, kRowBlockBytes / (g2 * int64_t(sizeof(acc_t))));
+        const int64_t len = std::min(rows, block) * g2;
+        acc.resize(ways * len);
+        const acc_t* out[kMaxStoreWays];
+        for (int64_t r0 = 0; r0 < rows; r0 += block) {
+          const int64_t r1 = std::min(rows, r0 + block);
+          for (int64_t m = 0; m < ways; ++m) {
+            const Phase& ph = phases[grp[m]];
+            acc_t* a = acc.data() + m * len;
+            out[m] = a;
+            std::fill(a, a + (r1 - r0) * g2, acc_t(0));
+            for (int64_t cy = 0; cy < Cyg; ++cy)
+              channel_rows(y_g + cy * sy.c, p.small, sy, ph.taps, wt.data() + (m * Cyg + cy) * K, ranges[grp[m]], one,
+                           lead.grid[1], r0, r1, g2, a);
+          }
+          const acc_t* b = bias ? bias + c : nullptr;
+          if (ways > 1) {
+            store_rows_interleaved(out, ways, len, 1, b, x_c, sx, p.stride, lead.r, lead.grid, r0 * g2, r1 * g2);
+          } else {
+            store_rows(out[0], len, 1, b, x_c, sx, p.stride, lead.r, lead.grid, r0 * g2, r1 * g2);
+          }
         }
       }
     }
