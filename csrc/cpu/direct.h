@@ -15,6 +15,10 @@
 #include "../common/params.h"
 #include "columns.h"
 
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#endif
+
 namespace torch_convt::cpu {
 
 constexpr int64_t kRowBlockBytes = int64_t(32) << 10;  // a block of rows' sums, revisited tap by tap: stays in L1
@@ -33,7 +37,6 @@ inline std::vector<std::pair<int64_t, int64_t>> inner_ranges(const std::vector<T
 // Measured on the depthwise 3d layer (k=3, s=2), against the SSE2 row-by-row loops: forward x0.63 time, input
 // gradient x0.57, weight gradient x0.45.
 #if defined(__x86_64__) && defined(__GNUC__)
-#include <immintrin.h>
 #define TORCH_CONVT_DIRECT_AVX512 1
 #define TORCH_CONVT_AVX512_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,bmi2")))
 inline bool direct_avx512() {
