@@ -976,7 +976,8 @@ void conv_weight_grad_kernel(const ConvParams& p, const scalar_t* x, const Strid
   // chunk count, so that threads taking equal runs of chunks get equal work. Measured: MONAI's 3 items (tiles of
   // 2048, 2048 and 510 positions) in 3 chunks left one of 2 threads idle most of the time: 4 tiles of 1152, x0.61
   // time; HiFi-GAN's tiles of 512 and 288 positions (chunks of 8 items): 2 of 400, x0.81.
-  const int64_t target = std::max<int64_t>(1, std::min(kMaxChunks, kPartialBytes / std::max<int64_t>(1, dw_numel * elem)));
+  const int64_t target =
+      std::max<int64_t>(1, std::min(kMaxChunks, kPartialBytes / std::max<int64_t>(1, dw_numel * elem)));
   int64_t tiles = ceil_div(P, tile);
   if (P > 0) {
     for (int64_t t = tiles; t <= tiles + target && P / t >= kMinWeightGradTile; ++t)

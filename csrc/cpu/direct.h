@@ -160,7 +160,8 @@ void conv_depthwise(const ConvParams& p, const scalar_t* x, const Strides& sx, c
   const std::vector<Tap> taps = conv_taps(p);
   const auto ranges = inner_ranges(taps, p.stride[2], p.big[2], p.small[2]);
   // rows in blocks whose sums stay in L1
-  const int64_t block = std::max<int64_t>(1, kRowBlockBytes / (std::max<int64_t>(1, p.small[2]) * int64_t(sizeof(acc_t))));
+  const int64_t block =
+      std::max<int64_t>(1, kRowBlockBytes / (std::max<int64_t>(1, p.small[2]) * int64_t(sizeof(acc_t))));
   at::parallel_for(0, p.batch * C, grain(2 * K * p.small_spatial()), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> acc(std::min(rows, block) * p.small[2]), wt(K);
     for (int64_t item = begin; item < end; ++item) {
@@ -226,9 +227,7 @@ TORCH_CONVT_AVX512_TARGET void weight_grad_channel_avx512(const ConvParams& p, c
                                                           int64_t c, scalar_t* dw) {
   weight_grad_channel_body<scalar_t, acc_t>(p, x, sx, y, sy, taps, ranges, c, dw);
 }
-#endif
 
-#if TORCH_CONVT_DIRECT_AVX512
 // weight_grad_channel_body for float with unit innermost strides in Y and a step of 1 or 2 in X: the same lanes
 // (point j of a row adds to lane (j - lo) % 16) and order, 16 lanes a vector.
 TORCH_CONVT_AVX512_TARGET inline void weight_grad_channel_f32_avx512(
