@@ -235,8 +235,8 @@ void conv_kernel(const ConvParams& p, const scalar_t* x, const Strides& sx, cons
   // is cheaper than gathering them tile by tile.
   const bool split = use_split<scalar_t, acc_t>(frame, M, p.big, sx, G * Cxg, tile, gt.nr);
   // (conv takes the windows even where they are up to twice its columns: the MONAI k=3, s=2 layer's input gradient,
-  // 8 planes whose windows were 1% more than the columns, gathered columns instead, x1.47 time; conv_transpose and
-  // the weight gradient lose with that slack, the anisotropic stride-2 forward x1.16.)
+  // 8 planes whose windows were 1% more than the columns, gathered columns instead, x1.47 time; with that slack
+  // conv_transpose loses, the forward of the seed k=3, s=2 layer x1.16, and the weight gradient gains nothing.)
   const bool framed = split || use_frame<scalar_t, acc_t>(frame, M, p.big, sx, block, tile, gt.nr, 2);
   if (framed) M = frame.positions;
   else tile = tile_size(depth, M, sizeof(acc_t), gt.nr);
