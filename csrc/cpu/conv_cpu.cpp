@@ -38,7 +38,6 @@ namespace {
 
 using namespace cpu;  // columns.h, direct.h
 
-constexpr int64_t kMaxInterleave = 16;  // transposed layers store up to this many phases interleaved
 constexpr int64_t kPackAhead = 4;  // weight packing prefetches this many input channels ahead
 constexpr int64_t kTeamTile = 128;  // grid tiles: a team's results fit kColumnBytes for tiles this long
 constexpr int64_t kJobsPerThread = 4;  // grid tiles: at least this many jobs per thread, where tiles allow
@@ -568,28 +567,7 @@ TransposePlan make_transpose_plan(const ConvParams& p, const Strides& sy, const 
     share_windows(team, sets, phases, p, plan.grid_tiles);
     plan.max_out = std::max(plan.max_out, team.out_rows);
     plan.max_tile = std::max(plan.max_tile, sets[team.sets[0]].tile);
-    std::vector<std::vector<int64_t>> by_row;  // slots with the same (r0, r1), in r2 order
-    for (size_t i = 0; i < team.phases.size(); ++i) {
-      const int64_t* r = phases[team.phases[i]].r;
-      auto it = std::find_if(by_row.begin(), by_row.end(), [&](const std::vector<int64_t>& grp) {
-        const int64_t* r_first = phases[team.phases[grp[0]]].r;
-        return r_first[0] == r[0] && r_first[1] == r[1];
-      });
-      if (it == by_row.end()) it = by_row.insert(by_row.end(), std::vector<int64_t>{});
-      it->push_back(static_cast<int64_t>(i));
-    }
-    for (auto& grp : by_row) {
-      std::sort(grp.begin(), grp.end(),
-                [&](int64_t u, int64_t v) { return phases[team.phases[u]].r[2] < phases[team.phases[v]].r[2]; });
-      const int64_t r_first = phases[team.phases[grp[0]]].r[2];
-      bool runs = grp.size() > 1 && grp.size() <= kMaxInterleave && sx.s[2] == 1;
-      for (size_t w = 0; w < grp.size() && runs; ++w) runs = phases[team.phases[grp[w]]].r[2] == r_first + int64_t(w);
-      if (runs) {
-        team.store_groups.push_back(grp);
-      } else {
-        for (int64_t i : grp) team.store_groups.push_back({i});
-      }
-    }
+    team.store_groups = cpu::store_groups(phases, team.phases, sx);
   }
   std::vector<TransposeJob>& jobs = plan.jobs;
   for (size_t ti = 0; ti < teams.size(); ++ti) {
@@ -717,7 +695,7 @@ void grid_tile_store(const ConvParams& p, const TransposePlan& plan, const Team&
     scalar_t* x_n = x_g + n * sx.n;
     for (const std::vector<int64_t>& grp : team.store_groups) {
       const int64_t* r = plan.phases[team.phases[grp[0]]].r;
-      const acc_t* rows[kMaxInterleave];
+      const acc_t* rows[cpu::kMaxStoreWays];
       for (size_t w = 0; w < grp.size(); ++w) rows[w] = out + grp[w] * Cxg * cnt + j;
       if (grp.size() == 1) {
         store_rows(rows[0], cnt, Cxg, bias, x_n, sx, p.stride, r, grid, a, b, lead.layout);
@@ -905,7 +883,7 @@ void conv_transpose_kernel(const ConvParams& p, const scalar_t* y, const Strides
         if (grp.size() == 1) {
           store_rows(out + grp[0] * Cxg * cnt, cnt, Cxg, b_g, x_g, sx, p.stride, r, grid, job.m0, job.m1, frame);
         } else {
-          const acc_t* rows[kMaxInterleave];
+          const acc_t* rows[cpu::kMaxStoreWays];
           for (size_t w = 0; w < grp.size(); ++w) rows[w] = out + grp[w] * Cxg * cnt;
           store_rows_interleaved(rows, grp.size(), cnt, Cxg, b_g, x_g, sx, p.stride, r, grid, job.m0, job.m1, frame,
                                  stream);

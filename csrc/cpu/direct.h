@@ -9,6 +9,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <numeric>
 #include <utility>
 #include <vector>
 
@@ -297,6 +298,35 @@ struct Phase {
   std::vector<Tap> taps;   // offsets are shifts on the small tensor
 };
 
+// The phases members[i] in store groups, as positions i in `members`: phases of the same (r0, r1) and grid whose r2
+// follow one another (at most kMaxStoreWays, into an output whose innermost stride is 1) are stored together by
+// store_rows_interleaved, each output line once; any other phase alone.
+inline std::vector<std::vector<int64_t>> store_groups(const std::vector<Phase>& phases,
+                                                     const std::vector<int64_t>& members, const Strides& st) {
+  std::vector<std::vector<int64_t>> by_row, groups;  // by_row: positions with the same (r0, r1) and grid
+  for (size_t i = 0; i < members.size(); ++i) {
+    const Phase& ph = phases[members[i]];
+    auto it = std::find_if(by_row.begin(), by_row.end(), [&](const std::vector<int64_t>& grp) {
+      const Phase& first = phases[members[grp[0]]];
+      return first.r[0] == ph.r[0] && first.r[1] == ph.r[1] && std::equal(ph.grid, ph.grid + kMaxDims, first.grid);
+    });
+    if (it == by_row.end()) it = by_row.insert(by_row.end(), std::vector<int64_t>{});
+    it->push_back(static_cast<int64_t>(i));
+  }
+  for (std::vector<int64_t>& grp : by_row) {
+    const auto r2 = [&](int64_t i) { return phases[members[i]].r[2]; };
+    std::sort(grp.begin(), grp.end(), [&](int64_t u, int64_t v) { return r2(u) < r2(v); });
+    bool runs = grp.size() > 1 && int64_t(grp.size()) <= kMaxStoreWays && st.s[2] == 1;
+    for (size_t w = 0; w < grp.size() && runs; ++w) runs = r2(grp[w]) == r2(grp[0]) + int64_t(w);
+    if (runs) {
+      groups.push_back(grp);
+    } else {
+      for (int64_t i : grp) groups.push_back({i});
+    }
+  }
+  return groups;
+}
+
 // Direct conv_transpose, phase by phase and row by row:
 //   X[n, c, m*stride + r] = sum_{cy in c's group} sum_t W[cy, c % Cxg, k_t] Y[n, cy, m + shift_t] + bias[c],
 // each sum over the taps inside Y only. For per-channel layers, and for non-finite weights (see columns.h). Phases
@@ -309,29 +339,9 @@ void conv_transpose_direct(const ConvParams& p, const std::vector<Phase>& phases
   const int64_t one[kMaxDims] = {1, 1, 1};
   std::vector<std::vector<std::pair<int64_t, int64_t>>> ranges;
   for (const Phase& ph : phases) ranges.push_back(inner_ranges(ph.taps, 1, p.small[2], ph.grid[2]));
-  // Store groups: phases of the same (r0, r1) and grid, by r2; a group whose r2 are not consecutive (or whose
-  // output's innermost stride is not 1) is split into single phases.
-  std::vector<std::vector<size_t>> groups;
-  for (size_t q = 0; q < phases.size(); ++q) {
-    const Phase& ph = phases[q];
-    auto it = std::find_if(groups.begin(), groups.end(), [&](const std::vector<size_t>& grp) {
-      const Phase& first = phases[grp[0]];
-      return first.r[0] == ph.r[0] && first.r[1] == ph.r[1] && std::equal(ph.grid, ph.grid + kMaxDims, first.grid);
-    });
-    if (it == groups.end()) it = groups.insert(groups.end(), std::vector<size_t>{});
-    it->push_back(q);
-  }
-  std::vector<std::vector<size_t>> singles;
-  for (std::vector<size_t>& grp : groups) {
-    std::sort(grp.begin(), grp.end(), [&](size_t u, size_t v) { return phases[u].r[2] < phases[v].r[2]; });
-    bool runs = grp.size() <= size_t(kMaxStoreWays) && sx.s[2] == 1;
-    for (size_t m = 0; m < grp.size() && runs; ++m) runs = phases[grp[m]].r[2] == phases[grp[0]].r[2] + int64_t(m);
-    if (!runs) {
-      for (size_t m = 1; m < grp.size(); ++m) singles.push_back({grp[m]});
-      grp.resize(1);
-    }
-  }
-  groups.insert(groups.end(), singles.begin(), singles.end());
+  std::vector<int64_t> all(phases.size());
+  std::iota(all.begin(), all.end(), 0);
+  const std::vector<std::vector<int64_t>> groups = store_groups(phases, all, sx);
   size_t ways_max = 1;
   for (const auto& grp : groups) ways_max = std::max(ways_max, grp.size());
   at::parallel_for(0, p.batch * C, grain(2 * Cyg * K * p.small_spatial()), [&](int64_t begin, int64_t end) {
@@ -340,7 +350,7 @@ void conv_transpose_direct(const ConvParams& p, const std::vector<Phase>& phases
       const int64_t n = item / C, c = item % C, g = c / Cxg, cx = c % Cxg;
       const scalar_t* y_g = y + n * sy.n + g * Cyg * sy.c;
       scalar_t* x_c = x + n * sx.n + c * sx.c;
-      for (const std::vector<size_t>& grp : groups) {
+      for (const std::vector<int64_t>& grp : groups) {
         const Phase& lead = phases[grp[0]];
         const int64_t ways = static_cast<int64_t>(grp.size()), g2 = lead.grid[2], rows = lead.grid[0] * lead.grid[1];
         if (rows * g2 == 0) continue;
