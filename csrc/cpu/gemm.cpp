@@ -739,22 +739,86 @@ __attribute__((target("avx512f"))) inline void put16_avx512(__m512 v, uint16_t* 
   }
 }
 
-// W rows (a power of two) interleaved, 16 points of each at a time: log2(W) rounds of pairwise interleaving, in
-// which vector i is interleaved with vector i + W/2 into vectors 2i and 2i + 1, leave the W*16 values in output
-// order (W = 8: 24 permutes for 128 values). Where the points lie `step` > W apart, the vectors go through a
-// buffer from which each point's W values are copied. With `stream` (step == W), whole 64-byte lines of dst are
+// Points [j, j + cnt) (cnt <= 16) of W rows (a power of two), interleaved: log2(W) rounds of pairwise
+// interleaving, in which vector i is interleaved with vector i + W/2 into vectors 2i and 2i + 1, leave the W*16
+// values in output order (W = 8: 24 permutes for 128 values). Where the points lie `step` > W apart, the vectors go
+// through a buffer from which each point's W values are copied. A part block (cnt < 16) loads and stores under
+// masks, so no point outside it is read or written, and no call is made: a run loop with calls in it would
+// rebuild its vector constants on every run, which cost as much as the stores where runs are one block long.
+template <int W, bool Dense, typename D>
+__attribute__((target("avx512f"), always_inline)) inline void store_block_avx512(const float* const* r, __m512 vb,
+                                                                                 int64_t j, int cnt, int64_t step,
+                                                                                 D* d, bool bf16, bool stream) {
+  const __m512i lo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+  const __m512i hi = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+  const bool full = cnt == 16;
+  const __mmask16 m = static_cast<__mmask16>((1u << cnt) - 1);
+  __m512 v[W];
+#pragma GCC unroll 16
+  for (int w = 0; w < W; ++w)
+    v[w] = _mm512_add_ps(full ? _mm512_loadu_ps(r[w] + j) : _mm512_maskz_loadu_ps(m, r[w] + j), vb);
+  if constexpr (W == 2 && Dense && !std::is_same_v<D, float>) {
+    {  // (a point's two 16-bit values are one 32-bit lane: no permutes)
+      const __m512i p = pairs16_avx512(v[0], v[1], bf16);
+      if (!full) {
+        _mm512_mask_storeu_epi32(d + 2 * j, m, p);
+      } else if (stream) {
+        _mm512_stream_si512(reinterpret_cast<__m512i*>(d + 2 * j), p);
+      } else {
+        _mm512_storeu_si512(d + 2 * j, p);
+      }
+      return;
+    }
+  }
+#pragma GCC unroll 4
+  for (int h = 1; h < W; h *= 2) {
+    __m512 u[W];
+#pragma GCC unroll 8
+    for (int i = 0; i < W / 2; ++i) {
+      u[2 * i] = _mm512_permutex2var_ps(v[i], lo, v[i + W / 2]);
+      u[2 * i + 1] = _mm512_permutex2var_ps(v[i], hi, v[i + W / 2]);
+    }
+#pragma GCC unroll 16
+    for (int i = 0; i < W; ++i) v[i] = u[i];
+  }
+  if (Dense && full) {
+#pragma GCC unroll 16
+    for (int i = 0; i < W; ++i) put16_avx512(v[i], d + W * j + 16 * i, bf16, stream);
+  } else if (Dense && (std::is_same_v<D, float> || W > 1)) {
+    // vector i holds values [16i, 16i + 16) of the W * cnt (16-bit values: an even count, whole 32-bit lanes;
+    // W = 1 takes the buffer below, as masks of 16-bit lanes need AVX512BW)
+#pragma GCC unroll 16
+    for (int i = 0; i < W; ++i) {
+      const int c = std::clamp(W * cnt - 16 * i, 0, 16);
+      if (c == 0) break;
+      if constexpr (std::is_same_v<D, float>) {
+        _mm512_mask_storeu_ps(d + W * j + 16 * i, static_cast<__mmask16>((1u << c) - 1), v[i]);
+      } else {
+        _mm512_mask_storeu_epi32(d + W * j + 16 * i, static_cast<__mmask16>((1u << (c / 2)) - 1),
+                                 _mm512_castsi256_si512(narrow16_avx512(v[i], bf16)));
+      }
+    }
+  } else {
+    alignas(64) D buf[16 * W];
+#pragma GCC unroll 16
+    for (int i = 0; i < W; ++i) put16_avx512(v[i], buf + 16 * i, bf16, false);
+    for (int q = 0; q < cnt; ++q) std::memcpy(d + step * (j + q), buf + W * q, W * sizeof(D));
+  }
+}
+
+// The runs of every channel (store_interleaved), 16 points at a time; Dense: step == W (one instance each, as
+// the code of the other would be hoisted into every run). With `stream` (Dense), whole 64-byte lines of dst are
 // written with non-temporal stores (a run's head up to the first line boundary, and its tail, are stored plainly).
-template <int W, typename D>
+template <int W, bool Dense, typename D>
 __attribute__((target("avx512f"))) void store_runs_avx512(const float* const* rows, int64_t step,
                                                           const StoreChannels& ch, const StoreRun* runs, int64_t count,
                                                           D* dst, bool bf16, bool stream) {
-  const __m512i lo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
-  const __m512i hi = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
   constexpr uintptr_t kPoint = W * sizeof(D);  // bytes of one point's W values
+  if constexpr (Dense) step = W;
+  stream = stream && Dense && W > 1 && (kPoint >= 64 || 64 % kPoint == 0);
   const float* r[W];
   for (int64_t k = 0; k < ch.channels; ++k) {
-    const float bias = ch.bias ? ch.bias[k] : 0.0f;
-    const __m512 vb = _mm512_set1_ps(bias);
+    const __m512 vb = _mm512_set1_ps(ch.bias ? ch.bias[k] : 0.0f);
     D* dk = dst + k * ch.dst_stride;
     for (const StoreRun* run = runs; run != runs + count; ++run) {
       for (int w = 0; w < W; ++w) r[w] = rows[w] + k * ch.ld + run->src;
@@ -762,52 +826,17 @@ __attribute__((target("avx512f"))) void store_runs_avx512(const float* const* ro
       int64_t j = run->first;
       const int64_t n = run->stop;
       bool aligned = false;
-      if (stream && W > 1 && step == W) {
+      if (stream && j < n) {
         int64_t head = j;
         while (head < n && (reinterpret_cast<uintptr_t>(d + W * head) & 63) != 0) ++head;
-        aligned = (reinterpret_cast<uintptr_t>(d + W * head) & 63) == 0 && (kPoint >= 64 || 64 % kPoint == 0);
-        if (!aligned) head = j;  // (dst not aligned to a point: plain stores)
-        store_points_portable(r, W, step, bias, j, head, d, bf16);
-        j = head;
-      }
-      for (; j + 16 <= n; j += 16) {
-        __m512 v[W];
-#pragma GCC unroll 16
-        for (int w = 0; w < W; ++w) v[w] = _mm512_add_ps(_mm512_loadu_ps(r[w] + j), vb);
-        if constexpr (W == 2 && !std::is_same_v<D, float>) {
-          if (step == W) {
-            const __m512i p = pairs16_avx512(v[0], v[1], bf16);
-            if (aligned) {
-              _mm512_stream_si512(reinterpret_cast<__m512i*>(d + 2 * j), p);
-            } else {
-              _mm512_storeu_si512(d + 2 * j, p);
-            }
-            continue;
-          }
-        }
-#pragma GCC unroll 4
-        for (int h = 1; h < W; h *= 2) {
-          __m512 u[W];
-#pragma GCC unroll 8
-          for (int i = 0; i < W / 2; ++i) {
-            u[2 * i] = _mm512_permutex2var_ps(v[i], lo, v[i + W / 2]);
-            u[2 * i + 1] = _mm512_permutex2var_ps(v[i], hi, v[i + W / 2]);
-          }
-#pragma GCC unroll 16
-          for (int i = 0; i < W; ++i) v[i] = u[i];
-        }
-        if (step == W) {
-#pragma GCC unroll 16
-          for (int i = 0; i < W; ++i) put16_avx512(v[i], d + W * j + 16 * i, bf16, aligned);
-        } else {
-          alignas(64) D buf[16 * W];
-#pragma GCC unroll 16
-          for (int i = 0; i < W; ++i) put16_avx512(v[i], buf + 16 * i, bf16, false);
-#pragma GCC unroll 16
-          for (int q = 0; q < 16; ++q) std::memcpy(d + step * (j + q), buf + W * q, W * sizeof(D));
+        aligned = (reinterpret_cast<uintptr_t>(d + W * head) & 63) == 0;
+        if (aligned && head > j) {  // (fewer than 16 points: 64 / kPoint at most)
+          store_block_avx512<W, Dense>(r, vb, j, static_cast<int>(head - j), step, d, bf16, false);
+          j = head;
         }
       }
-      if (j < n) store_points_portable(r, W, step, bias, j, n, d, bf16);
+      for (; j + 16 <= n; j += 16) store_block_avx512<W, Dense>(r, vb, j, 16, step, d, bf16, aligned);
+      if (j < n) store_block_avx512<W, Dense>(r, vb, j, static_cast<int>(n - j), step, d, bf16, false);
     }
   }
 }
@@ -820,14 +849,20 @@ void store_runs_any(const float* const* rows, int64_t ways, int64_t step, const 
 #if TORCH_CONVT_X86
   static const bool avx512 = __builtin_cpu_supports("avx512f");
   if (avx512) {
+    const bool dense = step == ways;
+#define TORCH_CONVT_STORE_RUNS(W)                                                                     \
+  case W:                                                                                            \
+    return dense ? store_runs_avx512<W, true>(rows, step, ch, runs, count, dst, bf16, stream)        \
+                 : store_runs_avx512<W, false>(rows, step, ch, runs, count, dst, bf16, stream);
     switch (ways) {
-      case 1: return store_runs_avx512<1>(rows, step, ch, runs, count, dst, bf16, false);
-      case 2: return store_runs_avx512<2>(rows, step, ch, runs, count, dst, bf16, stream);
-      case 4: return store_runs_avx512<4>(rows, step, ch, runs, count, dst, bf16, stream);
-      case 8: return store_runs_avx512<8>(rows, step, ch, runs, count, dst, bf16, stream);
-      case 16: return store_runs_avx512<16>(rows, step, ch, runs, count, dst, bf16, stream);
+      TORCH_CONVT_STORE_RUNS(1)
+      TORCH_CONVT_STORE_RUNS(2)
+      TORCH_CONVT_STORE_RUNS(4)
+      TORCH_CONVT_STORE_RUNS(8)
+      TORCH_CONVT_STORE_RUNS(16)
       default: break;
     }
+#undef TORCH_CONVT_STORE_RUNS
   }
 #endif
   store_runs_portable(rows, ways, step, ch, runs, count, dst, bf16);
