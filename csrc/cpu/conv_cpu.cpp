@@ -763,10 +763,14 @@ void conv_transpose_kernel(const ConvParams& p, const scalar_t* y, const Strides
       // gathers: x0.78 time of the packing, which was 8% of HiFi-GAN's forward)
       constexpr int64_t kMaxFirst = 1024;
       int64_t first[kMaxFirst];
-      const bool gather = std::is_same_v<scalar_t, float> && std::is_same_v<acc_t, float> && by_channels &&
+      constexpr bool kWide = is_float16<scalar_t, acc_t>;  // (16-bit weights, widened first: x0.3 time)
+      const bool gather = (std::is_same_v<scalar_t, float> || kWide) && std::is_same_v<acc_t, float> && by_channels &&
                           panels * T <= kMaxFirst;
+      // (16-bit: the item's MR x K weights of each input channel, widened into `wide`, from which first[] counts)
+      const int64_t wide_from = kWide ? q * MR * K : 0, wide_size = ceil_div(MR * K, 16) * 16;
+      acc_t* const wide = kWide && gather ? scratch<acc_t, 0>(wide_size) : nullptr;
       for (int64_t j = 0; gather && j < panels; ++j)
-        for (int64_t t = 0; t < T; ++t) first[j * T + t] = plan.source[si][t * rows + j * Cxg + q * MR];
+        for (int64_t t = 0; t < T; ++t) first[j * T + t] = plan.source[si][t * rows + j * Cxg + q * MR] - wide_from;
       for (int64_t cy = 0; cy < Cyg; ++cy) {
         const int64_t bi = cy / set.block, depth = std::min(set.block, Cyg - bi * set.block) * T;
         const scalar_t* src = w + (g * Cyg + cy) * Cxg * K;
@@ -778,12 +782,18 @@ void conv_transpose_kernel(const ConvParams& p, const scalar_t* y, const Strides
           const int64_t bytes = MR * K * int64_t(sizeof(scalar_t));
           for (int64_t byte = 0; byte < bytes; byte += 64) __builtin_prefetch(next + byte);
         }
+        if constexpr (kWide) {
+          if (gather)  // (one panel of one row: the weights in order)
+            cpu::widen16_panels(reinterpret_cast<const uint16_t*>(src) + wide_from, 0, 1, MR * K, wide_size, wide,
+                                std::is_same_v<scalar_t, c10::BFloat16>);
+        }
         for (int64_t j = 0; j < panels; ++j) {
           const int64_t r0 = by_channels ? j * Cxg + q * MR : q * MR;
           acc_t* dst = base + r0 * depth;
-          if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<acc_t, float>) {
+          if constexpr (std::is_same_v<acc_t, float> && (std::is_same_v<scalar_t, float> || kWide)) {
             if (gather) {
-              ok &= cpu::gather_strided_rows(src, first + j * T, T, K, MR, dst);
+              ok &= cpu::gather_strided_rows(kWide ? wide : reinterpret_cast<const float*>(src), first + j * T, T, K,
+                                             MR, dst);
               continue;
             }
           }

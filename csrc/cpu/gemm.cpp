@@ -899,21 +899,32 @@ void widen16_panels_portable(const uint16_t* src, int64_t channel_stride, int64_
 #if TORCH_CONVT_X86
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // (as for the stores)
+// 16 16-bit floats at s, widened.
+template <bool BF16>
+__attribute__((target("avx512f"))) inline __m512 widen16_avx512(const uint16_t* s) {
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s));
+  return BF16 ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)) : _mm512_cvtph_ps(h);
+}
+
+template <bool BF16>
 __attribute__((target("avx512f"))) void widen16_panels_avx512(const uint16_t* src, int64_t channel_stride,
                                                                int64_t channels, int64_t count, int64_t nr,
-                                                               float* dst, bool bf16) {
-  if (nr % 16 != 0) return widen16_panels_portable(src, channel_stride, channels, count, nr, dst, bf16);
+                                                               float* dst) {
+  const auto widen = widen16_avx512<BF16>;
   for (int64_t j0 = 0; j0 < count; j0 += nr) {
     const int64_t n = std::min(nr, count - j0);
-    for (int64_t c = 0; c < channels; ++c, dst += nr) {
-      const uint16_t* s = src + c * channel_stride + j0;
-      int64_t j = 0;
-      for (; j + 16 <= n; j += 16) {
-        const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + j));
-        _mm512_storeu_ps(dst + j, bf16 ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16))
-                                       : _mm512_cvtph_ps(h));
+    const uint16_t* s = src + j0;
+    if (n == nr) {  // (whole panels: the next panel's part of each channel is fetched while this one is widened)
+      for (int64_t c = 0; c < channels; ++c, dst += nr, s += channel_stride) {
+        _mm_prefetch(reinterpret_cast<const char*>(s + nr), _MM_HINT_T0);
+        for (int64_t j = 0; j < nr; j += 16) _mm512_storeu_ps(dst + j, widen(s + j));
       }
-      for (; j < n; ++j) dst[j] = widen16_portable(s[j], bf16);
+      continue;
+    }
+    for (int64_t c = 0; c < channels; ++c, dst += nr, s += channel_stride) {
+      int64_t j = 0;
+      for (; j + 16 <= n; j += 16) _mm512_storeu_ps(dst + j, widen(s + j));
+      for (; j < n; ++j) dst[j] = widen16_portable(s[j], BF16);
       for (; j < nr; ++j) dst[j] = 0.0f;
     }
   }
@@ -926,7 +937,9 @@ void widen16_panels(const uint16_t* src, int64_t channel_stride, int64_t channel
                     float* dst, bool bf16) {
 #if TORCH_CONVT_X86
   static const bool avx512 = __builtin_cpu_supports("avx512f");
-  if (avx512) return widen16_panels_avx512(src, channel_stride, channels, count, nr, dst, bf16);
+  if (avx512 && nr % 16 == 0)
+    return bf16 ? widen16_panels_avx512<true>(src, channel_stride, channels, count, nr, dst)
+                : widen16_panels_avx512<false>(src, channel_stride, channels, count, nr, dst);
 #endif
   widen16_panels_portable(src, channel_stride, channels, count, nr, dst, bf16);
 }
