@@ -34,6 +34,7 @@ How the measurement works
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import gc
 import json
@@ -377,11 +378,21 @@ def run_case(tc, case: Case, device: torch.device, modes, samples: int, target_s
                    ours_samples_ms=[t * 1e3 for t in s_ours],
                    workspace_bytes=workspace, errors=dict(errs), ok=not problems,
                    problems=list(problems))
+        if mode == "fwd" and dtype != torch.float32:
+            # the target "a 16-bit forward is no slower than float32": ours in float32 on the same shape and
+            # values, timed ABBA against ours in this dtype
+            ours32, x32 = copy.deepcopy(ours).float(), x.float()
+            with torch.no_grad():
+                s32, s16 = compare_abba(lambda: ours32(x32), lambda: ours(x), device, samples, target_s, budget_s)
+            res["fp32_ms"], res["fp16bit_ms"] = statistics.median(s32) * 1e3, statistics.median(s16) * 1e3
+            res["vs_fp32"] = statistics.median(s16) / statistics.median(s32)  # time ratio: < 1 = 16-bit faster
+            del ours32, x32
         results.append(res)
         _log(f"  {case.name:<20s} {mode:<5s} torch {res['torch_ms']:9.3f} ms  ours "
              f"{res['ours_ms']:9.3f} ms  x{res['ratio']:.2f}  ({n} samples, spread "
              f"{res['spread_pct']:.0f}%)  "
-             f"{'ok' if res['ok'] else 'FAIL: ' + '; '.join(problems)}")
+             + (f"ours {case.dtype}/float32 time x{res['vs_fp32']:.2f}  " if "vs_fp32" in res else "")
+             + f"{'ok' if res['ok'] else 'FAIL: ' + '; '.join(problems)}")
     return results
 
 
@@ -420,6 +431,11 @@ def print_table(results, out=sys.stdout) -> None:
               f"{r['ours_ms']:10.3f} {r['ratio']:6.2f} {r['spread_pct']:5.0f}% {r['gflops']:8.1f} {r['pct_peak']:6.1f} "
               f"{r['gbs']:6.1f} {r['pct_bw']:5.1f} {_fmt_bytes(r['workspace_bytes']):>10s} "
               f"{_fmt_bytes(r['workspace_torch_bytes']):>10s}  {'ok' if r['ok'] else 'FAIL'}", file=out)
+    for r in results:
+        if "vs_fp32" in r:
+            print(f"{r['case']}: ours {r['dtype']} forward {r['fp16bit_ms']:.3f} ms, ours float32 on the same shape "
+                  f"{r['fp32_ms']:.3f} ms (ABBA): time x{r['vs_fp32']:.3f} "
+                  f"({'no slower' if r['vs_fp32'] <= 1.0 else 'slower'})", file=out)
     for mode in ("fwd", "train"):
         ratios = [r["ratio"] for r in results if r["mode"] == mode and "ratio" in r]
         if ratios:
