@@ -293,6 +293,42 @@ def test_grid_tiles(case, dtype):
     check_parity(ours_ct(nd), torch_ct(nd), (y, w, b), dict(stride=stride, padding=padding, dilation=dilation))
 
 
+ODD_LINES = [
+    # (input shape, weight shape, stride, padding, output_padding): odd output lines of 64+ grid points per phase, so
+    # the phases' innermost grids differ by one point and are computed on the longest (conv_transpose's extended
+    # grids), the extra points not stored
+    ((2, 6, 70), (6, 5, 3), 2, 0, 0),                    # 141 points: grids 71 and 70
+    ((1, 4, 3, 67), (4, 6, 3, 3), 2, 1, 0),              # 133
+    ((1, 3, 2, 3, 65), (3, 5, 3, 2, 3), (2, 1, 2), (1, 0, 0), 0),
+    ((1, 3, 2, 70), (3, 4, 5, 5), 3, 1, (0, 1)),         # stride 3, 212 points: grids 71, 71, 70
+    ((1, 16, 2, 3, 100), (16, 33, 3, 3, 3), 2, 0, 0),    # the seed k=3, s=2 layer, 201-point lines
+]
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16],
+                         ids=["float64", "float32", "bfloat16"])
+@pytest.mark.parametrize("case", ODD_LINES, ids=[f"case{i}" for i in range(len(ODD_LINES))])
+def test_odd_lines_extended_grids(case, dtype, layout):
+    """Parity, gradients included, where phases of different innermost grids are computed on one grid; also with
+    a non-finite weight, which the direct kernel (phases on their own grids) takes."""
+    in_shape, w_shape, stride, padding, output_padding = case
+    nd = len(in_shape) - 2
+    torch.manual_seed(11)
+    y, w, b = torch.randn(in_shape, dtype=dtype), torch.randn(w_shape, dtype=dtype), torch.randn(w_shape[1], dtype=dtype)
+    if layout == "channels_last" and nd > 1:
+        y = channels_last(y)
+    kwargs = dict(stride=stride, padding=padding, output_padding=output_padding)
+    ref_dtype = torch.float32 if dtype == torch.bfloat16 else None
+    check_parity(ours_ct(nd), torch_ct(nd), (y, w, b), kwargs, grad=dtype == torch.float64, ref_dtype=ref_dtype)
+    w_inf = w.clone()
+    w_inf.view(-1)[5] = float("inf")
+    # (against float64: torch's float32 kernel turns some of these infinities into NaN)
+    expected = torch_ct(nd)(*(t.double() for t in (y, w_inf, b)), **kwargs).to(dtype)
+    torch.testing.assert_close(ours_ct(nd)(y, w_inf, b, **kwargs), expected, equal_nan=True,
+                               **({} if dtype == torch.float64 else dict(rtol=2e-2, atol=2e-2)))
+
+
 @pytest.mark.parametrize("case", [((1, 32, 32, 32, 32), (32, 16, 2, 2, 2), 0), ((1, 8, 255, 257), (8, 16, 4, 4), 1)],
                          ids=["k2s2_3d", "k4s2p1_2d_odd_lines"])
 def test_large_outputs_streamed(case):

@@ -220,17 +220,19 @@ inline scalar_t narrow_to(acc_t v) {
 }
 
 // The innermost-dim runs of [m_begin, m_end) over the row-major extents `fr` (>= grid) that lie inside `grid`,
-// as stores see them: dst offset of the run's point j = 0, rows offset of it, and the run's [first, stop).
-// Computed once per store, shared by all channels. (The calling thread's; valid until its next call.)
+// from innermost index `from2` on, as stores see them: dst offset of the run's point j = 0, rows offset of it, and
+// the run's [first, stop). Computed once per store, shared by all channels. (The calling thread's; valid until its
+// next call.)
 inline const std::vector<StoreRun>& store_runs(const Strides& st, const int64_t* step, const int64_t* offset,
                                                const int64_t* grid, const int64_t* fr, int64_t m_begin,
-                                               int64_t m_end) {
+                                               int64_t m_end, int64_t from2 = 0) {
   thread_local std::vector<StoreRun> runs;
   runs.clear();
   for_each_run(fr, m_begin, m_end, [&](int64_t i0, int64_t i1, int64_t first, int64_t last, int64_t m) {
-    if (i0 >= grid[0] || i1 >= grid[1] || first >= grid[2]) return;
-    runs.push_back({st.at(i0 * step[0] + offset[0], i1 * step[1] + offset[1], offset[2]), m - m_begin - first,
-                    first, std::min(last, grid[2])});
+    const int64_t lo = std::max(first, from2), hi = std::min(last, grid[2]);
+    if (i0 >= grid[0] || i1 >= grid[1] || lo >= hi) return;
+    runs.push_back({st.at(i0 * step[0] + offset[0], i1 * step[1] + offset[1], offset[2]), m - m_begin - first, lo,
+                    hi});
   });
   return runs;
 }
@@ -255,13 +257,15 @@ bool store_fast(const acc_t* const* rows, int64_t ways, int64_t step, int64_t ch
 
 // dst at channel c and spatial position_d = m_d*step_d + offset_d (strides `st`) = rows[c*ld + m - m_begin]
 // (+ bias[c]) over the grid of m. rows == nullptr stores the bias alone (or zero). With a `frame` (>= grid in
-// every dim), m is flat over the frame instead, and only the points inside the grid are stored.
+// every dim), m is flat over the frame instead, and only the points inside the grid are stored (from innermost
+// index `from2` on).
 template <typename scalar_t, typename acc_t>
 void store_rows(const acc_t* rows, int64_t ld, int64_t channels, const acc_t* bias, scalar_t* dst,
                 const Strides& st, const int64_t* step, const int64_t* offset, const int64_t* grid,
-                int64_t m_begin, int64_t m_end, const int64_t* frame = nullptr) {
+                int64_t m_begin, int64_t m_end, const int64_t* frame = nullptr, int64_t from2 = 0) {
   const int64_t inner = step[2] * st.s[2];
-  const std::vector<StoreRun>& runs = store_runs(st, step, offset, grid, frame ? frame : grid, m_begin, m_end);
+  const std::vector<StoreRun>& runs =
+      store_runs(st, step, offset, grid, frame ? frame : grid, m_begin, m_end, from2);
   if (rows && inner == 1 && store_fast(&rows, 1, 1, channels, ld, bias, runs, dst, st.c, false)) return;
   for (int64_t c = 0; c < channels; ++c) {
     const acc_t b = bias ? bias[c] : acc_t(0);
@@ -627,13 +631,33 @@ void frame_gemm(const Frame& fr, const scalar_t* src, int64_t channels, const in
 // transposed layer (ways <= step[2]), and dst's innermost stride is 1. Each run of `ways` output points is then
 // written at once, instead of in `ways` strided passes. With `stream`, the runs that store_fast takes are written
 // with non-temporal stores (the caller fences, cpu::stream_fence, before others read them).
+// With `limit` (the output's extents), only the points inside it are stored: the blocks may hold a grid computed
+// past some phases' own (conv_transpose's phases of one innermost grid), whose last points per line are then
+// stored by the ways that have them, after the runs of all.
 template <typename scalar_t, typename acc_t>
 void store_rows_interleaved(const acc_t* const* rows, int64_t ways, int64_t ld, int64_t channels, const acc_t* bias,
                             scalar_t* dst, const Strides& st, const int64_t* step, const int64_t* offset,
                             const int64_t* grid, int64_t m_begin, int64_t m_end, const int64_t* frame = nullptr,
-                            bool stream = false) {
+                            bool stream = false, const int64_t* limit = nullptr) {
   const int64_t s = step[2];
-  const std::vector<StoreRun>& runs = store_runs(st, step, offset, grid, frame ? frame : grid, m_begin, m_end);
+  if (!frame) frame = grid;
+  int64_t all[kMaxDims];  // with a limit: the points every way has
+  if (limit) {
+    for (int d = 0; d < kMaxDims; ++d)
+      all[d] = std::min(grid[d], phase_count(limit[d], step[d], offset[d] + (d == 2 ? ways - 1 : 0)));
+    if (all[2] < grid[2]) {
+      store_rows_interleaved(rows, ways, ld, channels, bias, dst, st, step, offset, all, m_begin, m_end, frame, stream);
+      for (int64_t w = 0; w < ways; ++w) {
+        const int64_t at[kMaxDims] = {offset[0], offset[1], offset[2] + w};
+        const int64_t own[kMaxDims] = {all[0], all[1], std::min(grid[2], phase_count(limit[2], s, at[2]))};
+        if (own[2] > all[2]) store_rows(rows[w], ld, channels, bias, dst, st, step, at, own, m_begin, m_end, frame,
+                                        all[2]);
+      }
+      return;
+    }
+    grid = all;
+  }
+  const std::vector<StoreRun>& runs = store_runs(st, step, offset, grid, frame, m_begin, m_end);
   if (store_fast(rows, ways, s, channels, ld, bias, runs, dst, st.c, s == ways && stream)) return;
   for (int64_t c = 0; c < channels; ++c) {
     const acc_t b = bias ? bias[c] : acc_t(0);
