@@ -757,18 +757,16 @@ __attribute__((target("avx512f"), always_inline)) inline void store_block_avx512
 #pragma GCC unroll 16
   for (int w = 0; w < W; ++w)
     v[w] = _mm512_add_ps(full ? _mm512_loadu_ps(r[w] + j) : _mm512_maskz_loadu_ps(m, r[w] + j), vb);
-  if constexpr (W == 2 && Dense && !std::is_same_v<D, float>) {
-    {  // (a point's two 16-bit values are one 32-bit lane: no permutes)
-      const __m512i p = pairs16_avx512(v[0], v[1], bf16);
-      if (!full) {
-        _mm512_mask_storeu_epi32(d + 2 * j, m, p);
-      } else if (stream) {
-        _mm512_stream_si512(reinterpret_cast<__m512i*>(d + 2 * j), p);
-      } else {
-        _mm512_storeu_si512(d + 2 * j, p);
-      }
-      return;
+  if constexpr (W == 2 && Dense && !std::is_same_v<D, float>) {  // (a point's two 16-bit values are one 32-bit lane)
+    const __m512i p = pairs16_avx512(v[0], v[1], bf16);
+    if (!full) {
+      _mm512_mask_storeu_epi32(d + 2 * j, m, p);
+    } else if (stream) {
+      _mm512_stream_si512(reinterpret_cast<__m512i*>(d + 2 * j), p);
+    } else {
+      _mm512_storeu_si512(d + 2 * j, p);
     }
+    return;
   }
 #pragma GCC unroll 4
   for (int h = 1; h < W; h *= 2) {
