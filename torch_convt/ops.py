@@ -102,7 +102,8 @@ def _setup(ctx, inputs, output):
     # inputs[0], inputs[1] are the two tensors; the rest are the geometry (after the bias, for the forward ops:
     # backward needs only whether it requires grad, ctx.needs_input_grad[2]).
     ctx.save_for_backward(inputs[0], inputs[1])
-    ctx.save_for_forward(inputs[0], inputs[1])
+    if _forward_ad_active():  # (only a jvp reads them: 2 us of a small layer's training step otherwise)
+        ctx.save_for_forward(inputs[0], inputs[1])
     ctx.args = inputs[2:]
     ctx.output_shape = output.shape
 
