@@ -181,6 +181,18 @@ void conv_depthwise(const ConvParams& p, const scalar_t* x, const Strides& sx, c
   });
 }
 
+// The offsets of row r = (i0, i1) of Y and of the X row that tap `tap` reads for it (strides sy, sx); false where
+// that X row lies outside X. (The two depthwise weight-gradient loops below walk rows with it.)
+__attribute__((always_inline)) inline bool tap_row(const ConvParams& p, const Tap& tap, const Strides& sx,
+                                                   const Strides& sy, int64_t r, int64_t* x_off, int64_t* y_off) {
+  const int64_t i0 = r / p.small[1], i1 = r % p.small[1];
+  const int64_t p0 = i0 * p.stride[0] + tap.offset[0], p1 = i1 * p.stride[1] + tap.offset[1];
+  if (p0 < 0 || p0 >= p.big[0] || p1 < 0 || p1 >= p.big[1]) return false;
+  *x_off = sx.at(p0, p1, tap.offset[2]);
+  *y_off = sy.at(i0, i1, 0);
+  return true;
+}
+
 // Per-channel weight gradient of channel c: dW[c, k] = sum_{n, i} Y[n, c, i] X[n, c, i*stride - padding +
 // k*dilation], lane-wise partial sums over the innermost dim, then the lanes, in a fixed order.
 template <typename scalar_t, typename acc_t>
@@ -196,11 +208,10 @@ __attribute__((always_inline)) inline void weight_grad_channel_body(
       const scalar_t* xs = x + n * sx.n + c * sx.c;
       const scalar_t* ys = y + n * sy.n + c * sy.c;
       for (int64_t r = 0; r < rows; ++r) {
-        const int64_t i0 = r / p.small[1], i1 = r % p.small[1];
-        const int64_t p0 = i0 * p.stride[0] + taps[t].offset[0], p1 = i1 * p.stride[1] + taps[t].offset[1];
-        if (p0 < 0 || p0 >= p.big[0] || p1 < 0 || p1 >= p.big[1]) continue;
-        const scalar_t* xr = xs + sx.at(p0, p1, taps[t].offset[2]);
-        const scalar_t* yr = ys + sy.at(i0, i1, 0);
+        int64_t xo, yo;
+        if (!tap_row(p, taps[t], sx, sy, r, &xo, &yo)) continue;
+        const scalar_t* xr = xs + xo;
+        const scalar_t* yr = ys + yo;
         int64_t j = lo;
         if (s2 == 1 && y2 == 1) {  // (unit strides: plain vector loads)
           for (; j + L <= hi; j += L)
@@ -242,11 +253,10 @@ TORCH_CONVT_AVX512_TARGET inline void weight_grad_channel_f32_avx512(
       const float* xs = x + n * sx.n + c * sx.c;
       const float* ys = y + n * sy.n + c * sy.c;
       for (int64_t r = 0; r < rows; ++r) {
-        const int64_t i0 = r / p.small[1], i1 = r % p.small[1];
-        const int64_t p0 = i0 * p.stride[0] + taps[t].offset[0], p1 = i1 * p.stride[1] + taps[t].offset[1];
-        if (p0 < 0 || p0 >= p.big[0] || p1 < 0 || p1 >= p.big[1]) continue;
-        const float* xr = xs + sx.at(p0, p1, taps[t].offset[2]) + lo * s2;
-        const float* yr = ys + sy.at(i0, i1, 0) + lo;
+        int64_t xo, yo;
+        if (!tap_row(p, taps[t], sx, sy, r, &xo, &yo)) continue;
+        const float* xr = xs + xo + lo * s2;
+        const float* yr = ys + yo + lo;
         for (int64_t j = 0; j < hi - lo; j += 16) {
           const __mmask16 m = lane_mask(j, 0, hi - lo);
           lanes = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, yr + j), load_points_avx512(xr, j, s2, m), lanes);
