@@ -31,7 +31,7 @@ def extension():
     if sanitize:
         cxx += [f"-fsanitize={sanitize}", "-fno-omit-frame-pointer", "-g"]
         link += [f"-fsanitize={sanitize}"]
-    kwargs = dict(include_dirs=[os.path.join(ROOT, "csrc")], extra_link_args=link)
+    kwargs = dict(include_dirs=[os.path.join(ROOT, "csrc"), os.path.join(ROOT, "include")], extra_link_args=link)
     if use_cuda():
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
         nvcc = opt + ["-std=c++20", "--expt-relaxed-constexpr"] + os.environ.get("NVCC_FLAGS", "").split()

@@ -18,6 +18,7 @@ crash or a hang then fails one test instead of the suite, and memory is measured
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import os
@@ -30,6 +31,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import torch_convt
 import torch_convt.functional as TF
 from helpers import fn_pair, make_tensor, strided_view
 
@@ -428,7 +430,8 @@ def test_concurrent_threads_bitwise_equal_serial():
 # kernel tracks the peak, not us). malloc may serve small buffers from memory freed earlier and still
 # resident, which this cannot see: at most what the small calls left behind. torch's CPU allocator does not
 # cache, and big blocks are mmap'ed and returned at free, so nothing else hides or inflates the measurement.
-# Also reported: the memory still held after the output is freed (buffers kept across calls).
+# Also reported: the memory still held after the output is freed (buffers kept across calls, and the memory of an
+# output of 32 MiB or more, kept for the next output), and after torch_convt.empty_cache().
 MEMORY_CASES = {
     # a U-Net decoder up-sampler: ConvTranspose3d(64, 32, kernel 2, stride 2), output 128 MiB
     "conv_transpose3d_k2s2": dict(op="ct", x=(4, 64, 32, 32, 32), w=(64, 32, 2, 2, 2), stride=2, padding=0,
@@ -499,16 +502,21 @@ def _child_peak_memory(case: str, impl: str) -> dict:
     del out
     retained = proc_status_bytes("VmRSS") - rss_before
     peak_over = hwm_after - (rss_before if reset else max(rss_before, hwm_before))
-    return dict(case=case, impl=impl, reset_peak=reset, out_bytes=out_bytes, peak_over_before=peak_over,
-                extra=peak_over - out_bytes, retained=retained, rss_before=rss_before)
+    r = dict(case=case, impl=impl, reset_peak=reset, out_bytes=out_bytes, peak_over_before=peak_over,
+             extra=peak_over - out_bytes, retained=retained, rss_before=rss_before)
+    if impl == "ours":  # the freed output's memory, kept for reuse (torch_convt.empty_cache), then released
+        torch_convt.empty_cache()
+        r["retained_after_empty_cache"] = proc_status_bytes("VmRSS") - rss_before
+    return r
 
 
 @linux_only
 @not_under_asan
 @pytest.mark.parametrize("case", MEMORY_CASE_PARAMS)
 def test_peak_memory_of_one_call(case):
-    """Peak memory of one call beyond its output < max(64 MiB, output size), and < 64 MiB still held once the
-    output is freed (see the comment above for what is measured and how)."""
+    """Peak memory of one call beyond its output < max(64 MiB, output size); once the output is freed, < 64 MiB
+    still held beyond the output's own memory where that is kept for reuse (32 MiB or more), and < 64 MiB after
+    torch_convt.empty_cache() (see the comment above for what is measured and how)."""
     require_memory(3 * GiB, "the memory test")
     r = run_child("peak_memory", timeout_s=300, case=case, impl="ours")
     budget = max(MEMORY_SLACK, r["out_bytes"])
@@ -518,7 +526,105 @@ def test_peak_memory_of_one_call(case):
     assert r["extra"] <= budget, \
         f"{case}: {r['extra'] / MiB:.1f} MiB beyond the {r['out_bytes'] / MiB:.1f} MiB output " \
         f"(budget {budget / MiB:.0f} MiB)"
-    assert r["retained"] <= MEMORY_SLACK, f"{case}: {r['retained'] / MiB:.1f} MiB still held after the call"
+    # an output of 32 MiB or more leaves its memory for the next one (torch_convt.empty_cache): held, at most that
+    kept = r["out_bytes"] if r["out_bytes"] >= 32 * MiB else 0
+    assert r["retained"] <= MEMORY_SLACK + kept, f"{case}: {r['retained'] / MiB:.1f} MiB still held after the call"
+    assert r["retained_after_empty_cache"] <= MEMORY_SLACK, \
+        f"{case}: {r['retained_after_empty_cache'] / MiB:.1f} MiB still held after torch_convt.empty_cache()"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the memory of freed large outputs, kept for the next output (torch_convt.empty_cache / set_cache_limit)
+# ----------------------------------------------------------------------------------------------------------
+# Outputs of 32 MiB (float32: 2^23 elements) and more. Each call's output is compared with torch's, after the memory
+# it reuses was filled with NaN: every element must be written, including those no tap reaches (stride > kernel:
+# the bias alone).
+KEPT_CALLS = {  # name: (f, x, w, b) -> the call, with f = torch_convt.functional or torch.nn.functional
+    "conv_transpose3d_k2s2": lambda f, x, w, b: f.conv_transpose3d(x, w, b, stride=2),
+    "conv_transpose3d_k1s2_uncovered": lambda f, x, w, b: f.conv_transpose3d(x, w[..., :1, :1, :1], b, stride=2,
+                                                                              output_padding=1),
+    "conv3d_k1": lambda f, x, w, b: f.conv3d(F.pad(x, (0, 32, 0, 32, 0, 32)), w.transpose(0, 1)[..., :1, :1, :1], b),
+}
+
+
+def _kept_inputs():
+    gen = torch.Generator().manual_seed(0)
+    return (torch.randn((1, 16, 32, 32, 32), generator=gen), torch.randn((16, 32, 2, 2, 2), generator=gen),
+            torch.randn(32, generator=gen))
+
+
+def test_kept_output_memory_is_reused_and_fully_written():
+    x, w, b = _kept_inputs()
+    torch_convt.empty_cache()
+    for name, call in KEPT_CALLS.items():
+        for first in KEPT_CALLS.values():
+            dirty = first(TF, x, w, b)
+            assert dirty.numel() * dirty.element_size() >= 32 * MiB
+            ptr = dirty.data_ptr()
+            dirty.fill_(float("nan"))
+            del dirty
+            out = call(TF, x, w, b)
+            assert out.data_ptr() == ptr, f"{name}: the freed output's memory was not reused"
+            torch.testing.assert_close(out, call(F, x, w, b), rtol=1e-5, atol=1e-5, msg=name)
+            other = call(TF, x, w, b)  # (the first is alive: new memory, no aliasing)
+            assert other.data_ptr() != out.data_ptr() and torch.equal(out, other), name
+            del out, other
+
+
+def test_kept_output_memory_is_bounded_and_released():
+    """What torch_convt.empty_cache() releases is what the cache limits allow: 4 blocks by default, none with a
+    limit of 0, one with room for one (the peak-memory tests check that released memory leaves the process)."""
+    x, w, b = _kept_inputs()
+    run = functools.partial(KEPT_CALLS["conv_transpose3d_k2s2"], TF, x, w, b)
+    block = run().numel() * 4
+
+    def released_after(calls):
+        torch_convt.empty_cache()
+        outs = [run() for _ in range(calls)]  # alive together, then freed
+        del outs
+        return torch_convt.empty_cache()
+
+    assert released_after(6) == 4 * block
+    assert torch_convt.empty_cache() == 0
+    previous = torch_convt.set_cache_limit(0)
+    try:
+        assert previous == 1 << 30
+        assert released_after(3) == 0, "memory kept with a cache limit of 0"
+        assert torch_convt.set_cache_limit(block + block // 2) == 0  # room for one block
+        assert released_after(3) == block
+        outs = [run() for _ in range(2)]
+        del outs
+        assert torch_convt.set_cache_limit(0) == block + block // 2
+        assert torch_convt.empty_cache() == 0, "set_cache_limit(0) kept a block"
+    finally:
+        torch_convt.set_cache_limit(previous)
+    with pytest.raises(RuntimeError, match="set_cache_limit"):
+        torch_convt.set_cache_limit(-1)
+
+
+def test_kept_output_memory_across_threads():
+    """Threads that free and take kept blocks at the same time each get their own, fully written outputs."""
+    x, w, b = _kept_inputs()
+    want = {name: call(TF, x, w, b) for name, call in KEPT_CALLS.items()}
+    errors = []
+
+    def worker(t):
+        try:
+            for r in range(4):
+                for name, call in KEPT_CALLS.items():
+                    out = call(TF, x, w, b)
+                    if not torch.equal(out, want[name]):
+                        errors.append((t, r, name))
+                    out.fill_(float("nan"))
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append((t, repr(e)))
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(3)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(timeout=300)
+    assert not errors, errors
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@
 // torch.compile or torch.func); the rest goes through torch.ops as before.
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/extension.h>
+#include <torch_convt/torch_convt.h>
 
 #include <optional>
 #include <vector>
@@ -68,4 +69,6 @@ PYBIND11_MODULE(_C, m) {
   m.def("conv_transpose", &conv_transpose);
   m.def("conv", &conv);
   m.def("conv_weight_grad", &conv_weight_grad);
+  m.def("empty_cache", &torch_convt::empty_cache);
+  m.def("set_cache_limit", &torch_convt::set_cache_limit);
 }

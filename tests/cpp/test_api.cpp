@@ -26,6 +26,7 @@
 #include <atomic>
 #include <cstdio>
 #include <functional>
+#include <limits>
 #include <optional>
 #include <sstream>
 #include <string>
@@ -417,6 +418,28 @@ void check_with_foreign_autograd_kernel() {
          std::to_string(g_stand_in_calls.load()) + " calls");
 }
 
+// The memory kept for reuse: a freed 32 MiB output's block serves the next, which is fully written; the limits and
+// empty_cache() count what is kept.
+void check_cache() {
+  const at::Tensor x = at::randn({1, 16, 32, 32, 32}), w = at::randn({16, 32, 2, 2, 2}), b = at::randn({32});
+  torch_convt::empty_cache();
+  at::Tensor out = torch_convt::conv_transpose3d(x, w, b, 2);
+  const int64_t bytes = out.numel() * 4;
+  const void* ptr = out.data_ptr();
+  out.fill_(std::numeric_limits<float>::quiet_NaN());
+  out = at::Tensor();
+  out = torch_convt::conv_transpose3d(x, w, b, 2);
+  record(out.data_ptr() == ptr && out.allclose(at::conv_transpose3d(x, w, b, 2), 1e-5, 1e-5),
+         "a freed large output's memory serves the next output, fully written");
+  out = at::Tensor();
+  record(torch_convt::empty_cache() == bytes && torch_convt::empty_cache() == 0, "empty_cache releases the kept block");
+  const int64_t previous = torch_convt::set_cache_limit(0);
+  out = torch_convt::conv_transpose3d(x, w, b, 2);
+  out = at::Tensor();
+  record(torch_convt::empty_cache() == 0 && torch_convt::set_cache_limit(previous) == 0,
+         "nothing is kept with a cache limit of 0");
+}
+
 }  // namespace
 
 int main() {
@@ -427,6 +450,7 @@ int main() {
   check_autocast();
   check_errors();
   check_with_foreign_autograd_kernel();
+  check_cache();
   if (at::hasCUDA()) {  // the same checks on the GPU, against torch's CUDA convolutions
     for (const Config& c : configs()) {
       Config on_cuda = c;
