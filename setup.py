@@ -22,7 +22,8 @@ def use_cuda():
 
 def extension():
     # (csrc/python: the Python module's entries, not part of the C++ library that CMake builds)
-    sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp") + glob.glob("csrc/python/*.cpp"))
+    sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp") + glob.glob("csrc/api/*.cpp") +
+                     glob.glob("csrc/python/*.cpp"))
     debug = os.environ.get("TORCH_CONVT_DEBUG", "0") == "1"
     opt = ["-O0", "-g"] if debug else ["-O3"]
     cxx = opt + ["-std=c++20", "-fopenmp", "-Wall", "-Wno-sign-compare", "-Wno-unknown-pragmas"]

@@ -248,3 +248,54 @@ def test_double_backward_matches_torch(kind, device):
 
     for got, want in zip(second_order(ours), second_order(ref)):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.filterwarnings("ignore:Anomaly Detection has been enabled")
+@pytest.mark.parametrize("kind", ["ct", "conv"])
+def test_autograd_graph_features(kind, device):
+    """What training code relies on around the recorded node (a C++ node for plain calls; ops.py's autograd.Function
+    under forward-mode AD): saved-tensor hooks see the saved tensors, non-reentrant checkpointing, anomaly mode,
+    tensor hooks and retain_graph give torch's gradients."""
+    import torch.utils.checkpoint as cp
+    nd = 2
+    cfg = (CT_GRAD_CASES if kind == "ct" else CONV_GRAD_CASES)[2][2]
+    args = cfg.ct_tensors(nd, device=device) if kind == "ct" else cfg.conv_tensors(nd, device=device)
+    kw = cfg.kwargs(kind, nd)
+    ours, ref = (ours_ct(nd), torch.nn.functional.conv_transpose2d) if kind == "ct" else \
+        (ours_conv(nd), torch.nn.functional.conv2d)
+
+    def grads(f, how):
+        x, w, b = (a.detach().clone().requires_grad_(True) for a in args)
+        packed = []
+        if how == "saved_tensor_hooks":
+            def pack(t):
+                packed.append(t)
+                return t.clone()
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                y = f(x, w, b, **kw)
+            assert len(packed) >= 2, "the node's saved tensors did not go through the hooks"
+        elif how == "checkpoint":
+            y = cp.checkpoint(lambda *t: f(*t, **kw).sin(), x, w, b, use_reentrant=False)
+        elif how == "anomaly":
+            with torch.autograd.detect_anomaly(check_nan=True):
+                y = f(x, w, b, **kw)
+                y.sin().sum().backward()
+            return x.grad, w.grad, b.grad
+        elif how == "forward_ad":
+            with torch.autograd.forward_ad.dual_level():
+                y = f(x, w, b, **kw)
+        else:
+            y = f(x, w, b, **kw)
+        if f is ours and how in ("plain", "forward_ad"):  # (the node each path records; the C++ one is cheaper)
+            assert (type(y.grad_fn).__name__ == "CppFunction") == (how == "plain"), type(y.grad_fn)
+        if how == "hook":
+            y.register_hook(lambda g: 2 * g)
+        loss = y.sin().sum() if how != "checkpoint" else y.sum()
+        if how == "retain_graph":
+            loss.backward(retain_graph=True)
+        loss.backward()
+        return x.grad, w.grad, b.grad
+
+    for how in ["plain", "saved_tensor_hooks", "checkpoint", "anomaly", "forward_ad", "hook", "retain_graph"]:
+        for got, want in zip(grads(ours, how), grads(ref, how)):
+            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10, msg=f"{kind}, {how}")

@@ -303,14 +303,19 @@ _register_autograd_kernel(_conv_weight_grad_op, _ConvWeightGradFunction)
 # Those, torch.func transforms and torch.compile tracing take the op through the dispatcher.
 # - nothing to differentiate, plain tensors and nothing above the dispatcher to see the op (_direct):
 #   torch_convt._C's entry, which converts the arguments itself and calls the op from below autograd (an op call
-#   of a small layer: 11 -> 6 us; torch.ops parses arguments in generic code).
+#   of a small layer: 11 -> 6 us; torch.ops parses arguments in generic code);
+# - a graph to record, the same conditions, and no forward-mode AD: torch_convt._C's graph entry, which records
+#   the C++ API's autograd node (csrc/api/cpp_api.cpp: the same backward, written with the three ops' C++ nodes,
+#   so double backward stays in C++). Recording and freeing a Python autograd.Function node cost 11 us more (an
+#   8-channel 8 x 8 layer's training step: 75 -> 64 us). The Python Functions remain for forward-mode AD (their
+#   jvp), torch.func and the autograd kernels (calls through torch.ops).
 def _plain(args):
     return not (torch._C._has_torch_function(args) or torch.is_autocast_enabled("cpu")
                 or torch.is_autocast_enabled("cuda") or torch._C._get_tracing_state() is not None)
 
 
 
-def _entry(op, function, direct):
+def _entry(op, function, direct, graph):
     apply = super(torch.autograd.Function, function).apply
 
     def call(*args):
@@ -321,15 +326,20 @@ def _entry(op, function, direct):
                 return direct(*args)
             with torch._C._AutoDispatchBelowAutograd():
                 return op(*args)
-        return apply(*args) if _plain(args) else op(*args)
+        if not _plain(args):
+            return op(*args)
+        if _direct(args) and not _forward_ad_active():
+            return graph(*args)
+        return apply(*args)
     call.__name__ = call.__qualname__ = op._schema.name.split("::")[1]
     call.__doc__ = f"torch.ops.{op._schema.name.replace('::', '.')} (see the module docstring)"
     return call
 
 
-conv_transpose = _entry(_conv_transpose_op, _ConvTransposeFunction, _C.conv_transpose)
-conv = _entry(_conv_op, _ConvFunction, _C.conv)
-conv_weight_grad = _entry(_conv_weight_grad_op, _ConvWeightGradFunction, _C.conv_weight_grad)
+conv_transpose = _entry(_conv_transpose_op, _ConvTransposeFunction, _C.conv_transpose, _C.conv_transpose_graph)
+conv = _entry(_conv_op, _ConvFunction, _C.conv, _C.conv_graph)
+conv_weight_grad = _entry(_conv_weight_grad_op, _ConvWeightGradFunction, _C.conv_weight_grad,
+                          _C.conv_weight_grad_graph)
 
 
 # ---- torch.func.vmap ---------------------------------------------------------------------------------------

@@ -9,7 +9,8 @@
 // Each backward below calls the other Functions' apply, so double (and higher) backward works. For complex
 // tensors the adjoint conjugates the other operand (torch's conjugate-Wirtinger convention).
 //
-// Built into the CMake library (libtorch_convt) only; the Python extension has its autograd in ops.py.
+// Built into the CMake library (libtorch_convt) and into the Python extension, whose entry points record these
+// nodes where no forward-mode AD or torch.func transform needs ops.py's autograd.Functions (see ops.py).
 #include <torch_convt/torch_convt.h>
 
 #include <ATen/ATen.h>

@@ -8,7 +8,8 @@
 // autograd, as the entry points do for calls that record no graph: everything else that sees the op (autocast,
 // dispatch modes, the profiler's record of the op, functorch) still does. The entry points use them only where
 // nothing above the dispatcher must see the call (no __torch_function__ override, no tracer, not under
-// torch.compile or torch.func); the rest goes through torch.ops as before.
+// torch.compile or torch.func); the rest goes through torch.ops as before. The *_graph entries record the C++ API's
+// autograd nodes (csrc/api/cpp_api.cpp) for calls that need a graph (ops.py says when).
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/extension.h>
 #include <torch_convt/torch_convt.h>
@@ -61,6 +62,25 @@ at::Tensor conv_weight_grad(const at::Tensor& input, const at::Tensor& grad_outp
   return op.call(input, grad_output, sym(weight_size), sym(stride), sym(padding), sym(dilation), groups);
 }
 
+at::Tensor conv_transpose_graph(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                          const Ints& stride, const Ints& padding, const Ints& output_padding, const Ints& dilation,
+                          int64_t groups) {
+  pybind11::gil_scoped_release no_gil;
+  return torch_convt::ops::conv_transpose(input, weight, bias, stride, padding, output_padding, dilation, groups);
+}
+
+at::Tensor conv_graph(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                const Ints& stride, const Ints& padding, const Ints& dilation, int64_t groups) {
+  pybind11::gil_scoped_release no_gil;
+  return torch_convt::ops::conv(input, weight, bias, stride, padding, dilation, groups);
+}
+
+at::Tensor conv_weight_grad_graph(const at::Tensor& input, const at::Tensor& grad_output, const Ints& weight_size,
+                            const Ints& stride, const Ints& padding, const Ints& dilation, int64_t groups) {
+  pybind11::gil_scoped_release no_gil;
+  return torch_convt::ops::conv_weight_grad(input, grad_output, weight_size, stride, padding, dilation, groups);
+}
+
 }  // namespace
 
 // ================================ Python entries ================================
@@ -69,6 +89,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("conv_transpose", &conv_transpose);
   m.def("conv", &conv);
   m.def("conv_weight_grad", &conv_weight_grad);
+  m.def("conv_transpose_graph", &conv_transpose_graph);
+  m.def("conv_graph", &conv_graph);
+  m.def("conv_weight_grad_graph", &conv_weight_grad_graph);
   m.def("empty_cache", &torch_convt::empty_cache);
   m.def("set_cache_limit", &torch_convt::set_cache_limit);
 }
