@@ -602,6 +602,31 @@ def test_kept_output_memory_is_bounded_and_released():
         torch_convt.set_cache_limit(-1)
 
 
+@linux_only
+def test_kept_output_memory_in_a_forked_child():
+    """A process forked while a block is kept (DataLoader workers are forked) computes with it as the parent does."""
+    x, w, b = _kept_inputs()
+    run = functools.partial(KEPT_CALLS["conv_transpose3d_k2s2"], TF, x, w, b)
+    want = run()
+    torch_convt.empty_cache()
+    out = run()
+    del out  # (one block kept)
+    pid = os.fork()
+    if pid == 0:  # the child: one thread (as DataLoader workers), exit status 0 if right
+        code = 1
+        try:
+            torch.set_num_threads(1)
+            out = run()
+            code = 0 if torch.equal(out, want) and torch_convt.empty_cache() == 0 else 2
+            del out
+            code = code if torch_convt.empty_cache() == want.numel() * 4 else 3
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert torch_convt.empty_cache() == want.numel() * 4  # (the parent's block, untouched by the child)
+
+
 def test_kept_output_memory_across_threads():
     """Threads that free and take kept blocks at the same time each get their own, fully written outputs."""
     x, w, b = _kept_inputs()
