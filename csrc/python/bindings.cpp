@@ -62,21 +62,21 @@ at::Tensor conv_weight_grad(const at::Tensor& input, const at::Tensor& grad_outp
   return op.call(input, grad_output, sym(weight_size), sym(stride), sym(padding), sym(dilation), groups);
 }
 
-at::Tensor conv_transpose_graph(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                          const Ints& stride, const Ints& padding, const Ints& output_padding, const Ints& dilation,
-                          int64_t groups) {
+at::Tensor conv_transpose_graph(const at::Tensor& input, const at::Tensor& weight,
+                                const std::optional<at::Tensor>& bias, const Ints& stride, const Ints& padding,
+                                const Ints& output_padding, const Ints& dilation, int64_t groups) {
   pybind11::gil_scoped_release no_gil;
   return torch_convt::ops::conv_transpose(input, weight, bias, stride, padding, output_padding, dilation, groups);
 }
 
 at::Tensor conv_graph(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                const Ints& stride, const Ints& padding, const Ints& dilation, int64_t groups) {
+                      const Ints& stride, const Ints& padding, const Ints& dilation, int64_t groups) {
   pybind11::gil_scoped_release no_gil;
   return torch_convt::ops::conv(input, weight, bias, stride, padding, dilation, groups);
 }
 
 at::Tensor conv_weight_grad_graph(const at::Tensor& input, const at::Tensor& grad_output, const Ints& weight_size,
-                            const Ints& stride, const Ints& padding, const Ints& dilation, int64_t groups) {
+                                  const Ints& stride, const Ints& padding, const Ints& dilation, int64_t groups) {
   pybind11::gil_scoped_release no_gil;
   return torch_convt::ops::conv_weight_grad(input, grad_output, weight_size, stride, padding, dilation, groups);
 }
