@@ -15,10 +15,7 @@
 
 #include "../common/params.h"
 #include "columns.h"
-
-#if defined(__x86_64__) && defined(__GNUC__)
-#include <immintrin.h>
-#endif
+#include "simd.h"
 
 namespace torch_convt::cpu {
 
@@ -91,12 +88,7 @@ TORCH_CONVT_AVX512_TARGET void channel_rows_avx512(const scalar_t* src, const in
 
 // v[l] = row[(j0 + l) * step] for the lanes l in m (step 1 or 2), zero elsewhere; nothing outside m is read.
 TORCH_CONVT_AVX512_TARGET inline __m512 load_points_avx512(const float* row, int64_t j0, int64_t step, __mmask16 m) {
-  if (step == 1) return _mm512_maskz_loadu_ps(m, row + j0);
-  const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
-  const float* r = row + 2 * j0;
-  const __mmask16 m0 = static_cast<__mmask16>(_pdep_u32(m & 0xFFu, 0x5555u));
-  const __mmask16 m1 = static_cast<__mmask16>(_pdep_u32(m >> 8, 0x5555u));
-  return _mm512_permutex2var_ps(_mm512_maskz_loadu_ps(m0, r), even, _mm512_maskz_loadu_ps(m1, r + 16));
+  return step == 1 ? _mm512_maskz_loadu_ps(m, row + j0) : load_even_avx512(row + 2 * j0, m);
 }
 
 // Lanes [lo - j0, hi - j0) of a 16-lane block starting at j0 (none where the ranges do not meet).

@@ -9,6 +9,7 @@
 // CPU check, so one binary runs (and is fast) on any x86-64 CPU. They use intrinsics only, no library code,
 // so no AVX-512 instruction can leak into code that runs elsewhere.
 #include "gemm.h"
+#include "simd.h"
 
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -957,10 +958,10 @@ void copy_segments_portable(const float* src, int64_t src_channel_stride, int64_
 }
 
 #if TORCH_CONVT_X86
-__attribute__((target("avx512f"))) void copy_segments_avx512(const float* src, int64_t src_channel_stride,
-                                                              int64_t channels, const Segment* segments, int64_t count,
-                                                              int64_t step, float* dst, int64_t dst_channel_stride) {
-  const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+__attribute__((target("avx512f,bmi2"))) void copy_segments_avx512(const float* src, int64_t src_channel_stride,
+                                                                   int64_t channels, const Segment* segments,
+                                                                   int64_t count, int64_t step, float* dst,
+                                                                   int64_t dst_channel_stride) {
   for (int64_t c = 0; c < channels; ++c) {
     const float* in = src + c * src_channel_stride;
     float* out = dst + c * dst_channel_stride;
@@ -971,15 +972,9 @@ __attribute__((target("avx512f"))) void copy_segments_avx512(const float* src, i
       // (masked loads read no element past the last one needed, s[(b - 1) * step]: they do not fault there)
       const auto mask = [](int64_t n) { return static_cast<__mmask16>(n >= 16 ? 0xFFFF : (1u << n) - 1); };
       for (; j < sg->b; j += 16) {
-        const int64_t n = sg->b - j;  // elements left; this vector takes up to 16
-        __m512 v;
-        if (step == 1) {
-          v = _mm512_maskz_loadu_ps(mask(n), s + j);
-        } else {  // the even elements of s[2j .. 2j + 31], of which 2n - 1 are needed
-          v = _mm512_permutex2var_ps(_mm512_maskz_loadu_ps(mask(2 * n - 1), s + 2 * j), even,
-                                     _mm512_maskz_loadu_ps(mask(std::max<int64_t>(0, 2 * n - 17)), s + 2 * j + 16));
-        }
-        _mm512_mask_storeu_ps(out + j, mask(n), v);
+        const __mmask16 m = mask(sg->b - j);  // the elements left; this vector takes up to 16
+        const __m512 v = step == 1 ? _mm512_maskz_loadu_ps(m, s + j) : load_even_avx512(s + 2 * j, m);
+        _mm512_mask_storeu_ps(out + j, m, v);
       }
       for (j = sg->b; j < sg->j1; ++j) out[j] = 0.0f;
     }
@@ -991,7 +986,7 @@ __attribute__((target("avx512f"))) void copy_segments_avx512(const float* src, i
 void copy_segments(const float* src, int64_t src_channel_stride, int64_t channels, const Segment* segments,
                    int64_t count, int64_t step, float* dst, int64_t dst_channel_stride) {
 #if TORCH_CONVT_X86
-  static const bool avx512 = __builtin_cpu_supports("avx512f");
+  static const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("bmi2");
   if (avx512 && (step == 1 || step == 2))
     return copy_segments_avx512(src, src_channel_stride, channels, segments, count, step, dst, dst_channel_stride);
 #endif

@@ -1,0 +1,23 @@
+// SIMD helpers shared by the CPU translation units (gemm.cpp, and conv_cpu.cpp through direct.h). Each is always
+// inlined into its caller, which must carry at least this header's target features (avx512f, bmi2) and be called
+// only after a run-time check of the CPU.
+#pragma once
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+
+#include <cstdint>
+
+namespace torch_convt::cpu {
+
+// v[l] = p[2 * l] for the lanes l in m, zero elsewhere; no element is read for a lane outside m (so nothing past
+// the last one needed, which may be the end of a mapping).
+__attribute__((target("avx512f,bmi2"), always_inline)) inline __m512 load_even_avx512(const float* p, __mmask16 m) {
+  const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  const __mmask16 m0 = static_cast<__mmask16>(_pdep_u32(m & 0xFFu, 0x5555u));
+  const __mmask16 m1 = static_cast<__mmask16>(_pdep_u32(static_cast<uint32_t>(m) >> 8, 0x5555u));
+  return _mm512_permutex2var_ps(_mm512_maskz_loadu_ps(m0, p), even, _mm512_maskz_loadu_ps(m1, p + 16));
+}
+
+}  // namespace torch_convt::cpu
+#endif
