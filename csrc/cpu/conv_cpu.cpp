@@ -785,7 +785,10 @@ void conv_transpose_kernel(const ConvParams& p, const scalar_t* y, const Strides
   // pass checks that the weights in use are finite (v - v is 0 for a finite v, else NaN).
   std::atomic<bool> finite{true};
   const int64_t items = plan.first_item.back();
-  at::parallel_for(0, G * items, grain(Cyg * Cxg * K), [&](int64_t begin, int64_t end) {
+  // (a task packs at least kMinTaskFlops / 128 weights, ~16K, about as long as kMinTaskFlops of GEMM: the grain
+  // was once the whole weight's size per item, which left MONAI's 55K weights to one thread)
+  const int64_t per_item = ceil_div(Cyg * Cxg * K, std::max<int64_t>(1, items));
+  at::parallel_for(0, G * items, grain(128 * per_item), [&](int64_t begin, int64_t end) {
     bool ok = true;
     for (int64_t item = begin; item < end; ++item) {
       const int64_t g = item / items, i = item % items;
