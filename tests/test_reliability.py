@@ -600,6 +600,11 @@ def test_kept_output_memory_is_bounded_and_released():
         torch_convt.set_cache_limit(previous)
     with pytest.raises(RuntimeError, match="set_cache_limit"):
         torch_convt.set_cache_limit(-1)
+    # storages resized afterwards use the same allocator: only blocks of 32 MiB or more are kept
+    out = run()
+    out.untyped_storage().resize_(10)  # (a new 10-byte block; the output's block is freed, and kept)
+    del out
+    assert torch_convt.empty_cache() == block
 
 
 @linux_only

@@ -1255,6 +1255,8 @@ class OutputAllocator final : public c10::Allocator {
   static void give_back(void* ctx) {
     OutputAllocator& self = get();
     std::vector<Block*> freed;
+    if (static_cast<Block*>(ctx)->bytes < static_cast<size_t>(kKeptOutputBytes))  // (a storage resized smaller)
+      return destroy(static_cast<Block*>(ctx));
     {
       std::lock_guard<std::mutex> lock(self.mutex_);
       self.kept_.push_back(static_cast<Block*>(ctx));
