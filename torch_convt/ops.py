@@ -191,14 +191,18 @@ _tracing_state = torch._C._get_tracing_state
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
-def _direct(args):
-    """Whether a call below autograd may take torch_convt._C's entry instead of torch.ops: plain tensors (fake,
-    functional and other tensor subclasses take torch.ops, which keeps symbolic sizes symbolic under tracing and
-    lets __torch_function__ overrides see the op), no __torch_function__ mode and no tracer."""
+def _plain_types(args):
+    """Whether the tensor arguments are plain tensors: fake, functional and other tensor subclasses take torch.ops,
+    which keeps symbolic sizes symbolic under tracing and lets __torch_function__ overrides see the op."""
     third = args[2]
     return (type(args[0]) in _PLAIN and type(args[1]) in _PLAIN
-            and (type(third) in _PLAIN or not isinstance(third, torch.Tensor))
-            and not _has_torch_function(args) and _tracing_state() is None)
+            and (type(third) in _PLAIN or not isinstance(third, torch.Tensor)))
+
+
+def _direct(args):
+    """Whether a call below autograd may take torch_convt._C's entry instead of torch.ops: plain tensors, no
+    __torch_function__ mode and no tracer."""
+    return _plain_types(args) and not _has_torch_function(args) and _tracing_state() is None
 
 
 def _below_autograd(op, direct, args):
@@ -314,7 +318,6 @@ def _plain(args):
                 or torch.is_autocast_enabled("cuda") or torch._C._get_tracing_state() is not None)
 
 
-
 def _entry(op, function, direct, graph):
     apply = super(torch.autograd.Function, function).apply
 
@@ -328,7 +331,7 @@ def _entry(op, function, direct, graph):
                 return op(*args)
         if not _plain(args):
             return op(*args)
-        if _direct(args) and not _forward_ad_active():
+        if _plain_types(args) and not _forward_ad_active():  # (_plain checked the rest of _direct)
             return graph(*args)
         return apply(*args)
     call.__name__ = call.__qualname__ = op._schema.name.split("::")[1]

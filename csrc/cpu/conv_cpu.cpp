@@ -1205,9 +1205,26 @@ class OutputAllocator final : public c10::Allocator {
   }
   void copy_data(void* dest, const void* src, std::size_t count) const override { default_copy_data(dest, src, count); }
   // Sets the most bytes kept (0: none), releasing what is over it; returns the previous limit.
-  size_t set_limit(size_t bytes) { return update(bytes, false).first; }
+  size_t set_limit(size_t bytes) {
+    std::vector<Block*> freed;
+    size_t previous;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      previous = std::exchange(limit_, bytes);
+      trim(freed, limit_);
+    }
+    destroy_all(freed);
+    return previous;
+  }
   // Releases every kept block; returns their bytes.
-  size_t release() { return update(0, true).second; }
+  size_t release() {
+    std::vector<Block*> freed;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      trim(freed, 0);
+    }
+    return destroy_all(freed);
+  }
 
  private:
   struct Block {
@@ -1220,23 +1237,14 @@ class OutputAllocator final : public c10::Allocator {
     pthread_atfork([] { get().mutex_.lock(); }, [] { get().mutex_.unlock(); }, [] { get().mutex_.unlock(); });
 #endif
   }
-  // (the previous limit, the bytes released) of setting the limit, or of releasing everything
-  std::pair<size_t, size_t> update(size_t limit, bool all) {
-    std::vector<Block*> freed;
-    size_t previous, bytes = 0;
-    {
-      std::lock_guard<std::mutex> lock(mutex_);
-      previous = limit_;
-      limit_ = all ? 0 : limit;
-      trim(freed);
-      if (all) limit_ = previous;
-    }
-    for (Block* b : freed) bytes += b->bytes, destroy(b);
-    return {previous, bytes};
-  }
   static void destroy(Block* b) {
     c10::free_cpu(b->data);
     delete b;
+  }
+  static size_t destroy_all(const std::vector<Block*>& blocks) {  // (outside the lock); returns their bytes
+    size_t bytes = 0;
+    for (Block* b : blocks) bytes += b->bytes, destroy(b);
+    return bytes;
   }
   // The smallest kept block that holds n bytes and is at most twice that (a small output does not pin a large
   // block), the most recently kept among equals.
@@ -1253,20 +1261,21 @@ class OutputAllocator final : public c10::Allocator {
     return b;
   }
   static void give_back(void* ctx) {
+    Block* const block = static_cast<Block*>(ctx);
+    if (block->bytes < static_cast<size_t>(kKeptOutputBytes)) return destroy(block);  // (a storage resized smaller)
     OutputAllocator& self = get();
     std::vector<Block*> freed;
-    if (static_cast<Block*>(ctx)->bytes < static_cast<size_t>(kKeptOutputBytes))  // (a storage resized smaller)
-      return destroy(static_cast<Block*>(ctx));
     {
       std::lock_guard<std::mutex> lock(self.mutex_);
-      self.kept_.push_back(static_cast<Block*>(ctx));
-      self.kept_bytes_ += self.kept_.back()->bytes;
-      self.trim(freed);
+      self.kept_.push_back(block);
+      self.kept_bytes_ += block->bytes;
+      self.trim(freed, self.limit_);
     }
-    for (Block* b : freed) destroy(b);
+    destroy_all(freed);
   }
-  void trim(std::vector<Block*>& freed) {  // (under the lock) the oldest go first
-    while (!kept_.empty() && (kept_.size() > kKeptOutputs || kept_bytes_ > limit_)) {
+  // (under the lock) moves the oldest kept blocks to `freed` until at most kKeptOutputs of at most `limit` bytes stay
+  void trim(std::vector<Block*>& freed, size_t limit) {
+    while (!kept_.empty() && (kept_.size() > kKeptOutputs || kept_bytes_ > limit)) {
       freed.push_back(kept_.front());
       kept_bytes_ -= kept_.front()->bytes;
       kept_.erase(kept_.begin());
