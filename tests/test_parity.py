@@ -293,6 +293,17 @@ def test_grid_tiles(case, dtype):
     check_parity(ours_ct(nd), torch_ct(nd), (y, w, b), dict(stride=stride, padding=padding, dilation=dilation))
 
 
+@pytest.mark.parametrize("channels", list(range(1, 27)) + [33, 45, 50])
+def test_register_blockings(channels):
+    """Every row count of the micro-kernels' blockings (float32: 4 to 12 rows on AVX-512, chosen by the channel
+    count), through each GEMM: a k=4, s=2 layer whose 16-point lines make two-run panels read in place (the forward),
+    the input gradient (a conv with `channels` rows) and the weight gradient."""
+    torch.manual_seed(channels)
+    y = torch.randn(2, channels, 16, 16)
+    w, b = torch.randn(channels, channels, 4, 4), torch.randn(channels)
+    check_parity(ours_ct(2), torch_ct(2), (y, w, b), dict(stride=2, padding=1))
+
+
 ODD_LINES = [
     # (input shape, weight shape, stride, padding, output_padding): odd output lines of 64+ grid points per phase, so
     # the phases' innermost grids differ by one point and are computed on the longest (conv_transpose's extended
