@@ -275,7 +275,9 @@ GRID_TILES = [
     ((3, 32, 50), (32, 16, 16), 8, 4, 1, False),           # 1d, 64 rows: ragged and image-crossing panels
     ((3, 16, 5, 6, 7), (16, 16, 2, 2, 2), 2, 0, 1, False), # k == s: the input is the frame, read in place
                                                            # across images
-    ((2, 8, 13, 11), (8, 12, 3, 3), 1, 2, 2, False),       # dilated, stride 1: wide pads
+    ((2, 8, 13, 11), (8, 12, 3, 3), 1, 2, 2, False),       # dilated, stride 1: wide pads; lines of 11, so panels
+                                                           # of at most two runs a half (packed by the first A
+                                                           # panel's kernel) and of three (assembled first)
     ((1, 4096, 24, 24), (4096, 1, 2, 2), 2, 0, 1, True),   # windows past the budget: frame tiles instead
 ]
 
