@@ -515,13 +515,12 @@ GemmTile gemm_tile_deep(int64_t kc) {
 
 namespace {
 // How gemm_rows reads a panel of a column map (cols[jr, jr + NR)): as one run from the rows at `at0` (like a panel
-// without a map), as two runs (`at0` for the first half, `at1` for the second, each one run), or assembled.
-// `gatherable`: NR is 32 and each half of the panel is at most two runs, given by `runs` (a GatherFn can read it).
+// without a map), as two runs (`at0` for the first half, `at1` for the second, each one run), or assembled (by a
+// GatherFn where `runs` >= 0: its runs' index in the driver's table).
 struct MappedPanel {
   enum Kind { kRun, kHalves, kAssembled } kind;
   int64_t at0, at1;
-  bool gatherable = false;
-  PanelRuns runs = {};
+  int64_t runs = -1;
 };
 
 inline MappedPanel map_panel(const int64_t* cols, int64_t nr, int64_t NR) {
@@ -530,14 +529,9 @@ inline MappedPanel map_panel(const int64_t* cols, int64_t nr, int64_t NR) {
       if (cols[j] != cols[j0] + (j - j0)) return false;
     return true;
   };
-  MappedPanel mp{MappedPanel::kAssembled, 0, 0};
-  if (nr == NR && run(0, NR)) mp = {MappedPanel::kRun, cols[0], 0};
-  else if (nr == NR && run(0, NR / 2) && run(NR / 2, NR)) mp = {MappedPanel::kHalves, cols[0], cols[NR / 2]};
-  if (NR == 32) {
-    mp.runs = find_runs(cols, nr);
-    mp.gatherable = mp.runs.count[0] <= 2 && mp.runs.count[1] <= 2;
-  }
-  return mp;
+  if (nr == NR && run(0, NR)) return {MappedPanel::kRun, cols[0], 0};
+  if (nr == NR && run(0, NR / 2) && run(NR / 2, NR)) return {MappedPanel::kHalves, cols[0], cols[NR / 2]};
+  return {MappedPanel::kAssembled, 0, 0};
 }
 
 // panel[k][j] = rows[k][cols[j]] for j < nr, 0 for nr <= j < NR: a mapped panel copied (aligned) for the micro-kernel.
@@ -598,9 +592,19 @@ void gemm_driver(GemmTile tile, int64_t M, int64_t N, int64_t K, const T* a_pack
   alignas(64) T panel[KC * 32];  // a block of B rows copied or assembled (NR <= 32)
   // A column map's panels, classified once for all K blocks.
   thread_local std::vector<MappedPanel> mapped;
+  thread_local std::vector<PanelRuns> gather_runs;  // (of the panels that gather_fn reads: at most two runs a half)
   if (b_cols) {
     mapped.resize((N + NR - 1) / NR);
-    for (int64_t jr = 0; jr < N; jr += NR) mapped[jr / NR] = map_panel(b_cols + jr, std::min(NR, N - jr), NR);
+    gather_runs.clear();
+    for (int64_t jr = 0; jr < N; jr += NR) {
+      MappedPanel& mp = mapped[jr / NR];
+      mp = map_panel(b_cols + jr, std::min(NR, N - jr), NR);
+      if (mp.kind == MappedPanel::kRun || !gather_fn || NR != 32) continue;
+      const PanelRuns runs = find_runs(b_cols + jr, std::min(NR, N - jr));
+      if (runs.count[0] > 2 || runs.count[1] > 2) continue;
+      mp.runs = static_cast<int64_t>(gather_runs.size());
+      gather_runs.push_back(runs);
+    }
   }
   // K blocks outermost, then blocks of MC rows of A: one (MC x KC) block of A stays in L2 while every B panel
   // streams past it, and each B panel's KC x NR block stays in L1 while the A panels of the block run over it.
@@ -619,7 +623,7 @@ void gemm_driver(GemmTile tile, int64_t M, int64_t N, int64_t K, const T* a_pack
         const bool halves = b_rows && mp.kind == MappedPanel::kHalves && !many && halves_fn;
         // (an assembled panel of at most two runs a half: packed by the first A panel's kernel as it multiplies it;
         // the dilated 3d layer, 20-point lines in 32-column panels: x0.92 time)
-        const bool gathered = b_rows && mp.kind != MappedPanel::kRun && !halves && gather_fn && mp.gatherable;
+        const bool gathered = b_rows && mp.kind != MappedPanel::kRun && !halves && mp.runs >= 0;
         const bool assembled = b_rows && mp.kind != MappedPanel::kRun && !halves && !gathered;
         // The next panel's first column: its part of this block's rows is fetched while the A panels run over this
         // one (by the first one's kernel, or while copying).
@@ -654,11 +658,11 @@ void gemm_driver(GemmTile tile, int64_t M, int64_t N, int64_t K, const T* a_pack
           const int64_t pf = ir == ic ? next : mp.at0;
           const bool gather = gathered && ir == ic;
           if (mr == MR && nr == NR) {
-            if (gather) gather_fn(kc, ap, b_rows + pc, mp.runs, pf, panel, c, ldc, acc);
+            if (gather) gather_fn(kc, ap, b_rows + pc, gather_runs[mp.runs], pf, panel, c, ldc, acc);
             else if (halves) halves_fn(kc, ap, rp, mp.at0, mp.at1, pf, c, ldc, acc);
             else fn(kc, ap, bp, rp, mp.at0, pf, c, ldc, acc);
           } else {
-            if (gather) gather_fn(kc, ap, b_rows + pc, mp.runs, pf, panel, edge, NR, false);
+            if (gather) gather_fn(kc, ap, b_rows + pc, gather_runs[mp.runs], pf, panel, edge, NR, false);
             else if (halves) halves_fn(kc, ap, rp, mp.at0, mp.at1, pf, edge, NR, false);
             else fn(kc, ap, bp, rp, mp.at0, pf, edge, NR, false);
             for (int64_t i = 0; i < mr; ++i)
