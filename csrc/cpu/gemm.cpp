@@ -115,7 +115,7 @@ void micro_portable(int64_t kc, const T* a, const T* b, const T* const* rows, in
 }
 
 #if TORCH_CONVT_X86
-// ---- AVX-512: MR x 32 floats of C in 2*MR zmm registers (MR = 12 or 8) ------------------------------------------
+// ---- AVX-512: MR x 32 floats of C in 2*MR zmm registers (MR = 4 to 12) -----------------------------------------
 template <int MR>
 __attribute__((target("avx512f,fma"))) void micro_avx512(int64_t kc, const float* a, const float* b,
                                                          const float* const* rows, int64_t at, int64_t pf, float* c,
@@ -227,7 +227,7 @@ __attribute__((target("avx512f,fma"))) void micro_avx512_gather(int64_t kc, cons
   }
 }
 
-// ---- AVX2 + FMA: MR x 16 floats of C in 2*MR ymm registers (MR = 6 or 4) -------------------------------------
+// ---- AVX2 + FMA: MR x 16 floats of C in 2*MR ymm registers (MR = 4 to 6) -------------------------------------
 template <int MR>
 __attribute__((target("avx2,fma"))) void micro_avx2(int64_t kc, const float* a, const float* b,
                                                     const float* const* rows, int64_t at, int64_t pf, float* c,
@@ -452,7 +452,7 @@ MicroKernel<T> select_kernel() {
 }
 
 #if TORCH_CONVT_X86
-// fn[MR] and halves[MR] for MR in [LO, HI].
+// fn[MR], halves[MR] and gather[MR] for MR in [LO, HI].
 template <int LO, int HI>
 void add_avx512(MicroKernel<float>& k) {
   k.fn[LO] = &micro_avx512<LO>;
