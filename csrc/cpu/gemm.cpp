@@ -116,35 +116,22 @@ void micro_portable(int64_t kc, const T* a, const T* b, const T* const* rows, in
 
 #if TORCH_CONVT_X86
 // ---- AVX-512: MR x 32 floats of C in 2*MR zmm registers (MR = 4 to 12) -----------------------------------------
+// A k step of the kernels below: C's block (c0: columns 0-15, c1: 16-31) += a[0, MR) x (b0, b1).
 template <int MR>
-__attribute__((target("avx512f,fma"))) void micro_avx512(int64_t kc, const float* a, const float* b,
-                                                         const float* const* rows, int64_t at, int64_t pf, float* c,
-                                                         int64_t ldc, bool accumulate) {
-  __m512 c0[MR], c1[MR];
+__attribute__((target("avx512f,fma"), always_inline)) inline void fma_rows_avx512(const float* a, __m512 b0, __m512 b1,
+                                                                                   __m512 (&c0)[MR], __m512 (&c1)[MR]) {
 #pragma GCC unroll 12
-  for (int i = 0; i < MR; ++i) c0[i] = c1[i] = _mm512_setzero_ps();
-  // One k step from B row `bk`; the loop is written twice so that the packed one has no per-step branch (a
-  // lambda would not inherit this function's target ISA).
-#define TORCH_CONVT_AVX512_STEP(bk)                                         \
-  {                                                                         \
-    const __m512 b0 = _mm512_loadu_ps(bk), b1 = _mm512_loadu_ps((bk) + 16); \
-    _Pragma("GCC unroll 12") for (int i = 0; i < MR; ++i) {                 \
-      const __m512 ai = _mm512_set1_ps(a[i]);                               \
-      c0[i] = _mm512_fmadd_ps(ai, b0, c0[i]);                               \
-      c1[i] = _mm512_fmadd_ps(ai, b1, c1[i]);                               \
-    }                                                                       \
+  for (int i = 0; i < MR; ++i) {
+    const __m512 ai = _mm512_set1_ps(a[i]);
+    c0[i] = _mm512_fmadd_ps(ai, b0, c0[i]);
+    c1[i] = _mm512_fmadd_ps(ai, b1, c1[i]);
   }
-  if (rows) {
-    for (int64_t k = 0; k < kc; ++k, a += MR) {
-      const float* row = rows[k];
-      __builtin_prefetch(row + pf, 0, 3);
-      __builtin_prefetch(row + pf + 16, 0, 3);
-      TORCH_CONVT_AVX512_STEP(row + at)
-    }
-  } else {
-    for (int64_t k = 0; k < kc; ++k, a += MR, b += 32) TORCH_CONVT_AVX512_STEP(b)  // b advances by NR = 32
-  }
-#undef TORCH_CONVT_AVX512_STEP
+}
+
+// The block into C (ldc apart), added to C's values where `accumulate`.
+template <int MR>
+__attribute__((target("avx512f"), always_inline)) inline void store_c_avx512(__m512 (&c0)[MR], __m512 (&c1)[MR], float* c,
+                                                                              int64_t ldc, bool accumulate) {
 #pragma GCC unroll 12
   for (int i = 0; i < MR; ++i) {
     float* ci = c + i * ldc;
@@ -155,6 +142,28 @@ __attribute__((target("avx512f,fma"))) void micro_avx512(int64_t kc, const float
     _mm512_storeu_ps(ci, c0[i]);
     _mm512_storeu_ps(ci + 16, c1[i]);
   }
+}
+
+template <int MR>
+__attribute__((target("avx512f,fma"))) void micro_avx512(int64_t kc, const float* a, const float* b,
+                                                         const float* const* rows, int64_t at, int64_t pf, float* c,
+                                                         int64_t ldc, bool accumulate) {
+  __m512 c0[MR], c1[MR];
+#pragma GCC unroll 12
+  for (int i = 0; i < MR; ++i) c0[i] = c1[i] = _mm512_setzero_ps();
+  // (the loop is written twice so that the packed one has no per-step branch)
+  if (rows) {
+    for (int64_t k = 0; k < kc; ++k, a += MR) {
+      const float* row = rows[k] + at;
+      __builtin_prefetch(rows[k] + pf, 0, 3);
+      __builtin_prefetch(rows[k] + pf + 16, 0, 3);
+      fma_rows_avx512<MR>(a, _mm512_loadu_ps(row), _mm512_loadu_ps(row + 16), c0, c1);
+    }
+  } else {
+    for (int64_t k = 0; k < kc; ++k, a += MR, b += 32)  // (b advances by NR = 32)
+      fma_rows_avx512<MR>(a, _mm512_loadu_ps(b), _mm512_loadu_ps(b + 16), c0, c1);
+  }
+  store_c_avx512<MR>(c0, c1, c, ldc, accumulate);
 }
 
 // The same for a panel of two runs (HalvesFn): each half of the panel is one load.
@@ -170,23 +179,9 @@ __attribute__((target("avx512f,fma"))) void micro_avx512_halves(int64_t kc, cons
     __builtin_prefetch(row + pf, 0, 3);
     __builtin_prefetch(row + pf + 16, 0, 3);
     const __m512 b0 = _mm512_loadu_ps(row + at0), b1 = _mm512_loadu_ps(row + at1);
-#pragma GCC unroll 12
-    for (int i = 0; i < MR; ++i) {
-      const __m512 ai = _mm512_set1_ps(a[i]);
-      c0[i] = _mm512_fmadd_ps(ai, b0, c0[i]);
-      c1[i] = _mm512_fmadd_ps(ai, b1, c1[i]);
-    }
+    fma_rows_avx512<MR>(a, b0, b1, c0, c1);
   }
-#pragma GCC unroll 12
-  for (int i = 0; i < MR; ++i) {
-    float* ci = c + i * ldc;
-    if (accumulate) {
-      c0[i] = _mm512_add_ps(c0[i], _mm512_loadu_ps(ci));
-      c1[i] = _mm512_add_ps(c1[i], _mm512_loadu_ps(ci + 16));
-    }
-    _mm512_storeu_ps(ci, c0[i]);
-    _mm512_storeu_ps(ci + 16, c1[i]);
-  }
+  store_c_avx512<MR>(c0, c1, c, ldc, accumulate);
 }
 
 // The same for a panel gathered from its rows (GatherFn), which it also stores packed.
@@ -208,23 +203,9 @@ __attribute__((target("avx512f,fma"))) void micro_avx512_gather(int64_t kc, cons
     const __m512 b1 = _mm512_mask_loadu_ps(_mm512_maskz_loadu_ps(m10, row + s10), m11, row + s11);
     _mm512_store_ps(panel, b0);
     _mm512_store_ps(panel + 16, b1);
-#pragma GCC unroll 12
-    for (int i = 0; i < MR; ++i) {
-      const __m512 ai = _mm512_set1_ps(a[i]);
-      c0[i] = _mm512_fmadd_ps(ai, b0, c0[i]);
-      c1[i] = _mm512_fmadd_ps(ai, b1, c1[i]);
-    }
+    fma_rows_avx512<MR>(a, b0, b1, c0, c1);
   }
-#pragma GCC unroll 12
-  for (int i = 0; i < MR; ++i) {
-    float* ci = c + i * ldc;
-    if (accumulate) {
-      c0[i] = _mm512_add_ps(c0[i], _mm512_loadu_ps(ci));
-      c1[i] = _mm512_add_ps(c1[i], _mm512_loadu_ps(ci + 16));
-    }
-    _mm512_storeu_ps(ci, c0[i]);
-    _mm512_storeu_ps(ci + 16, c1[i]);
-  }
+  store_c_avx512<MR>(c0, c1, c, ldc, accumulate);
 }
 
 // ---- AVX2 + FMA: MR x 16 floats of C in 2*MR ymm registers (MR = 4 to 6) -------------------------------------
