@@ -93,6 +93,8 @@ struct MicroKernel {
   MicroFn<T> fn[kMaxMR + 1] = {};
   HalvesFn<T> halves[kMaxMR + 1] = {};
   GatherFn<T> gather[kMaxMR + 1] = {};
+  // A mapped panel (NR = 32) copied from its runs, where the ISA has gather kernels (else assemble_panel).
+  void (*assemble)(const T* const* rows, int64_t kc, const PanelRuns& runs, T* panel) = nullptr;
 };
 
 // ---- portable micro-kernel (any type; the compiler vectorises the j loop) -----------------------------------
@@ -206,6 +208,19 @@ __attribute__((target("avx512f,fma"))) void micro_avx512_gather(int64_t kc, cons
     fma_rows_avx512<MR>(a, b0, b1, c0, c1);
   }
   store_c_avx512<MR>(c0, c1, c, ldc, accumulate);
+}
+
+// A mapped panel (NR = 32) copied aligned from its runs (any count a half), for the row panels' kernels: masked
+// loads, merged in a register (MicroKernel::assemble).
+__attribute__((target("avx512f"))) void assemble_runs_avx512(const float* const* rows, int64_t kc, const PanelRuns& runs,
+                                                              float* panel) {
+  for (int64_t k = 0; k < kc; ++k, panel += 32) {
+    for (int64_t h = 0; h < 2; ++h) {
+      __m512 v = _mm512_setzero_ps();
+      for (int i = 0; i < runs.count[h]; ++i) v = _mm512_mask_loadu_ps(v, runs.mask[h][i], rows[k] + runs.shift[h][i]);
+      _mm512_store_ps(panel + 16 * h, v);
+    }
+  }
 }
 
 // ---- AVX2 + FMA: MR x 16 floats of C in 2*MR ymm registers (MR = 4 to 6) -------------------------------------
@@ -452,6 +467,7 @@ MicroKernel<float> select_kernel<float>() {
     // rows with a padded one)
     MicroKernel<float> k{12, 4, 32, "avx512"};
     add_avx512<4, 12>(k);
+    k.assemble = &assemble_runs_avx512;
     return k;
   }
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
@@ -496,8 +512,8 @@ GemmTile gemm_tile_deep(int64_t kc) {
 
 namespace {
 // How gemm_rows reads a panel of a column map (cols[jr, jr + NR)): as one run from the rows at `at0` (like a panel
-// without a map), as two runs (`at0` for the first half, `at1` for the second, each one run), or assembled (by a
-// GatherFn where `runs` >= 0: its runs' index in the driver's table).
+// without a map), as two runs (`at0` for the first half, `at1` for the second, each one run), or assembled. `runs`:
+// the index of its PanelRuns in the driver's table where the ISA reads panels by runs (else -1).
 struct MappedPanel {
   enum Kind { kRun, kHalves, kAssembled } kind;
   int64_t at0, at1;
@@ -525,31 +541,6 @@ void assemble_panel(const T* const* rows, int64_t kc, const int64_t* cols, int64
   }
 }
 
-#if TORCH_CONVT_X86
-// The same for NR = 32 floats: the runs of each 16-lane half (at most 16) are masked loads, merged in a register.
-__attribute__((target("avx512f"))) void assemble_panel_avx512(const float* const* rows, int64_t kc,
-                                                               const int64_t* cols, int64_t nr, float* panel) {
-  const PanelRuns runs = find_runs(cols, nr);
-  for (int64_t k = 0; k < kc; ++k, panel += 32) {
-    for (int64_t h = 0; h < 2; ++h) {
-      __m512 v = _mm512_setzero_ps();
-      for (int i = 0; i < runs.count[h]; ++i) v = _mm512_mask_loadu_ps(v, runs.mask[h][i], rows[k] + runs.shift[h][i]);
-      _mm512_store_ps(panel + 16 * h, v);
-    }
-  }
-}
-
-template <>
-void assemble_panel<float>(const float* const* rows, int64_t kc, const int64_t* cols, int64_t nr, int64_t NR,
-                           float* panel) {
-  static const bool avx512 = std::string(kernel<float>().isa) == "avx512";
-  if (avx512 && NR == 32) return assemble_panel_avx512(rows, kc, cols, nr, panel);
-  for (int64_t k = 0; k < kc; ++k, panel += NR) {
-    for (int64_t j = 0; j < nr; ++j) panel[j] = rows[k][cols[j]];
-    for (int64_t j = nr; j < NR; ++j) panel[j] = 0.0f;
-  }
-}
-#endif
 
 // The shared driver: B packed (b_packed) or given by rows (b_rows, row k of panel jr at b_rows[k] + jr, or at
 // b_rows[k] + b_cols[jr ...] through a column map).
@@ -573,18 +564,16 @@ void gemm_driver(GemmTile tile, int64_t M, int64_t N, int64_t K, const T* a_pack
   alignas(64) T panel[KC * 32];  // a block of B rows copied or assembled (NR <= 32)
   // A column map's panels, classified once for all K blocks.
   thread_local std::vector<MappedPanel> mapped;
-  thread_local std::vector<PanelRuns> gather_runs;  // (of the panels that gather_fn reads: at most two runs a half)
+  thread_local std::vector<PanelRuns> panel_runs;  // (of the panels not of one run, where mk.assemble reads runs)
   if (b_cols) {
     mapped.resize((N + NR - 1) / NR);
-    gather_runs.clear();
+    panel_runs.clear();
     for (int64_t jr = 0; jr < N; jr += NR) {
       MappedPanel& mp = mapped[jr / NR];
       mp = map_panel(b_cols + jr, std::min(NR, N - jr), NR);
-      if (mp.kind == MappedPanel::kRun || !gather_fn || NR != 32) continue;
-      const PanelRuns runs = find_runs(b_cols + jr, std::min(NR, N - jr));
-      if (runs.count[0] > 2 || runs.count[1] > 2) continue;
-      mp.runs = static_cast<int64_t>(gather_runs.size());
-      gather_runs.push_back(runs);
+      if (mp.kind == MappedPanel::kRun || !mk.assemble || NR != 32) continue;
+      mp.runs = static_cast<int64_t>(panel_runs.size());
+      panel_runs.push_back(find_runs(b_cols + jr, std::min(NR, N - jr)));
     }
   }
   // K blocks outermost, then blocks of MC rows of A: one (MC x KC) block of A stays in L2 while every B panel
@@ -604,7 +593,9 @@ void gemm_driver(GemmTile tile, int64_t M, int64_t N, int64_t K, const T* a_pack
         const bool halves = b_rows && mp.kind == MappedPanel::kHalves && !many && halves_fn;
         // (an assembled panel of at most two runs a half: packed by the first A panel's kernel as it multiplies it;
         // the dilated 3d layer, 20-point lines in 32-column panels: x0.92 time)
-        const bool gathered = b_rows && mp.kind != MappedPanel::kRun && !halves && mp.runs >= 0;
+        const PanelRuns* runs = mp.runs >= 0 ? &panel_runs[mp.runs] : nullptr;
+        const bool gathered = b_rows && mp.kind != MappedPanel::kRun && !halves && gather_fn && runs &&
+                              runs->count[0] <= 2 && runs->count[1] <= 2;
         const bool assembled = b_rows && mp.kind != MappedPanel::kRun && !halves && !gathered;
         // The next panel's first column: its part of this block's rows is fetched while the A panels run over this
         // one (by the first one's kernel, or while copying).
@@ -612,7 +603,8 @@ void gemm_driver(GemmTile tile, int64_t M, int64_t N, int64_t K, const T* a_pack
         const T* bp = b_packed ? b_packed + jr * K + pc * NR : nullptr;
         const T* const* rp = b_rows ? b_rows + pc : nullptr;
         if (assembled) {
-          assemble_panel(b_rows + pc, kc, b_cols + jr, nr, NR, panel);
+          if (runs) mk.assemble(b_rows + pc, kc, *runs, panel);
+          else assemble_panel(b_rows + pc, kc, b_cols + jr, nr, NR, panel);
           bp = panel;
           rp = nullptr;
         } else if (gathered) {
@@ -639,11 +631,11 @@ void gemm_driver(GemmTile tile, int64_t M, int64_t N, int64_t K, const T* a_pack
           const int64_t pf = ir == ic ? next : mp.at0;
           const bool gather = gathered && ir == ic;
           if (mr == MR && nr == NR) {
-            if (gather) gather_fn(kc, ap, b_rows + pc, gather_runs[mp.runs], pf, panel, c, ldc, acc);
+            if (gather) gather_fn(kc, ap, b_rows + pc, *runs, pf, panel, c, ldc, acc);
             else if (halves) halves_fn(kc, ap, rp, mp.at0, mp.at1, pf, c, ldc, acc);
             else fn(kc, ap, bp, rp, mp.at0, pf, c, ldc, acc);
           } else {
-            if (gather) gather_fn(kc, ap, b_rows + pc, gather_runs[mp.runs], pf, panel, edge, NR, false);
+            if (gather) gather_fn(kc, ap, b_rows + pc, *runs, pf, panel, edge, NR, false);
             else if (halves) halves_fn(kc, ap, rp, mp.at0, mp.at1, pf, edge, NR, false);
             else fn(kc, ap, bp, rp, mp.at0, pf, edge, NR, false);
             for (int64_t i = 0; i < mr; ++i)
