@@ -342,17 +342,20 @@ def test_odd_lines_extended_grids(case, dtype, layout):
                                **({} if dtype == torch.float64 else dict(rtol=2e-2, atol=2e-2)))
 
 
-@pytest.mark.parametrize("case", [((1, 32, 32, 32, 32), (32, 16, 2, 2, 2), 0), ((1, 8, 255, 257), (8, 16, 4, 4), 1)],
-                         ids=["k2s2_3d", "k4s2p1_2d_odd_lines"])
+@pytest.mark.parametrize("case", [((1, 32, 32, 32, 32), (32, 16, 2, 2, 2), 2, 0), ((1, 8, 255, 257), (8, 16, 4, 4), 2, 1),
+                                  ((1, 8, 256, 257), (8, 16, 3, 3), 2, 0), ((1, 4, 128, 255), (4, 16, 5, 5), 4, 0)],
+                         ids=["k2s2_3d", "k4s2p1_2d_odd_lines", "k3s2_2d_odd_width", "k5s4_2d_odd_width"])
 def test_large_outputs_streamed(case):
-    """Float32 outputs of 8 MiB and more are written with non-temporal stores where two phases interleave (stride 2),
-    from the first 64-byte aligned pair of each line on: aligned lines, and lines of 514 floats that start anywhere."""
-    in_shape, w_shape, padding = case
+    """Float32 outputs of 8 MiB and more are written with non-temporal stores where phases interleave (stride 2 or
+    4), whole 64-byte lines at a time: aligned lines; lines of 514 floats that start anywhere (a pair starts a line);
+    and lines of 515 and 1021 floats, in which every other line no pair (or group of 4) starts a line, so each line
+    is put together from two vectors."""
+    in_shape, w_shape, stride, padding = case
     nd = len(in_shape) - 2
     torch.manual_seed(7)
     y, w = torch.randn(in_shape), torch.randn(w_shape)
     b = torch.randn(w_shape[1])
-    out = check_parity(ours_ct(nd), torch_ct(nd), (y, w, b), dict(stride=2, padding=padding), grad=False)
+    out = check_parity(ours_ct(nd), torch_ct(nd), (y, w, b), dict(stride=stride, padding=padding), grad=False)
     assert out.numel() * 4 >= 8 << 20
 
 

@@ -824,35 +824,19 @@ __attribute__((target("avx512f"))) inline void put16_avx512(__m512 v, uint16_t* 
   }
 }
 
-// Points [j, j + cnt) (cnt <= 16) of W rows (a power of two), interleaved: log2(W) rounds of pairwise
-// interleaving, in which vector i is interleaved with vector i + W/2 into vectors 2i and 2i + 1, leave the W*16
-// values in output order (W = 8: 24 permutes for 128 values). Where the points lie `step` > W apart, the vectors go
-// through a buffer from which each point's W values are copied. A part block (cnt < 16) loads and stores under
-// masks, so no point outside it is read or written, and no call is made: a run loop with calls in it would
-// rebuild its vector constants on every run, which cost as much as the stores where runs are one block long.
-template <int W, bool Dense, typename D>
-__attribute__((target("avx512f"), always_inline)) inline void store_block_avx512(const float* const* r, __m512 vb,
-                                                                                 int64_t j, int cnt, int64_t step,
-                                                                                 D* d, bool bf16, bool stream) {
+// Points [j, j + cnt) (cnt <= 16) of W rows (a power of two), plus the bias, interleaved into W vectors in output
+// order: log2(W) rounds of pairwise interleaving, in which vector i is interleaved with vector i + W/2 into vectors
+// 2i and 2i + 1 (W = 8: 24 permutes for 128 values). A part block (cnt < 16) loads under a mask, so no point
+// outside it is read (the values past W * cnt are the bias).
+template <int W>
+__attribute__((target("avx512f"), always_inline)) inline void interleave_avx512(const float* const* r, __m512 vb,
+                                                                                int64_t j, int cnt, __m512* v) {
   const __m512i lo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
   const __m512i hi = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
-  const bool full = cnt == 16;
   const __mmask16 m = static_cast<__mmask16>((1u << cnt) - 1);
-  __m512 v[W];
 #pragma GCC unroll 16
   for (int w = 0; w < W; ++w)
-    v[w] = _mm512_add_ps(full ? _mm512_loadu_ps(r[w] + j) : _mm512_maskz_loadu_ps(m, r[w] + j), vb);
-  if constexpr (W == 2 && Dense && !std::is_same_v<D, float>) {  // (a point's two 16-bit values are one 32-bit lane)
-    const __m512i p = pairs16_avx512(v[0], v[1], bf16);
-    if (!full) {
-      _mm512_mask_storeu_epi32(d + 2 * j, m, p);
-    } else if (stream) {
-      _mm512_stream_si512(reinterpret_cast<__m512i*>(d + 2 * j), p);
-    } else {
-      _mm512_storeu_si512(d + 2 * j, p);
-    }
-    return;
-  }
+    v[w] = _mm512_add_ps(cnt == 16 ? _mm512_loadu_ps(r[w] + j) : _mm512_maskz_loadu_ps(m, r[w] + j), vb);
 #pragma GCC unroll 4
   for (int h = 1; h < W; h *= 2) {
     __m512 u[W];
@@ -864,6 +848,33 @@ __attribute__((target("avx512f"), always_inline)) inline void store_block_avx512
 #pragma GCC unroll 16
     for (int i = 0; i < W; ++i) v[i] = u[i];
   }
+}
+
+// Points [j, j + cnt) of W rows interleaved (interleave_avx512) and stored: where the points lie `step` > W apart,
+// the vectors go through a buffer from which each point's W values are copied. A part block stores under masks,
+// so no point outside it is written, and no call is made: a run loop with calls in it would rebuild its vector
+// constants on every run, which cost as much as the stores where runs are one block long.
+template <int W, bool Dense, typename D>
+__attribute__((target("avx512f"), always_inline)) inline void store_block_avx512(const float* const* r, __m512 vb,
+                                                                                 int64_t j, int cnt, int64_t step,
+                                                                                 D* d, bool bf16, bool stream) {
+  const bool full = cnt == 16;
+  __m512 v[W];
+  if constexpr (W == 2 && Dense && !std::is_same_v<D, float>) {  // (a point's two 16-bit values are one 32-bit lane)
+    const __mmask16 m = static_cast<__mmask16>((1u << cnt) - 1);
+    for (int w = 0; w < W; ++w)
+      v[w] = _mm512_add_ps(full ? _mm512_loadu_ps(r[w] + j) : _mm512_maskz_loadu_ps(m, r[w] + j), vb);
+    const __m512i p = pairs16_avx512(v[0], v[1], bf16);
+    if (!full) {
+      _mm512_mask_storeu_epi32(d + 2 * j, m, p);
+    } else if (stream) {
+      _mm512_stream_si512(reinterpret_cast<__m512i*>(d + 2 * j), p);
+    } else {
+      _mm512_storeu_si512(d + 2 * j, p);
+    }
+    return;
+  }
+  interleave_avx512<W>(r, vb, j, cnt, v);
   if (Dense && full) {
 #pragma GCC unroll 16
     for (int i = 0; i < W; ++i) put16_avx512(v[i], d + W * j + 16 * i, bf16, stream);
@@ -889,9 +900,100 @@ __attribute__((target("avx512f"), always_inline)) inline void store_block_avx512
   }
 }
 
+// A dense float run [j, n) of W > 1 rows whose first value lies `sh` floats past a 64-byte line, where sh is not
+// a multiple of W (an odd output width: every other line of 2 interleaved phases), so that no point starts a line:
+// each whole line of it is put together from two consecutive output vectors (one permute) and streamed, and only
+// the part lines at its ends are stored plainly. (Storing such runs plainly, as a whole, read every line first:
+// the k=3, s=2 seed layer's 201-wide rows spent a third of its time there.)
+template <int W>
+__attribute__((target("avx512f"), always_inline)) inline void store_run_shifted_avx512(const float* const* r, __m512 vb,
+                                                                                       int64_t j, int64_t n, float* d,
+                                                                                       int sh) {
+  float* const base = d + W * j;  // the run's value 0
+  const int64_t values = W * (n - j);
+  const int a = 16 - sh;  // values before the first line boundary: line L is values [a + 16L, a + 16L + 16)
+  const __m512i shift = _mm512_add_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                         _mm512_set1_epi32(a));
+  const auto mask = [](int64_t c) { return static_cast<__mmask16>(c >= 16 ? 0xFFFF : (1u << c) - 1); };
+  __m512 prev = _mm512_setzero_ps();
+  int64_t k = 0;  // output vectors so far (vector k holds values [16k, 16k + 16))
+  for (int64_t q = j; q < n; q += 16) {
+    __m512 v[W];
+    interleave_avx512<W>(r, vb, q, static_cast<int>(std::min<int64_t>(16, n - q)), v);
+    for (int i = 0; i < W && 16 * k < values; ++i, ++k) {
+      if (k == 0) {
+        _mm512_mask_storeu_ps(base, mask(std::min<int64_t>(a, values)), v[0]);
+      } else {  // line k - 1: values a..15 of vector k - 1, then 0..a-1 of vector k
+        const int64_t at = a + 16 * (k - 1), left = values - at;
+        const __m512 line = _mm512_permutex2var_ps(prev, shift, v[i]);
+        if (left >= 16) {
+          _mm512_stream_ps(base + at, line);
+        } else if (left > 0) {
+          _mm512_mask_storeu_ps(base + at, mask(left), line);
+        }
+      }
+      prev = v[i];
+    }
+  }
+  const int64_t at = a + 16 * (k - 1);  // the last vector's values from a on
+  if (k > 0 && at < values)
+    _mm512_mask_storeu_ps(base + at, mask(values - at), _mm512_permutex2var_ps(prev, shift, _mm512_setzero_ps()));
+}
+
+constexpr int64_t kPrefetchRuns = 4;  // store_runs_streamed_avx512: runs ahead whose part lines are fetched
+
+// store_runs_avx512 for float, streamed (dense, W > 1): a run's whole lines are streamed, its part lines (a head
+// up to the first line boundary, a tail) stored plainly. Where no point starts a line (sh below not a multiple of
+// W), store_run_shifted_avx512 puts the lines together. A function of its own, with no call in its loop, so that
+// the loop of the others keeps its vector constants in registers (MONAI k=3 forward, runs of 16 points: x1.04
+// time when one loop held both).
+template <int W>
+__attribute__((target("avx512f,prfchw"))) void store_runs_streamed_avx512(const float* const* rows,
+                                                                          const StoreChannels& ch, const StoreRun* runs,
+                                                                          int64_t count, float* dst) {
+  const float* r[W];
+  for (int64_t k = 0; k < ch.channels; ++k) {
+    const __m512 vb = _mm512_set1_ps(ch.bias ? ch.bias[k] : 0.0f);
+    float* dk = dst + k * ch.dst_stride;
+    for (const StoreRun* run = runs; run != runs + count; ++run) {
+      int64_t j = run->first;
+      const int64_t n = run->stop;
+      if (j >= n) continue;
+      for (int w = 0; w < W; ++w) r[w] = rows[w] + k * ch.ld + run->src;
+      float* d = dk + run->dst;
+      const int sh = static_cast<int>(reinterpret_cast<uintptr_t>(d + W * j) >> 2 & 15);  // floats into a line
+      if (sh != 0) {
+        // A run that starts inside a line (rows whose width is not a multiple of 16 values), so part lines at its
+        // ends: those of the run kPrefetchRuns on (in this channel or the next) are fetched for writing now, so
+        // that their plain stores do not each wait for memory in turn (the k=3, s=2 seed layer, 201-wide rows:
+        // x0.94 time).
+        int64_t ahead = (run - runs) + kPrefetchRuns, next = 0;  // (next: channels on)
+        if (ahead >= count) ahead -= count, next = 1;
+        if (ahead < count && k + next < ch.channels) {
+          const StoreRun& q = runs[ahead];
+          const float* first = dk + next * ch.dst_stride + q.dst + W * q.first;
+          const float* stop = dk + next * ch.dst_stride + q.dst + W * q.stop;
+          if (reinterpret_cast<uintptr_t>(first) & 63) __builtin_prefetch(first, 1, 3);
+          if (reinterpret_cast<uintptr_t>(stop) & 63) __builtin_prefetch(stop - 1, 1, 3);
+        }
+        if (sh % W != 0) {
+          store_run_shifted_avx512<W>(r, vb, j, n, d, sh);
+          continue;
+        }
+        const int64_t head = std::min(n, j + (16 - sh) / W);  // (then d + W * head starts a line)
+        store_block_avx512<W, true>(r, vb, j, static_cast<int>(head - j), W, d, false, false);
+        j = head;
+      }
+      for (; j + 16 <= n; j += 16) store_block_avx512<W, true>(r, vb, j, 16, W, d, false, true);
+      if (j < n) store_block_avx512<W, true>(r, vb, j, static_cast<int>(n - j), W, d, false, false);
+    }
+  }
+}
+
 // The runs of every channel (store_interleaved), 16 points at a time; Dense: step == W (one instance each, as
 // the code of the other would be hoisted into every run). With `stream` (Dense), whole 64-byte lines of dst are
-// written with non-temporal stores (a run's head up to the first line boundary, and its tail, are stored plainly).
+// written with non-temporal stores (a run's head up to the first line boundary, and its tail, are stored plainly;
+// float: store_runs_streamed_avx512).
 template <int W, bool Dense, typename D>
 __attribute__((target("avx512f"))) void store_runs_avx512(const float* const* rows, int64_t step,
                                                           const StoreChannels& ch, const StoreRun* runs, int64_t count,
@@ -899,6 +1001,9 @@ __attribute__((target("avx512f"))) void store_runs_avx512(const float* const* ro
   constexpr uintptr_t kPoint = W * sizeof(D);  // bytes of one point's W values
   if constexpr (Dense) step = W;
   stream = stream && Dense && W > 1 && (kPoint >= 64 || 64 % kPoint == 0);
+  if constexpr (std::is_same_v<D, float> && Dense && W > 1) {
+    if (stream) return store_runs_streamed_avx512<W>(rows, ch, runs, count, dst);
+  }
   const float* r[W];
   for (int64_t k = 0; k < ch.channels; ++k) {
     const __m512 vb = _mm512_set1_ps(ch.bias ? ch.bias[k] : 0.0f);
