@@ -343,13 +343,15 @@ def test_odd_lines_extended_grids(case, dtype, layout):
 
 
 @pytest.mark.parametrize("case", [((1, 32, 32, 32, 32), (32, 16, 2, 2, 2), 2, 0), ((1, 8, 255, 257), (8, 16, 4, 4), 2, 1),
-                                  ((1, 8, 256, 257), (8, 16, 3, 3), 2, 0), ((1, 4, 128, 255), (4, 16, 5, 5), 4, 0)],
-                         ids=["k2s2_3d", "k4s2p1_2d_odd_lines", "k3s2_2d_odd_width", "k5s4_2d_odd_width"])
+                                  ((1, 8, 256, 257), (8, 16, 3, 3), 2, 0), ((1, 4, 128, 255), (4, 16, 5, 5), 4, 0),
+                                  ((1, 8, 255, 509), (8, 16, 3, 3), (2, 1), 0)],
+                         ids=["k2s2_3d", "k4s2p1_2d_odd_lines", "k3s2_2d_odd_width", "k5s4_2d_odd_width",
+                              "stride1_inner_rows"])
 def test_large_outputs_streamed(case):
-    """Float32 outputs of 8 MiB and more are written with non-temporal stores where phases interleave (stride 2 or
-    4), whole 64-byte lines at a time: aligned lines; lines of 514 floats that start anywhere (a pair starts a line);
-    and lines of 515 and 1021 floats, in which every other line no pair (or group of 4) starts a line, so each line
-    is put together from two vectors."""
+    """Float32 outputs of 8 MiB and more are written with non-temporal stores, whole 64-byte lines at a time, where
+    phases interleave (stride 2 or 4): aligned lines; lines of 514 floats that start anywhere (a pair starts a
+    line); and lines of 515 and 1021 floats, in which every other line no pair (or group of 4) starts a line, so
+    each line is put together from two vectors. And rows of one phase (stride 1 innermost), 511 floats long."""
     in_shape, w_shape, stride, padding = case
     nd = len(in_shape) - 2
     torch.manual_seed(7)

@@ -258,15 +258,17 @@ bool store_fast(const acc_t* const* rows, int64_t ways, int64_t step, int64_t ch
 // dst at channel c and spatial position_d = m_d*step_d + offset_d (strides `st`) = rows[c*ld + m - m_begin]
 // (+ bias[c]) over the grid of m. rows == nullptr stores the bias alone (or zero). With a `frame` (>= grid in
 // every dim), m is flat over the frame instead, and only the points inside the grid are stored (from innermost
-// index `from2` on).
+// index `from2` on). `stream`: float rows of a dense innermost dim are written with non-temporal stores
+// (store_interleaved).
 template <typename scalar_t, typename acc_t>
 void store_rows(const acc_t* rows, int64_t ld, int64_t channels, const acc_t* bias, scalar_t* dst,
                 const Strides& st, const int64_t* step, const int64_t* offset, const int64_t* grid,
-                int64_t m_begin, int64_t m_end, const int64_t* frame = nullptr, int64_t from2 = 0) {
+                int64_t m_begin, int64_t m_end, const int64_t* frame = nullptr, int64_t from2 = 0,
+                bool stream = false) {
   const int64_t inner = step[2] * st.s[2];
   const std::vector<StoreRun>& runs =
       store_runs(st, step, offset, grid, frame ? frame : grid, m_begin, m_end, from2);
-  if (rows && inner == 1 && store_fast(&rows, 1, 1, channels, ld, bias, runs, dst, st.c, false)) return;
+  if (rows && inner == 1 && store_fast(&rows, 1, 1, channels, ld, bias, runs, dst, st.c, stream)) return;
   for (int64_t c = 0; c < channels; ++c) {
     const acc_t b = bias ? bias[c] : acc_t(0);
     scalar_t* d = dst + c * st.c;

@@ -733,7 +733,8 @@ void grid_tile_store(const ConvParams& p, const TransposePlan& plan, const Team&
       const acc_t* rows[cpu::kMaxStoreWays];
       for (size_t w = 0; w < grp.size(); ++w) rows[w] = out + grp[w] * Cxg * cnt + j;
       if (grp.size() == 1) {
-        store_rows(rows[0], cnt, Cxg, bias, x_n, sx, p.stride, r, own_grid(p, r, grid).data(), a, b, lead.layout);
+        store_rows(rows[0], cnt, Cxg, bias, x_n, sx, p.stride, r, own_grid(p, r, grid).data(), a, b, lead.layout, 0,
+                   stream);
       } else {
         store_rows_interleaved(rows, grp.size(), cnt, Cxg, bias, x_n, sx, p.stride, r, grid, a, b, lead.layout,
                                stream, p.big);
@@ -855,10 +856,11 @@ void conv_transpose_kernel(const ConvParams& p, const scalar_t* y, const Strides
 
   // (grid tiles: a job covers all images, and its flops are the whole batch's share)
   const int64_t images = plan.grid_tiles ? 1 : p.batch;
-  // Outputs of kStreamBytes or more are written with non-temporal stores where the kernel writes runs of two
-  // interleaved phases (stride 2): no read of each output line before it is written (fresh memory, or not in cache
-  // anyway), at the cost of the output not being left in cache. Measured: 3d U-Net k=2 (8 and 128 MiB outputs)
-  // x0.77 and x0.73 time, DCGAN (16 MiB) x0.97.
+  // Outputs of kStreamBytes or more are written with non-temporal stores where the kernel writes dense runs (of
+  // interleaved phases, or float rows of one phase): no read of each output line before it is written (fresh
+  // memory, or not in cache anyway), at the cost of the output not being left in cache. Measured: 3d U-Net k=2 (8
+  // and 128 MiB outputs) x0.77 and x0.73 time, DCGAN (16 MiB) x0.97; rows of one phase (stride 1 innermost), the
+  // anisotropic seed layer (27 MiB) x0.96.
   const bool stream = p.batch * p.big_channels * p.big_spatial() * int64_t(sizeof(scalar_t)) >= kStreamBytes;
   at::parallel_for(0, images * G * J, grain(plan.flops / std::max<int64_t>(1, J)), [&](int64_t begin, int64_t end) {
     acc_t* col =
@@ -930,7 +932,7 @@ void conv_transpose_kernel(const ConvParams& p, const scalar_t* y, const Strides
         const int64_t* r = phases[team.phases[grp[0]]].r;
         if (grp.size() == 1) {
           store_rows(out + grp[0] * Cxg * cnt, cnt, Cxg, b_g, x_g, sx, p.stride, r, own_grid(p, r, grid).data(),
-                     job.m0, job.m1, frame ? frame : grid);
+                     job.m0, job.m1, frame ? frame : grid, 0, stream);
         } else {
           const acc_t* rows[cpu::kMaxStoreWays];
           for (size_t w = 0; w < grp.size(); ++w) rows[w] = out + grp[w] * Cxg * cnt;

@@ -942,7 +942,7 @@ __attribute__((target("avx512f"), always_inline)) inline void store_run_shifted_
 
 constexpr int64_t kPrefetchRuns = 4;  // store_runs_streamed_avx512: runs ahead whose part lines are fetched
 
-// store_runs_avx512 for float, streamed (dense, W > 1): a run's whole lines are streamed, its part lines (a head
+// store_runs_avx512 for float, streamed (dense): a run's whole lines are streamed, its part lines (a head
 // up to the first line boundary, a tail) stored plainly. Where no point starts a line (sh below not a multiple of
 // W), store_run_shifted_avx512 puts the lines together. A function of its own, with no call in its loop, so that
 // the loop of the others keeps its vector constants in registers (MONAI k=3 forward, runs of 16 points: x1.04
@@ -1000,8 +1000,8 @@ __attribute__((target("avx512f"))) void store_runs_avx512(const float* const* ro
                                                           D* dst, bool bf16, bool stream) {
   constexpr uintptr_t kPoint = W * sizeof(D);  // bytes of one point's W values
   if constexpr (Dense) step = W;
-  stream = stream && Dense && W > 1 && (kPoint >= 64 || 64 % kPoint == 0);
-  if constexpr (std::is_same_v<D, float> && Dense && W > 1) {
+  stream = stream && Dense && (W > 1 || std::is_same_v<D, float>) && (kPoint >= 64 || 64 % kPoint == 0);
+  if constexpr (std::is_same_v<D, float> && Dense) {
     if (stream) return store_runs_streamed_avx512<W>(rows, ch, runs, count, dst);
   }
   const float* r[W];
