@@ -901,7 +901,7 @@ __attribute__((target("avx512f"), always_inline)) inline void store_block_avx512
 }
 
 // A dense float run [j, n) of W > 1 rows whose first value lies `sh` floats past a 64-byte line, where sh is not
-// a multiple of W (an odd output width: every other line of 2 interleaved phases), so that no point starts a line:
+// a multiple of W (2 phases interleaved in output rows of an odd width: every other row), so no point starts a line:
 // each whole line of it is put together from two consecutive output vectors (one permute) and streamed, and only
 // the part lines at its ends are stored plainly. (Storing such runs plainly, as a whole, read every line first:
 // the k=3, s=2 seed layer's 201-wide rows spent a third of its time there.)
