@@ -521,10 +521,11 @@ struct MappedPanel {
 };
 
 inline MappedPanel map_panel(const int64_t* cols, int64_t nr, int64_t NR) {
-  const auto run = [&](int64_t j0, int64_t j1) {
-    for (int64_t j = j0 + 1; j < j1; ++j)
-      if (cols[j] != cols[j0] + (j - j0)) return false;
-    return true;
+  const auto run = [&](int64_t j0, int64_t j1) {  // (no early exit: the compiler vectorises it)
+    const int64_t first = cols[j0] - j0;
+    int64_t off = 0;
+    for (int64_t j = j0 + 1; j < j1; ++j) off |= cols[j] - j - first;
+    return off == 0;
   };
   if (nr == NR && run(0, NR)) return {MappedPanel::kRun, cols[0], 0};
   if (nr == NR && run(0, NR / 2) && run(NR / 2, NR)) return {MappedPanel::kHalves, cols[0], cols[NR / 2]};
