@@ -1148,6 +1148,14 @@ void copy_segments_portable(const float* src, int64_t src_channel_stride, int64_
 }
 
 #if TORCH_CONVT_X86
+// out[j0, j1) = 0 with masked stores: the pads of copy_segments are a few points each, where a zeroing loop became
+// a call of memset per pad (2% of the dilated 3d layer's time).
+__attribute__((target("avx512f"), always_inline)) inline void zero_avx512(float* out, int64_t j0, int64_t j1) {
+  for (int64_t j = j0; j < j1; j += 16)
+    _mm512_mask_storeu_ps(out + j, static_cast<__mmask16>(j1 - j >= 16 ? 0xFFFF : (1u << (j1 - j)) - 1),
+                          _mm512_setzero_ps());
+}
+
 __attribute__((target("avx512f,bmi2"))) void copy_segments_avx512(const float* src, int64_t src_channel_stride,
                                                                    int64_t channels, const Segment* segments,
                                                                    int64_t count, int64_t step, float* dst,
@@ -1155,18 +1163,17 @@ __attribute__((target("avx512f,bmi2"))) void copy_segments_avx512(const float* s
   for (int64_t c = 0; c < channels; ++c) {
     const float* in = src + c * src_channel_stride;
     float* out = dst + c * dst_channel_stride;
+    const auto mask = [](int64_t n) { return static_cast<__mmask16>(n >= 16 ? 0xFFFF : (1u << n) - 1); };
     for (const Segment* sg = segments; sg != segments + count; ++sg) {
-      for (int64_t j = sg->j0; j < sg->a; ++j) out[j] = 0.0f;
-      int64_t j = sg->a;
+      zero_avx512(out, sg->j0, sg->a);
       const float* s = in + sg->offset;
       // (masked loads read no element past the last one needed, s[(b - 1) * step]: they do not fault there)
-      const auto mask = [](int64_t n) { return static_cast<__mmask16>(n >= 16 ? 0xFFFF : (1u << n) - 1); };
-      for (; j < sg->b; j += 16) {
+      for (int64_t j = sg->a; j < sg->b; j += 16) {
         const __mmask16 m = mask(sg->b - j);  // the elements left; this vector takes up to 16
         const __m512 v = step == 1 ? _mm512_maskz_loadu_ps(m, s + j) : load_even_avx512(s + 2 * j, m);
         _mm512_mask_storeu_ps(out + j, m, v);
       }
-      for (j = sg->b; j < sg->j1; ++j) out[j] = 0.0f;
+      zero_avx512(out, sg->b, sg->j1);
     }
   }
 }
