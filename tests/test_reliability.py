@@ -44,6 +44,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 GiB = 1 << 30
 MiB = 1 << 20
+KEPT_MIN = 8 * MiB  # CPU outputs this large leave their memory, when freed, to the next output (empty_cache)
 
 # The child-process tests read /proc/self/status and set RLIMIT_AS: Linux only. AddressSanitizer
 # (tools/sanitize.sh) aborts on a failed allocation instead of raising, and its quarantine and redzones would be
@@ -431,7 +432,7 @@ def test_concurrent_threads_bitwise_equal_serial():
 # resident, which this cannot see: at most what the small calls left behind. torch's CPU allocator does not
 # cache, and big blocks are mmap'ed and returned at free, so nothing else hides or inflates the measurement.
 # Also reported: the memory still held after the output is freed (buffers kept across calls, and the memory of an
-# output of 32 MiB or more, kept for the next output), and after torch_convt.empty_cache().
+# output of KEPT_MIN or more, kept for the next output), and after torch_convt.empty_cache().
 MEMORY_CASES = {
     # a U-Net decoder up-sampler: ConvTranspose3d(64, 32, kernel 2, stride 2), output 128 MiB
     "conv_transpose3d_k2s2": dict(op="ct", x=(4, 64, 32, 32, 32), w=(64, 32, 2, 2, 2), stride=2, padding=0,
@@ -515,7 +516,7 @@ def _child_peak_memory(case: str, impl: str) -> dict:
 @pytest.mark.parametrize("case", MEMORY_CASE_PARAMS)
 def test_peak_memory_of_one_call(case):
     """Peak memory of one call beyond its output < max(64 MiB, output size); once the output is freed, < 64 MiB
-    still held beyond the output's own memory where that is kept for reuse (32 MiB or more), and < 64 MiB after
+    still held beyond the output's own memory where that is kept for reuse (8 MiB or more), and < 64 MiB after
     torch_convt.empty_cache() (see the comment above for what is measured and how)."""
     require_memory(3 * GiB, "the memory test")
     r = run_child("peak_memory", timeout_s=300, case=case, impl="ours")
@@ -526,8 +527,8 @@ def test_peak_memory_of_one_call(case):
     assert r["extra"] <= budget, \
         f"{case}: {r['extra'] / MiB:.1f} MiB beyond the {r['out_bytes'] / MiB:.1f} MiB output " \
         f"(budget {budget / MiB:.0f} MiB)"
-    # an output of 32 MiB or more leaves its memory for the next one (torch_convt.empty_cache): held, at most that
-    kept = r["out_bytes"] if r["out_bytes"] >= 32 * MiB else 0
+    # an output of KEPT_MIN or more leaves its memory for the next one (torch_convt.empty_cache): held, at most that
+    kept = r["out_bytes"] if r["out_bytes"] >= KEPT_MIN else 0
     assert r["retained"] <= MEMORY_SLACK + kept, f"{case}: {r['retained'] / MiB:.1f} MiB still held after the call"
     assert r["retained_after_empty_cache"] <= MEMORY_SLACK, \
         f"{case}: {r['retained_after_empty_cache'] / MiB:.1f} MiB still held after torch_convt.empty_cache()"
@@ -536,7 +537,7 @@ def test_peak_memory_of_one_call(case):
 # ----------------------------------------------------------------------------------------------------------
 # the memory of freed large outputs, kept for the next output (torch_convt.empty_cache / set_cache_limit)
 # ----------------------------------------------------------------------------------------------------------
-# Outputs of 32 MiB (float32: 2^23 elements) and more. Each call's output is compared with torch's, after the memory
+# These calls' outputs are 32 MiB (float32: 2^23 elements). Each call's output is compared with torch's, after the memory
 # it reuses was filled with NaN: every element must be written, including those no tap reaches (stride > kernel:
 # the bias alone).
 KEPT_CALLS = {  # name: (f, x, w, b) -> the call, with f = torch_convt.functional or torch.nn.functional
@@ -559,7 +560,7 @@ def test_kept_output_memory_is_reused_and_fully_written():
     for name, call in KEPT_CALLS.items():
         for first in KEPT_CALLS.values():
             dirty = first(TF, x, w, b)
-            assert dirty.numel() * dirty.element_size() >= 32 * MiB
+            assert dirty.numel() * dirty.element_size() >= KEPT_MIN
             ptr = dirty.data_ptr()
             dirty.fill_(float("nan"))
             del dirty
@@ -600,11 +601,35 @@ def test_kept_output_memory_is_bounded_and_released():
         torch_convt.set_cache_limit(previous)
     with pytest.raises(RuntimeError, match="set_cache_limit"):
         torch_convt.set_cache_limit(-1)
-    # storages resized afterwards use the same allocator: only blocks of 32 MiB or more are kept
+    # storages resized afterwards use the same allocator: only blocks of KEPT_MIN or more are kept
     out = run()
     out.untyped_storage().resize_(10)  # (a new 10-byte block; the output's block is freed, and kept)
     del out
     assert torch_convt.empty_cache() == block
+
+
+def test_kept_output_memory_from_8_mib():
+    """Outputs from KEPT_MIN up keep their memory for the next output (fully written over: the freed block is filled
+    with NaN first); a smaller one goes back to malloc. (Mid-size blocks too: malloc's heap would often hand them
+    back to the OS between calls, when torch's own large workspaces come and go, and the OS zeroes fresh pages.)"""
+    x, w, b = _kept_inputs()
+    torch_convt.empty_cache()
+    for depth in (7, 8, 16):  # outputs of `depth` MiB
+        xs = x[:, :, :depth]
+        out = TF.conv_transpose3d(xs, w, b, stride=2)
+        nbytes = out.numel() * out.element_size()
+        assert nbytes == depth * MiB
+        ptr = out.data_ptr()
+        out.fill_(float("nan"))
+        del out
+        if nbytes < KEPT_MIN:
+            assert torch_convt.empty_cache() == 0, f"a {depth} MiB output's memory was kept"
+            continue
+        again = TF.conv_transpose3d(xs, w, b, stride=2)
+        assert again.data_ptr() == ptr, f"a {depth} MiB output's memory was not reused"
+        torch.testing.assert_close(again, F.conv_transpose3d(xs, w, b, stride=2), rtol=1e-5, atol=1e-5)
+        del again
+        assert torch_convt.empty_cache() == nbytes
 
 
 @linux_only
