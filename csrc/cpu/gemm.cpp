@@ -616,11 +616,17 @@ void gemm_driver(GemmTile tile, int64_t M, int64_t N, int64_t K, const T* a_pack
           // anywhere, so every vector load from them would straddle two cache lines). For fewer panels the copy
           // costs more than it saves (measured with 4-7 panels of 8 rows, i.e. 32-56 output channels: x0.86-0.94
           // time without it on the stride-1 3d, k=4 3d, MONAI and grouped layers; 8+ panels: no difference).
+          // (32 columns a fixed-length loop: std::copy became a call of memmove per row, 4% of the U-Net k=2
+          // input gradient's time)
           for (int64_t k = 0; k < kc; ++k) {
             const T* row = b_rows[pc + k];
             __builtin_prefetch(row + next, 0, 3);
             __builtin_prefetch(row + next + 16, 0, 3);
-            std::copy(row + mp.at0, row + mp.at0 + NR, panel + k * NR);
+            if (NR == 32) {
+              for (int64_t j = 0; j < 32; ++j) panel[k * 32 + j] = row[mp.at0 + j];
+            } else {
+              std::copy(row + mp.at0, row + mp.at0 + NR, panel + k * NR);
+            }
           }
           bp = panel;
           rp = nullptr;
