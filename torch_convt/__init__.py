@@ -45,7 +45,7 @@ from .modules import Conv1d, Conv2d, Conv3d, ConvTranspose1d, ConvTranspose2d, C
 
 
 def empty_cache() -> int:
-    """Releases the memory torch_convt keeps for reuse (CPU). An output of 8 MiB or more leaves its memory, when it
+    """Releases the memory torch_convt keeps for reuse (CPU). An output of 1 MiB or more leaves its memory, when it
     is freed, to the next output that fits (at most 4 blocks, 1 GiB in all by default), so that a layer called again
     does not pay for fresh pages, which the OS zeroes on first touch: a third of a large up-sampling layer's time.
     Like torch.cuda.empty_cache(), this returns idle memory to the system (and says how many bytes); outputs in use

@@ -48,7 +48,7 @@ constexpr int64_t kTeamTile = 128;  // grid tiles: a team's results fit kColumnB
 constexpr int64_t kJobsPerThread = 4;  // grid tiles: at least this many jobs per thread, where tiles allow
 constexpr int64_t kMinGridTile = 512;  // grid tiles: not shorter than this, to have more jobs
 constexpr int64_t kGridWindowBytes = int64_t(512) << 10;  // conv grid tiles: a tile's windows, where A is small
-constexpr int64_t kKeptOutputBytes = int64_t(8) << 20;  // outputs this large: OutputAllocator
+constexpr int64_t kKeptOutputBytes = int64_t(1) << 20;  // outputs this large: OutputAllocator
 constexpr size_t kKeptOutputs = 4, kCacheLimit = size_t(1) << 30;  // what OutputAllocator keeps, by default
 constexpr int64_t kStreamBytes = int64_t(8) << 20;  // conv_transpose outputs this large: streaming stores
 constexpr int64_t kMinExtendedGrid = 64;  // conv_transpose: innermost grids this long are extended by a point
@@ -1192,8 +1192,9 @@ inline void advise_huge_pages(void* data, size_t bytes) {
 // U-Net up-sampler that zeroing was a third of the layer's time, every call (x0.52 time with the memory kept).
 // Below that, glibc's heap often gives the memory back to the OS between calls when other large blocks come and go
 // (torch's own convolutions' workspaces): the 16 MiB outputs of the grouped 2d and DCGAN layers, each call after a
-// torch.nn convolution, took ~490 page faults a call, and the grouped layer's forward x2.8 the time (8 MiB here:
-// x0.36 time, its training step x0.76). empty_cache() releases the kept blocks.
+// torch.nn convolution, took ~490 page faults a call, and the grouped layer's forward x2.8 the time (kept: x0.36
+// time, its training step x0.76); a 4 MiB bfloat16 output called after each float32 one, 150 faults a call. From 1
+// MiB on, then. empty_cache() releases the kept blocks.
 class OutputAllocator final : public c10::Allocator {
  public:
   static OutputAllocator& get() {
