@@ -117,6 +117,9 @@ void micro_portable(int64_t kc, const T* a, const T* b, const T* const* rows, in
 }
 
 #if TORCH_CONVT_X86
+// The mask of the first min(n, 16) lanes of a vector (n >= 0): the part vector at a ragged end.
+inline __mmask16 first_lanes(int64_t n) { return static_cast<__mmask16>(n >= 16 ? 0xFFFF : (1u << n) - 1); }
+
 // ---- AVX-512: MR x 32 floats of C in 2*MR zmm registers (MR = 4 to 12) -----------------------------------------
 // A k step of the kernels below: C's block (c0: columns 0-15, c1: 16-31) += a[0, MR) x (b0, b1).
 template <int MR>
@@ -315,7 +318,7 @@ __attribute__((target("avx512f,fma"))) void dot_block_avx512(int64_t K, const fl
     for (int j = 0; j < NB; ++j) acc[i][j] = _mm512_setzero_ps();
   for (int64_t k = 0; k < K; k += 16) {
     // (a full mask costs nothing extra: the ragged K tail needs no separate loop)
-    const __mmask16 mask = K - k >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << (K - k)) - 1);
+    const __mmask16 mask = first_lanes(K - k);
     __m512 bv[NB];
 #pragma GCC unroll 6
     for (int j = 0; j < NB; ++j) bv[j] = _mm512_maskz_loadu_ps(mask, b + j * ldb + k);
@@ -344,14 +347,14 @@ __attribute__((target("avx512f"))) void pack_rows_avx512(const float* src, int64
   for (int64_t r0 = 0; r0 < rows; r0 += width, dst += depth * width) {
     for (int64_t h = 0; h < width; h += 16) {  // 16-row groups of the panel
       const int64_t valid = std::clamp<int64_t>(rows - r0 - h, 0, 16);
-      const __mmask16 lanes = static_cast<__mmask16>(width - h >= 16 ? 0xFFFF : (1u << (width - h)) - 1);
+      const __mmask16 lanes = first_lanes(width - h);
       // rows past the end load nothing (mask 0) from a row that exists
       const float* row[16];
       for (int i = 0; i < 16; ++i) row[i] = src + std::min<int64_t>(r0 + h + i, rows - 1) * row_stride;
       const __mmask16 live = static_cast<__mmask16>((1u << valid) - 1);
       for (int64_t k = 0; k < depth; k += 16) {
         const int64_t kc = std::min<int64_t>(16, depth - k);
-        const __mmask16 kmask = static_cast<__mmask16>(kc == 16 ? 0xFFFF : (1u << kc) - 1);
+        const __mmask16 kmask = first_lanes(kc);
         __m512 r[16], t[16];
 #pragma GCC unroll 16
         for (int i = 0; i < 16; ++i)
@@ -831,19 +834,26 @@ __attribute__((target("avx512f"))) inline void put16_avx512(__m512 v, uint16_t* 
   }
 }
 
-// Points [j, j + cnt) (cnt <= 16) of W rows (a power of two), plus the bias, interleaved into W vectors in output
-// order: log2(W) rounds of pairwise interleaving, in which vector i is interleaved with vector i + W/2 into vectors
-// 2i and 2i + 1 (W = 8: 24 permutes for 128 values). A part block (cnt < 16) loads under a mask, so no point
-// outside it is read (the values past W * cnt are the bias).
+// Points [j, j + cnt) (cnt <= 16) of W rows plus the bias, vector w from row w. A part block (cnt < 16) loads under
+// a mask, so no point outside it is read (the lanes past cnt hold the bias).
+template <int W>
+__attribute__((target("avx512f"), always_inline)) inline void load_points_avx512(const float* const* r, __m512 vb,
+                                                                                 int64_t j, int cnt, __m512* v) {
+  const __mmask16 m = first_lanes(cnt);
+#pragma GCC unroll 16
+  for (int w = 0; w < W; ++w)
+    v[w] = _mm512_add_ps(cnt == 16 ? _mm512_loadu_ps(r[w] + j) : _mm512_maskz_loadu_ps(m, r[w] + j), vb);
+}
+
+// The same points of W rows (a power of two) interleaved into W vectors in output order: log2(W) rounds of
+// pairwise interleaving, in which vector i is interleaved with vector i + W/2 into vectors 2i and 2i + 1 (W = 8: 24
+// permutes for 128 values).
 template <int W>
 __attribute__((target("avx512f"), always_inline)) inline void interleave_avx512(const float* const* r, __m512 vb,
                                                                                 int64_t j, int cnt, __m512* v) {
   const __m512i lo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
   const __m512i hi = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
-  const __mmask16 m = static_cast<__mmask16>((1u << cnt) - 1);
-#pragma GCC unroll 16
-  for (int w = 0; w < W; ++w)
-    v[w] = _mm512_add_ps(cnt == 16 ? _mm512_loadu_ps(r[w] + j) : _mm512_maskz_loadu_ps(m, r[w] + j), vb);
+  load_points_avx512<W>(r, vb, j, cnt, v);
 #pragma GCC unroll 4
   for (int h = 1; h < W; h *= 2) {
     __m512 u[W];
@@ -868,12 +878,10 @@ __attribute__((target("avx512f"), always_inline)) inline void store_block_avx512
   const bool full = cnt == 16;
   __m512 v[W];
   if constexpr (W == 2 && Dense && !std::is_same_v<D, float>) {  // (a point's two 16-bit values are one 32-bit lane)
-    const __mmask16 m = static_cast<__mmask16>((1u << cnt) - 1);
-    for (int w = 0; w < W; ++w)
-      v[w] = _mm512_add_ps(full ? _mm512_loadu_ps(r[w] + j) : _mm512_maskz_loadu_ps(m, r[w] + j), vb);
+    load_points_avx512<W>(r, vb, j, cnt, v);
     const __m512i p = pairs16_avx512(v[0], v[1], bf16);
     if (!full) {
-      _mm512_mask_storeu_epi32(d + 2 * j, m, p);
+      _mm512_mask_storeu_epi32(d + 2 * j, first_lanes(cnt), p);
     } else if (stream) {
       _mm512_stream_si512(reinterpret_cast<__m512i*>(d + 2 * j), p);
     } else {
@@ -921,7 +929,6 @@ __attribute__((target("avx512f"), always_inline)) inline void store_run_shifted_
   const int a = 16 - sh;  // values before the first line boundary: line L is values [a + 16L, a + 16L + 16)
   const __m512i shift = _mm512_add_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
                                          _mm512_set1_epi32(a));
-  const auto mask = [](int64_t c) { return static_cast<__mmask16>(c >= 16 ? 0xFFFF : (1u << c) - 1); };
   __m512 prev = _mm512_setzero_ps();
   int64_t k = 0;  // output vectors so far (vector k holds values [16k, 16k + 16))
   for (int64_t q = j; q < n; q += 16) {
@@ -929,14 +936,14 @@ __attribute__((target("avx512f"), always_inline)) inline void store_run_shifted_
     interleave_avx512<W>(r, vb, q, static_cast<int>(std::min<int64_t>(16, n - q)), v);
     for (int i = 0; i < W && 16 * k < values; ++i, ++k) {
       if (k == 0) {
-        _mm512_mask_storeu_ps(base, mask(std::min<int64_t>(a, values)), v[0]);
+        _mm512_mask_storeu_ps(base, first_lanes(std::min<int64_t>(a, values)), v[0]);
       } else {  // line k - 1: values a..15 of vector k - 1, then 0..a-1 of vector k
         const int64_t at = a + 16 * (k - 1), left = values - at;
         const __m512 line = _mm512_permutex2var_ps(prev, shift, v[i]);
         if (left >= 16) {
           _mm512_stream_ps(base + at, line);
         } else if (left > 0) {
-          _mm512_mask_storeu_ps(base + at, mask(left), line);
+          _mm512_mask_storeu_ps(base + at, first_lanes(left), line);
         }
       }
       prev = v[i];
@@ -944,7 +951,8 @@ __attribute__((target("avx512f"), always_inline)) inline void store_run_shifted_
   }
   const int64_t at = a + 16 * (k - 1);  // the last vector's values from a on
   if (k > 0 && at < values)
-    _mm512_mask_storeu_ps(base + at, mask(values - at), _mm512_permutex2var_ps(prev, shift, _mm512_setzero_ps()));
+    _mm512_mask_storeu_ps(base + at, first_lanes(values - at),
+                          _mm512_permutex2var_ps(prev, shift, _mm512_setzero_ps()));
 }
 
 constexpr int64_t kPrefetchRuns = 4;  // store_runs_streamed_avx512: runs ahead whose part lines are fetched
@@ -1158,8 +1166,7 @@ void copy_segments_portable(const float* src, int64_t src_channel_stride, int64_
 // a call of memset per pad (2% of the dilated 3d layer's time).
 __attribute__((target("avx512f"), always_inline)) inline void zero_avx512(float* out, int64_t j0, int64_t j1) {
   for (int64_t j = j0; j < j1; j += 16)
-    _mm512_mask_storeu_ps(out + j, static_cast<__mmask16>(j1 - j >= 16 ? 0xFFFF : (1u << (j1 - j)) - 1),
-                          _mm512_setzero_ps());
+    _mm512_mask_storeu_ps(out + j, first_lanes(j1 - j), _mm512_setzero_ps());
 }
 
 __attribute__((target("avx512f,bmi2"))) void copy_segments_avx512(const float* src, int64_t src_channel_stride,
@@ -1169,13 +1176,12 @@ __attribute__((target("avx512f,bmi2"))) void copy_segments_avx512(const float* s
   for (int64_t c = 0; c < channels; ++c) {
     const float* in = src + c * src_channel_stride;
     float* out = dst + c * dst_channel_stride;
-    const auto mask = [](int64_t n) { return static_cast<__mmask16>(n >= 16 ? 0xFFFF : (1u << n) - 1); };
     for (const Segment* sg = segments; sg != segments + count; ++sg) {
       zero_avx512(out, sg->j0, sg->a);
       const float* s = in + sg->offset;
       // (masked loads read no element past the last one needed, s[(b - 1) * step]: they do not fault there)
       for (int64_t j = sg->a; j < sg->b; j += 16) {
-        const __mmask16 m = mask(sg->b - j);  // the elements left; this vector takes up to 16
+        const __mmask16 m = first_lanes(sg->b - j);  // the elements left; this vector takes up to 16
         const __m512 v = step == 1 ? _mm512_maskz_loadu_ps(m, s + j) : load_even_avx512(s + 2 * j, m);
         _mm512_mask_storeu_ps(out + j, m, v);
       }
