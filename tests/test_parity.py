@@ -477,6 +477,41 @@ def test_weight_grad_equal_chunks(case, dtype):
     assert torch.equal(grads[0], grads[1])
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16],
+                         ids=["float64", "float32", "bfloat16"])
+@pytest.mark.parametrize("case", [((2, 128, 400), (128, 64, 16), 8, 4, 1),  # chunks on 1-2 of 4-8 channel blocks
+                                  ((2, 128, 64, 64), (128, 16, 4, 4), 2, 1, 1),  # chunks of 2-4 items, 8 on a block
+                                  ((2, 256, 9, 9), (256, 48, 3, 3), 2, 1, 2),  # 2 groups of 128 channels
+                                  ((3, 16, 9, 40, 30), (16, 8, 3, 5, 2), (2, 1, 1), (0, 4, 2), 1),  # dot products
+                                  ((0, 128, 10), (128, 64, 16), 8, 4, 1)],  # no batch: dW is zero
+                         ids=["hifigan_blocks", "dcgan_items", "grouped_wide", "aniso_narrow", "empty_batch"])
+def test_weight_grad_chunk_regions(case, dtype):
+    """Weight gradients whose reduction chunks each reach part of dW (a chunk's first item on a channel block writes
+    its partial sums instead of adding to zeros, and only the chunks that reached a block are summed): they match
+    torch's, are bitwise the same on 1 and 2 threads, and are zeros for an empty batch."""
+    in_shape, w_shape, stride, padding, groups = case
+    nd = len(in_shape) - 2
+    torch.manual_seed(10)
+    x, w = torch.randn(in_shape, dtype=dtype), torch.randn(w_shape, dtype=dtype)
+    ours, ref = fn_pair("ct", nd)
+    kw = dict(stride=stride, padding=padding, groups=groups)
+    check_parity(ours, ref, (x, w), kw, ref_dtype=torch.float32 if dtype == torch.bfloat16 else None)
+    grads = []
+    for threads in (1, 2):
+        old = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            wr = w.clone().requires_grad_(True)
+            y = ours(x, wr, **kw)
+            grads.append(torch.autograd.grad(y, wr, torch.randn(y.shape, generator=torch.Generator().manual_seed(3),
+                                                               dtype=y.dtype))[0])
+        finally:
+            torch.set_num_threads(old)
+    assert torch.equal(grads[0], grads[1])
+    if in_shape[0] == 0:
+        assert not grads[0].any()
+
+
 DEPTHWISE_LONG_ROWS = [
     # (kind, input shape, kernel, stride, padding, output_padding, dilation, channels_last): per-channel layers whose
     # innermost rows span several 16-point vectors, with taps whose ranges start and end inside them

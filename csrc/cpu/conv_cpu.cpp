@@ -1022,7 +1022,16 @@ void conv_weight_grad_kernel(const ConvParams& p, const scalar_t* x, const Strid
   const int64_t items = G * tiles * blocks;  // ordered (g, tile, channel block)
   const int64_t chunks = std::max<int64_t>(1, std::min(items, target));
   std::unique_ptr<acc_t[]> partial_fresh;
-  acc_t* const partial = held_buffer<acc_t, kPartialSlot>(chunks * dw_numel, partial_fresh);  // (zeroed below)
+  acc_t* const partial = held_buffer<acc_t, kPartialSlot>(chunks * dw_numel, partial_fresh);
+  // Outside by_tap a chunk's partial sums lie as dW, and an item adds to its (group, channel block) region only:
+  // the first item of a chunk on a region writes it (the packed GEMM without accumulating, else zeroed first),
+  // and the regions a chunk never reaches are neither zeroed nor summed (HiFi-GAN: each of the 4 chunks reaches
+  // half of dW). by_tap zeroes each chunk's whole partial.
+  const int64_t regions = G * blocks;
+  std::vector<uint8_t> reached(by_tap ? 0 : chunks * regions, 0);  // [chunk][g * blocks + channel block]
+  for (int64_t c = 0; c < static_cast<int64_t>(reached.size()) / std::max<int64_t>(1, regions); ++c)
+    for (int64_t item = items * c / chunks; item < items * (c + 1) / chunks; ++item)
+      reached[c * regions + item / (tiles * blocks) * blocks + item % blocks] = 1;
   // packed: C is this chunk's partial sums (Cyg x KK, far from cache for wide layers), so the tile's depth runs in
   // K blocks of kWeightGradKC: each C block is loaded and stored once per tile instead of once per 128 positions,
   // with the tall register blocking (measured, weight gradient time with 1 / 2 threads: deep blocks x0.94 / x0.92
@@ -1051,10 +1060,13 @@ void conv_weight_grad_kernel(const ConvParams& p, const scalar_t* x, const Strid
     int64_t y_tile = -1;  // (g, tile) whose Y rows are in y_rows and a_packed
     for (int64_t c = c_begin; c < c_end; ++c) {
       acc_t* acc = partial + c * dw_numel;
-      std::fill_n(acc, dw_numel, acc_t(0));
-      for (int64_t item = items * c / chunks; item < items * (c + 1) / chunks; ++item) {
+      const int64_t i0 = items * c / chunks;
+      if (by_tap) std::fill_n(acc, dw_numel, acc_t(0));
+      for (int64_t item = i0; item < items * (c + 1) / chunks; ++item) {
         const int64_t g = item / (tiles * blocks), t0 = item / blocks % tiles * tile, cx0 = item % blocks * block;
         const int64_t t1 = std::min(P, t0 + tile), cnt = t1 - t0, channels = std::min(block, Cxg - cx0);
+        // (the chunk's first item on this region: none `blocks` items back in this group and chunk)
+        const bool first = item - blocks < i0 || (item - blocks) / (tiles * blocks) != g;
         if (by_tap) {
           for (int64_t q0 = t0; q0 < t1;) {  // one piece per batch item in the tile
             const int64_t n = q0 / Mp, m0 = q0 % Mp, m1 = std::min(Mp, m0 + (t1 - q0)), len = m1 - m0;
@@ -1130,14 +1142,48 @@ void conv_weight_grad_kernel(const ConvParams& p, const scalar_t* x, const Strid
           // run the register-blocked micro-kernel, which beats dot products once A has many rows.
           cpu::pack_panels(col, ld, 1, channels * T, cnt, gt.nr, b_packed);
           if (!same_y) cpu::pack_panels(a, lda, 1, Cyg, cnt, gt.mr, a_packed);
-          cpu::gemm_packed<acc_t>(gt, Cyg, channels * T, cnt, a_packed, b_packed, true, c_block, KK);
+          cpu::gemm_packed<acc_t>(gt, Cyg, channels * T, cnt, a_packed, b_packed, !first, c_block, KK);
         } else {
+          if (first)
+            for (int64_t cy = 0; cy < Cyg; ++cy) std::fill_n(c_block + cy * KK, channels * T, acc_t(0));
           cpu::gemm_nt<acc_t>(Cyg, channels * T, cnt, a, lda, col, ld, c_block, KK);
         }
       }
     }
   });
 
+  if (!by_tap) {
+    // dW's row (g, cy) is the chunks' sums over each channel block's run of it, added in chunk order (the chunks
+    // that reached the region; none for an empty batch: zeros), a piece at a time in the accumulation type
+    const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, KK));
+    at::parallel_for(0, G * Cyg, grain, [&](int64_t begin, int64_t end) {
+      constexpr int64_t kPiece = 1024;
+      acc_t sum[kPiece];
+      const acc_t* src[kMaxChunks];
+      for (int64_t row = begin; row < end; ++row) {
+        const int64_t g = row / Cyg;
+        for (int64_t b = 0; b < blocks; ++b) {
+          int64_t m = 0;
+          for (int64_t c = 0; c < chunks; ++c)
+            if (reached[c * regions + g * blocks + b]) src[m++] = partial + c * dw_numel;
+          const int64_t run0 = row * KK + b * block * T, run1 = row * KK + std::min(Cxg, (b + 1) * block) * T;
+          for (int64_t j0 = run0; j0 < run1; j0 += kPiece) {
+            const int64_t n = std::min(kPiece, run1 - j0);
+            scalar_t* d = dw + j0;
+            if (m <= 1) {
+              for (int64_t j = 0; j < n; ++j) d[j] = m ? static_cast<scalar_t>(src[0][j0 + j]) : scalar_t(0);
+              continue;
+            }
+            for (int64_t j = 0; j < n; ++j) sum[j] = src[0][j0 + j] + src[1][j0 + j];
+            for (int64_t k = 2; k < m; ++k)
+              for (int64_t j = 0; j < n; ++j) sum[j] += src[k][j0 + j];
+            for (int64_t j = 0; j < n; ++j) d[j] = static_cast<scalar_t>(sum[j]);
+          }
+        }
+      }
+    });
+    return;
+  }
   // dW row (g, cy, cx) holds its T taps; by_tap sums sit at [g][t][cy][cx] (dot products) or [g][t][cx][cy]
   at::parallel_for(0, dw_numel / std::max<int64_t>(1, T), std::max<int64_t>(1, 4096 / std::max<int64_t>(1, T)),
                    [&](int64_t begin, int64_t end) {
