@@ -464,6 +464,12 @@ def test_weight_grad_equal_chunks(case, dtype):
     ours, ref = fn_pair("ct", nd)
     kw = dict(stride=stride, padding=padding, output_padding=output_padding)
     check_parity(ours, ref, (x, w), kw)
+    grads = _weight_grads_on_1_and_2_threads(ours, x, w, kw, torch.ones_like)
+    assert torch.equal(grads[0], grads[1])
+
+
+def _weight_grads_on_1_and_2_threads(ours, x, w, kw, grad_out):
+    """The weight gradient of ours(x, w, **kw) for the upstream gradient grad_out(y), on 1 and on 2 threads."""
     grads = []
     for threads in (1, 2):
         old = torch.get_num_threads()
@@ -471,10 +477,10 @@ def test_weight_grad_equal_chunks(case, dtype):
         try:
             wr = w.clone().requires_grad_(True)
             y = ours(x, wr, **kw)
-            grads.append(torch.autograd.grad(y, wr, torch.ones_like(y))[0])
+            grads.append(torch.autograd.grad(y, wr, grad_out(y))[0])
         finally:
             torch.set_num_threads(old)
-    assert torch.equal(grads[0], grads[1])
+    return grads
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16],
@@ -496,17 +502,8 @@ def test_weight_grad_chunk_regions(case, dtype):
     ours, ref = fn_pair("ct", nd)
     kw = dict(stride=stride, padding=padding, groups=groups)
     check_parity(ours, ref, (x, w), kw, ref_dtype=torch.float32 if dtype == torch.bfloat16 else None)
-    grads = []
-    for threads in (1, 2):
-        old = torch.get_num_threads()
-        torch.set_num_threads(threads)
-        try:
-            wr = w.clone().requires_grad_(True)
-            y = ours(x, wr, **kw)
-            grads.append(torch.autograd.grad(y, wr, torch.randn(y.shape, generator=torch.Generator().manual_seed(3),
-                                                               dtype=y.dtype))[0])
-        finally:
-            torch.set_num_threads(old)
+    grads = _weight_grads_on_1_and_2_threads(
+        ours, x, w, kw, lambda y: torch.randn(y.shape, generator=torch.Generator().manual_seed(3), dtype=y.dtype))
     assert torch.equal(grads[0], grads[1])
     if in_shape[0] == 0:
         assert not grads[0].any()
