@@ -509,6 +509,30 @@ def test_weight_grad_chunk_regions(case, dtype):
         assert not grads[0].any()
 
 
+@pytest.mark.parametrize("case", [((2, 32, 7, 9, 11), (32, 16, 4, 4, 4), 2, 1),  # stride-2 planes, 2 panels of 8
+                                  ((1, 24, 6, 7, 5), (24, 5, 3, 3, 3), 2, 1),  # 5 channels: one part panel
+                                  ((2, 30, 9, 13), (30, 20, 3, 3), 1, 1),  # stride 1, 20 channels
+                                  ((1, 26, 37), (26, 12, 5), 2, 2),  # 1d, 12 channels
+                                  ((2, 28, 5, 6, 19), (28, 16, 3, 2, 3), (1, 2, 2), (1, 0, 1))],  # mixed strides
+                         ids=["k4s2_3d", "part_panel", "stride1_2d", "conv1d_12ch", "mixed_3d"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_weight_grad_packed_windows(case, layout):
+    """Tap-by-tap float weight gradients whose windows are gathered straight into packed panels (8 channels a panel,
+    transposed in registers; other panel heights by a plain loop): stride-1 and stride-2 planes, part panels, runs
+    with odd tails and pads. They match torch's and are bitwise the same on 1 and 2 threads."""
+    in_shape, w_shape, stride, padding = case
+    nd = len(in_shape) - 2
+    torch.manual_seed(11)
+    x, w = torch.randn(in_shape), torch.randn(w_shape)
+    if layout == "channels_last" and nd >= 2:
+        x = x.contiguous(memory_format=torch.channels_last if nd == 2 else torch.channels_last_3d)
+    ours, ref = fn_pair("ct", nd)
+    kw = dict(stride=stride, padding=padding)
+    check_parity(ours, ref, (x, w), kw)
+    grads = _weight_grads_on_1_and_2_threads(ours, x, w, kw, torch.ones_like)
+    assert torch.equal(grads[0], grads[1])
+
+
 DEPTHWISE_LONG_ROWS = [
     # (kind, input shape, kernel, stride, padding, output_padding, dilation, channels_last): per-channel layers whose
     # innermost rows span several 16-point vectors, with taps whose ranges start and end inside them

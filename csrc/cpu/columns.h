@@ -347,10 +347,13 @@ inline Frame make_frame(const std::vector<Tap>& taps, const int64_t* step, const
 }
 
 // Windows of a tile: win[(c*P + plane)*len + i] = plane `plane` of channel c at frame position w0 + i (zero
-// outside the source and past the frame), P = planes in use, i < len.
+// outside the source and past the frame), P = planes in use, i < len. With `mr` (float only), each plane's windows
+// are laid out instead as the packed A operand of `channels` rows `len` deep (copy_segments_packed), plane after
+// plane: the tap-by-tap weight gradient's operand, without a copy in between (weight gradient x0.84 time on the
+// k=4, s=2 3d layer, x0.86 on MONAI's k=3, x0.93 on the stride-1 and dilated 3d ones).
 template <typename scalar_t, typename acc_t>
 void gather_windows(const Frame& fr, const scalar_t* src, int64_t channels, const int64_t* extent,
-                    const Strides& st, int64_t w0, int64_t len, acc_t* win, int64_t ld = -1) {
+                    const Strides& st, int64_t w0, int64_t len, acc_t* win, int64_t ld = -1, int64_t mr = 0) {
   if (ld < 0) ld = len;  // windows (c, plane) lie ld elements apart
   const int64_t P = static_cast<int64_t>(fr.planes.size()), total = fr.total();
   thread_local std::vector<Segment> rows;  // a frame row: zero [j0, a), copy [a, b), zero [b, j1); source line
@@ -382,6 +385,11 @@ void gather_windows(const Frame& fr, const scalar_t* src, int64_t channels, cons
     }
     const int64_t inner = fr.step[2] * st.s[2];
     if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<acc_t, float>) {
+      if (mr > 0) {
+        copy_segments_packed(src, st.c, channels, rows.data(), rows.size(), inner, mr, len,
+                             win + pi * packed_size(channels, len, mr));
+        continue;
+      }
       if (inner <= 2) {  // (every channel in one call: AVX-512 copies and stride-2 de-interleaving)
         copy_segments(src, st.c, channels, rows.data(), rows.size(), inner, win + pi * ld, P * ld);
         continue;

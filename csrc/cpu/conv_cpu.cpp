@@ -1079,15 +1079,21 @@ void conv_weight_grad_kernel(const ConvParams& p, const scalar_t* x, const Strid
               load_rows(y_g, sy, Cyg, p.small, positions, m0, m1, y_rows, ld);
             }
             const int64_t W = frame.window(len, 1);
-            const Windows<acc_t> w = frame_windows<scalar_t, acc_t>(
-                frame, x + n * sx.n + (g * Cxg + cx0) * sx.c, channels, p.big, sx, m0 + frame.min_off, W);
+            const scalar_t* x_b = x + n * sx.n + (g * Cxg + cx0) * sx.c;
+            // (outer float windows that are gathered at all are gathered straight into their packed panels)
+            const bool fused = outer && std::is_same_v<scalar_t, float> && std::is_same_v<acc_t, float> && !own_frame;
+            Windows<acc_t> w{};
+            if (!fused) w = frame_windows<scalar_t, acc_t>(frame, x_b, channels, p.big, sx, m0 + frame.min_off, W);
             const int64_t avail = std::min(W, w.limit);  // (window elements from w.limit on are not read: zeros)
             if (outer) {
               // C_t[cx, cy] += A_t . B: B is Y^T (panels over Cyg), packed once; A_t is the windows, packed once
               // per plane as [channel panel][window position][MR] and entered at the tap's shift.
               const int64_t MR = gtx.mr, plane_size = cpu::packed_size(channels, W, MR);
               cpu::pack_panels(a, lda, 1, Cyg, len, gtx.nr, b_packed);
-              for (int64_t pl = 0; pl < planes; ++pl)
+              if (fused)
+                gather_windows<scalar_t, acc_t>(frame, x_b, channels, p.big, sx, m0 + frame.min_off, W, a_packed, -1,
+                                                MR);
+              for (int64_t pl = 0; pl < planes && !fused; ++pl)
                 for (int64_t r0 = 0; r0 < channels; r0 += MR) {
                   acc_t* dst = a_packed + pl * plane_size + r0 * W;
                   cpu::pack_panels(w.data + pl * w.plane_stride + r0 * w.channel_stride, w.channel_stride, 1,

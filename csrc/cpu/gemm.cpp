@@ -1161,6 +1161,20 @@ void copy_segments_portable(const float* src, int64_t src_channel_stride, int64_
   }
 }
 
+// copy_segments into the packed layout [c / mr][j][c % mr] (rows of `len`), lanes past `channels` zero.
+void copy_segments_packed_portable(const float* src, int64_t src_channel_stride, int64_t channels,
+                                   const Segment* segments, int64_t count, int64_t step, int64_t mr, int64_t len,
+                                   float* dst) {
+  for (int64_t c0 = 0; c0 < channels; c0 += mr, dst += mr * len) {
+    for (const Segment* sg = segments; sg != segments + count; ++sg)
+      for (int64_t j = sg->j0; j < sg->j1; ++j)
+        for (int64_t i = 0; i < mr; ++i)
+          dst[j * mr + i] = c0 + i < channels && j >= sg->a && j < sg->b
+                                ? src[(c0 + i) * src_channel_stride + sg->offset + j * step]
+                                : 0.0f;
+  }
+}
+
 #if TORCH_CONVT_X86
 // out[j0, j1) = 0 with masked stores: the pads of copy_segments are a few points each, where a zeroing loop became
 // a call of memset per pad (2% of the dilated 3d layer's time).
@@ -1189,6 +1203,69 @@ __attribute__((target("avx512f,bmi2"))) void copy_segments_avx512(const float* s
     }
   }
 }
+
+// (GCC 12 warns inside its own AVX-512 intrinsics, as above)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+// copy_segments_packed for mr = 8: 16 points of the 8 channels are loaded (as copy_segments_avx512 loads them) and
+// transposed in registers into 8 vectors of 2 points x 8 channels, stored in point order.
+__attribute__((target("avx512f,bmi2"))) void copy_segments_packed8_avx512(const float* src,
+                                                                          int64_t src_channel_stride,
+                                                                          int64_t channels, const Segment* segments,
+                                                                          int64_t count, int64_t step, int64_t len,
+                                                                          float* dst) {
+  for (int64_t c0 = 0; c0 < channels; c0 += 8, dst += 8 * len) {
+    const int lanes = static_cast<int>(std::min<int64_t>(8, channels - c0));
+    for (const Segment* sg = segments; sg != segments + count; ++sg) {
+      zero_avx512(dst, 8 * sg->j0, 8 * sg->a);
+      for (int64_t j = sg->a; j < sg->b; j += 16) {
+        const int64_t n = std::min<int64_t>(16, sg->b - j);
+        const __mmask16 m = first_lanes(n);
+        __m512 v[8];
+#pragma GCC unroll 8
+        for (int i = 0; i < 8; ++i) {
+          const float* s = src + (c0 + i) * src_channel_stride + sg->offset;
+          v[i] = i >= lanes  ? _mm512_setzero_ps()
+                 : step == 1 ? _mm512_maskz_loadu_ps(m, s + j)
+                             : load_even_avx512(s + 2 * j, m);
+        }
+        // q[h][p]: channels 4h..4h+3 of point 4L + p in 128-bit lane L
+        __m512 q[2][4];
+#pragma GCC unroll 2
+        for (int h = 0; h < 2; ++h) {
+          const __m512 a0 = _mm512_unpacklo_ps(v[4 * h], v[4 * h + 1]);
+          const __m512 a1 = _mm512_unpackhi_ps(v[4 * h], v[4 * h + 1]);
+          const __m512 a2 = _mm512_unpacklo_ps(v[4 * h + 2], v[4 * h + 3]);
+          const __m512 a3 = _mm512_unpackhi_ps(v[4 * h + 2], v[4 * h + 3]);
+          q[h][0] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(a0), _mm512_castps_pd(a2)));
+          q[h][1] = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(a0), _mm512_castps_pd(a2)));
+          q[h][2] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(a1), _mm512_castps_pd(a3)));
+          q[h][3] = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(a1), _mm512_castps_pd(a3)));
+        }
+        // r[p][e]: lanes (q[0][p].L, q[0][p].L + 1, q[1][p].L, q[1][p].L + 1) for L = 2e
+        __m512 r[4][2];
+#pragma GCC unroll 4
+        for (int p = 0; p < 4; ++p) {
+          r[p][0] = _mm512_shuffle_f32x4(q[0][p], q[1][p], _MM_SHUFFLE(1, 0, 1, 0));
+          r[p][1] = _mm512_shuffle_f32x4(q[0][p], q[1][p], _MM_SHUFFLE(3, 2, 3, 2));
+        }
+        // vector k holds points 2k and 2k + 1 (point 4L + p: L = k / 2, p = 2 (k % 2) and p + 1)
+        float* out = dst + 8 * j;
+#pragma GCC unroll 8
+        for (int k = 0; k < 8; ++k) {
+          const int L = k / 2, p = 2 * (k % 2), e = L / 2;
+          const __m512 o = L % 2 == 0 ? _mm512_shuffle_f32x4(r[p][e], r[p + 1][e], _MM_SHUFFLE(2, 0, 2, 0))
+                                      : _mm512_shuffle_f32x4(r[p][e], r[p + 1][e], _MM_SHUFFLE(3, 1, 3, 1));
+          const int64_t left = 8 * n - 16 * k;  // values of this vector inside the run
+          if (left <= 0) break;
+          _mm512_mask_storeu_ps(out + 16 * k, first_lanes(left), o);
+        }
+      }
+      zero_avx512(dst, 8 * sg->b, 8 * sg->j1);
+    }
+  }
+}
+#pragma GCC diagnostic pop
 #endif
 }  // namespace
 
@@ -1200,6 +1277,16 @@ void copy_segments(const float* src, int64_t src_channel_stride, int64_t channel
     return copy_segments_avx512(src, src_channel_stride, channels, segments, count, step, dst, dst_channel_stride);
 #endif
   copy_segments_portable(src, src_channel_stride, channels, segments, count, step, dst, dst_channel_stride);
+}
+
+void copy_segments_packed(const float* src, int64_t src_channel_stride, int64_t channels, const Segment* segments,
+                          int64_t count, int64_t step, int64_t mr, int64_t len, float* dst) {
+#if TORCH_CONVT_X86
+  static const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("bmi2");
+  if (avx512 && mr == 8 && (step == 1 || step == 2))
+    return copy_segments_packed8_avx512(src, src_channel_stride, channels, segments, count, step, len, dst);
+#endif
+  copy_segments_packed_portable(src, src_channel_stride, channels, segments, count, step, mr, len, dst);
 }
 
 void stream_fence() {

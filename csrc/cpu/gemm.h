@@ -125,6 +125,11 @@ struct Segment {
 void copy_segments(const float* src, int64_t src_channel_stride, int64_t channels, const Segment* segments,
                    int64_t count, int64_t step, float* dst, int64_t dst_channel_stride);
 
+// The same into the packed layout of an operand of `channels` rows `len` deep (packed_index: dst[(c / mr) * len *
+// mr + j * mr + c % mr], lanes past `channels` zero), for a GEMM that reads the windows as A panels.
+void copy_segments_packed(const float* src, int64_t src_channel_stride, int64_t channels, const Segment* segments,
+                          int64_t count, int64_t step, int64_t mr, int64_t len, float* dst);
+
 // Orders the calling thread's non-temporal stores before its later stores (sfence): where a thread's streamed
 // output is done, before other threads may read it.
 void stream_fence();
