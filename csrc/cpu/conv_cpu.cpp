@@ -1082,7 +1082,7 @@ void conv_weight_grad_kernel(const ConvParams& p, const scalar_t* x, const Strid
             const scalar_t* x_b = x + n * sx.n + (g * Cxg + cx0) * sx.c;
             // (outer float windows that are gathered at all are gathered straight into their packed panels)
             const bool fused = outer && std::is_same_v<scalar_t, float> && std::is_same_v<acc_t, float> && !own_frame;
-            Windows<acc_t> w{};
+            Windows<acc_t> w{};  // (fused: none)
             if (!fused) w = frame_windows<scalar_t, acc_t>(frame, x_b, channels, p.big, sx, m0 + frame.min_off, W);
             const int64_t avail = std::min(W, w.limit);  // (window elements from w.limit on are not read: zeros)
             if (outer) {
@@ -1090,16 +1090,18 @@ void conv_weight_grad_kernel(const ConvParams& p, const scalar_t* x, const Strid
               // per plane as [channel panel][window position][MR] and entered at the tap's shift.
               const int64_t MR = gtx.mr, plane_size = cpu::packed_size(channels, W, MR);
               cpu::pack_panels(a, lda, 1, Cyg, len, gtx.nr, b_packed);
-              if (fused)
+              if (fused) {
                 gather_windows<scalar_t, acc_t>(frame, x_b, channels, p.big, sx, m0 + frame.min_off, W, a_packed, -1,
                                                 MR);
-              for (int64_t pl = 0; pl < planes && !fused; ++pl)
-                for (int64_t r0 = 0; r0 < channels; r0 += MR) {
-                  acc_t* dst = a_packed + pl * plane_size + r0 * W;
-                  cpu::pack_panels(w.data + pl * w.plane_stride + r0 * w.channel_stride, w.channel_stride, 1,
-                                   std::min(MR, channels - r0), avail, MR, dst);
-                  std::fill(dst + avail * MR, dst + W * MR, acc_t(0));
-                }
+              } else {
+                for (int64_t pl = 0; pl < planes; ++pl)
+                  for (int64_t r0 = 0; r0 < channels; r0 += MR) {
+                    acc_t* dst = a_packed + pl * plane_size + r0 * W;
+                    cpu::pack_panels(w.data + pl * w.plane_stride + r0 * w.channel_stride, w.channel_stride, 1,
+                                     std::min(MR, channels - r0), avail, MR, dst);
+                    std::fill(dst + avail * MR, dst + W * MR, acc_t(0));
+                  }
+              }
               for (int64_t t : tap_order)
                 cpu::gemm_packed<acc_t>(gtx, channels, Cyg, len,
                                         a_packed + frame.tap_plane[t] * plane_size +

@@ -86,11 +86,6 @@ TORCH_CONVT_AVX512_TARGET void channel_rows_avx512(const scalar_t* src, const in
   channel_rows_body(src, extent, st, taps, w, ranges, step, grid1, r0, r1, count, acc);
 }
 
-// v[l] = row[(j0 + l) * step] for the lanes l in m (step 1 or 2), zero elsewhere; nothing outside m is read.
-TORCH_CONVT_AVX512_TARGET inline __m512 load_points_avx512(const float* row, int64_t j0, int64_t step, __mmask16 m) {
-  return step == 1 ? _mm512_maskz_loadu_ps(m, row + j0) : load_even_avx512(row + 2 * j0, m);
-}
-
 // Lanes [lo - j0, hi - j0) of a 16-lane block starting at j0 (none where the ranges do not meet).
 inline __mmask16 lane_mask(int64_t j0, int64_t lo, int64_t hi) {
   lo = std::max(lo, j0), hi = std::min(hi, j0 + 16);
@@ -118,7 +113,7 @@ TORCH_CONVT_AVX512_TARGET inline void channel_rows_f32_avx512(const float* src, 
         const __mmask16 m = lane_mask(j0, ranges[t].first, ranges[t].second);
         if (p0 < 0 || p0 >= extent[0] || p1 < 0 || p1 >= extent[1] || !m) continue;
         const float* row = src + st.at(p0, p1, taps[t].offset[2]);
-        a = _mm512_mask3_fmadd_ps(_mm512_set1_ps(w[t]), load_points_avx512(row, j0, s2, m), a, m);
+        a = _mm512_mask3_fmadd_ps(_mm512_set1_ps(w[t]), load_step_avx512(row, j0, s2, m), a, m);
       }
       _mm512_mask_storeu_ps(out + j0, all, a);
     }
@@ -251,7 +246,7 @@ TORCH_CONVT_AVX512_TARGET inline void weight_grad_channel_f32_avx512(
         const float* yr = ys + yo + lo;
         for (int64_t j = 0; j < hi - lo; j += 16) {
           const __mmask16 m = lane_mask(j, 0, hi - lo);
-          lanes = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, yr + j), load_points_avx512(xr, j, s2, m), lanes);
+          lanes = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, yr + j), load_step_avx512(xr, j, s2, m), lanes);
         }
       }
     }

@@ -1196,8 +1196,7 @@ __attribute__((target("avx512f,bmi2"))) void copy_segments_avx512(const float* s
       // (masked loads read no element past the last one needed, s[(b - 1) * step]: they do not fault there)
       for (int64_t j = sg->a; j < sg->b; j += 16) {
         const __mmask16 m = first_lanes(sg->b - j);  // the elements left; this vector takes up to 16
-        const __m512 v = step == 1 ? _mm512_maskz_loadu_ps(m, s + j) : load_even_avx512(s + 2 * j, m);
-        _mm512_mask_storeu_ps(out + j, m, v);
+        _mm512_mask_storeu_ps(out + j, m, load_step_avx512(s, j, step, m));
       }
       zero_avx512(out, sg->b, sg->j1);
     }
@@ -1207,8 +1206,8 @@ __attribute__((target("avx512f,bmi2"))) void copy_segments_avx512(const float* s
 // (GCC 12 warns inside its own AVX-512 intrinsics, as above)
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-// copy_segments_packed for mr = 8: 16 points of the 8 channels are loaded (as copy_segments_avx512 loads them) and
-// transposed in registers into 8 vectors of 2 points x 8 channels, stored in point order.
+// copy_segments_packed for mr = 8: 16 points of the 8 channels are loaded (load_step_avx512, as copy_segments_avx512
+// loads them) and transposed in registers into 8 vectors of 2 points x 8 channels, stored in point order.
 __attribute__((target("avx512f,bmi2"))) void copy_segments_packed8_avx512(const float* src,
                                                                           int64_t src_channel_stride,
                                                                           int64_t channels, const Segment* segments,
@@ -1224,10 +1223,8 @@ __attribute__((target("avx512f,bmi2"))) void copy_segments_packed8_avx512(const 
         __m512 v[8];
 #pragma GCC unroll 8
         for (int i = 0; i < 8; ++i) {
-          const float* s = src + (c0 + i) * src_channel_stride + sg->offset;
-          v[i] = i >= lanes  ? _mm512_setzero_ps()
-                 : step == 1 ? _mm512_maskz_loadu_ps(m, s + j)
-                             : load_even_avx512(s + 2 * j, m);
+          v[i] = i < lanes ? load_step_avx512(src + (c0 + i) * src_channel_stride + sg->offset, j, step, m)
+                           : _mm512_setzero_ps();
         }
         // q[h][p]: channels 4h..4h+3 of point 4L + p in 128-bit lane L
         __m512 q[2][4];

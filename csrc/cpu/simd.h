@@ -19,5 +19,11 @@ __attribute__((target("avx512f,bmi2"), always_inline)) inline __m512 load_even_a
   return _mm512_permutex2var_ps(_mm512_maskz_loadu_ps(m0, p), even, _mm512_maskz_loadu_ps(m1, p + 16));
 }
 
+// v[l] = row[(j0 + l) * step] for the lanes l in m (step 1 or 2), zero elsewhere; nothing outside m is read.
+__attribute__((target("avx512f,bmi2"), always_inline)) inline __m512 load_step_avx512(const float* row, int64_t j0,
+                                                                                      int64_t step, __mmask16 m) {
+  return step == 1 ? _mm512_maskz_loadu_ps(m, row + j0) : load_even_avx512(row + 2 * j0, m);
+}
+
 }  // namespace torch_convt::cpu
 #endif
