@@ -9,6 +9,7 @@ types); the thread-count determinism test is CPU-only (test_cuda.py checks CUDA 
 """
 import pytest
 import torch
+import torch_convt
 
 from helpers import (DIMS, Cfg, channels_last, check_parity, ct_out_size, exc_of, fn_pair, ours_conv, ours_ct,
                      randn, reversed_layout, strided_view, torch_conv, torch_ct)
@@ -956,3 +957,58 @@ def test_works_under_deterministic_algorithms(kind, device):
         _run(kind, nd, cfg, device=device)
     finally:
         torch.use_deterministic_algorithms(old)
+
+
+def _amx_available():
+    was = torch_convt._C.set_amx(True)
+    return torch_convt._C.set_amx(was)
+
+
+# bfloat16 GEMMs on AMX tiles (CPUs that have them): every tile edge. (shape of Y, weight shape, stride, padding,
+# output_padding, groups, channels_last)
+AMX_CASES = [
+    ((2, 256, 8, 8), (256, 40, 4, 4), 2, 1, 0, 1, False),     # grid tiles; weight gradient on tiles (256 rows)
+    ((2, 300, 23), (300, 40, 5), 1, 2, 0, 1, False),          # depth 1500: two K blocks; 40 rows: 32 + 8
+    ((1, 24, 5, 6, 7), (24, 20, 3, 3, 3), 2, 1, 1, 1, False),  # 20 rows, ragged grids, odd depth
+    ((2, 64, 5, 6, 7), (64, 33, 2, 2, 2), 2, 0, 0, 1, False),  # k == s: 264 stacked rows, dense source
+    ((2, 40, 9, 13), (40, 24, 3, 3), 2, 1, 1, 1, True),        # channels_last; lines of 13: mapped panels
+    ((2, 64, 10, 10), (64, 16, 3, 3), 2, 1, 1, 4, False),      # grouped: 16 + 16 input channels a group
+    ((3, 160, 37), (160, 24, 3), 2, 1, 1, 1, False),           # weight gradient: 160 rows, ragged tiles
+]
+
+
+@pytest.mark.skipif(not _amx_available(), reason="this CPU has no AMX (or the OS does not grant it)")
+@pytest.mark.parametrize("case", AMX_CASES, ids=[f"case{i}" for i in range(len(AMX_CASES))])
+def test_bf16_amx_matches_float64(case):
+    """bfloat16 layers on AMX tiles and on the FMA units (set_amx(False)): output, input and weight gradients within
+    bfloat16 rounding of the float64 result on the same values (a lost K block, tile or edge is off by far more)."""
+    in_shape, w_shape, stride, padding, out_pad, groups, cl = case
+    nd = len(in_shape) - 2
+    torch.manual_seed(11)
+    y = torch.randn(in_shape).bfloat16()
+    if cl:
+        y = channels_last(y)
+    w = (torch.randn(w_shape) / (w_shape[0] * w_shape[2]) ** 0.5).bfloat16()
+    b = torch.randn(w_shape[1] * groups).bfloat16()
+    kw = dict(stride=stride, padding=padding, output_padding=out_pad, groups=groups)
+
+    def run(fn, dtype, g_out=None):
+        yy, ww, bb = (t.detach().to(dtype).requires_grad_() for t in (y, w, b))
+        out = fn(yy, ww, bb, **kw)
+        g = torch.randn(out.shape, generator=torch.Generator().manual_seed(3)).to(dtype)
+        out.backward(g)
+        return [t.detach().double() for t in (out, yy.grad, ww.grad)]
+
+    ref = run(torch_ct(nd), torch.float64)
+    was = torch_convt._C.set_amx(True)
+    try:
+        amx = run(ours_ct(nd), torch.bfloat16)
+        torch_convt._C.set_amx(False)
+        fma = run(ours_ct(nd), torch.bfloat16)
+    finally:
+        torch_convt._C.set_amx(was)
+    for name, r, a, f in zip(("output", "input grad", "weight grad"), ref, amx, fma):
+        scale = r.abs().max().item()
+        for path, got in (("amx", a), ("fma", f)):
+            err = ((got - r).abs() - r.abs() / 128).max().item()
+            assert err <= 2e-3 * scale, f"{name} ({path}): off by {err:.3g} beyond bfloat16 rounding (scale {scale:.3g})"

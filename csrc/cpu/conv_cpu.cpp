@@ -53,6 +53,19 @@ constexpr size_t kKeptOutputs = 4, kCacheLimit = size_t(1) << 30;  // what Outpu
 constexpr int64_t kStreamBytes = int64_t(8) << 20;  // conv_transpose outputs this large: streaming stores
 constexpr int64_t kMinExtendedGrid = 64;  // conv_transpose: innermost grids this long are extended by a point
 
+// Whether a GEMM of a scalar_t layer whose A operands are at least `depth` deep runs on AMX tiles (bfloat16 layers
+// where the CPU has AMX: the tile unit multiplies bfloat16 pairs at ~15 times the FMA units' float rate).
+template <typename scalar_t>
+bool use_amx(int64_t depth) {
+  return std::is_same_v<scalar_t, c10::BFloat16> && cpu::amx_depth_fits(depth) && cpu::amx_bf16();
+}
+
+// cpu::amx_pack_a for float operands (the accumulation type of bfloat16 layers); nothing for others.
+template <typename T>
+void amx_pack(T* a, int64_t M, int64_t K) {
+  if constexpr (std::is_same_v<T, float>) cpu::amx_pack_a(a, M, K);
+}
+
 // ---------------------------------------------------------------------------------------------------------
 // conv: Y = conv(X, W) + bias
 // ---------------------------------------------------------------------------------------------------------
@@ -212,13 +225,14 @@ void conv_kernel(const ConvParams& p, const scalar_t* x, const Strides& sx, cons
   const int64_t T = p.kernel_numel(), KK = Cxg * T;
   // (The taller register blocking where it pads the rows by at most 5%: x0.92-0.95 time on the DCGAN and HiFi-GAN
   // backward convolutions, 256 and 512 rows. conv_transpose keeps the default: x1.07 on HiFi-GAN's forward.)
-  const cpu::GemmTile gt = cpu::gemm_tile<acc_t>(Cyg, 0.05);
+  cpu::GemmTile gt = cpu::gemm_tile<acc_t>(Cyg, 0.05);
   // The depth (input channels x taps) runs in blocks of whole input channels, so that even a narrowest column
   // tile (NR positions) stays within kColumnBytes when channels x taps is huge (long 1d kernels); the GEMM
   // accumulates over the blocks. Ordinary layers have one block.
   const int64_t block =
       std::max<int64_t>(1, std::min(Cxg, kColumnBytes / (gt.nr * std::max<int64_t>(1, T) * int64_t(sizeof(acc_t)))));
   const int64_t blocks = std::max<int64_t>(1, ceil_div(Cxg, block)), depth = block * T;  // (no channels: one empty block)
+  if (use_amx<scalar_t>(KK - (blocks - 1) * depth)) gt = cpu::gemm_tile_amx();
   // A operand per (group, block): the weight rows of the group's output channels over the block's depth.
   const int64_t a_size = cpu::packed_size(Cyg, depth, gt.mr);
   // (packed in parallel, panel by panel; not zeroed first: packing writes every element)
@@ -232,6 +246,7 @@ void conv_kernel(const ConvParams& p, const scalar_t* x, const Strides& sx, cons
       const int64_t d = std::min(depth, KK - bi * depth);
       cpu::pack_panels(w + (g * Cyg + r0) * KK + bi * depth, KK, 1, std::min(gt.mr, Cyg - r0), d, gt.mr,
                        w_packed + (g * blocks + bi) * a_size + r0 * d);
+      if (gt.amx) amx_pack(w_packed + (g * blocks + bi) * a_size + r0 * d, std::min(gt.mr, Cyg - r0), d);
     }
   });
   const acc_t* ba = bias ? as_acc(bias, p.small_channels, b_store) : nullptr;
@@ -527,6 +542,8 @@ TransposePlan make_transpose_plan(const ConvParams& p, const Strides& sy, const 
     set.block = std::max<int64_t>(
         1, std::min(Cyg, kColumnBytes / (set.gt.nr * std::max<int64_t>(1, set.taps) * int64_t(sizeof(acc_t)))));
     set.blocks = std::max<int64_t>(1, ceil_div(Cyg, set.block));  // (no channels: one empty block)
+    if (use_amx<scalar_t>(std::min(set.block, Cyg - (set.blocks - 1) * set.block) * set.taps))
+      set.gt = cpu::gemm_tile_amx();
     set.a_size = cpu::packed_size(set.out_rows, set.block * set.taps, set.gt.mr);
     set.a_offset = plan.a_total;
     plan.a_total += p.groups * set.blocks * set.a_size;
@@ -654,14 +671,14 @@ TransposePlan make_transpose_plan(const ConvParams& p, const Strides& sy, const 
 // The plan of a geometry, from the calling thread's plans of its recent geometries: a layer called again (every
 // step of a training loop, every forward of a model) skips the planning, which costs more than a small layer's
 // arithmetic (an 8-channel 8x8 layer: ~10 us of a 36 us call). The plan depends on the geometry, the input's
-// strides and the output's, and the thread count (tile sizes; the dtype picks the function); kPlanCache of them,
+// strides and the output's, the thread count (tile sizes; the dtype picks the function) and AMX use; kPlanCache of them,
 // least recently used dropped.
 constexpr size_t kPlanCache = 32;
 
 template <typename scalar_t>
 std::shared_ptr<const TransposePlan> transpose_plan(const ConvParams& p, const Strides& sy, const Strides& sx) {
   using Key = std::array<int64_t, 10 + 8 * kMaxDims>;
-  Key key{p.dims, at::get_num_threads(), p.batch, p.groups, p.big_channels, p.small_channels, sy.n, sy.c, sx.n, sx.c};
+  Key key{p.dims, 2 * at::get_num_threads() + cpu::amx_bf16(), p.batch, p.groups, p.big_channels, p.small_channels, sy.n, sy.c, sx.n, sx.c};
   int64_t* k = key.data() + 10;
   for (int d = 0; d < kMaxDims; ++d) {
     for (const int64_t v : {p.big[d], p.small[d], p.kernel[d], p.stride[d], p.padding[d], p.dilation[d]}) *k++ = v;
@@ -853,6 +870,21 @@ void conv_transpose_kernel(const ConvParams& p, const scalar_t* y, const Strides
   // Non-finite weights: the GEMM's padding (frame points, zero rows) would turn 0 * inf into NaN in outputs
   // that the reference leaves finite, so the direct kernel, which multiplies only real contributions, takes over.
   if (!finite) return conv_transpose_direct(p, own_grids(p, phases), y, sy, w, ba, x, sx);
+  if (std::any_of(sets.begin(), sets.end(), [](const PhaseSet& set) { return set.gt.amx; })) {
+    // (A operands of AMX sets, packed in 16-row panels above, rewritten as tiles: an item per group, set and block)
+    const int64_t S = static_cast<int64_t>(sets.size());
+    const int64_t B = std::max_element(sets.begin(), sets.end(), [](const PhaseSet& u, const PhaseSet& v) {
+                        return u.blocks < v.blocks;
+                      })->blocks;
+    at::parallel_for(0, G * S * B, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t item = begin; item < end; ++item) {
+        const PhaseSet& set = sets[item / B % S];
+        const int64_t g = item / (S * B), bi = item % B;
+        if (set.gt.amx && bi < set.blocks)
+          amx_pack(operand(set, g, bi), set.out_rows, std::min(set.block, Cyg - bi * set.block) * set.taps);
+      }
+    });
+  }
   const int64_t J = static_cast<int64_t>(jobs.size());
 
   // (grid tiles: a job covers all images, and its flops are the whole batch's share)
@@ -1037,6 +1069,8 @@ void conv_weight_grad_kernel(const ConvParams& p, const scalar_t* x, const Strid
   // with the tall register blocking (measured, weight gradient time with 1 / 2 threads: deep blocks x0.94 / x0.92
   // on HiFi-GAN, x0.92 / x0.97 on DCGAN; the tall blocking then another x0.95 / x0.93 and x0.92 / x0.95).
   const cpu::GemmTile gt = cpu::gemm_tile_deep<acc_t>(kWeightGradKC);
+  // (bfloat16 on AMX: the packed path's tiles of 16 positions or more; Y's panels 16 rows high, then tiles)
+  const bool amx = packed && use_amx<scalar_t>(16);
   // outer: by_tap with Y wide enough to fill the micro-kernel's NR lanes runs the register-blocked GEMM instead
   // of dot products (which stream both operands from L2: two vector loads per five FMAs), with input channels as
   // rows.
@@ -1052,7 +1086,8 @@ void conv_weight_grad_kernel(const ConvParams& p, const scalar_t* x, const Strid
     acc_t* col = by_tap ? nullptr : scratch<acc_t, 0>(block * T * ld);
     acc_t* y_rows = scratch<acc_t, 1>(Cyg * ld);
     acc_t* a_packed = outer    ? scratch<acc_t, 2>(planes * cpu::packed_size(block, frame.window(tile, 1), gtx.mr))
-                      : packed ? scratch<acc_t, 2>(cpu::packed_size(Cyg, tile, gt.mr))
+                      : packed ? scratch<acc_t, 2>(std::max(cpu::packed_size(Cyg, tile, gt.mr),
+                                                            cpu::packed_size(Cyg, tile, amx ? 16 : 1)))
                                : nullptr;
     acc_t* b_packed = outer    ? scratch<acc_t, 3>(cpu::packed_size(Cyg, tile, gtx.nr))
                       : packed ? scratch<acc_t, 3>(cpu::packed_size(block * T, tile, gt.nr))
@@ -1148,9 +1183,13 @@ void conv_weight_grad_kernel(const ConvParams& p, const scalar_t* x, const Strid
         if (packed) {
           // Tall Y: repack both operands into panels (a cheap pass next to 2*Cyg flops per column element) and
           // run the register-blocked micro-kernel, which beats dot products once A has many rows.
-          cpu::pack_panels(col, ld, 1, channels * T, cnt, gt.nr, b_packed);
-          if (!same_y) cpu::pack_panels(a, lda, 1, Cyg, cnt, gt.mr, a_packed);
-          cpu::gemm_packed<acc_t>(gt, Cyg, channels * T, cnt, a_packed, b_packed, !first, c_block, KK);
+          const cpu::GemmTile tile_gt = amx && cpu::amx_depth_fits(cnt) ? cpu::gemm_tile_amx() : gt;
+          cpu::pack_panels(col, ld, 1, channels * T, cnt, tile_gt.nr, b_packed);
+          if (!same_y) {
+            cpu::pack_panels(a, lda, 1, Cyg, cnt, tile_gt.mr, a_packed);
+            if (tile_gt.amx) amx_pack(a_packed, Cyg, cnt);
+          }
+          cpu::gemm_packed<acc_t>(tile_gt, Cyg, channels * T, cnt, a_packed, b_packed, !first, c_block, KK);
         } else {
           if (first)
             for (int64_t cy = 0; cy < Cyg; ++cy) std::fill_n(c_block + cy * KK, channels * T, acc_t(0));
@@ -1430,6 +1469,10 @@ at::Tensor conv_weight_grad_cpu(const at::Tensor& input, const at::Tensor& grad_
 
 int64_t empty_cache() {
   return static_cast<int64_t>(OutputAllocator::get().release());
+}
+
+bool set_amx(bool on) {
+  return cpu::set_amx(on);
 }
 
 int64_t set_cache_limit(int64_t bytes) {

@@ -18,13 +18,20 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cstring>
 #include <string>
 #include <type_traits>
 #include <vector>
 
+#if defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
 #if defined(__x86_64__) && defined(__GNUC__)
+#include <cpuid.h>
 #include <immintrin.h>
 #define TORCH_CONVT_X86 1
 #else
@@ -657,19 +664,262 @@ void gemm_driver(GemmTile tile, int64_t M, int64_t N, int64_t K, const T* a_pack
     }
   }
 }
+// ---- AMX (bfloat16 layers) ------------------------------------------------------------------------------------
+// C = A . B on the tile unit: A in amx_pack_a's tiles, B float panels or rows (as gemm_driver's) narrowed to
+// bfloat16 pairs (VNNI tiles: row i of a tile holds k = 2i and 2i + 1 of 16 columns) one K block of a 32-wide panel
+// at a time, then every 32 rows of A multiplied over it into 2 x 2 tiles of C (16 x 16 floats each). Each C element
+// sums its products in increasing 32-deep steps, K block by K block (the order depends on the shapes only).
+#if TORCH_CONVT_X86
+constexpr int64_t kAmxKC = 1024;  // K block
+
+std::atomic<bool> amx_wanted{true};
+
+bool amx_supported() {
+  static const bool ok = [] {
+#if defined(__linux__) && defined(SYS_arch_prctl)
+    unsigned a = 0, b = 0, c = 0, d = 0;
+    if (__get_cpuid_max(0, nullptr) < 7) return false;
+    __cpuid_count(7, 0, a, b, c, d);
+    const bool tile = (d >> 24) & 1, bf16 = (d >> 22) & 1;  // AMX-TILE, AMX-BF16
+    if (!tile || !bf16 || !__builtin_cpu_supports("avx512f")) return false;
+    // Linux hands out the tile state (8 KiB of registers) only to processes that ask for it (once, for all threads):
+    // ARCH_REQ_XCOMP_PERM for XFEATURE_XTILEDATA. It refuses where the kernel or the hypervisor does not support it.
+    return syscall(SYS_arch_prctl, 0x1023, 18) == 0;
+#else
+    return false;
+#endif
+  }();
+  return ok;
+}
+
+struct alignas(64) AmxConfig {
+  uint8_t palette = 1, start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// One VNNI row: dst[l] = the bfloat16 pair (r0[l], r1[l]) for 16 columns l (r1 == nullptr: zeros). The values are
+// bfloat16 values, so dropping the low half of each is exact.
+__attribute__((target("avx512f"), always_inline)) inline void vnni_row(const float* r0, const float* r1, uint16_t* dst) {
+  const __m512i lo = _mm512_srli_epi32(_mm512_castps_si512(_mm512_loadu_ps(r0)), 16);
+  const __m512i hi = r1 ? _mm512_and_si512(_mm512_castps_si512(_mm512_loadu_ps(r1)), _mm512_set1_epi32(int(0xFFFF0000u)))
+                        : _mm512_setzero_si512();
+  _mm512_store_si512(dst, _mm512_or_si512(lo, hi));
+}
+
+// The tiles of C that a block of `rows` x `cols` (<= 32 x 32) at c covers: ragged ones through `edge`.
+struct AmxC {
+  float* at[4];
+  int64_t stride[4];
+};
+
+// C[rows x cols] (+)= A (MT 16-row panels, `steps` 32-deep steps from a0; the second panel `a_panel` bytes on) . B
+// (the VNNI tiles at b: step s, half h at byte 2048 s + 1024 h). Tiles: C 0-3 (row block i, half j: 2i + j), A 4-5,
+// B 6-7.
+template <int MT, int NT>
+__attribute__((target("amx-tile,amx-bf16,avx512f"))) void amx_block(int64_t steps, const char* a0, int64_t a_panel,
+                                                                     const char* b, float* c, int64_t ldc, int rows,
+                                                                     int cols, bool acc) {
+  alignas(64) float edge[4][256];
+  AmxC t;
+  for (int i = 0; i < MT; ++i)
+    for (int j = 0; j < NT; ++j) {
+      const int q = 2 * i + j, r = std::min(16, rows - 16 * i), n = std::min(16, cols - 16 * j);
+      float* ct = c + 16 * i * ldc + 16 * j;
+      if (r == 16 && n == 16) {
+        t.at[q] = ct, t.stride[q] = ldc * int64_t(sizeof(float));
+        continue;
+      }
+      t.at[q] = edge[q], t.stride[q] = 64;
+      if (acc)
+        for (int y = 0; y < 16; ++y)
+          for (int x = 0; x < 16; ++x) edge[q][16 * y + x] = y < r && x < n ? ct[y * ldc + x] : 0.0f;
+    }
+  if (acc) {
+    _tile_loadd(0, t.at[0], t.stride[0]);
+    if constexpr (NT == 2) _tile_loadd(1, t.at[1], t.stride[1]);
+    if constexpr (MT == 2) _tile_loadd(2, t.at[2], t.stride[2]);
+    if constexpr (MT == 2 && NT == 2) _tile_loadd(3, t.at[3], t.stride[3]);
+  } else {
+    _tile_zero(0);
+    if constexpr (NT == 2) _tile_zero(1);
+    if constexpr (MT == 2) _tile_zero(2);
+    if constexpr (MT == 2 && NT == 2) _tile_zero(3);
+  }
+  for (int64_t s = 0; s < steps; ++s, a0 += 1024, b += 2048) {
+    _tile_loadd(4, a0, 64);
+    _tile_loadd(6, b, 64);
+    if constexpr (NT == 2) _tile_loadd(7, b + 1024, 64);
+    _tile_dpbf16ps(0, 4, 6);
+    if constexpr (NT == 2) _tile_dpbf16ps(1, 4, 7);
+    if constexpr (MT == 2) {
+      _tile_loadd(5, a0 + a_panel, 64);
+      _tile_dpbf16ps(2, 5, 6);
+      if constexpr (NT == 2) _tile_dpbf16ps(3, 5, 7);
+    }
+  }
+  _tile_stored(0, t.at[0], t.stride[0]);
+  if constexpr (NT == 2) _tile_stored(1, t.at[1], t.stride[1]);
+  if constexpr (MT == 2) _tile_stored(2, t.at[2], t.stride[2]);
+  if constexpr (MT == 2 && NT == 2) _tile_stored(3, t.at[3], t.stride[3]);
+  for (int i = 0; i < MT; ++i)
+    for (int j = 0; j < NT; ++j) {
+      const int q = 2 * i + j, r = std::min(16, rows - 16 * i), n = std::min(16, cols - 16 * j);
+      if (t.at[q] != edge[q]) continue;
+      float* ct = c + 16 * i * ldc + 16 * j;
+      for (int y = 0; y < r; ++y)
+        for (int x = 0; x < n; ++x) ct[y * ldc + x] = edge[q][16 * y + x];
+    }
+}
+
+// (a static object: GCC 12 dropped the stores into a stack copy, not seeing that the instruction reads it)
+__attribute__((target("amx-tile"))) void amx_configure() {
+  static const AmxConfig cfg = [] {
+    AmxConfig c;
+    for (int i = 0; i < 8; ++i) c.rows[i] = 16, c.colsb[i] = 64;
+    return c;
+  }();
+  _tile_loadconfig(&cfg);
+}
+
+__attribute__((target("amx-tile"))) void amx_release() { _tile_release(); }
+
+// gemm_driver's AMX twin (MR 16, NR 32, A in amx_pack_a's layout with panels a_stride floats apart).
+__attribute__((target("avx512f"))) void amx_driver(int64_t M, int64_t N, int64_t K, const float* a_packed,
+                                                   int64_t a_stride, const float* b_packed, const float* const* b_rows,
+                                                   const int64_t* b_cols, bool accumulate, float* C, int64_t ldc) {
+  constexpr int64_t NR = 32;
+  const MicroKernel<float>& mk = kernel<float>();
+  // (vectors: thread-local arrays this large are allocated by the loader, which aborts the process where memory
+  // runs out; a vector's allocation fails as torch's do)
+  thread_local std::vector<uint16_t> vnni_buffer(kAmxKC / 32 * 1024 + 32);
+  thread_local std::vector<float> panel_buffer(kAmxKC * NR + 16);
+  const auto aligned = [](auto* p) { return p + (64 - reinterpret_cast<uintptr_t>(p) % 64) % 64 / sizeof(*p); };
+  uint16_t* const vnni = aligned(vnni_buffer.data());
+  float* const panel = aligned(panel_buffer.data());  // (64-byte aligned: assemble's stores)
+  thread_local std::vector<MappedPanel> mapped;
+  thread_local std::vector<PanelRuns> panel_runs;
+  if (b_cols) {
+    mapped.resize((N + NR - 1) / NR);
+    panel_runs.clear();
+    for (int64_t jr = 0; jr < N; jr += NR) {
+      MappedPanel& mp = mapped[jr / NR];
+      mp = map_panel(b_cols + jr, std::min(NR, N - jr), NR);
+      if (mp.kind != MappedPanel::kAssembled || !mk.assemble || mk.nr != NR) continue;
+      mp.runs = static_cast<int64_t>(panel_runs.size());
+      panel_runs.push_back(find_runs(b_cols + jr, std::min(NR, N - jr)));
+    }
+  }
+  amx_configure();
+  for (int64_t pc = 0; pc < K; pc += kAmxKC) {
+    const int64_t kc = std::min(kAmxKC, K - pc), steps = (kc + 31) / 32;
+    const bool acc = accumulate || pc > 0;
+    for (int64_t jr = 0; jr < N; jr += NR) {
+      const int64_t nr = std::min(NR, N - jr);
+      // row k of the block, columns [16h, 16h + 16): src[h][k] (+ k * step)
+      const MappedPanel mp = b_cols ? mapped[jr / NR] : MappedPanel{MappedPanel::kRun, jr, 0};
+      const float* const* rows = b_rows ? b_rows + pc : nullptr;
+      const float* packed = b_packed ? b_packed + jr * K + pc * NR : nullptr;
+      int64_t at[2] = {mp.at0, mp.kind == MappedPanel::kHalves ? mp.at1 : mp.at0 + 16};
+      if (rows && mp.kind == MappedPanel::kAssembled) {
+        if (mp.runs >= 0) mk.assemble(rows, kc, panel_runs[mp.runs], panel);
+        else assemble_panel(rows, kc, b_cols + jr, nr, NR, panel);
+        rows = nullptr, packed = panel;
+      }
+      if (packed) at[0] = 0, at[1] = 16;
+      const auto row = [&](int64_t k, int h) { return rows ? rows[k] + at[h] : packed + k * NR + at[h]; };
+      for (int64_t k = 0; k < steps * 32; k += 2) {
+        uint16_t* d = vnni + k / 32 * 1024 + k % 32 / 2 * 32;
+        for (int h = 0; h < 2; ++h, d += 512) {
+          if (k < kc) vnni_row(row(k, h), k + 1 < kc ? row(k + 1, h) : nullptr, d);
+          else _mm512_store_si512(d, _mm512_setzero_si512());
+        }
+      }
+      const char* b = reinterpret_cast<const char*>(vnni);
+      for (int64_t ir = 0; ir < M; ir += 32) {
+        const int rows_c = static_cast<int>(std::min<int64_t>(32, M - ir)), cols = static_cast<int>(nr);
+        const char* a0 = reinterpret_cast<const char*>(a_packed + ir / 16 * a_stride) + pc / 32 * 1024;
+        const int64_t a_panel = a_stride * int64_t(sizeof(float));
+        float* c = C + ir * ldc + jr;
+        if (rows_c > 16) {
+          if (cols > 16) amx_block<2, 2>(steps, a0, a_panel, b, c, ldc, rows_c, cols, acc);
+          else amx_block<2, 1>(steps, a0, a_panel, b, c, ldc, rows_c, cols, acc);
+        } else {
+          if (cols > 16) amx_block<1, 2>(steps, a0, a_panel, b, c, ldc, rows_c, cols, acc);
+          else amx_block<1, 1>(steps, a0, a_panel, b, c, ldc, rows_c, cols, acc);
+        }
+      }
+    }
+  }
+  amx_release();
+}
+#endif
+
+// gemm_driver, or amx_driver for an AMX tile.
+template <typename T>
+void gemm_any(GemmTile tile, int64_t M, int64_t N, int64_t K, const T* a_packed, int64_t a_stride, const T* b_packed,
+              const T* const* b_rows, const int64_t* b_cols, bool accumulate, T* C, int64_t ldc) {
+#if TORCH_CONVT_X86
+  if constexpr (std::is_same_v<T, float>) {
+    if (tile.amx) {
+      if (M <= 0 || N <= 0) return;
+      if (K > 0) return amx_driver(M, N, K, a_packed, a_stride, b_packed, b_rows, b_cols, accumulate, C, ldc);
+    }
+  }
+#endif
+  gemm_driver<T>(tile, M, N, K, a_packed, a_stride, b_packed, b_rows, b_cols, accumulate, C, ldc);
+}
 }  // namespace
+
+bool amx_bf16() {
+#if TORCH_CONVT_X86
+  return amx_wanted.load(std::memory_order_relaxed) && amx_supported();
+#else
+  return false;
+#endif
+}
+
+bool set_amx(bool on) {
+  const bool was = amx_bf16();
+#if TORCH_CONVT_X86
+  amx_wanted.store(on, std::memory_order_relaxed);
+#endif
+  return was;
+}
+
+void amx_pack_a(float* a, int64_t M, int64_t K) {
+  const int64_t steps = (K + 31) / 32;
+  thread_local std::vector<uint32_t> tiles;
+  tiles.resize(steps * 256);
+  for (int64_t p = 0; p < (M + 15) / 16; ++p) {
+    float* panel = a + p * K * 16;
+    const auto bits = [&](int64_t k, int64_t m) {
+      uint32_t v = 0;
+      if (k < K) std::memcpy(&v, panel + k * 16 + m, sizeof(v));
+      return v;
+    };
+    for (int64_t s = 0; s < steps; ++s)
+      for (int64_t m = 0; m < 16; ++m)
+        for (int64_t j = 0; j < 16; ++j) {
+          const int64_t k = 32 * s + 2 * j;
+          tiles[s * 256 + m * 16 + j] = (bits(k, m) >> 16) | (bits(k + 1, m) & 0xFFFF0000u);
+        }
+    std::memcpy(panel, tiles.data(), tiles.size() * sizeof(uint32_t));  // (<= K * 16 floats for K >= 16)
+  }
+}
 
 template <typename T>
 void gemm_packed(GemmTile tile, int64_t M, int64_t N, int64_t K, const T* a_packed, const T* b_packed,
                  bool accumulate, T* C, int64_t ldc, int64_t a_stride) {
-  gemm_driver<T>(tile, M, N, K, a_packed, a_stride > 0 ? a_stride : K * tile.mr, b_packed, nullptr, nullptr,
-                 accumulate, C, ldc);
+  gemm_any<T>(tile, M, N, K, a_packed, a_stride > 0 ? a_stride : K * tile.mr, b_packed, nullptr, nullptr, accumulate,
+              C, ldc);
 }
 
 template <typename T>
 void gemm_rows(GemmTile tile, int64_t M, int64_t N, int64_t K, const T* a_packed, const T* const* b_rows,
                bool accumulate, T* C, int64_t ldc, const int64_t* cols) {
-  gemm_driver<T>(tile, M, N, K, a_packed, K * tile.mr, nullptr, b_rows, cols, accumulate, C, ldc);
+  gemm_any<T>(tile, M, N, K, a_packed, K * tile.mr, nullptr, b_rows, cols, accumulate, C, ldc);
 }
 
 template <typename T>

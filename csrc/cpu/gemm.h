@@ -25,6 +25,9 @@ struct GemmTile {
   // in cache) deeper blocks pay: B's block is then read from L2, which the micro-kernel's two loads per
   // 2*MR FMAs can afford. (gemm_rows always uses the default.)
   int64_t kc = 0;
+  // AMX tiles for a bfloat16 layer (gemm_tile_amx): A is in amx_pack_a's layout, B float panels or rows whose
+  // values are bfloat16 values widened (they are narrowed back exactly, not rounded).
+  bool amx = false;
 };
 
 // The blocking for an M-row operand: the register blocking (of the two) that pads M to fewer rows. With
@@ -36,6 +39,23 @@ GemmTile gemm_tile(int64_t M, double tall_slack = 0.0);
 // then comes from L2 and the taller kernel loads each B vector for more FMAs.
 template <typename T>
 GemmTile gemm_tile_deep(int64_t kc);
+
+// Intel AMX for bfloat16 layers: whether the GEMMs of a GemmTile with `amx` may run on the tile unit (this CPU has
+// AMX-BF16 and the OS gave this process its tile state, and set_amx has not turned it off). Products of bfloat16
+// values are exact in float and the sums run in float, as on the FMA units, in another order; inputs and outputs
+// that are float subnormals are flushed to zero by the tile unit (as torch.nn's bfloat16 convolutions on it).
+bool amx_bf16();
+// Turns AMX use on (where the CPU has it) or off for later calls; returns whether it was in use before. (Tests
+// compare the two.)
+bool set_amx(bool on);
+// The tile of an AMX GEMM: A packed by pack_panels in 16-row panels (then amx_pack_a), B in 32-wide panels.
+inline GemmTile gemm_tile_amx() { return {16, 32, 0, true}; }
+// Whether an A operand `depth` deep fits amx_pack_a's in-place layout (a panel's tiles within its float panel).
+inline bool amx_depth_fits(int64_t depth) { return depth >= 16; }
+// Rewrites an A operand packed in float panels of 16 rows ([M / 16][K][16], values that are bfloat16 values) in
+// place as AMX tiles: panel p's K is cut into 32-deep steps, step s a 16 x 32 bfloat16 tile (row m: k = 32s ..
+// 32s + 31, zero past K) at byte 1024 * s of the panel, which keeps its place (p * K * 16 floats). K >= 16.
+void amx_pack_a(float* a, int64_t M, int64_t K);
 
 // Elements of a panel-packed operand: `rows` rounded up to whole panels of `width`, times `depth`.
 inline int64_t packed_size(int64_t rows, int64_t depth, int64_t width) {

@@ -94,4 +94,5 @@ PYBIND11_MODULE(_C, m) {
   m.def("conv_weight_grad_graph", &conv_weight_grad_graph);
   m.def("empty_cache", &torch_convt::empty_cache);
   m.def("set_cache_limit", &torch_convt::set_cache_limit);
+  m.def("set_amx", &torch_convt::set_amx);
 }

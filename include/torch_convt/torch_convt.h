@@ -129,4 +129,9 @@ at::Tensor conv_weight_grad(const at::Tensor& input, const at::Tensor& grad_outp
 int64_t empty_cache();
 int64_t set_cache_limit(int64_t bytes);
 
+// bfloat16 layers compute their GEMMs on the CPU's AMX tile unit where it has one (Intel Sapphire Rapids and
+// later; float sums, as on the FMA units, in another order; float subnormals flushed to zero). set_amx(false)
+// turns that off for later calls (set_amx(true) back on); returns whether it was in use.
+bool set_amx(bool on);
+
 }  // namespace torch_convt
