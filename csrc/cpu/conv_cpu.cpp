@@ -1069,8 +1069,8 @@ void conv_weight_grad_kernel(const ConvParams& p, const scalar_t* x, const Strid
   // with the tall register blocking (measured, weight gradient time with 1 / 2 threads: deep blocks x0.94 / x0.92
   // on HiFi-GAN, x0.92 / x0.97 on DCGAN; the tall blocking then another x0.95 / x0.93 and x0.92 / x0.95).
   const cpu::GemmTile gt = cpu::gemm_tile_deep<acc_t>(kWeightGradKC);
-  // (bfloat16 on AMX: the packed path's tiles of 16 positions or more; Y's panels 16 rows high, then tiles)
-  const bool amx = packed && use_amx<scalar_t>(16);
+  // (bfloat16 on AMX: the packed path's GEMMs on tiles, gemm_amx_nt)
+  const bool amx = packed && std::is_same_v<scalar_t, c10::BFloat16> && cpu::amx_bf16();
   // outer: by_tap with Y wide enough to fill the micro-kernel's NR lanes runs the register-blocked GEMM instead
   // of dot products (which stream both operands from L2: two vector loads per five FMAs), with input channels as
   // rows.
@@ -1086,8 +1086,7 @@ void conv_weight_grad_kernel(const ConvParams& p, const scalar_t* x, const Strid
     acc_t* col = by_tap ? nullptr : scratch<acc_t, 0>(block * T * ld);
     acc_t* y_rows = scratch<acc_t, 1>(Cyg * ld);
     acc_t* a_packed = outer    ? scratch<acc_t, 2>(planes * cpu::packed_size(block, frame.window(tile, 1), gtx.mr))
-                      : packed ? scratch<acc_t, 2>(std::max(cpu::packed_size(Cyg, tile, gt.mr),
-                                                            cpu::packed_size(Cyg, tile, amx ? 16 : 1)))
+                      : packed ? scratch<acc_t, 2>(cpu::packed_size(Cyg, tile, gt.mr))
                                : nullptr;
     acc_t* b_packed = outer    ? scratch<acc_t, 3>(cpu::packed_size(Cyg, tile, gtx.nr))
                       : packed ? scratch<acc_t, 3>(cpu::packed_size(block * T, tile, gt.nr))
@@ -1183,13 +1182,15 @@ void conv_weight_grad_kernel(const ConvParams& p, const scalar_t* x, const Strid
         if (packed) {
           // Tall Y: repack both operands into panels (a cheap pass next to 2*Cyg flops per column element) and
           // run the register-blocked micro-kernel, which beats dot products once A has many rows.
-          const cpu::GemmTile tile_gt = amx && cpu::amx_depth_fits(cnt) ? cpu::gemm_tile_amx() : gt;
-          cpu::pack_panels(col, ld, 1, channels * T, cnt, tile_gt.nr, b_packed);
-          if (!same_y) {
-            cpu::pack_panels(a, lda, 1, Cyg, cnt, tile_gt.mr, a_packed);
-            if (tile_gt.amx) amx_pack(a_packed, Cyg, cnt);
+          if constexpr (std::is_same_v<acc_t, float>) {
+            if (amx) {  // (AMX: both operands narrowed from their rows straight into tiles)
+              cpu::gemm_amx_nt(Cyg, channels * T, cnt, a, lda, col, ld, !first, c_block, KK);
+              continue;
+            }
           }
-          cpu::gemm_packed<acc_t>(tile_gt, Cyg, channels * T, cnt, a_packed, b_packed, !first, c_block, KK);
+          cpu::pack_panels(col, ld, 1, channels * T, cnt, gt.nr, b_packed);
+          if (!same_y) cpu::pack_panels(a, lda, 1, Cyg, cnt, gt.mr, a_packed);
+          cpu::gemm_packed<acc_t>(gt, Cyg, channels * T, cnt, a_packed, b_packed, !first, c_block, KK);
         } else {
           if (first)
             for (int64_t cy = 0; cy < Cyg; ++cy) std::fill_n(c_block + cy * KK, channels * T, acc_t(0));
@@ -1218,13 +1219,13 @@ void conv_weight_grad_kernel(const ConvParams& p, const scalar_t* x, const Strid
             const int64_t n = std::min(kPiece, run1 - j0);
             scalar_t* d = dw + j0;
             if (m <= 1) {
-              for (int64_t j = 0; j < n; ++j) d[j] = m ? static_cast<scalar_t>(src[0][j0 + j]) : scalar_t(0);
+              for (int64_t j = 0; j < n; ++j) d[j] = m ? narrow_to<scalar_t, acc_t>(src[0][j0 + j]) : scalar_t(0);
               continue;
             }
             for (int64_t j = 0; j < n; ++j) sum[j] = src[0][j0 + j] + src[1][j0 + j];
             for (int64_t k = 2; k < m; ++k)
               for (int64_t j = 0; j < n; ++j) sum[j] += src[k][j0 + j];
-            for (int64_t j = 0; j < n; ++j) d[j] = static_cast<scalar_t>(sum[j]);
+            for (int64_t j = 0; j < n; ++j) d[j] = narrow_to<scalar_t, acc_t>(sum[j]);
           }
         }
       }

@@ -349,6 +349,37 @@ __attribute__((target("avx512f,fma"))) void dot_block_avx512(int64_t K, const fl
 #pragma GCC diagnostic ignored "-Wuninitialized"  // (as above: the intrinsic headers' placeholders)
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 // ---- transposing pack: 16 rows x 16 k at a time through registers -----------------------------------------------
+// r[i] = column i of the 16 x 16 matrix whose rows r held (in-register transpose).
+__attribute__((target("avx512f"), always_inline)) inline void transpose16_avx512(__m512 r[16]) {
+  __m512 t[16];
+#pragma GCC unroll 8
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+#pragma GCC unroll 4
+  for (int i = 0; i < 4; ++i) {
+    const __m512d a = _mm512_castps_pd(t[4 * i]), b = _mm512_castps_pd(t[4 * i + 1]);
+    const __m512d c = _mm512_castps_pd(t[4 * i + 2]), d = _mm512_castps_pd(t[4 * i + 3]);
+    r[4 * i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
+    r[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
+    r[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, d));
+    r[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
+  }
+#pragma GCC unroll 2
+  for (int i = 0; i < 2; ++i)
+#pragma GCC unroll 4
+    for (int j = 0; j < 4; ++j) {
+      t[8 * i + j] = _mm512_shuffle_f32x4(r[8 * i + j], r[8 * i + 4 + j], 0x88);
+      t[8 * i + 4 + j] = _mm512_shuffle_f32x4(r[8 * i + j], r[8 * i + 4 + j], 0xdd);
+    }
+#pragma GCC unroll 8
+  for (int j = 0; j < 8; ++j) {  // r[c] = column c: k + c over the 16 rows
+    r[j] = _mm512_shuffle_f32x4(t[j], t[8 + j], 0x88);
+    r[j + 8] = _mm512_shuffle_f32x4(t[j], t[8 + j], 0xdd);
+  }
+}
+
 __attribute__((target("avx512f"))) void pack_rows_avx512(const float* src, int64_t row_stride, int64_t rows,
                                                           int64_t depth, int64_t width, float* dst) {
   for (int64_t r0 = 0; r0 < rows; r0 += width, dst += depth * width) {
@@ -362,36 +393,11 @@ __attribute__((target("avx512f"))) void pack_rows_avx512(const float* src, int64
       for (int64_t k = 0; k < depth; k += 16) {
         const int64_t kc = std::min<int64_t>(16, depth - k);
         const __mmask16 kmask = first_lanes(kc);
-        __m512 r[16], t[16];
+        __m512 r[16];
 #pragma GCC unroll 16
         for (int i = 0; i < 16; ++i)
           r[i] = _mm512_maskz_loadu_ps(static_cast<__mmask16>((live >> i) & 1 ? kmask : 0), row[i] + k);
-#pragma GCC unroll 8
-        for (int i = 0; i < 8; ++i) {
-          t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
-          t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
-        }
-#pragma GCC unroll 4
-        for (int i = 0; i < 4; ++i) {
-          const __m512d a = _mm512_castps_pd(t[4 * i]), b = _mm512_castps_pd(t[4 * i + 1]);
-          const __m512d c = _mm512_castps_pd(t[4 * i + 2]), d = _mm512_castps_pd(t[4 * i + 3]);
-          r[4 * i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
-          r[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
-          r[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, d));
-          r[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
-        }
-#pragma GCC unroll 2
-        for (int i = 0; i < 2; ++i)
-#pragma GCC unroll 4
-          for (int j = 0; j < 4; ++j) {
-            t[8 * i + j] = _mm512_shuffle_f32x4(r[8 * i + j], r[8 * i + 4 + j], 0x88);
-            t[8 * i + 4 + j] = _mm512_shuffle_f32x4(r[8 * i + j], r[8 * i + 4 + j], 0xdd);
-          }
-#pragma GCC unroll 8
-        for (int j = 0; j < 8; ++j) {  // r[c] = column c: k + c over the 16 rows
-          r[j] = _mm512_shuffle_f32x4(t[j], t[8 + j], 0x88);
-          r[j + 8] = _mm512_shuffle_f32x4(t[j], t[8 + j], 0xdd);
-        }
+        transpose16_avx512(r);  // r[c] = column c: k + c over the 16 rows
         float* d = dst + k * width + h;
         if (kc == 16) {
 #pragma GCC unroll 16
@@ -670,7 +676,7 @@ void gemm_driver(GemmTile tile, int64_t M, int64_t N, int64_t K, const T* a_pack
 // at a time, then every 32 rows of A multiplied over it into 2 x 2 tiles of C (16 x 16 floats each). Each C element
 // sums its products in increasing 32-deep steps, K block by K block (the order depends on the shapes only).
 #if TORCH_CONVT_X86
-constexpr int64_t kAmxKC = 1024;  // K block
+constexpr int64_t kAmxKC = 512;  // K block
 
 std::atomic<bool> amx_wanted{true};
 
@@ -854,6 +860,76 @@ __attribute__((target("avx512f"))) void amx_driver(int64_t M, int64_t N, int64_t
   }
   amx_release();
 }
+
+// The 32 floats p[0, 32) (lanes off the masks m0, m1 of the two halves: zero) as 32 bfloat16 in order, i.e. 16 pairs
+// (p[2i], p[2i + 1]) a 32-bit lane: the high halves of the floats (bfloat16 values: exact).
+__attribute__((target("avx512f,avx512bw"), always_inline)) inline __m512i narrow32_avx512(const float* p, __mmask16 m0,
+                                                                                           __mmask16 m1) {
+  alignas(64) static const uint16_t high[32] = {1,  3,  5,  7,  9,  11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31,
+                                                33, 35, 37, 39, 41, 43, 45, 47, 49, 51, 53, 55, 57, 59, 61, 63};
+  return _mm512_permutex2var_epi16(_mm512_castps_si512(_mm512_maskz_loadu_ps(m0, p)),
+                                   _mm512_load_si512(high), _mm512_castps_si512(_mm512_maskz_loadu_ps(m1, p + 16)));
+}
+
+// gemm_amx_nt's body: A's rows narrowed straight into tiles, B's 32-row panels narrowed and transposed (16 x 16
+// pairs in registers) into VNNI tiles, K block by K block.
+__attribute__((target("avx512f,avx512bw"))) void amx_nt_driver(int64_t M, int64_t N, int64_t K, const float* A,
+                                                               int64_t lda, const float* B, int64_t ldb, bool accumulate,
+                                                               float* C, int64_t ldc) {
+  const int64_t panels = (M + 15) / 16;
+  thread_local std::vector<uint16_t> a_buffer, b_buffer;
+  a_buffer.resize(panels * (kAmxKC / 32) * 512 + 32);
+  b_buffer.resize(kAmxKC / 32 * 1024 + 32);
+  const auto aligned = [](uint16_t* p) { return p + (64 - reinterpret_cast<uintptr_t>(p) % 64) % 64 / 2; };
+  uint16_t* const a_tiles = aligned(a_buffer.data());
+  uint16_t* const vnni = aligned(b_buffer.data());
+  const auto lanes = [](int64_t n) { return first_lanes(std::max<int64_t>(0, n)); };
+  amx_configure();
+  for (int64_t pc = 0; pc < K; pc += kAmxKC) {
+    const int64_t kc = std::min(kAmxKC, K - pc), steps = (kc + 31) / 32;
+    const bool acc = accumulate || pc > 0;
+    // A: tile (panel p, step s) at a_tiles + (p * steps + s) * 512, row m = A's row 16p + m (zero past M)
+    for (int64_t r = 0; r < panels * 16; ++r)
+      for (int64_t s = 0; s < steps; ++s) {
+        uint16_t* d = a_tiles + (r / 16 * steps + s) * 512 + r % 16 * 32;
+        const int64_t left = kc - 32 * s;
+        const __m512i v = r < M ? narrow32_avx512(A + r * lda + pc + 32 * s, lanes(left), lanes(left - 16))
+                                : _mm512_setzero_si512();
+        _mm512_store_si512(d, v);
+      }
+    for (int64_t jr = 0; jr < N; jr += 32) {
+      for (int64_t h = 0; h < 2; ++h)
+        for (int64_t s = 0; s < steps; ++s) {
+          const int64_t left = kc - 32 * s;
+          __m512 v[16];
+          for (int i = 0; i < 16; ++i) {
+            const int64_t n = jr + 16 * h + i;
+            v[i] = n < N ? _mm512_castsi512_ps(narrow32_avx512(B + n * ldb + pc + 32 * s, lanes(left), lanes(left - 16)))
+                         : _mm512_setzero_ps();
+          }
+          transpose16_avx512(v);  // v[i]: pair i of the 16 columns
+          uint16_t* d = vnni + s * 1024 + h * 512;
+          for (int i = 0; i < 16; ++i) _mm512_store_ps(d + 32 * i, v[i]);
+        }
+      const int cols = static_cast<int>(std::min<int64_t>(32, N - jr));
+      const char* b = reinterpret_cast<const char*>(vnni);
+      for (int64_t ir = 0; ir < M; ir += 32) {
+        const int rows = static_cast<int>(std::min<int64_t>(32, M - ir));
+        const char* a0 = reinterpret_cast<const char*>(a_tiles + ir / 16 * steps * 512);
+        const int64_t a_panel = steps * 1024;
+        float* c = C + ir * ldc + jr;
+        if (rows > 16) {
+          if (cols > 16) amx_block<2, 2>(steps, a0, a_panel, b, c, ldc, rows, cols, acc);
+          else amx_block<2, 1>(steps, a0, a_panel, b, c, ldc, rows, cols, acc);
+        } else {
+          if (cols > 16) amx_block<1, 2>(steps, a0, a_panel, b, c, ldc, rows, cols, acc);
+          else amx_block<1, 1>(steps, a0, a_panel, b, c, ldc, rows, cols, acc);
+        }
+      }
+    }
+  }
+  amx_release();
+}
 #endif
 
 // gemm_driver, or amx_driver for an AMX tile.
@@ -886,6 +962,19 @@ bool set_amx(bool on) {
   amx_wanted.store(on, std::memory_order_relaxed);
 #endif
   return was;
+}
+
+void gemm_amx_nt(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb,
+                 bool accumulate, float* C, int64_t ldc) {
+  if (M <= 0 || N <= 0) return;
+  if (K <= 0) {
+    if (!accumulate)
+      for (int64_t i = 0; i < M; ++i) std::fill(C + i * ldc, C + i * ldc + N, 0.0f);
+    return;
+  }
+#if TORCH_CONVT_X86
+  amx_nt_driver(M, N, K, A, lda, B, ldb, accumulate, C, ldc);
+#endif
 }
 
 void amx_pack_a(float* a, int64_t M, int64_t K) {

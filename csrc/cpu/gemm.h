@@ -57,6 +57,11 @@ inline bool amx_depth_fits(int64_t depth) { return depth >= 16; }
 // 32s + 31, zero past K) at byte 1024 * s of the panel, which keeps its place (p * K * 16 floats). K >= 16.
 void amx_pack_a(float* a, int64_t M, int64_t K);
 
+// C[M x N] (+)= A[M x K] . B[N x K]^T on AMX tiles (only where amx_bf16()), A and B float rows (lda, ldb) of
+// bfloat16 values along K: the weight gradient's dot products, narrowed straight from its rows into tiles.
+void gemm_amx_nt(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb,
+                 bool accumulate, float* C, int64_t ldc);
+
 // Elements of a panel-packed operand: `rows` rounded up to whole panels of `width`, times `depth`.
 inline int64_t packed_size(int64_t rows, int64_t depth, int64_t width) {
   return (rows + width - 1) / width * width * depth;
