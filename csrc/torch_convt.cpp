@@ -35,6 +35,8 @@ TORCH_LIBRARY(torch_convt, m) {
   // Not an op on tensors: the CPU's fp32 FMA peak (GFLOP/s, all threads), measured by our own register-blocked
   // loop with the GEMM's ISA; the benchmark's "% of peak" reference.
   m.def("cpu_fma_peak_gflops(float seconds) -> float", &torch_convt::cpu::fma_peak_gflops);
+  // The same for bfloat16 on AMX tiles where bfloat16 layers use them (else 0).
+  m.def("cpu_amx_peak_gflops(float seconds) -> float", &torch_convt::cpu::amx_peak_gflops);
 }
 
 namespace torch_convt {

@@ -22,7 +22,9 @@ How the measurement works
 * GFLOP/s uses the direct-convolution count 2*N*Cin*(Cout/groups)*prod(kernel)*prod(in spatial)
   (x3 for a training step). % of peak is relative to the machine's fp32 FMA peak, measured at start on
   all threads by our own register-only FMA loop (``torch.ops.torch_convt.cpu_fma_peak_gflops``; on CUDA,
-  a large ``torch.mm``); a large ``torch.mm`` (sgemm) is printed beside it for reference.
+  a large ``torch.mm``); a large ``torch.mm`` (sgemm) is printed beside it for reference. Where bfloat16
+  layers run on AMX tiles, bfloat16 cases are relative to the tiles' bfloat16 peak instead, measured the
+  same way (``cpu_amx_peak_gflops``).
 * GB/s counts the bytes a call must move at least: input + output + weight for a forward, three times
   input + output plus the weight and its gradient for a training step. %bw is relative to the copy
   bandwidth (``Tensor.copy_`` of 256 MiB on all threads: read + write bytes) measured at start: the
@@ -173,6 +175,12 @@ def measure_fma_peak(seconds: float = 0.5) -> Optional[float]:
     """The CPU's fp32 FMA peak (GFLOP/s, all torch threads), by our register-only FMA loop."""
     op = getattr(torch.ops.torch_convt, "cpu_fma_peak_gflops", None)
     return None if op is None else float(op(seconds))
+
+
+def measure_amx_peak(seconds: float = 0.5) -> Optional[float]:
+    """The CPU's bfloat16 peak on AMX tiles (GFLOP/s, all torch threads), where bfloat16 layers use them."""
+    op = getattr(torch.ops.torch_convt, "cpu_amx_peak_gflops", None)
+    return (float(op(seconds)) or None) if op is not None else None
 
 
 def measure_copy_bandwidth(device: torch.device, mib: int = 256, reps: int = 5) -> float:
@@ -515,20 +523,26 @@ def main(argv=None) -> int:
     sgemm = measure_peak(device, torch.float32)
     fma = measure_fma_peak() if device.type == "cpu" else None
     peak = fma or sgemm
+    amx = measure_amx_peak() if device.type == "cpu" else None
     bandwidth = measure_copy_bandwidth(device)
+    others = "other dtypes" if not amx else "other dtypes but bfloat16"
     if fma:
         print(f"fp32 peak (our FMA loop, {torch.get_num_threads()} threads): {fma:.1f} GFLOP/s = 100% "
-              f"(also for other dtypes); sgemm (torch.mm 2048^2): {sgemm:.1f} GFLOP/s", flush=True)
+              f"(also for {others}); sgemm (torch.mm 2048^2): {sgemm:.1f} GFLOP/s", flush=True)
     else:
-        print(f"peak (torch.mm fp32): {sgemm:.1f} GFLOP/s = 100% (also for other dtypes)", flush=True)
+        print(f"peak (torch.mm fp32): {sgemm:.1f} GFLOP/s = 100% (also for {others})", flush=True)
+    if amx:
+        print(f"bfloat16 peak (our AMX tile loop, {torch.get_num_threads()} threads): {amx:.1f} GFLOP/s = 100% "
+              f"for bfloat16", flush=True)
     print(f"copy bandwidth (copy_ of 256 MiB, read + write): {bandwidth:.1f} GB/s = 100% bw", flush=True)
 
     results, t_start, load = [], time.perf_counter(), CpuLoad()
     for i, case in enumerate(cases, 1):
         _log(f"[{i}/{len(cases)}] {case.name}")
         try:
+            case_peak = amx if amx and case.dtype == "bfloat16" else peak
             results += run_case(tc, case, device, modes, samples, target_s, budget_s,
-                                args.quick, peak, bandwidth)
+                                args.quick, case_peak, bandwidth)
         except TorchUnsupported as e:
             msg = f"SKIP (torch.nn cannot run it: {str(e).splitlines()[0]})"[:160]
             _log(f"  {case.name}: {msg}")
@@ -557,7 +571,7 @@ def main(argv=None) -> int:
                     python=platform.python_version(),
                     torch=torch.__version__, torch_convt=getattr(tc, "__version__", "?"),
                     device=str(device), threads=torch.get_num_threads(), peak_gflops=peak,
-                    fma_peak_gflops=fma, sgemm_gflops=sgemm, copy_bandwidth_gbs=bandwidth,
+                    fma_peak_gflops=fma, amx_peak_gflops=amx, sgemm_gflops=sgemm, copy_bandwidth_gbs=bandwidth,
                     samples=samples, sample_ms=target_s * 1e3, budget_s=budget_s,
                     quick=args.quick, others_busy_at_start=busy, others_busy_during=busy_run)
         with open(args.json, "w") as f:

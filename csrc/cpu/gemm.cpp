@@ -791,6 +791,27 @@ __attribute__((target("amx-tile"))) void amx_configure() {
 
 __attribute__((target("amx-tile"))) void amx_release() { _tile_release(); }
 
+// amx_pack_a: step s of a panel reads its float rows [32s, 32s + 32) into registers (pairs of rows narrowed into one
+// vector of 16 lanes m, then transposed: lane j of row m) before it writes its tile over rows [16s, 16s + 16),
+// which steps s/2 .. s have read: in place, front to back.
+__attribute__((target("avx512f"))) void amx_pack_a_avx512(float* a, int64_t M, int64_t K) {
+  const __m512i high = _mm512_set1_epi32(int(0xFFFF0000u));
+  for (int64_t p = 0; p < (M + 15) / 16; ++p) {
+    float* panel = a + p * K * 16;
+    for (int64_t s = 0; s < (K + 31) / 32; ++s) {
+      __m512 v[16];
+      for (int j = 0; j < 16; ++j) {
+        const int64_t k = 32 * s + 2 * j;
+        const __m512i lo = k < K ? _mm512_castps_si512(_mm512_loadu_ps(panel + k * 16)) : _mm512_setzero_si512();
+        const __m512i hi = k + 1 < K ? _mm512_castps_si512(_mm512_loadu_ps(panel + (k + 1) * 16)) : _mm512_setzero_si512();
+        v[j] = _mm512_castsi512_ps(_mm512_or_si512(_mm512_srli_epi32(lo, 16), _mm512_and_si512(hi, high)));
+      }
+      transpose16_avx512(v);  // v[m]: row m's 16 pairs
+      for (int m = 0; m < 16; ++m) _mm512_storeu_ps(panel + s * 256 + m * 16, v[m]);
+    }
+  }
+}
+
 // gemm_driver's AMX twin (MR 16, NR 32, A in amx_pack_a's layout with panels a_stride floats apart).
 __attribute__((target("avx512f"))) void amx_driver(int64_t M, int64_t N, int64_t K, const float* a_packed,
                                                    int64_t a_stride, const float* b_packed, const float* const* b_rows,
@@ -978,24 +999,9 @@ void gemm_amx_nt(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, c
 }
 
 void amx_pack_a(float* a, int64_t M, int64_t K) {
-  const int64_t steps = (K + 31) / 32;
-  thread_local std::vector<uint32_t> tiles;
-  tiles.resize(steps * 256);
-  for (int64_t p = 0; p < (M + 15) / 16; ++p) {
-    float* panel = a + p * K * 16;
-    const auto bits = [&](int64_t k, int64_t m) {
-      uint32_t v = 0;
-      if (k < K) std::memcpy(&v, panel + k * 16 + m, sizeof(v));
-      return v;
-    };
-    for (int64_t s = 0; s < steps; ++s)
-      for (int64_t m = 0; m < 16; ++m)
-        for (int64_t j = 0; j < 16; ++j) {
-          const int64_t k = 32 * s + 2 * j;
-          tiles[s * 256 + m * 16 + j] = (bits(k, m) >> 16) | (bits(k + 1, m) & 0xFFFF0000u);
-        }
-    std::memcpy(panel, tiles.data(), tiles.size() * sizeof(uint32_t));  // (<= K * 16 floats for K >= 16)
-  }
+#if TORCH_CONVT_X86
+  amx_pack_a_avx512(a, M, K);
+#endif
 }
 
 template <typename T>
@@ -1693,9 +1699,36 @@ float fma_rounds(int64_t iters, double* flops) {
 #endif
   return fma_rounds_portable(iters, flops);
 }
-}  // namespace
 
-double fma_peak_gflops(double seconds) {
+#if TORCH_CONVT_X86
+// `iters` rounds of 4 independent tile products (2 x 2 tiles of C, as amx_block's) on tiles in registers.
+__attribute__((target("amx-tile,amx-bf16"))) float amx_rounds(int64_t iters, double* flops) {
+  alignas(64) static const uint16_t ones[512] = {};  // (zeros: the rate does not depend on the values)
+  alignas(64) float c[256];
+  amx_configure();
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  _tile_loadd(4, ones, 64);
+  _tile_loadd(5, ones, 64);
+  _tile_loadd(6, ones, 64);
+  _tile_loadd(7, ones, 64);
+  for (int64_t k = 0; k < iters; ++k) {
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(1, 4, 7);
+    _tile_dpbf16ps(2, 5, 6);
+    _tile_dpbf16ps(3, 5, 7);
+  }
+  _tile_stored(0, c, 64);
+  amx_release();
+  *flops = 4.0 * 2 * 16 * 16 * 32 * iters;
+  return c[0];
+}
+#endif
+
+// The rate of `rounds` (calibrated on one thread to about `seconds`) on every thread of torch's pool at once.
+double peak_gflops(float (*rounds)(int64_t, double*), double seconds) {
   using clock = std::chrono::steady_clock;
   double flops = 0;
   volatile float sink = 0;
@@ -1703,7 +1736,7 @@ double fma_peak_gflops(double seconds) {
   int64_t iters = 1 << 16;
   for (;;) {
     const auto t0 = clock::now();
-    sink = sink + fma_rounds(iters, &flops);
+    sink = sink + rounds(iters, &flops);
     const double s = std::chrono::duration<double>(clock::now() - t0).count();
     if (s > 0.02 || iters > (int64_t(1) << 40)) {
       iters = std::max<int64_t>(1, static_cast<int64_t>(iters * seconds / s));
@@ -1719,13 +1752,25 @@ double fma_peak_gflops(double seconds) {
     for (int64_t i = begin; i < end; ++i) {
       double f = 0;
       const auto t0 = clock::now();
-      sink = sink + fma_rounds(iters, &f);
+      sink = sink + rounds(iters, &f);
       rate[i] = f / std::chrono::duration<double>(clock::now() - t0).count();
     }
   });
   double total = 0;
   for (double r : rate) total += r;
   return total / 1e9;
+}
+}  // namespace
+
+double fma_peak_gflops(double seconds) {
+  return peak_gflops(&fma_rounds, seconds);
+}
+
+double amx_peak_gflops(double seconds) {
+#if TORCH_CONVT_X86
+  if (amx_bf16()) return peak_gflops(&amx_rounds, seconds);
+#endif
+  return 0.0;
 }
 
 #define TORCH_CONVT_INSTANTIATE_GEMM(T)                                                                  \

@@ -200,4 +200,8 @@ const char* gemm_isa();
 // (at::get_num_threads), for about `seconds`. The benchmark's reference for "% of peak".
 double fma_peak_gflops(double seconds);
 
+// The same for bfloat16 products on AMX tiles (2 x 2 tile products in registers, as the AMX GEMMs block them), where
+// they are in use (amx_bf16()); 0 elsewhere. The benchmark's "% of peak" for bfloat16 layers there.
+double amx_peak_gflops(double seconds);
+
 }  // namespace torch_convt::cpu
