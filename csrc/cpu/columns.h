@@ -395,6 +395,13 @@ void gather_windows(const Frame& fr, const scalar_t* src, int64_t channels, cons
         continue;
       }
     }
+    if constexpr (is_float16<scalar_t, acc_t>) {
+      if (mr == 0) {  // (16-bit layers: the same, widened)
+        copy_segments16(reinterpret_cast<const uint16_t*>(src), st.c, channels, rows.data(), rows.size(), inner,
+                        std::is_same_v<scalar_t, c10::BFloat16>, win + pi * ld, P * ld);
+        continue;
+      }
+    }
     for (int64_t c = 0; c < channels; ++c) {
       acc_t* out = win + (c * P + pi) * ld;
       const scalar_t* in = src + c * st.c;

@@ -150,6 +150,10 @@ struct Segment {
 void copy_segments(const float* src, int64_t src_channel_stride, int64_t channels, const Segment* segments,
                    int64_t count, int64_t step, float* dst, int64_t dst_channel_stride);
 
+// The same from 16-bit floats (bfloat16: `bf16`, else IEEE half), widened to float: the windows of 16-bit layers.
+void copy_segments16(const uint16_t* src, int64_t src_channel_stride, int64_t channels, const Segment* segments,
+                     int64_t count, int64_t step, bool bf16, float* dst, int64_t dst_channel_stride);
+
 // The same into the packed layout of an operand of `channels` rows `len` deep (packed_index: dst[(c / mr) * len *
 // mr + j * mr + c % mr], lanes past `channels` zero), for a GEMM that reads the windows as A panels.
 void copy_segments_packed(const float* src, int64_t src_channel_stride, int64_t channels, const Segment* segments,
