@@ -960,8 +960,8 @@ def test_works_under_deterministic_algorithms(kind, device):
 
 
 def _amx_available():
-    was = torch_convt._C.set_amx(True)
-    return torch_convt._C.set_amx(was)
+    was = torch_convt.set_amx(True)
+    return torch_convt.set_amx(was)
 
 
 # bfloat16 GEMMs on AMX tiles (CPUs that have them): every tile edge. (shape of Y, weight shape, stride, padding,
@@ -1000,13 +1000,13 @@ def test_bf16_amx_matches_float64(case):
         return [t.detach().double() for t in (out, yy.grad, ww.grad)]
 
     ref = run(torch_ct(nd), torch.float64)
-    was = torch_convt._C.set_amx(True)
+    was = torch_convt.set_amx(True)
     try:
         amx = run(ours_ct(nd), torch.bfloat16)
-        torch_convt._C.set_amx(False)
+        torch_convt.set_amx(False)
         fma = run(ours_ct(nd), torch.bfloat16)
     finally:
-        torch_convt._C.set_amx(was)
+        torch_convt.set_amx(was)
     for name, r, a, f in zip(("output", "input grad", "weight grad"), ref, amx, fma):
         scale = r.abs().max().item()
         for path, got in (("amx", a), ("fma", f)):

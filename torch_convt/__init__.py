@@ -59,7 +59,15 @@ def set_cache_limit(nbytes: int) -> int:
     return _C.set_cache_limit(int(nbytes))
 
 
+def set_amx(on: bool) -> bool:
+    """bfloat16 layers run their GEMMs on the CPU's AMX tile unit where it has one (Intel Sapphire Rapids and later,
+    on Linux): the products of bfloat16 values are exact and summed in float, as on the FMA units, in another order,
+    and float subnormals are flushed to zero (as torch.nn's bfloat16 convolutions on that unit do). set_amx(False)
+    computes them on the FMA units instead, set_amx(True) goes back; returns whether AMX was in use before."""
+    return _C.set_amx(bool(on))
+
+
 __all__ = [
     "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d", "Conv1d", "Conv2d", "Conv3d",
-    "convert", "empty_cache", "functional", "ops", "set_cache_limit",
+    "convert", "empty_cache", "functional", "ops", "set_amx", "set_cache_limit",
 ]
