@@ -1087,6 +1087,8 @@ void conv_weight_grad_kernel(const ConvParams& p, const scalar_t* x, const Strid
   // rows.
   const cpu::GemmTile gtx = cpu::gemm_tile<acc_t>(block);
   const bool outer = by_tap && 10 * Cyg >= 7 * ceil_div(Cyg, gtx.nr) * gtx.nr;
+  // (bfloat16 on AMX: the outer GEMMs on tiles, every tap's A loaded straight from the windows at its shift)
+  const bool amx_taps = outer && std::is_same_v<scalar_t, c10::BFloat16> && cpu::amx_bf16();
   // taps plane by plane: a plane's packed windows stay in L2 while its taps run
   std::vector<int64_t> tap_order(T);
   std::iota(tap_order.begin(), tap_order.end(), 0);
@@ -1130,6 +1132,27 @@ void conv_weight_grad_kernel(const ConvParams& p, const scalar_t* x, const Strid
             Windows<acc_t> w{};  // (fused: none)
             if (!fused) w = frame_windows<scalar_t, acc_t>(frame, x_b, channels, p.big, sx, m0 + frame.min_off, W);
             const int64_t avail = std::min(W, w.limit);  // (window elements from w.limit on are not read: zeros)
+            if constexpr (std::is_same_v<acc_t, float>) {
+              if (amx_taps) {
+                // (AMX: Y's rows as VNNI tiles once, the windows as bfloat16 rows, zero from `avail` through the
+                // 32-deep step past a tap's last read, from which every tap's tiles load at its shift)
+                const int64_t cpad = ceil_div(channels, 16) * 16, wld = ceil_div(W + 32, 32) * 32;
+                uint16_t* vnni = scratch<uint16_t, 0>(cpu::amx_vnni_size(Cyg, len));
+                uint16_t* win16 = scratch<uint16_t, 1>(planes * cpad * wld);
+                cpu::amx_vnni_rows(a, lda, Cyg, len, vnni);
+                for (int64_t pl = 0; pl < planes; ++pl) {
+                  uint16_t* dst = win16 + pl * cpad * wld;
+                  cpu::amx_narrow_rows(w.data + pl * w.plane_stride, w.channel_stride, channels, avail, wld, dst, wld);
+                  std::fill(dst + channels * wld, dst + cpad * wld, uint16_t(0));
+                }
+                for (int64_t t : tap_order)
+                  cpu::gemm_amx_rows(channels, Cyg, len,
+                                     win16 + frame.tap_plane[t] * cpad * wld + frame.tap_off[t] - frame.min_off, wld,
+                                     vnni, acc + ((g * T + t) * Cxg + cx0) * Cyg, Cyg);
+                q0 += len;
+                continue;
+              }
+            }
             if (outer) {
               // C_t[cx, cy] += A_t . B: B is Y^T (panels over Cyg), packed once; A_t is the windows, packed once
               // per plane as [channel panel][window position][MR] and entered at the tap's shift.

@@ -683,6 +683,9 @@ void gemm_driver(GemmTile tile, int64_t M, int64_t N, int64_t K, const T* a_pack
 // at a time, then every 32 rows of A multiplied over it into 2 x 2 tiles of C (16 x 16 floats each). Each C element
 // sums its products in increasing 32-deep steps, K block by K block (the order depends on the shapes only).
 #if TORCH_CONVT_AMX
+// (GCC 12 warns inside its own AVX-512 intrinsics, as below)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 // K block: a panel's VNNI tiles (64 KiB) stay in L2, and each 2 x 2 block of C tiles is loaded and stored once per
 // 1024 deep (DCGAN bfloat16 forward: x0.90 time against 512, x0.91 against 256)
 constexpr int64_t kAmxKC = 1024;
@@ -729,13 +732,18 @@ struct AmxC {
   int64_t stride[4];
 };
 
-// C[rows x cols] (+)= A (MT 16-row panels, `steps` 32-deep steps from a0; the second panel `a_panel` bytes on) . B
-// (the VNNI tiles at b: step s, half h at byte 2048 s + 1024 h). Tiles: C 0-3 (row block i, half j: 2i + j), A 4-5,
-// B 6-7.
+// Where A's tiles lie: row block i (16 rows), step s at p + i * panel + s * step, their rows `ld` bytes apart. Packed
+// tiles (amx_pack_a): 64-byte rows, 1024-byte steps; bfloat16 rows: rows ld apart, 64-byte steps.
+struct AmxA {
+  const char* p;
+  int64_t ld, step, panel;
+};
+
+// C[rows x cols] (+)= A (MT row blocks, `steps` 32-deep steps) . B (the VNNI tiles at b: step s, half h at byte
+// 2048 s + 1024 h). Tiles: C 0-3 (row block i, half j: 2i + j), A 4-5, B 6-7.
 template <int MT, int NT>
-__attribute__((target("amx-tile,amx-bf16,avx512f"))) void amx_block(int64_t steps, const char* a0, int64_t a_panel,
-                                                                     const char* b, float* c, int64_t ldc, int rows,
-                                                                     int cols, bool acc) {
+__attribute__((target("amx-tile,amx-bf16,avx512f"))) void amx_block(int64_t steps, AmxA a, const char* b, float* c,
+                                                                     int64_t ldc, int rows, int cols, bool acc) {
   alignas(64) float edge[4][256];
   AmxC t;
   for (int i = 0; i < MT; ++i)
@@ -762,14 +770,15 @@ __attribute__((target("amx-tile,amx-bf16,avx512f"))) void amx_block(int64_t step
     if constexpr (MT == 2) _tile_zero(2);
     if constexpr (MT == 2 && NT == 2) _tile_zero(3);
   }
-  for (int64_t s = 0; s < steps; ++s, a0 += 1024, b += 2048) {
-    _tile_loadd(4, a0, 64);
+  const char* a0 = a.p;
+  for (int64_t s = 0; s < steps; ++s, a0 += a.step, b += 2048) {
+    _tile_loadd(4, a0, a.ld);
     _tile_loadd(6, b, 64);
     if constexpr (NT == 2) _tile_loadd(7, b + 1024, 64);
     _tile_dpbf16ps(0, 4, 6);
     if constexpr (NT == 2) _tile_dpbf16ps(1, 4, 7);
     if constexpr (MT == 2) {
-      _tile_loadd(5, a0 + a_panel, 64);
+      _tile_loadd(5, a0 + a.panel, a.ld);
       _tile_dpbf16ps(2, 5, 6);
       if constexpr (NT == 2) _tile_dpbf16ps(3, 5, 7);
     }
@@ -786,6 +795,17 @@ __attribute__((target("amx-tile,amx-bf16,avx512f"))) void amx_block(int64_t step
       for (int y = 0; y < r; ++y)
         for (int x = 0; x < n; ++x) ct[y * ldc + x] = edge[q][16 * y + x];
     }
+}
+
+// amx_block with the blocking of a `rows` x `cols` block (<= 32 x 32).
+inline void amx_tiles(int64_t steps, AmxA a, const char* b, float* c, int64_t ldc, int rows, int cols, bool acc) {
+  if (rows > 16) {
+    if (cols > 16) amx_block<2, 2>(steps, a, b, c, ldc, rows, cols, acc);
+    else amx_block<2, 1>(steps, a, b, c, ldc, rows, cols, acc);
+  } else {
+    if (cols > 16) amx_block<1, 2>(steps, a, b, c, ldc, rows, cols, acc);
+    else amx_block<1, 1>(steps, a, b, c, ldc, rows, cols, acc);
+  }
 }
 
 // (a static object: GCC 12 dropped the stores into a stack copy, not seeing that the instruction reads it)
@@ -876,15 +896,8 @@ __attribute__((target("avx512f"))) void amx_driver(int64_t M, int64_t N, int64_t
       for (int64_t ir = 0; ir < M; ir += 32) {
         const int rows_c = static_cast<int>(std::min<int64_t>(32, M - ir)), cols = static_cast<int>(nr);
         const char* a0 = reinterpret_cast<const char*>(a_packed + ir / 16 * a_stride) + pc / 32 * 1024;
-        const int64_t a_panel = a_stride * int64_t(sizeof(float));
-        float* c = C + ir * ldc + jr;
-        if (rows_c > 16) {
-          if (cols > 16) amx_block<2, 2>(steps, a0, a_panel, b, c, ldc, rows_c, cols, acc);
-          else amx_block<2, 1>(steps, a0, a_panel, b, c, ldc, rows_c, cols, acc);
-        } else {
-          if (cols > 16) amx_block<1, 2>(steps, a0, a_panel, b, c, ldc, rows_c, cols, acc);
-          else amx_block<1, 1>(steps, a0, a_panel, b, c, ldc, rows_c, cols, acc);
-        }
+        amx_tiles(steps, AmxA{a0, 64, 1024, a_stride * int64_t(sizeof(float))}, b, C + ir * ldc + jr, ldc, rows_c,
+                  cols, acc);
       }
     }
   }
@@ -899,6 +912,27 @@ __attribute__((target("avx512f,avx512bw"), always_inline)) inline __m512i narrow
                                                 33, 35, 37, 39, 41, 43, 45, 47, 49, 51, 53, 55, 57, 59, 61, 63};
   return _mm512_permutex2var_epi16(_mm512_castps_si512(_mm512_maskz_loadu_ps(m0, p)),
                                    _mm512_load_si512(high), _mm512_castps_si512(_mm512_maskz_loadu_ps(m1, p + 16)));
+}
+
+// The VNNI tiles of a 32-column panel of B[k][n] = rows[n * ld + k] (k < kc, n < min(32, cols); zero elsewhere) for
+// `steps` = kc / 32 (rounded up) steps: step s, half h at vnni + s * 1024 + h * 512. Each 16 columns' 32-deep step is
+// 16 rows narrowed into pairs (narrow32_avx512), transposed in registers.
+__attribute__((target("avx512f,avx512bw"))) void vnni_panel(const float* rows, int64_t ld, int64_t cols, int64_t kc,
+                                                            uint16_t* vnni) {
+  const auto lanes = [](int64_t n) { return first_lanes(std::max<int64_t>(0, n)); };
+  for (int64_t h = 0; h < 2; ++h)
+    for (int64_t s = 0; s < (kc + 31) / 32; ++s) {
+      const int64_t left = kc - 32 * s;
+      __m512 v[16];
+      for (int i = 0; i < 16; ++i) {
+        const int64_t n = 16 * h + i;
+        v[i] = n < cols ? _mm512_castsi512_ps(narrow32_avx512(rows + n * ld + 32 * s, lanes(left), lanes(left - 16)))
+                        : _mm512_setzero_ps();
+      }
+      transpose16_avx512(v);  // v[i]: pair i of the 16 columns
+      uint16_t* d = vnni + s * 1024 + h * 512;
+      for (int i = 0; i < 16; ++i) _mm512_storeu_ps(d + 32 * i, v[i]);
+    }
 }
 
 // gemm_amx_nt's body: A's rows narrowed straight into tiles, B's 32-row panels narrowed and transposed (16 x 16
@@ -928,38 +962,19 @@ __attribute__((target("avx512f,avx512bw"))) void amx_nt_driver(int64_t M, int64_
         _mm512_store_si512(d, v);
       }
     for (int64_t jr = 0; jr < N; jr += 32) {
-      for (int64_t h = 0; h < 2; ++h)
-        for (int64_t s = 0; s < steps; ++s) {
-          const int64_t left = kc - 32 * s;
-          __m512 v[16];
-          for (int i = 0; i < 16; ++i) {
-            const int64_t n = jr + 16 * h + i;
-            v[i] = n < N ? _mm512_castsi512_ps(narrow32_avx512(B + n * ldb + pc + 32 * s, lanes(left), lanes(left - 16)))
-                         : _mm512_setzero_ps();
-          }
-          transpose16_avx512(v);  // v[i]: pair i of the 16 columns
-          uint16_t* d = vnni + s * 1024 + h * 512;
-          for (int i = 0; i < 16; ++i) _mm512_store_ps(d + 32 * i, v[i]);
-        }
+      vnni_panel(B + jr * ldb + pc, ldb, N - jr, kc, vnni);
       const int cols = static_cast<int>(std::min<int64_t>(32, N - jr));
       const char* b = reinterpret_cast<const char*>(vnni);
       for (int64_t ir = 0; ir < M; ir += 32) {
         const int rows = static_cast<int>(std::min<int64_t>(32, M - ir));
         const char* a0 = reinterpret_cast<const char*>(a_tiles + ir / 16 * steps * 512);
-        const int64_t a_panel = steps * 1024;
-        float* c = C + ir * ldc + jr;
-        if (rows > 16) {
-          if (cols > 16) amx_block<2, 2>(steps, a0, a_panel, b, c, ldc, rows, cols, acc);
-          else amx_block<2, 1>(steps, a0, a_panel, b, c, ldc, rows, cols, acc);
-        } else {
-          if (cols > 16) amx_block<1, 2>(steps, a0, a_panel, b, c, ldc, rows, cols, acc);
-          else amx_block<1, 1>(steps, a0, a_panel, b, c, ldc, rows, cols, acc);
-        }
+        amx_tiles(steps, AmxA{a0, 64, 1024, steps * 1024}, b, C + ir * ldc + jr, ldc, rows, cols, acc);
       }
     }
   }
   amx_release();
 }
+#pragma GCC diagnostic pop
 #endif
 
 // gemm_driver, or amx_driver for an AMX tile.
@@ -1004,6 +1019,50 @@ void gemm_amx_nt(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, c
   }
 #if TORCH_CONVT_AMX
   amx_nt_driver(M, N, K, A, lda, B, ldb, accumulate, C, ldc);
+#endif
+}
+
+int64_t amx_vnni_size(int64_t N, int64_t K) {
+  return (N + 31) / 32 * ((K + 31) / 32) * 1024;
+}
+
+void amx_vnni_rows(const float* rows, int64_t ld, int64_t N, int64_t K, uint16_t* vnni) {
+#if TORCH_CONVT_AMX
+  for (int64_t jr = 0; jr < N; jr += 32, vnni += (K + 31) / 32 * 1024) vnni_panel(rows + jr * ld, ld, N - jr, K, vnni);
+#endif
+}
+
+void amx_narrow_rows(const float* src, int64_t ld_src, int64_t rows, int64_t len, int64_t width, uint16_t* dst,
+                     int64_t ld_dst) {
+  for (int64_t r = 0; r < rows; ++r) {
+    uint16_t* d = dst + r * ld_dst;
+    const float* in = src + r * ld_src;
+    for (int64_t j = 0; j < len; ++j) {
+      uint32_t bits;
+      std::memcpy(&bits, in + j, sizeof(bits));
+      d[j] = static_cast<uint16_t>(bits >> 16);  // (bfloat16 values: exact)
+    }
+    std::fill(d + len, d + width, uint16_t(0));
+  }
+}
+
+void gemm_amx_rows(int64_t M, int64_t N, int64_t K, const uint16_t* a, int64_t lda, const uint16_t* vnni, float* C,
+                   int64_t ldc) {
+  if (M <= 0 || N <= 0 || K <= 0) return;
+#if TORCH_CONVT_AMX
+  const int64_t steps = (K + 31) / 32;
+  amx_configure();
+  for (int64_t jr = 0; jr < N; jr += 32) {
+    const char* b = reinterpret_cast<const char*>(vnni + jr / 32 * steps * 1024);
+    const int cols = static_cast<int>(std::min<int64_t>(32, N - jr));
+    for (int64_t ir = 0; ir < M; ir += 32) {
+      const int rows = static_cast<int>(std::min<int64_t>(32, M - ir));
+      const int64_t row_bytes = lda * int64_t(sizeof(uint16_t));
+      amx_tiles(steps, AmxA{reinterpret_cast<const char*>(a + ir * lda), row_bytes, 64, 16 * row_bytes}, b,
+                C + ir * ldc + jr, ldc, rows, cols, true);
+    }
+  }
+  amx_release();
 #endif
 }
 
@@ -1557,6 +1616,8 @@ __attribute__((target("avx512f,bmi2"))) void copy_segments_avx512(const float* s
   }
 }
 
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 // copy_segments16 for step 1 or 2 (every element, or the even ones: read by word masks, so no element past the
 // last one needed is read), widened as widen16_panels widens.
 template <bool BF16>
@@ -1588,6 +1649,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl,bmi2,f16c"))) void copy_segment
     }
   }
 }
+#pragma GCC diagnostic pop
 
 // (GCC 12 warns inside its own AVX-512 intrinsics, as above)
 #pragma GCC diagnostic push
