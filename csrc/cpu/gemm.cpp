@@ -935,6 +935,24 @@ __attribute__((target("avx512f,avx512bw"))) void vnni_panel(const float* rows, i
     }
 }
 
+// amx_narrow_rows: 32 elements a step (narrow32_avx512; those past len zero), the last step masked to `width`.
+__attribute__((target("avx512f,avx512bw"))) void narrow_rows_avx512(const float* src, int64_t ld_src, int64_t rows,
+                                                                    int64_t len, int64_t width, uint16_t* dst,
+                                                                    int64_t ld_dst) {
+  const auto lanes = [](int64_t n) { return first_lanes(std::max<int64_t>(0, n)); };
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* in = src + r * ld_src;
+    uint16_t* d = dst + r * ld_dst;
+    int64_t j = 0;
+    for (; j < len && j < width; j += 32) {
+      const __m512i v = narrow32_avx512(in + j, lanes(len - j), lanes(len - j - 16));
+      if (j + 32 <= width) _mm512_storeu_si512(d + j, v);
+      else _mm512_mask_storeu_epi16(d + j, (__mmask32(1) << (width - j)) - 1, v);
+    }
+    if (j < width) std::fill(d + j, d + width, uint16_t(0));
+  }
+}
+
 // gemm_amx_nt's body: A's rows narrowed straight into tiles, B's 32-row panels narrowed and transposed (16 x 16
 // pairs in registers) into VNNI tiles, K block by K block.
 __attribute__((target("avx512f,avx512bw"))) void amx_nt_driver(int64_t M, int64_t N, int64_t K, const float* A,
@@ -1034,6 +1052,9 @@ void amx_vnni_rows(const float* rows, int64_t ld, int64_t N, int64_t K, uint16_t
 
 void amx_narrow_rows(const float* src, int64_t ld_src, int64_t rows, int64_t len, int64_t width, uint16_t* dst,
                      int64_t ld_dst) {
+#if TORCH_CONVT_AMX
+  return narrow_rows_avx512(src, ld_src, rows, len, width, dst, ld_dst);
+#endif
   for (int64_t r = 0; r < rows; ++r) {
     uint16_t* d = dst + r * ld_dst;
     const float* in = src + r * ld_src;
