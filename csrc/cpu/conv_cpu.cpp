@@ -682,14 +682,15 @@ TransposePlan make_transpose_plan(const ConvParams& p, const Strides& sy, const 
 // The plan of a geometry, from the calling thread's plans of its recent geometries: a layer called again (every
 // step of a training loop, every forward of a model) skips the planning, which costs more than a small layer's
 // arithmetic (an 8-channel 8x8 layer: ~10 us of a 36 us call). The plan depends on the geometry, the input's
-// strides and the output's, the thread count (tile sizes; the dtype picks the function) and AMX use; kPlanCache of them,
-// least recently used dropped.
+// strides and the output's, the thread count (tile sizes; the dtype picks the function) and AMX use; kPlanCache
+// of them, least recently used dropped.
 constexpr size_t kPlanCache = 32;
 
 template <typename scalar_t>
 std::shared_ptr<const TransposePlan> transpose_plan(const ConvParams& p, const Strides& sy, const Strides& sx) {
   using Key = std::array<int64_t, 10 + 8 * kMaxDims>;
-  Key key{p.dims, 2 * at::get_num_threads() + cpu::amx_bf16(), p.batch, p.groups, p.big_channels, p.small_channels, sy.n, sy.c, sx.n, sx.c};
+  Key key{p.dims, 2 * at::get_num_threads() + cpu::amx_bf16(), p.batch, p.groups, p.big_channels,
+          p.small_channels, sy.n, sy.c, sx.n, sx.c};
   int64_t* k = key.data() + 10;
   for (int d = 0; d < kMaxDims; ++d) {
     for (const int64_t v : {p.big[d], p.small[d], p.kernel[d], p.stride[d], p.padding[d], p.dilation[d]}) *k++ = v;

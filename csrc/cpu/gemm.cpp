@@ -719,10 +719,11 @@ struct alignas(64) AmxConfig {
 
 // One VNNI row: dst[l] = the bfloat16 pair (r0[l], r1[l]) for 16 columns l (r1 == nullptr: zeros). The values are
 // bfloat16 values, so dropping the low half of each is exact.
-__attribute__((target("avx512f"), always_inline)) inline void vnni_row(const float* r0, const float* r1, uint16_t* dst) {
+__attribute__((target("avx512f"), always_inline)) inline void vnni_row(const float* r0, const float* r1,
+                                                                        uint16_t* dst) {
+  const __m512i high = _mm512_set1_epi32(int(0xFFFF0000u));
   const __m512i lo = _mm512_srli_epi32(_mm512_castps_si512(_mm512_loadu_ps(r0)), 16);
-  const __m512i hi = r1 ? _mm512_and_si512(_mm512_castps_si512(_mm512_loadu_ps(r1)), _mm512_set1_epi32(int(0xFFFF0000u)))
-                        : _mm512_setzero_si512();
+  const __m512i hi = r1 ? _mm512_and_si512(_mm512_castps_si512(_mm512_loadu_ps(r1)), high) : _mm512_setzero_si512();
   _mm512_store_si512(dst, _mm512_or_si512(lo, hi));
 }
 
@@ -835,7 +836,8 @@ __attribute__((target("avx512f"))) void amx_pack_a_avx512(float* a, int64_t M, i
       for (int j = 0; j < 16; ++j) {
         const int64_t k = 32 * s + 2 * j;
         const __m512i lo = k < K ? _mm512_castps_si512(_mm512_loadu_ps(panel + k * 16)) : _mm512_setzero_si512();
-        const __m512i hi = k + 1 < K ? _mm512_castps_si512(_mm512_loadu_ps(panel + (k + 1) * 16)) : _mm512_setzero_si512();
+        const __m512i hi =
+            k + 1 < K ? _mm512_castps_si512(_mm512_loadu_ps(panel + (k + 1) * 16)) : _mm512_setzero_si512();
         v[j] = _mm512_castsi512_ps(_mm512_or_si512(_mm512_srli_epi32(lo, 16), _mm512_and_si512(hi, high)));
       }
       transpose16_avx512(v);  // v[m]: row m's 16 pairs
@@ -959,8 +961,8 @@ __attribute__((target("avx512f,avx512bw"))) void narrow_rows_avx512(const float*
 // gemm_amx_nt's body: A's rows narrowed straight into tiles, B's 32-row panels narrowed and transposed (16 x 16
 // pairs in registers) into VNNI tiles, K block by K block.
 __attribute__((target("avx512f,avx512bw"))) void amx_nt_driver(int64_t M, int64_t N, int64_t K, const float* A,
-                                                               int64_t lda, const float* B, int64_t ldb, bool accumulate,
-                                                               float* C, int64_t ldc) {
+                                                               int64_t lda, const float* B, int64_t ldb,
+                                                               bool accumulate, float* C, int64_t ldc) {
   const int64_t panels = (M + 15) / 16;
   thread_local std::vector<uint16_t> a_buffer, b_buffer;
   a_buffer.resize(panels * (kAmxKC / 32) * 512 + 32);
