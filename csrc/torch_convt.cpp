@@ -149,9 +149,12 @@ ConvParams check_conv_args(ConvKind kind, const at::Tensor& input, const at::Ten
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == out_channels, op, ": expected bias to be 1-dimensional with ",
                 out_channels, " elements, but got bias of size ", bias->sizes());
   }
+  // An empty batch may have empty spatial dims, and a transposed one an empty output (as torch.nn: an empty result;
+  // its weight gradient: zeros, whatever the geometry).
+  const bool empty_batch = p.batch == 0;
   for (int64_t j = 2; j < rank; ++j) {
-    TORCH_CHECK(input.size(j) > 0, op, ": only zero batch or zero channel inputs are supported, but got input ",
-                "shape ", input.sizes());
+    TORCH_CHECK(input.size(j) > 0 || empty_batch, op,
+                ": only zero batch or zero channel inputs are supported, but got input shape ", input.sizes());
   }
 
   const int64_t off = kMaxDims - dims;
@@ -171,16 +174,16 @@ ConvParams check_conv_args(ConvKind kind, const at::Tensor& input, const at::Ten
       const int64_t grown = checked_add(checked_mul(p.small[s] - 1, p.stride[s], "output size"),
                                         checked_add(extent, output_padding[j], "output size"), "output size");
       p.big[s] = grown - two_pad;
-      TORCH_CHECK(p.big[s] > 0, op, ": given input size per channel (", join(input.sizes().slice(2)),
+      TORCH_CHECK(p.big[s] > 0 || (empty_batch && p.big[s] == 0), op, ": given input size per channel (", join(input.sizes().slice(2)),
                   "), the calculated output size per channel is ", p.big[s], " at spatial dim ", j,
                   ": output size is too small (padding ", p.padding[s], " is too large)");
     } else {
       p.big[s] = input.size(2 + j);
       const int64_t padded = checked_add(p.big[s], two_pad, "padded input size");
-      TORCH_CHECK(padded >= extent, op, ": calculated padded input size per channel at spatial dim ", j, " is ",
-                  padded, ", but the dilated kernel size is ", extent,
-                  ": kernel size can't be greater than actual input size");
-      p.small[s] = (padded - extent) / p.stride[s] + 1;
+      TORCH_CHECK(padded >= extent || (empty_batch && kind == ConvKind::WeightGrad), op,
+                  ": calculated padded input size per channel at spatial dim ", j, " is ", padded,
+                  ", but the dilated kernel size is ", extent, ": kernel size can't be greater than actual input size");
+      p.small[s] = padded >= extent ? (padded - extent) / p.stride[s] + 1 : 0;
     }
   }
 
@@ -194,7 +197,8 @@ ConvParams check_conv_args(ConvKind kind, const at::Tensor& input, const at::Ten
     for (int64_t j = 0; j < dims; ++j) {
       const int64_t s = off + j;
       const int64_t y = second.size(2 + j);
-      TORCH_CHECK(y > 0 && y <= p.small[s] && p.small[s] - y < std::max(p.stride[s], p.dilation[s]), op,
+      TORCH_CHECK(empty_batch || (y > 0 && y <= p.small[s] && p.small[s] - y < std::max(p.stride[s], p.dilation[s])),
+                  op,
                   ": grad_output of size ", second.sizes(), " does not match input of size ", input.sizes(),
                   " for this convolution (expected spatial size ", p.small[s], " at dim ", j, ")");
       p.small[s] = y;

@@ -672,6 +672,44 @@ def test_batch_zero(nd, kind, bias, device):
         assert tuple(out.shape) == cfg.ct_out_shape(nd)
 
 
+# An empty batch with empty spatial dims or (transposed) an empty output: torch.nn returns an empty result and zero
+# weight and bias gradients; a geometry it rejects even then (a negative output size, a kernel past the padded
+# input) raises in both. (last spatial dim, stride, padding, output_padding, which)
+EMPTY_BATCH_GEOMETRIES = [
+    (0, 1, 0, 0, "ct"), (1, 1, 1, 0, "ct"), (0, 2, 1, 1, "ct"), (0, 1, 3, 0, "ct"), (1, 1, 2, 0, "ct"),
+    (0, 1, 1, 0, "conv"), (0, 1, 2, 0, "conv"), (0, 1, 0, 0, "conv"), (1, 1, 0, 0, "conv"),
+]
+
+
+@pytest.mark.parametrize("geometry", EMPTY_BATCH_GEOMETRIES, ids=[f"case{i}" for i in range(len(EMPTY_BATCH_GEOMETRIES))])
+@pytest.mark.parametrize("nd", DIMS, ids=[f"{d}d" for d in DIMS])
+def test_empty_batch_degenerate_geometry(nd, geometry):
+    last, stride, pad, out_pad, kind = geometry
+    shape = (0, 3) + (3,) * (nd - 1) + (last,)
+    w_shape = ((3, 2) if kind == "ct" else (2, 3)) + (2,) * nd
+    kw = dict(stride=stride, padding=(0,) * (nd - 1) + (pad,))
+    if kind == "ct":
+        kw["output_padding"] = (0,) * (nd - 1) + (out_pad,)
+    ours, ref = fn_pair(kind, nd)
+
+    def run(fn):
+        x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+        w = torch.randn(w_shape, dtype=torch.float64, requires_grad=True)
+        b = torch.randn(2, dtype=torch.float64, requires_grad=True)
+        out = fn(x, w, b, **kw)
+        return (out, *torch.autograd.grad(out.sum(), (x, w, b)))
+
+    try:
+        expected = run(ref)
+    except Exception as e:  # noqa: BLE001
+        got = exc_of(lambda: run(ours))
+        assert type(got) is type(e), f"torch raised {type(e).__name__}, ours {got!r}"
+        return
+    for name, a, e in zip(("output", "input grad", "weight grad", "bias grad"), run(ours), expected):
+        assert a.shape == e.shape and a.dtype == e.dtype, f"{name}: {a.shape} against torch's {e.shape}"
+        assert torch.equal(a, e), name
+
+
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
 @pytest.mark.parametrize("kind", ["ct", "conv"])
 @pytest.mark.parametrize("nd", DIMS, ids=[f"{d}d" for d in DIMS])

@@ -108,10 +108,18 @@ def _setup(ctx, inputs, output):
     ctx.output_shape = output.shape
 
 
+def _empty_batch_grads(needs, first, second):
+    """The gradients of an empty batch (any geometry, which the ops may not take back): zeros."""
+    return [t.new_zeros(t.shape) if need else None for t, need in zip((first, second), needs)]
+
+
 def _conv_transpose_backward(ctx, grad):
     y, w = ctx.saved_tensors
     _, stride, padding, output_padding, dilation, groups = ctx.args
     gy = gw = gb = None
+    if y.shape[0] == 0:
+        gy, gw = _empty_batch_grads(ctx.needs_input_grad, y, w)
+        return gy, gw, _bias_grad(grad) if ctx.needs_input_grad[2] else None, None, None, None, None, None
     if ctx.needs_input_grad[0]:
         gy = _narrow_spatial(conv(grad, w.conj(), None, stride, padding, dilation, groups), y.shape[2:])
     if ctx.needs_input_grad[1]:
@@ -125,6 +133,9 @@ def _conv_backward(ctx, grad):
     x, w = ctx.saved_tensors
     _, stride, padding, dilation, groups = ctx.args
     gx = gw = gb = None
+    if x.shape[0] == 0:
+        gx, gw = _empty_batch_grads(ctx.needs_input_grad, x, w)
+        return gx, gw, _bias_grad(grad) if ctx.needs_input_grad[2] else None, None, None, None, None
     if ctx.needs_input_grad[0]:
         op = output_padding_for(x.shape[2:], grad.shape[2:], w.shape[2:], stride, padding, dilation)
         gx = conv_transpose(grad, w.conj(), None, stride, padding, op, dilation, groups)
@@ -139,6 +150,8 @@ def _conv_weight_grad_backward(ctx, grad):
     x, y = ctx.saved_tensors
     weight_size, stride, padding, dilation, groups = ctx.args
     gx = gy = None
+    if x.shape[0] == 0:
+        return (*_empty_batch_grads(ctx.needs_input_grad, x, y), None, None, None, None, None)
     if ctx.needs_input_grad[0]:
         op = output_padding_for(x.shape[2:], y.shape[2:], weight_size[2:], stride, padding, dilation)
         gx = conv_transpose(y.conj(), grad, None, stride, padding, op, dilation, groups)

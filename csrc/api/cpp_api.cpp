@@ -109,6 +109,11 @@ at::Tensor bias_grad(const at::Tensor& grad) {
   return grad.sum(dims);
 }
 
+// The gradient of a tensor of an empty batch (any geometry, which the ops may not take back): zeros, if needed.
+at::Tensor empty_batch_grad(AutogradContext* ctx, size_t i, const at::Tensor& t) {
+  return ctx->needs_input_grad(i) ? at::zeros_like(t, at::MemoryFormat::Contiguous) : at::Tensor();
+}
+
 // An optional bias as the operators take it: absent if not given or undefined.
 std::optional<at::Tensor> present(const std::optional<at::Tensor>& bias) {
   return bias.has_value() && bias->defined() ? bias : std::nullopt;
@@ -142,11 +147,13 @@ class ConvTransposeFunction : public torch::autograd::Function<ConvTransposeFunc
     const IntVec dilation = ctx->saved_data["dilation"].toIntVector();
     const int64_t groups = ctx->saved_data["groups"].toInt();
     at::Tensor grad_input, grad_weight, grad_bias;
-    if (ctx->needs_input_grad(0)) {
+    if (input.size(0) == 0) {
+      grad_input = empty_batch_grad(ctx, 0, input), grad_weight = empty_batch_grad(ctx, 1, weight);
+    } else if (ctx->needs_input_grad(0)) {
       grad_input = narrow_spatial(ops::conv(grad, weight.conj(), std::nullopt, stride, padding, dilation, groups),
                                   input.sizes().slice(2));
     }
-    if (ctx->needs_input_grad(1)) {
+    if (input.size(0) > 0 && ctx->needs_input_grad(1)) {
       grad_weight = ops::conv_weight_grad(grad, input.conj(), weight.sizes(), stride, padding, dilation, groups);
     }
     if (ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(2)) grad_bias = bias_grad(grad);
@@ -179,13 +186,15 @@ class ConvFunction : public torch::autograd::Function<ConvFunction> {
     const IntVec dilation = ctx->saved_data["dilation"].toIntVector();
     const int64_t groups = ctx->saved_data["groups"].toInt();
     at::Tensor grad_input, grad_weight, grad_bias;
-    if (ctx->needs_input_grad(0)) {
+    if (input.size(0) == 0) {
+      grad_input = empty_batch_grad(ctx, 0, input), grad_weight = empty_batch_grad(ctx, 1, weight);
+    } else if (ctx->needs_input_grad(0)) {
       const IntVec output_padding = output_padding_for(input.sizes().slice(2), grad.sizes().slice(2),
                                                        weight.sizes().slice(2), stride, padding, dilation);
       grad_input = ops::conv_transpose(grad, weight.conj(), std::nullopt, stride, padding, output_padding, dilation,
                                        groups);
     }
-    if (ctx->needs_input_grad(1)) {
+    if (input.size(0) > 0 && ctx->needs_input_grad(1)) {
       grad_weight = ops::conv_weight_grad(input.conj(), grad, weight.sizes(), stride, padding, dilation, groups);
     }
     if (ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(2)) grad_bias = bias_grad(grad);
@@ -218,6 +227,10 @@ class ConvWeightGradFunction : public torch::autograd::Function<ConvWeightGradFu
     const IntVec dilation = ctx->saved_data["dilation"].toIntVector();
     const int64_t groups = ctx->saved_data["groups"].toInt();
     at::Tensor grad_input, grad_grad_output;
+    if (input.size(0) == 0) {
+      return {empty_batch_grad(ctx, 0, input), empty_batch_grad(ctx, 1, grad_output), at::Tensor(), at::Tensor(),
+              at::Tensor(), at::Tensor(), at::Tensor()};
+    }
     if (ctx->needs_input_grad(0)) {
       const IntVec output_padding =
           output_padding_for(input.sizes().slice(2), grad_output.sizes().slice(2),

@@ -1490,6 +1490,7 @@ at::Tensor conv_weight_grad_cpu(const at::Tensor& input, const at::Tensor& grad_
                                        padding, {}, dilation, groups);
   at::Tensor out = new_output(p.weight_shape(), input.options());
   if (out.numel() == 0) return out;
+  if (p.batch == 0) return out.zero_();  // (any geometry: check_conv_args)
   const at::Tensor x = readable(input), y = readable(grad_output);
   run_kernel("torch_convt.conv_weight_grad", [&] {
     AT_DISPATCH_ALL_TYPES_AND_COMPLEX_AND2(at::kBFloat16, at::kHalf, input.scalar_type(),

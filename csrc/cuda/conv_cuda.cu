@@ -293,6 +293,7 @@ at::Tensor conv_weight_grad_cuda(const at::Tensor& input, const at::Tensor& grad
   at::Tensor out = at::empty(p.weight_shape(), input.options());
   const int64_t total = out.numel();
   if (total == 0) return out;
+  if (p.batch == 0) return out.zero_();  // (any geometry: check_conv_args)
   const at::Tensor x = dense(input), y = dense(grad_output);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_AND_COMPLEX_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(),
