@@ -174,9 +174,9 @@ ConvParams check_conv_args(ConvKind kind, const at::Tensor& input, const at::Ten
       const int64_t grown = checked_add(checked_mul(p.small[s] - 1, p.stride[s], "output size"),
                                         checked_add(extent, output_padding[j], "output size"), "output size");
       p.big[s] = grown - two_pad;
-      TORCH_CHECK(p.big[s] > 0 || (empty_batch && p.big[s] == 0), op, ": given input size per channel (", join(input.sizes().slice(2)),
-                  "), the calculated output size per channel is ", p.big[s], " at spatial dim ", j,
-                  ": output size is too small (padding ", p.padding[s], " is too large)");
+      TORCH_CHECK(p.big[s] > 0 || (empty_batch && p.big[s] == 0), op, ": given input size per channel (",
+                  join(input.sizes().slice(2)), "), the calculated output size per channel is ", p.big[s],
+                  " at spatial dim ", j, ": output size is too small (padding ", p.padding[s], " is too large)");
     } else {
       p.big[s] = input.size(2 + j);
       const int64_t padded = checked_add(p.big[s], two_pad, "padded input size");
@@ -197,10 +197,9 @@ ConvParams check_conv_args(ConvKind kind, const at::Tensor& input, const at::Ten
     for (int64_t j = 0; j < dims; ++j) {
       const int64_t s = off + j;
       const int64_t y = second.size(2 + j);
-      TORCH_CHECK(empty_batch || (y > 0 && y <= p.small[s] && p.small[s] - y < std::max(p.stride[s], p.dilation[s])),
-                  op,
-                  ": grad_output of size ", second.sizes(), " does not match input of size ", input.sizes(),
-                  " for this convolution (expected spatial size ", p.small[s], " at dim ", j, ")");
+      const bool fits = y > 0 && y <= p.small[s] && p.small[s] - y < std::max(p.stride[s], p.dilation[s]);
+      TORCH_CHECK(empty_batch || fits, op, ": grad_output of size ", second.sizes(), " does not match input of size ",
+                  input.sizes(), " for this convolution (expected spatial size ", p.small[s], " at dim ", j, ")");
       p.small[s] = y;
     }
   }

@@ -681,7 +681,8 @@ EMPTY_BATCH_GEOMETRIES = [
 ]
 
 
-@pytest.mark.parametrize("geometry", EMPTY_BATCH_GEOMETRIES, ids=[f"case{i}" for i in range(len(EMPTY_BATCH_GEOMETRIES))])
+@pytest.mark.parametrize("geometry", EMPTY_BATCH_GEOMETRIES,
+                         ids=[f"case{i}" for i in range(len(EMPTY_BATCH_GEOMETRIES))])
 @pytest.mark.parametrize("nd", DIMS, ids=[f"{d}d" for d in DIMS])
 def test_empty_batch_degenerate_geometry(nd, geometry):
     last, stride, pad, out_pad, kind = geometry
@@ -1049,4 +1050,5 @@ def test_bf16_amx_matches_float64(case):
         scale = r.abs().max().item()
         for path, got in (("amx", a), ("fma", f)):
             err = ((got - r).abs() - r.abs() / 128).max().item()
-            assert err <= 2e-3 * scale, f"{name} ({path}): off by {err:.3g} beyond bfloat16 rounding (scale {scale:.3g})"
+            assert err <= 2e-3 * scale, \
+                f"{name} ({path}): off by {err:.3g} beyond bfloat16 rounding (scale {scale:.3g})"
