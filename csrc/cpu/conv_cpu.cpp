@@ -876,27 +876,19 @@ void conv_transpose_kernel(const ConvParams& p, const scalar_t* y, const Strides
           }
         }
       }
+      if (set.gt.amx)  // (AMX: the item's panels, whole now, rewritten as tiles while they are in cache)
+        for (int64_t j = 0; j < panels; ++j)
+          for (int64_t bi = 0; bi < set.blocks; ++bi) {
+            const int64_t r0 = by_channels ? j * Cxg + q * MR : q * MR;
+            const int64_t depth = std::min(set.block, Cyg - bi * set.block) * T;
+            amx_pack(operand(set, g, bi) + r0 * depth, MR, depth);
+          }
     }
     if (!ok) finite = false;
   });
   // Non-finite weights: the GEMM's padding (frame points, zero rows) would turn 0 * inf into NaN in outputs
   // that the reference leaves finite, so the direct kernel, which multiplies only real contributions, takes over.
   if (!finite) return conv_transpose_direct(p, own_grids(p, phases), y, sy, w, ba, x, sx);
-  if (std::any_of(sets.begin(), sets.end(), [](const PhaseSet& set) { return set.gt.amx; })) {
-    // (A operands of AMX sets, packed in 16-row panels above, rewritten as tiles: an item per group, set and block)
-    const int64_t S = static_cast<int64_t>(sets.size());
-    const int64_t B = std::max_element(sets.begin(), sets.end(), [](const PhaseSet& u, const PhaseSet& v) {
-                        return u.blocks < v.blocks;
-                      })->blocks;
-    at::parallel_for(0, G * S * B, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t item = begin; item < end; ++item) {
-        const PhaseSet& set = sets[item / B % S];
-        const int64_t g = item / (S * B), bi = item % B;
-        if (set.gt.amx && bi < set.blocks)
-          amx_pack(operand(set, g, bi), set.out_rows, std::min(set.block, Cyg - bi * set.block) * set.taps);
-      }
-    });
-  }
   const int64_t J = static_cast<int64_t>(jobs.size());
 
   // (grid tiles: a job covers all images, and its flops are the whole batch's share)

@@ -133,6 +133,8 @@ void micro_portable(int64_t kc, const T* a, const T* b, const T* const* rows, in
 #if TORCH_CONVT_X86
 // The mask of the first min(n, 16) lanes of a vector (n >= 0): the part vector at a ragged end.
 inline __mmask16 first_lanes(int64_t n) { return static_cast<__mmask16>(n >= 16 ? 0xFFFF : (1u << n) - 1); }
+// The same for any n (none for n <= 0): the second half of a 32-wide ragged end.
+inline __mmask16 first_lanes_any(int64_t n) { return first_lanes(std::max<int64_t>(0, n)); }
 
 // ---- AVX-512: MR x 32 floats of C in 2*MR zmm registers (MR = 4 to 12) -----------------------------------------
 // A k step of the kernels below: C's block (c0: columns 0-15, c1: 16-31) += a[0, MR) x (b0, b1).
@@ -710,6 +712,12 @@ bool amx_supported() {
   return ok;
 }
 
+// The first 64-byte aligned element of a buffer allocated with 64 bytes to spare.
+template <typename T>
+T* align64(T* p) {
+  return p + (64 - reinterpret_cast<uintptr_t>(p) % 64) % 64 / sizeof(T);
+}
+
 struct alignas(64) AmxConfig {
   uint8_t palette = 1, start_row = 0;
   uint8_t reserved[14] = {};
@@ -856,9 +864,8 @@ __attribute__((target("avx512f"))) void amx_driver(int64_t M, int64_t N, int64_t
   // runs out; a vector's allocation fails as torch's do)
   thread_local std::vector<uint16_t> vnni_buffer(kAmxKC / 32 * 1024 + 32);
   thread_local std::vector<float> panel_buffer(kAmxKC * NR + 16);
-  const auto aligned = [](auto* p) { return p + (64 - reinterpret_cast<uintptr_t>(p) % 64) % 64 / sizeof(*p); };
-  uint16_t* const vnni = aligned(vnni_buffer.data());
-  float* const panel = aligned(panel_buffer.data());  // (64-byte aligned: assemble's stores)
+  uint16_t* const vnni = align64(vnni_buffer.data());
+  float* const panel = align64(panel_buffer.data());  // (64-byte aligned: assemble's stores)
   thread_local std::vector<MappedPanel> mapped;
   thread_local std::vector<PanelRuns> panel_runs;
   if (b_cols) {
@@ -924,14 +931,13 @@ __attribute__((target("avx512f,avx512bw"), always_inline)) inline __m512i narrow
 // 16 rows narrowed into pairs (narrow32_avx512), transposed in registers.
 __attribute__((target("avx512f,avx512bw"))) void vnni_panel(const float* rows, int64_t ld, int64_t cols, int64_t kc,
                                                             uint16_t* vnni) {
-  const auto lanes = [](int64_t n) { return first_lanes(std::max<int64_t>(0, n)); };
   for (int64_t h = 0; h < 2; ++h)
     for (int64_t s = 0; s < (kc + 31) / 32; ++s) {
       const int64_t left = kc - 32 * s;
       __m512 v[16];
       for (int i = 0; i < 16; ++i) {
         const int64_t n = 16 * h + i;
-        v[i] = n < cols ? _mm512_castsi512_ps(narrow32_avx512(rows + n * ld + 32 * s, lanes(left), lanes(left - 16)))
+        v[i] = n < cols ? _mm512_castsi512_ps(narrow32_avx512(rows + n * ld + 32 * s, first_lanes_any(left), first_lanes_any(left - 16)))
                         : _mm512_setzero_ps();
       }
       transpose16_avx512(v);  // v[i]: pair i of the 16 columns
@@ -944,13 +950,12 @@ __attribute__((target("avx512f,avx512bw"))) void vnni_panel(const float* rows, i
 __attribute__((target("avx512f,avx512bw"))) void narrow_rows_avx512(const float* src, int64_t ld_src, int64_t rows,
                                                                     int64_t len, int64_t width, uint16_t* dst,
                                                                     int64_t ld_dst) {
-  const auto lanes = [](int64_t n) { return first_lanes(std::max<int64_t>(0, n)); };
   for (int64_t r = 0; r < rows; ++r) {
     const float* in = src + r * ld_src;
     uint16_t* d = dst + r * ld_dst;
     int64_t j = 0;
     for (; j < len && j < width; j += 32) {
-      const __m512i v = narrow32_avx512(in + j, lanes(len - j), lanes(len - j - 16));
+      const __m512i v = narrow32_avx512(in + j, first_lanes_any(len - j), first_lanes_any(len - j - 16));
       if (j + 32 <= width) _mm512_storeu_si512(d + j, v);
       else _mm512_mask_storeu_epi16(d + j, (__mmask32(1) << (width - j)) - 1, v);
     }
@@ -967,10 +972,8 @@ __attribute__((target("avx512f,avx512bw"))) void amx_nt_driver(int64_t M, int64_
   thread_local std::vector<uint16_t> a_buffer, b_buffer;
   a_buffer.resize(panels * (kAmxKC / 32) * 512 + 32);
   b_buffer.resize(kAmxKC / 32 * 1024 + 32);
-  const auto aligned = [](uint16_t* p) { return p + (64 - reinterpret_cast<uintptr_t>(p) % 64) % 64 / 2; };
-  uint16_t* const a_tiles = aligned(a_buffer.data());
-  uint16_t* const vnni = aligned(b_buffer.data());
-  const auto lanes = [](int64_t n) { return first_lanes(std::max<int64_t>(0, n)); };
+  uint16_t* const a_tiles = align64(a_buffer.data());
+  uint16_t* const vnni = align64(b_buffer.data());
   amx_configure();
   for (int64_t pc = 0; pc < K; pc += kAmxKC) {
     const int64_t kc = std::min(kAmxKC, K - pc), steps = (kc + 31) / 32;
@@ -980,7 +983,7 @@ __attribute__((target("avx512f,avx512bw"))) void amx_nt_driver(int64_t M, int64_
       for (int64_t s = 0; s < steps; ++s) {
         uint16_t* d = a_tiles + (r / 16 * steps + s) * 512 + r % 16 * 32;
         const int64_t left = kc - 32 * s;
-        const __m512i v = r < M ? narrow32_avx512(A + r * lda + pc + 32 * s, lanes(left), lanes(left - 16))
+        const __m512i v = r < M ? narrow32_avx512(A + r * lda + pc + 32 * s, first_lanes_any(left), first_lanes_any(left - 16))
                                 : _mm512_setzero_si512();
         _mm512_store_si512(d, v);
       }
@@ -1058,18 +1061,8 @@ void amx_vnni_rows(const float* rows, int64_t ld, int64_t N, int64_t K, uint16_t
 void amx_narrow_rows(const float* src, int64_t ld_src, int64_t rows, int64_t len, int64_t width, uint16_t* dst,
                      int64_t ld_dst) {
 #if TORCH_CONVT_AMX
-  return narrow_rows_avx512(src, ld_src, rows, len, width, dst, ld_dst);
+  narrow_rows_avx512(src, ld_src, rows, len, width, dst, ld_dst);
 #endif
-  for (int64_t r = 0; r < rows; ++r) {
-    uint16_t* d = dst + r * ld_dst;
-    const float* in = src + r * ld_src;
-    for (int64_t j = 0; j < len; ++j) {
-      uint32_t bits;
-      std::memcpy(&bits, in + j, sizeof(bits));
-      d[j] = static_cast<uint16_t>(bits >> 16);  // (bfloat16 values: exact)
-    }
-    std::fill(d + len, d + width, uint16_t(0));
-  }
 }
 
 void gemm_amx_rows(int64_t M, int64_t N, int64_t K, const uint16_t* a, int64_t lda, const uint16_t* vnni, float* C,

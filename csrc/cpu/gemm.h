@@ -62,11 +62,12 @@ void amx_pack_a(float* a, int64_t M, int64_t K);
 void gemm_amx_nt(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb,
                  bool accumulate, float* C, int64_t ldc);
 
-// The tap-by-tap weight gradient on AMX: B's VNNI tiles built once (amx_vnni_rows: B[k][n] = rows[n * ld + k], float
-// rows of bfloat16 values; amx_vnni_size elements), then C[M x N] += A . B for A as bfloat16 rows (gemm_amx_rows:
-// A[m][k] = a[m * lda + k], read for m < M rounded up to 16 and k < K rounded up to 32; those past K must be finite),
-// so that every tap's A is its windows at its shift, loaded straight into tiles. amx_narrow_rows writes float rows of
-// bfloat16 values as bfloat16 (dst[r * ld_dst + j] = src[r * ld_src + j] for j < len, 0 for len <= j < width).
+// The tap-by-tap weight gradient on AMX (only where amx_bf16()): B's VNNI tiles built once (amx_vnni_rows: B[k][n] =
+// rows[n * ld + k], float rows of bfloat16 values; amx_vnni_size elements), then C[M x N] += A . B for A as bfloat16
+// rows (gemm_amx_rows: A[m][k] = a[m * lda + k], read for m < M rounded up to 16 and k < K rounded up to 32; those
+// past K must be finite), so that every tap's A is its windows at its shift, loaded straight into tiles.
+// amx_narrow_rows writes float rows of bfloat16 values as bfloat16 (dst[r * ld_dst + j] = src[r * ld_src + j] for
+// j < len, 0 for len <= j < width).
 int64_t amx_vnni_size(int64_t N, int64_t K);
 void amx_vnni_rows(const float* rows, int64_t ld, int64_t N, int64_t K, uint16_t* vnni);
 void amx_narrow_rows(const float* src, int64_t ld_src, int64_t rows, int64_t len, int64_t width, uint16_t* dst,
