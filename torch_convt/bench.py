@@ -171,15 +171,10 @@ def compare_abba(fa: Callable[[], None], fb: Callable[[], None], device: torch.d
     return ta, tb
 
 
-def measure_fma_peak(seconds: float = 0.5) -> Optional[float]:
-    """The CPU's fp32 FMA peak (GFLOP/s, all torch threads), by our register-only FMA loop."""
-    op = getattr(torch.ops.torch_convt, "cpu_fma_peak_gflops", None)
-    return None if op is None else float(op(seconds))
-
-
-def measure_amx_peak(seconds: float = 0.5) -> Optional[float]:
-    """The CPU's bfloat16 peak on AMX tiles (GFLOP/s, all torch threads), where bfloat16 layers use them."""
-    op = getattr(torch.ops.torch_convt, "cpu_amx_peak_gflops", None)
+def measure_cpu_peak(unit: str = "fma", seconds: float = 0.5) -> Optional[float]:
+    """The CPU's peak (GFLOP/s, all torch threads) by our register-only loop: fp32 on the FMA units ("fma"), or
+    bfloat16 on AMX tiles ("amx") where bfloat16 layers use them; None where the op is missing or reports 0."""
+    op = getattr(torch.ops.torch_convt, f"cpu_{unit}_peak_gflops", None)
     return (float(op(seconds)) or None) if op is not None else None
 
 
@@ -521,9 +516,9 @@ def main(argv=None) -> int:
         print(f"warning: other processes kept the CPUs {100 * busy:.0f}% busy just before "
               f"starting; timings will be noisy")
     sgemm = measure_peak(device, torch.float32)
-    fma = measure_fma_peak() if device.type == "cpu" else None
+    fma = measure_cpu_peak("fma") if device.type == "cpu" else None
     peak = fma or sgemm
-    amx = measure_amx_peak() if device.type == "cpu" else None
+    amx = measure_cpu_peak("amx") if device.type == "cpu" else None
     bandwidth = measure_copy_bandwidth(device)
     others = "other dtypes" if not amx else "other dtypes but bfloat16"
     if fma:
