@@ -585,7 +585,8 @@ void gemm_driver(GemmTile tile, int64_t M, int64_t N, int64_t K, const T* a_pack
   const MicroFn<T> fn = mk.fn[MR];
   const HalvesFn<T> halves_fn = mk.halves[MR];
   const GatherFn<T> gather_fn = mk.gather[MR];
-  const int64_t KB = b_rows || tile.kc <= 0 ? KC : tile.kc;  // (panel below is used with b_rows only)
+  const bool deep = !b_rows && tile.kc > 0;
+  const int64_t KB = deep ? tile.kc : KC;  // (panel below is used with b_rows only)
   T edge[16 * 32];  // an MR x NR block of C for ragged edges (MR <= 16, NR <= 32)
   alignas(64) T panel[KC * 32];  // a block of B rows copied or assembled (NR <= 32)
   // A column map's panels, classified once for all K blocks.
@@ -604,7 +605,9 @@ void gemm_driver(GemmTile tile, int64_t M, int64_t N, int64_t K, const T* a_pack
   }
   // K blocks outermost, then blocks of MC rows of A: one (MC x KC) block of A stays in L2 while every B panel
   // streams past it, and each B panel's KC x NR block stays in L1 while the A panels of the block run over it.
-  const int64_t MC = std::max<int64_t>(MR, kAcBytes / (KB * int64_t(sizeof(T))) / MR * MR);
+  const int64_t mc_max = std::max<int64_t>(MR, kAcBytes / (KB * int64_t(sizeof(T))) / MR * MR);
+  const int64_t m_blocks = (M + mc_max - 1) / mc_max;  // blocks of about equal rows (not a full one and a sliver)
+  const int64_t MC = ((M + m_blocks - 1) / m_blocks + MR - 1) / MR * MR;
   for (int64_t pc = 0; pc < K; pc += KB) {
     const int64_t kc = std::min(KB, K - pc);
     const bool acc = accumulate || pc > 0;
@@ -662,6 +665,14 @@ void gemm_driver(GemmTile tile, int64_t M, int64_t N, int64_t K, const T* a_pack
           T* c = C + ir * ldc + jr;
           const int64_t pf = ir == ic ? next : mp.at0;
           const bool gather = gathered && ir == ic;
+          if (deep && ir + MR < ic + mc) {
+            // (deep K blocks: C is far from cache (the weight gradient's partial sums), so the next A panel's block
+            // of C is fetched into L2 while this one's kc steps run; DCGAN weight gradient x0.95 time)
+            for (int64_t i = 0; i < std::min(MR, M - ir - MR); ++i) {
+              __builtin_prefetch(c + (MR + i) * ldc, 1, 2);
+              __builtin_prefetch(c + (MR + i) * ldc + NR - 1, 1, 2);
+            }
+          }
           if (mr == MR && nr == NR) {
             if (gather) gather_fn(kc, ap, b_rows + pc, *runs, pf, panel, c, ldc, acc);
             else if (halves) halves_fn(kc, ap, rp, mp.at0, mp.at1, pf, c, ldc, acc);
