@@ -1069,9 +1069,10 @@ void conv_weight_grad_kernel(const ConvParams& p, const scalar_t* x, const Strid
     for (int64_t item = items * c / chunks; item < items * (c + 1) / chunks; ++item)
       reached[c * regions + item / (tiles * blocks) * blocks + item % blocks] = 1;
   // packed: C is this chunk's partial sums (Cyg x KK, far from cache for wide layers), so the tile's depth runs in
-  // K blocks of kWeightGradKC: each C block is loaded and stored once per tile instead of once per 128 positions,
-  // with the tall register blocking (measured, weight gradient time with 1 / 2 threads: deep blocks x0.94 / x0.92
-  // on HiFi-GAN, x0.92 / x0.97 on DCGAN; the tall blocking then another x0.95 / x0.93 and x0.92 / x0.95).
+  // K blocks of kWeightGradKC: each C block is loaded and stored once per tile instead of once per default K block
+  // (128 or 256 positions), with the tall register blocking (measured, weight gradient time with 1 / 2 threads: deep
+  // blocks x0.94 / x0.92 on HiFi-GAN, x0.92 / x0.97 on DCGAN; the tall blocking then another x0.95 / x0.93 and x0.92
+  // / x0.95).
   const cpu::GemmTile gt = cpu::gemm_tile_deep<acc_t>(kWeightGradKC);
   // (bfloat16 on AMX: the packed path's GEMMs on tiles, gemm_amx_nt)
   const bool amx = packed && std::is_same_v<scalar_t, c10::BFloat16> && cpu::amx_bf16();
