@@ -268,8 +268,9 @@ GRID_TILES = [
     # set reads a frame, so the CPU kernel tiles the grid points of the whole batch and reads its columns through a
     # column map; each case takes one of its paths (checked with a temporary print when it was written; the
     # in-place two-run panels are float32 only)
-    ((3, 32, 16, 16), (32, 64, 4, 4), 2, 1, 1, False),     # 64-row sets: panels of two lines assembled; a tile
-                                                           # spans two images
+    ((3, 32, 16, 16), (32, 64, 4, 4), 2, 1, 1, False),     # 64-row sets: panels of two lines (a half each),
+                                                           # packed by the first A panel's kernel (float32); a
+                                                           # tile spans two images
     ((2, 8, 16, 16), (8, 16, 4, 4), 2, 1, 1, False),       # 16-row sets, lines of 16: two-run panels in place
     ((2, 8, 6, 7, 9), (8, 8, 4, 4, 4), 2, 1, 1, False),    # 8-row sets, lines of 9: the frame's lines, whose
                                                            # pad points are computed and dropped

@@ -2,8 +2,8 @@
 //
 // The micro-kernel streams one A panel (MR x kc) and one B panel (kc x NR) and keeps an MR x NR block of C in
 // registers. The driver walks B panels outermost (a B panel is reused by every A panel while it sits in L1/L2),
-// splitting K into KC-deep blocks (k_block) so that panel stays cache-resident. Every C element sums its K products in
-// increasing k, block by block: the order depends on the shapes only, never on threads.
+// splitting K into KC-deep blocks (k_block) so that panel stays cache-resident. Every C element sums its K products
+// in increasing k, block by block: the order depends on the shapes (and the L1 size) only, never on threads.
 //
 // The SIMD micro-kernels are compiled with per-function target attributes and only called after a run-time
 // CPU check, so one binary runs (and is fast) on any x86-64 CPU. They use intrinsics only, no library code,
@@ -81,9 +81,10 @@ using MicroFn = void (*)(int64_t kc, const T* a, const T* b, const T* const* row
 // A B panel read in place from two runs (gemm_rows with a column map: a panel that crosses from one line of a
 // grid to the next at its middle): columns [0, NR/2) from rows[k] + at0 on, [NR/2, NR) from rows[k] + at1 on;
 // prefetching as MicroFn.
+// (The packing variant also stores the panel at `panel` + 32 * k as it multiplies it, for the other A panels.)
 template <typename T>
-using HalvesFn = void (*)(int64_t kc, const T* a, const T* const* rows, int64_t at0, int64_t at1, int64_t pf, T* c,
-                          int64_t ldc, bool accumulate);
+using HalvesFn = void (*)(int64_t kc, const T* a, const T* const* rows, int64_t at0, int64_t at1, int64_t pf,
+                          T* panel, T* c, int64_t ldc, bool accumulate);
 
 // The runs of a panel of mapped columns cols[0, nr) (nr <= 32), by 16-column half: lane l of half h reads
 // row + shift[h][i] + l where bit l of mask[h][i] is set, i < count[h] (lanes of no run are zero).
@@ -124,6 +125,7 @@ struct MicroKernel {
   const char* isa;
   MicroFn<T> fn[kMaxMR + 1] = {};
   HalvesFn<T> halves[kMaxMR + 1] = {};
+  HalvesFn<T> halves_pack[kMaxMR + 1] = {};
   GatherFn<T> gather[kMaxMR + 1] = {};
   // A mapped panel (NR = 32) copied from its runs, where the ISA has gather kernels (else assemble_panel).
   void (*assemble)(const T* const* rows, int64_t kc, const PanelRuns& runs, T* panel) = nullptr;
@@ -205,11 +207,11 @@ __attribute__((target("avx512f,fma"))) void micro_avx512(int64_t kc, const float
   store_c_avx512<MR>(c0, c1, c, ldc, accumulate);
 }
 
-// The same for a panel of two runs (HalvesFn): each half of the panel is one load.
-template <int MR>
+// The same for a panel of two runs (HalvesFn): each half of the panel is one load; with Pack, stored packed too.
+template <int MR, bool Pack>
 __attribute__((target("avx512f,fma"))) void micro_avx512_halves(int64_t kc, const float* a, const float* const* rows,
-                                                                int64_t at0, int64_t at1, int64_t pf, float* c,
-                                                                int64_t ldc, bool accumulate) {
+                                                                int64_t at0, int64_t at1, int64_t pf, float* panel,
+                                                                float* c, int64_t ldc, bool accumulate) {
   __m512 c0[MR], c1[MR];
 #pragma GCC unroll 12
   for (int i = 0; i < MR; ++i) c0[i] = c1[i] = _mm512_setzero_ps();
@@ -218,6 +220,10 @@ __attribute__((target("avx512f,fma"))) void micro_avx512_halves(int64_t kc, cons
     __builtin_prefetch(row + pf, 0, 3);
     __builtin_prefetch(row + pf + 16, 0, 3);
     const __m512 b0 = _mm512_loadu_ps(row + at0), b1 = _mm512_loadu_ps(row + at1);
+    if constexpr (Pack) {
+      _mm512_store_ps(panel + 32 * k, b0);
+      _mm512_store_ps(panel + 32 * k + 16, b1);
+    }
     fma_rows_avx512<MR>(a, b0, b1, c0, c1);
   }
   store_c_avx512<MR>(c0, c1, c, ldc, accumulate);
@@ -495,7 +501,8 @@ MicroKernel<T> select_kernel() {
 template <int LO, int HI>
 void add_avx512(MicroKernel<float>& k) {
   k.fn[LO] = &micro_avx512<LO>;
-  k.halves[LO] = &micro_avx512_halves<LO>;
+  k.halves[LO] = &micro_avx512_halves<LO, false>;
+  k.halves_pack[LO] = &micro_avx512_halves<LO, true>;
   k.gather[LO] = &micro_avx512_gather<LO>;
   if constexpr (LO < HI) add_avx512<LO + 1, HI>(k);
 }
@@ -601,7 +608,7 @@ void gemm_driver(GemmTile tile, int64_t M, int64_t N, int64_t K, const T* a_pack
   const MicroKernel<T>& mk = kernel<T>();
   const int64_t MR = tile.mr, NR = mk.nr;
   const MicroFn<T> fn = mk.fn[MR];
-  const HalvesFn<T> halves_fn = mk.halves[MR];
+  const HalvesFn<T> halves_fn = mk.halves[MR], halves_pack_fn = mk.halves_pack[MR];
   const GatherFn<T> gather_fn = mk.gather[MR];
   const bool deep = !b_rows && tile.kc > 0;
   const int64_t KC = k_block<T>(NR);
@@ -639,12 +646,15 @@ void gemm_driver(GemmTile tile, int64_t M, int64_t N, int64_t K, const T* a_pack
         const MappedPanel mp = b_cols ? mapped[jr / NR] : MappedPanel{MappedPanel::kRun, jr, 0};
         const bool many = mc >= kCopyPanels * MR;
         const bool halves = b_rows && mp.kind == MappedPanel::kHalves && !many && halves_fn;
+        // (two runs that many A panels read: packed by the first one's kernel as it multiplies them; DCGAN forward,
+        // 16-point lines in 18-point frame lines, x0.98 time against the gather kernel's masked loads)
+        const bool halves_packed = b_rows && mp.kind == MappedPanel::kHalves && many && halves_pack_fn;
         // (an assembled panel of at most two runs a half: packed by the first A panel's kernel as it multiplies it;
         // the dilated 3d layer, 20-point lines in 32-column panels: x0.92 time)
         const PanelRuns* runs = mp.runs >= 0 ? &panel_runs[mp.runs] : nullptr;
-        const bool gathered = b_rows && mp.kind != MappedPanel::kRun && !halves && gather_fn && runs &&
-                              runs->count[0] <= 2 && runs->count[1] <= 2;
-        const bool assembled = b_rows && mp.kind != MappedPanel::kRun && !halves && !gathered;
+        const bool gathered = b_rows && mp.kind != MappedPanel::kRun && !halves && !halves_packed && gather_fn &&
+                              runs && runs->count[0] <= 2 && runs->count[1] <= 2;
+        const bool assembled = b_rows && mp.kind != MappedPanel::kRun && !halves && !halves_packed && !gathered;
         // The next panel's first column: its part of this block's rows is fetched while the A panels run over this
         // one (by the first one's kernel, or while copying).
         const int64_t next = !b_rows || jr + NR >= N ? mp.at0 : b_cols ? b_cols[jr + NR] : jr + NR;
@@ -655,7 +665,7 @@ void gemm_driver(GemmTile tile, int64_t M, int64_t N, int64_t K, const T* a_pack
           else assemble_panel(b_rows + pc, kc, b_cols + jr, nr, NR, panel);
           bp = panel;
           rp = nullptr;
-        } else if (gathered) {
+        } else if (gathered || halves_packed) {
           bp = panel;  // (packed by the first A panel's kernel)
           rp = nullptr;
         } else if (b_rows && many && !halves) {
@@ -683,7 +693,7 @@ void gemm_driver(GemmTile tile, int64_t M, int64_t N, int64_t K, const T* a_pack
           const int64_t mr = std::min(MR, M - ir);
           T* c = C + ir * ldc + jr;
           const int64_t pf = ir == ic ? next : mp.at0;
-          const bool gather = gathered && ir == ic;
+          const bool gather = gathered && ir == ic, pack_halves = halves_packed && ir == ic;
           if (deep && ir + MR < ic + mc) {
             // (deep K blocks: C is far from cache (the weight gradient's partial sums), so the next A panel's block
             // of C is fetched into L2 while this one's kc steps run; DCGAN weight gradient x0.95 time)
@@ -694,11 +704,13 @@ void gemm_driver(GemmTile tile, int64_t M, int64_t N, int64_t K, const T* a_pack
           }
           if (mr == MR && nr == NR) {
             if (gather) gather_fn(kc, ap, b_rows + pc, *runs, pf, panel, c, ldc, acc);
-            else if (halves) halves_fn(kc, ap, rp, mp.at0, mp.at1, pf, c, ldc, acc);
+            else if (pack_halves) halves_pack_fn(kc, ap, b_rows + pc, mp.at0, mp.at1, pf, panel, c, ldc, acc);
+            else if (halves) halves_fn(kc, ap, rp, mp.at0, mp.at1, pf, nullptr, c, ldc, acc);
             else fn(kc, ap, bp, rp, mp.at0, pf, c, ldc, acc);
           } else {
             if (gather) gather_fn(kc, ap, b_rows + pc, *runs, pf, panel, edge, NR, false);
-            else if (halves) halves_fn(kc, ap, rp, mp.at0, mp.at1, pf, edge, NR, false);
+            else if (pack_halves) halves_pack_fn(kc, ap, b_rows + pc, mp.at0, mp.at1, pf, panel, edge, NR, false);
+            else if (halves) halves_fn(kc, ap, rp, mp.at0, mp.at1, pf, nullptr, edge, NR, false);
             else fn(kc, ap, bp, rp, mp.at0, pf, edge, NR, false);
             for (int64_t i = 0; i < mr; ++i)
               for (int64_t j = 0; j < nr; ++j)
