@@ -9,11 +9,18 @@
 
 #include <algorithm>
 #include <array>
+#include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <memory>
+#include <new>
 #include <type_traits>
 #include <utility>
 #include <vector>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 #include "../common/index_math.h"
 #include "../common/params.h"
@@ -68,13 +75,48 @@ inline int64_t tile_size(int64_t rows, int64_t positions, int64_t elem_size, int
   return std::max<int64_t>(1, std::min(t, positions));
 }
 
+// Asks the OS to back [data, data + bytes) with transparent huge pages where it offers them on request (Linux's
+// THP "madvise" mode, common); the 2 MiB pages wholly inside the range, from `least` bytes on. Advisory only.
+inline void advise_huge_pages(void* data, size_t bytes, size_t least) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
+  const uintptr_t p = reinterpret_cast<uintptr_t>(data);
+  const uintptr_t first = (p + kHuge - 1) & ~(kHuge - 1), last = (p + bytes) & ~(kHuge - 1);
+  if (bytes >= least && last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
+#endif
+}
+
 // Per-thread scratch that persists across calls, so small calls pay no allocation or zeroing. Its size is
-// bounded by one tile (kColumnBytes-ish), whatever the problem size. Slot tells buffers apart.
+// bounded by one tile (kColumnBytes-ish), whatever the problem size. Slot tells buffers apart. Contents undefined
+// (zeros when it grows). Buffers of 2 MiB or more lie on huge pages (aligned to them, then advised): GEMMs read
+// their rows and write their partial sums a page or more apart, and with 4 KiB pages every such access needs its own
+// TLB entry (measured, alternated builds: weight gradient DCGAN x0.90 time, HiFi-GAN x0.91, stride-1 and k=4 3d
+// x0.95). Each slot starts Slot x (4 KiB + 320 B) into its block, so that buffers that are all huge-page aligned
+// do not map their starts to the same cache sets (without: MONAI and k=4 3d forward x1.04-1.05 time).
 template <typename T, int Slot>
 T* scratch(int64_t n) {
-  thread_local std::vector<T> buffer;
-  if (static_cast<int64_t>(buffer.size()) < n) buffer.resize(n);
-  return buffer.data();
+  struct Buffer {
+    void* block = nullptr;
+    T* data = nullptr;
+    int64_t size = 0;
+    ~Buffer() { std::free(block); }
+  };
+  thread_local Buffer buffer;
+  if (buffer.size < n) {
+    constexpr size_t kHuge = size_t(2) << 20;
+    const size_t offset = size_t(Slot) * (4096 + 320), bytes = size_t(n) * sizeof(T) + offset;
+    const size_t align = bytes >= kHuge ? kHuge : 64, total = (bytes + align - 1) / align * align;
+    std::free(buffer.block);
+    buffer = Buffer{};  // (empty until the new block is in place: an allocation failure leaves no dangling block)
+    void* block = std::aligned_alloc(align, total);
+    if (!block) throw std::bad_alloc();
+    if (align == kHuge) advise_huge_pages(block, total, kHuge);
+    std::memset(block, 0, total);
+    buffer.block = block;
+    buffer.data = reinterpret_cast<T*>(static_cast<char*>(block) + offset);
+    buffer.size = n;
+  }
+  return buffer.data;
 }
 
 // A call-wide buffer of `n` elements (contents undefined): up to kHeldBytes, the calling thread's own, kept for its

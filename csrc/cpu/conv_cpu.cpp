@@ -49,6 +49,9 @@ constexpr int64_t kJobsPerThread = 4;  // grid tiles: at least this many jobs pe
 constexpr int64_t kMinGridTile = 512;  // grid tiles: not shorter than this, to have more jobs
 constexpr int64_t kGridWindowBytes = int64_t(512) << 10;  // conv grid tiles: a tile's windows, where A is small
 constexpr int64_t kKeptOutputBytes = int64_t(1) << 20;  // outputs this large: OutputAllocator
+// Outputs this large are backed by huge pages where the OS offers them on request (advise_huge_pages): the first
+// touch of fresh memory then costs about a third of what 4 KiB page faults cost.
+constexpr size_t kAdviseOutputBytes = size_t(8) << 20;
 constexpr size_t kKeptOutputs = 4, kCacheLimit = size_t(1) << 30;  // what OutputAllocator keeps, by default
 constexpr int64_t kStreamBytes = int64_t(8) << 20;  // conv_transpose outputs this large: streaming stores
 constexpr int64_t kMinExtendedGrid = 64;  // conv_transpose: innermost grids this long are extended by a point
@@ -1296,17 +1299,6 @@ at::MemoryFormat output_format(const at::Tensor& input, const at::Tensor& weight
   return channels_last ? cl : at::MemoryFormat::Contiguous;
 }
 
-// Large blocks backed by transparent huge pages where the OS offers them on request (THP "madvise" mode, common):
-// the first touch of fresh memory then costs about a third of what 4 KiB page faults cost. Advisory only.
-inline void advise_huge_pages(void* data, size_t bytes) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
-  const uintptr_t p = reinterpret_cast<uintptr_t>(data);
-  const uintptr_t first = (p + kHuge - 1) & ~(kHuge - 1), last = (p + bytes) & ~(kHuge - 1);
-  if (bytes >= 4 * kHuge && last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
-#endif
-}
-
 // Outputs of kKeptOutputBytes or more come from OutputAllocator, which keeps the memory of such an output when it is
 // freed (up to kKeptOutputs blocks, at most the cache limit in bytes: kCacheLimit unless set_cache_limit says
 // otherwise) and hands it to the next large output that fits it. glibc maps every allocation above 32 MiB afresh
@@ -1327,7 +1319,7 @@ class OutputAllocator final : public c10::Allocator {
     Block* block = take(n);
     if (!block) {
       void* data = c10::alloc_cpu(n);  // (throws c10::Error, a RuntimeError, when out of memory: as at::empty)
-      advise_huge_pages(data, n);
+      advise_huge_pages(data, n, kAdviseOutputBytes);
       block = new Block{data, n};
     }
     return {block->data, block, &give_back, c10::Device(c10::DeviceType::CPU)};
@@ -1419,7 +1411,7 @@ at::Tensor new_output(at::IntArrayRef shape, const at::TensorOptions& options) {
   const int64_t bytes = c10::multiply_integers(shape) * int64_t(options.dtype().itemsize());
   if (bytes < kKeptOutputBytes) {
     at::Tensor out = at::empty(shape, options);
-    advise_huge_pages(out.data_ptr(), out.storage().nbytes());
+    advise_huge_pages(out.data_ptr(), out.storage().nbytes(), kAdviseOutputBytes);
     return out;
   }
   return at::detail::empty_generic(shape, &OutputAllocator::get(), c10::DispatchKeySet(c10::DispatchKey::CPU),
