@@ -641,20 +641,28 @@ void gemm_driver(GemmTile tile, int64_t M, int64_t N, int64_t K, const T* a_pack
       const int64_t mc = std::min(MC, M - ic);
       for (int64_t jr = 0; jr < N; jr += NR) {
         const int64_t nr = std::min(NR, N - jr);
-        // (a mapped panel: one run is read like a panel of an unmapped B, two runs in place by the halves kernel where
-        // few A panels read it and there is one, anything else from an assembled copy)
+        // (a mapped panel: one run is read like a panel of an unmapped B, two runs like its halves, anything else from
+        // an assembled copy)
         const MappedPanel mp = b_cols ? mapped[jr / NR] : MappedPanel{MappedPanel::kRun, jr, 0};
-        const bool many = mc >= kCopyPanels * MR;
-        const bool halves = b_rows && mp.kind == MappedPanel::kHalves && !many && halves_fn;
-        // (two runs that many A panels read: packed by the first one's kernel as it multiplies them; DCGAN forward,
-        // 16-point lines in 18-point frame lines, x0.98 time against the gather kernel's masked loads)
-        const bool halves_packed = b_rows && mp.kind == MappedPanel::kHalves && many && halves_pack_fn;
+        const bool many = mc >= kCopyPanels * MR, several = mc >= 3 * MR;
+        // A panel of one or two runs that three or more A panels read: packed by the first one's kernel as it
+        // multiplies it (two plain loads a k step: the halves at at0 and at1), the others read the packed copy. The
+        // rows' runs start anywhere, so their loads straddle cache lines, and a K block of them takes more of L1 than
+        // the panel. (Measured, 6 alternated runs in each order: forward MONAI x0.96 time, stride-1 3d x0.95; input
+        // gradients k=4 3d x0.94, stride-1 3d x0.95, HiFi-GAN x0.97; DCGAN and dilated 3d within noise; with two A
+        // panels, k=4 3d forward x1.03, so not there. DCGAN forward, 16-point lines in 18-point frame lines: x0.98
+        // against the gather kernel's masked loads. The GEMM alone, 32 rows of A, 1024 columns 256 deep, one thread:
+        // 73% of the FMA peak instead of 57% reading the rows in place.)
+        const bool pack_first = b_rows && several && halves_pack_fn &&
+                                (mp.kind == MappedPanel::kRun || mp.kind == MappedPanel::kHalves);
+        const int64_t at1 = mp.kind == MappedPanel::kRun ? mp.at0 + NR / 2 : mp.at1;
+        const bool halves = b_rows && mp.kind == MappedPanel::kHalves && !pack_first && halves_fn;
         // (an assembled panel of at most two runs a half: packed by the first A panel's kernel as it multiplies it;
         // the dilated 3d layer, 20-point lines in 32-column panels: x0.92 time)
         const PanelRuns* runs = mp.runs >= 0 ? &panel_runs[mp.runs] : nullptr;
-        const bool gathered = b_rows && mp.kind != MappedPanel::kRun && !halves && !halves_packed && gather_fn &&
-                              runs && runs->count[0] <= 2 && runs->count[1] <= 2;
-        const bool assembled = b_rows && mp.kind != MappedPanel::kRun && !halves && !halves_packed && !gathered;
+        const bool gathered = b_rows && mp.kind != MappedPanel::kRun && !halves && !pack_first && gather_fn && runs &&
+                              runs->count[0] <= 2 && runs->count[1] <= 2;
+        const bool assembled = b_rows && mp.kind != MappedPanel::kRun && !halves && !pack_first && !gathered;
         // The next panel's first column: its part of this block's rows is fetched while the A panels run over this
         // one (by the first one's kernel, or while copying).
         const int64_t next = !b_rows || jr + NR >= N ? mp.at0 : b_cols ? b_cols[jr + NR] : jr + NR;
@@ -665,14 +673,14 @@ void gemm_driver(GemmTile tile, int64_t M, int64_t N, int64_t K, const T* a_pack
           else assemble_panel(b_rows + pc, kc, b_cols + jr, nr, NR, panel);
           bp = panel;
           rp = nullptr;
-        } else if (gathered || halves_packed) {
+        } else if (gathered || pack_first) {
           bp = panel;  // (packed by the first A panel's kernel)
           rp = nullptr;
-        } else if (b_rows && many && !halves) {
-          // Many A panels will read this block: copy its rows into one aligned panel first (row runs start
-          // anywhere, so every vector load from them would straddle two cache lines). For fewer panels the copy
-          // costs more than it saves (measured with 4-7 panels of 8 rows, i.e. 32-56 output channels: x0.86-0.94
-          // time without it on the stride-1 3d, k=4 3d, MONAI and grouped layers; 8+ panels: no difference).
+        } else if (b_rows && many && mp.kind == MappedPanel::kRun) {
+          // (ISAs without a packing kernel) Many A panels will read this block: copy its rows into one aligned panel
+          // first (row runs start anywhere, so every vector load from them would straddle two cache lines). For fewer
+          // panels the copy costs more than it saves (measured with 4-7 panels of 8 rows, i.e. 32-56 output
+          // channels: x0.86-0.94 time without it on the stride-1 3d, k=4 3d, MONAI and grouped layers).
           // (32 columns a fixed-length loop: std::copy became a call of memmove per row, 4% of the U-Net k=2
           // input gradient's time)
           for (int64_t k = 0; k < kc; ++k) {
@@ -693,7 +701,7 @@ void gemm_driver(GemmTile tile, int64_t M, int64_t N, int64_t K, const T* a_pack
           const int64_t mr = std::min(MR, M - ir);
           T* c = C + ir * ldc + jr;
           const int64_t pf = ir == ic ? next : mp.at0;
-          const bool gather = gathered && ir == ic, pack_halves = halves_packed && ir == ic;
+          const bool gather = gathered && ir == ic, pack = pack_first && ir == ic;
           if (deep && ir + MR < ic + mc) {
             // (deep K blocks: C is far from cache (the weight gradient's partial sums), so the next A panel's block
             // of C is fetched into L2 while this one's kc steps run; DCGAN weight gradient x0.95 time)
@@ -704,12 +712,12 @@ void gemm_driver(GemmTile tile, int64_t M, int64_t N, int64_t K, const T* a_pack
           }
           if (mr == MR && nr == NR) {
             if (gather) gather_fn(kc, ap, b_rows + pc, *runs, pf, panel, c, ldc, acc);
-            else if (pack_halves) halves_pack_fn(kc, ap, b_rows + pc, mp.at0, mp.at1, pf, panel, c, ldc, acc);
+            else if (pack) halves_pack_fn(kc, ap, b_rows + pc, mp.at0, at1, pf, panel, c, ldc, acc);
             else if (halves) halves_fn(kc, ap, rp, mp.at0, mp.at1, pf, nullptr, c, ldc, acc);
             else fn(kc, ap, bp, rp, mp.at0, pf, c, ldc, acc);
           } else {
             if (gather) gather_fn(kc, ap, b_rows + pc, *runs, pf, panel, edge, NR, false);
-            else if (pack_halves) halves_pack_fn(kc, ap, b_rows + pc, mp.at0, mp.at1, pf, panel, edge, NR, false);
+            else if (pack) halves_pack_fn(kc, ap, b_rows + pc, mp.at0, at1, pf, panel, edge, NR, false);
             else if (halves) halves_fn(kc, ap, rp, mp.at0, mp.at1, pf, nullptr, edge, NR, false);
             else fn(kc, ap, bp, rp, mp.at0, pf, edge, NR, false);
             for (int64_t i = 0; i < mr; ++i)
