@@ -90,8 +90,8 @@ inline void advise_huge_pages(void* data, size_t bytes, size_t least) {
 // bounded by one tile (kColumnBytes-ish), whatever the problem size. Slot tells buffers apart. Contents undefined
 // (zeros when it grows). Buffers of 2 MiB or more lie on huge pages (aligned to them, then advised): GEMMs read
 // their rows and write their partial sums a page or more apart, and with 4 KiB pages every such access needs its own
-// TLB entry (measured, alternated builds: weight gradient DCGAN x0.90 time, HiFi-GAN x0.91, stride-1 and k=4 3d
-// x0.95). Each slot starts Slot x (4 KiB + 320 B) into its block, so that buffers that are all huge-page aligned
+// TLB entry (measured, alternated builds: weight gradient DCGAN x0.92 time, HiFi-GAN x0.90, stride-1 and k=4 3d
+// x0.95-0.96). Each slot starts Slot x (4 KiB + 320 B) into its block, so that buffers that are all huge-page aligned
 // do not map their starts to the same cache sets (without: MONAI and k=4 3d forward x1.04-1.05 time).
 template <typename T, int Slot>
 T* scratch(int64_t n) {

@@ -1409,11 +1409,7 @@ class OutputAllocator final : public c10::Allocator {
 
 at::Tensor new_output(at::IntArrayRef shape, const at::TensorOptions& options) {
   const int64_t bytes = c10::multiply_integers(shape) * int64_t(options.dtype().itemsize());
-  if (bytes < kKeptOutputBytes) {
-    at::Tensor out = at::empty(shape, options);
-    advise_huge_pages(out.data_ptr(), out.storage().nbytes(), kAdviseOutputBytes);
-    return out;
-  }
+  if (bytes < kKeptOutputBytes) return at::empty(shape, options);
   return at::detail::empty_generic(shape, &OutputAllocator::get(), c10::DispatchKeySet(c10::DispatchKey::CPU),
                                    options.dtype().toScalarType(), options.memory_format_opt());
 }
