@@ -1014,6 +1014,14 @@ AMX_CASES = [
     ((2, 40, 9, 13), (40, 24, 3, 3), 2, 1, 1, 1, True),        # channels_last; lines of 13: mapped panels
     ((2, 64, 10, 10), (64, 16, 3, 3), 2, 1, 1, 4, False),      # grouped: 16 + 16 input channels a group
     ((3, 150, 37), (150, 24, 3), 2, 1, 1, 1, False),           # weight gradient: 150 rows (ragged tile), 72 columns
+    # stride 1: the forward tap by tap on tiles (conv_transpose_amx_taps)
+    ((1, 32, 6, 7, 9), (32, 32, 3, 3, 3), 1, 1, 0, 1, False),   # 32 channels: one K step, 2 x 2 tiles
+    ((2, 48, 5, 6, 7), (48, 20, 3, 3, 3), 1, 0, 0, 1, False),   # two K steps (48 of 64 channels), 20 rows: 16 + 4
+    ((2, 5, 11, 13), (5, 3, 3, 3), 1, 2, 0, 1, True),           # odd channels, channels_last, output as large as input
+    ((1, 64, 40), (64, 40, 7), 1, 3, 0, 2, False),              # 1d, grouped, 40 rows: 32 + 8
+    ((1, 16, 12, 12), (16, 24, 3, 3), 1, 3, 0, 1, False),       # padding past the kernel: output smaller than input
+    ((1, 32, 9, 8, 10), (32, 32, 3, 3, 3), 1, 2, 0, 1, False, 2),  # dilated
+    ((2, 17, 4, 5, 33), (17, 33, 2, 3, 4), 1, (1, 0, 2), 0, 1, False, (2, 1, 3)),  # anisotropic, 17 channels
 ]
 
 
@@ -1022,7 +1030,8 @@ AMX_CASES = [
 def test_bf16_amx_matches_float64(case):
     """bfloat16 layers on AMX tiles and on the FMA units (set_amx(False)): output, input and weight gradients within
     bfloat16 rounding of the float64 result on the same values (a lost K block, tile or edge is off by far more)."""
-    in_shape, w_shape, stride, padding, out_pad, groups, cl = case
+    in_shape, w_shape, stride, padding, out_pad, groups, cl = case[:7]
+    dilation = case[7] if len(case) > 7 else 1
     nd = len(in_shape) - 2
     torch.manual_seed(11)
     y = torch.randn(in_shape).bfloat16()
@@ -1030,7 +1039,7 @@ def test_bf16_amx_matches_float64(case):
         y = channels_last(y)
     w = (torch.randn(w_shape) / (w_shape[0] * w_shape[2]) ** 0.5).bfloat16()
     b = torch.randn(w_shape[1] * groups).bfloat16()
-    kw = dict(stride=stride, padding=padding, output_padding=out_pad, groups=groups)
+    kw = dict(stride=stride, padding=padding, output_padding=out_pad, groups=groups, dilation=dilation)
 
     def run(fn, dtype, g_out=None):
         yy, ww, bb = (t.detach().to(dtype).requires_grad_() for t in (y, w, b))

@@ -752,7 +752,9 @@ bool amx_supported() {
     if (__get_cpuid_max(0, nullptr) < 7) return false;
     __cpuid_count(7, 0, a, b, c, d);
     const bool tile = (d >> 24) & 1, bf16 = (d >> 22) & 1;  // AMX-TILE, AMX-BF16
-    if (!tile || !bf16 || !__builtin_cpu_supports("avx512f")) return false;
+    if (!tile || !bf16 || !__builtin_cpu_supports("avx512f") || !__builtin_cpu_supports("avx512bw") ||
+        !__builtin_cpu_supports("avx512vl"))
+      return false;
     // Linux hands out the tile state (8 KiB of registers) only to processes that ask for it (once, for all threads):
     // ARCH_REQ_XCOMP_PERM for XFEATURE_XTILEDATA. It refuses where the kernel or the hypervisor does not support it.
     return syscall(SYS_arch_prctl, 0x1023, 18) == 0;
@@ -1051,6 +1053,83 @@ __attribute__((target("avx512f,avx512bw"))) void amx_nt_driver(int64_t M, int64_
   }
   amx_release();
 }
+
+// gemm_amx_taps' body: per 2 x 2 block of C tiles (32 rows x 32 columns), every (tap, K step) loads two A tiles
+// (its weights) and two B tiles (the pair rows at the tap's shift) for four products; C leaves the tiles once.
+template <int MT>
+__attribute__((target("amx-tile,amx-bf16"))) void amx_taps_block(int64_t N, int64_t T, int64_t KB, int64_t kp,
+                                                                 const uint16_t* a, const uint32_t* b, int64_t ldb,
+                                                                 const int64_t* shift, float* c, int64_t ldc) {
+  const int64_t a_tile = 32 * kp, a_rows = 4 * kp, b_rows = 4 * ldb, c_rows = 4 * ldc;  // (elements; bytes)
+  const int64_t a_block = T * KB * a_tile;  // the next 16 rows' tiles
+  for (int64_t j = 0; j < N; j += 32) {
+    _tile_zero(0);
+    _tile_zero(1);
+    if constexpr (MT == 2) {
+      _tile_zero(2);
+      _tile_zero(3);
+    }
+    const uint16_t* at = a;
+    for (int64_t t = 0; t < T; ++t) {
+      const uint32_t* bt = b + j + shift[t];
+      for (int64_t kb = 0; kb < KB; ++kb, at += a_tile, bt += kp * ldb) {
+        _tile_loadd(4, at, a_rows);
+        _tile_loadd(6, bt, b_rows);
+        _tile_loadd(7, bt + 16, b_rows);
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(1, 4, 7);
+        if constexpr (MT == 2) {
+          _tile_loadd(5, at + a_block, a_rows);
+          _tile_dpbf16ps(2, 5, 6);
+          _tile_dpbf16ps(3, 5, 7);
+        }
+      }
+    }
+    _tile_stored(0, c + j, c_rows);
+    _tile_stored(1, c + j + 16, c_rows);
+    if constexpr (MT == 2) {
+      _tile_stored(2, c + 16 * ldc + j, c_rows);
+      _tile_stored(3, c + 16 * ldc + j + 16, c_rows);
+    }
+  }
+}
+
+__attribute__((target("amx-tile,amx-bf16"))) void amx_taps_driver(int64_t MB, int64_t N, int64_t T, int64_t KB,
+                                                                  int64_t kp, const uint16_t* a, const uint32_t* b,
+                                                                  int64_t ldb, const int64_t* shift, float* c,
+                                                                  int64_t ldc) {
+  AmxConfig cfg;
+  for (int i = 0; i < 8; ++i) cfg.rows[i] = 16, cfg.colsb[i] = 64;
+  cfg.colsb[4] = cfg.colsb[5] = static_cast<uint16_t>(4 * kp);  // A: 16 rows of kp pairs
+  cfg.rows[6] = cfg.rows[7] = static_cast<uint8_t>(kp);         // B: kp pair rows of 16 columns
+  _tile_loadconfig(&cfg);
+  const int64_t a_block = T * KB * 32 * kp;
+  for (int64_t mb = 0; mb < MB; mb += 2) {
+    if (mb + 1 < MB) amx_taps_block<2>(N, T, KB, kp, a + mb * a_block, b, ldb, shift, c + 16 * mb * ldc, ldc);
+    else amx_taps_block<1>(N, T, KB, kp, a + mb * a_block, b, ldb, shift, c + 16 * mb * ldc, ldc);
+  }
+  _tile_release();
+}
+
+// amx_pair_rows' body: 16 positions a step, the lanes inside [a, b) loaded (the others neither read nor kept),
+// the two channels' values zero-extended and merged.
+__attribute__((target("avx512f,avx512bw,avx512vl"))) void pair_rows_avx512(const uint16_t* c0, const uint16_t* c1,
+                                                                          int64_t ld_src, int64_t rows, int64_t a,
+                                                                          int64_t b, int64_t width, uint32_t* dst) {
+  const auto at = [](const uint16_t* p, int64_t i) {  // (p + i, which may lie before p: only loaded lanes count)
+    return reinterpret_cast<const uint16_t*>(reinterpret_cast<uintptr_t>(p) + uintptr_t(i * 2));
+  };
+  for (int64_t r = 0; r < rows; ++r, dst += width) {
+    for (int64_t j = 0; j < width; j += 16) {
+      const __mmask16 m = first_lanes_any(b - j) & ~first_lanes_any(a - j);
+      const __m512i lo = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, at(c0, r * ld_src + j - a)));
+      const __m512i hi =
+          c1 ? _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, at(c1, r * ld_src + j - a))), 16)
+             : _mm512_setzero_si512();
+      _mm512_mask_storeu_epi32(dst + j, first_lanes_any(width - j), _mm512_or_si512(lo, hi));
+    }
+  }
+}
 #pragma GCC diagnostic pop
 #endif
 
@@ -1134,6 +1213,27 @@ void gemm_amx_rows(int64_t M, int64_t N, int64_t K, const uint16_t* a, int64_t l
   }
   amx_release();
 #endif
+}
+
+void gemm_amx_taps(int64_t MB, int64_t N, int64_t T, int64_t KB, int64_t kp, const uint16_t* a, const uint32_t* b,
+                   int64_t ldb, const int64_t* shift, float* C, int64_t ldc) {
+  if (MB <= 0 || N <= 0) return;
+#if TORCH_CONVT_AMX
+  amx_taps_driver(MB, N, T, KB, kp, a, b, ldb, shift, C, ldc);
+#endif
+}
+
+void amx_pair_rows(const uint16_t* c0, const uint16_t* c1, int64_t ld_src, int64_t inner, int64_t rows, int64_t a,
+                   int64_t b, int64_t width, uint32_t* dst) {
+#if TORCH_CONVT_AMX
+  if (inner == 1 && amx_supported()) return pair_rows_avx512(c0, c1, ld_src, rows, a, b, width, dst);
+#endif
+  for (int64_t r = 0; r < rows; ++r, dst += width, c0 += ld_src, c1 = c1 ? c1 + ld_src : nullptr) {
+    std::fill(dst, dst + a, 0u);
+    for (int64_t j = a; j < b; ++j)
+      dst[j] = uint32_t(c0[(j - a) * inner]) | (c1 ? uint32_t(c1[(j - a) * inner]) << 16 : 0u);
+    std::fill(dst + b, dst + width, 0u);
+  }
 }
 
 void amx_pack_a(float* a, int64_t M, int64_t K) {
