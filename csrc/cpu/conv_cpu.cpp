@@ -812,11 +812,13 @@ bool conv_transpose_amx_taps(const ConvParams& p, const Phase& ph, const scalar_
   std::unique_ptr<uint16_t[]> a_fresh;
   uint16_t* const a_all = held_buffer<uint16_t, kWeightSlot>(G * a_size, a_fresh);
   const uint16_t* wb = reinterpret_cast<const uint16_t*>(w);
-  std::atomic<bool> finite{true};
+  // (weights that are inf or NaN: exponent bits all ones; every weight is some tap's at stride 1)
+  unsigned special = 0;
+  for (int64_t i = 0; i < G * Cyg * Cxg * K; ++i) special |= (~wb[i] & 0x7F80u) == 0;
+  if (special) return false;
   std::vector<int64_t> k(T);
   for (int64_t t = 0; t < T; ++t) k[t] = ph.taps[t].k;
   at::parallel_for(0, G * MB, grain(int64_t(8) * a_block), [&](int64_t begin, int64_t end) {
-    unsigned special = 0;  // (exponent bits all ones in some weight: inf or NaN; not 16 bits: no alias of dst)
     for (int64_t item = begin; item < end; ++item) {  // (item = g * MB + i)
       const int64_t g = item / MB, i = item % MB, rows = std::min<int64_t>(16, Cxg - 16 * i);
       uint16_t* dst = a_all + item * a_block;
@@ -825,16 +827,10 @@ bool conv_transpose_amx_taps(const ConvParams& p, const Phase& ph, const scalar_
         for (int64_t r = 0; r < rows; ++r) {
           const uint16_t* src = wb + ((g * Cyg + ci) * Cxg + 16 * i + r) * K;
           uint16_t* d = dst + ci / (2 * kp) * 32 * kp + 2 * kp * r + ci % (2 * kp);
-          for (int64_t t = 0; t < T; ++t, d += KB * 32 * kp) {
-            const uint16_t v = src[k[t]];
-            special |= (~v & 0x7F80u) == 0;
-            *d = v;
-          }
+          for (int64_t t = 0; t < T; ++t) d[t * KB * 32 * kp] = src[k[t]];
         }
     }
-    if (special) finite = false;
   });
-  if (!finite) return false;
 
   // Images a chunk: their frame copies within the held buffer (at least one image).
   const int64_t per_chunk = std::clamp<int64_t>(kHeldBytes / (image * int64_t(sizeof(uint32_t))), 1, p.batch);
@@ -854,7 +850,7 @@ bool conv_transpose_amx_taps(const ConvParams& p, const Phase& ph, const scalar_
     const int64_t imgs = std::min(per_chunk, p.batch - n0);
     // the frame copy: pair row (image, g, cp) holds channels 2cp and 2cp + 1 at every frame position (zero off the
     // source), then zeros through ld
-    at::parallel_for(0, imgs * G * pairs, grain(int64_t(4) * ld), [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, imgs * G * pairs, grain(int64_t(64) * ld), [&](int64_t begin, int64_t end) {
       for (int64_t item = begin; item < end; ++item) {  // (item = (ni * G + g) * pairs + cp)
         const int64_t ni = item / (G * pairs), g = item / pairs % G, c0 = 2 * (item % pairs);
         uint32_t* dst = copy + item * ld;
