@@ -219,6 +219,134 @@ bool conv_grid_tiles(const ConvParams& p, const scalar_t* x, const Strides& sx, 
   return true;
 }
 
+// ---------------------------------------------------------------------------------------------------------
+// Stride-1 bfloat16 layers on AMX, tap by tap. At stride 1 both ops are correlations whose every tap is one shift
+// of the frame (columns.h): `y` (extents `extent`, Cyg channels a group) is read and `x` (extents `grid`, Cxg
+// channels a group) written, tap t reading y at x's position + taps[t].offset with the weight w[g*wg + cx*wx +
+// cy*wy + taps[t].k] (conv_transpose: y is its input, x its output; conv: the other way round). With each image's y
+// laid out once over the frame as bfloat16 channel pairs (pair row: two channels' values a position, VNNI's B
+// layout), the B tile of (tap, 32 channels of y, 16 positions) is 16 pair rows at the tap's shift, loaded straight
+// into the tile unit (cpu::gemm_amx_taps); the weights are A, packed once per call. The GEMM path narrows its float
+// windows into VNNI panels once per tap instead (27 times the input on a k=3 3d layer: 29% of the stride-1 3d
+// forward, whose tile products were another 28%). Frame points off the grid are computed and dropped at the
+// store. Returns false where it does not apply (the caller takes the GEMM path): weights that are not finite (the
+// frame's zero padding would multiply them), or a frame copy of one image past half the workspace bound.
+// ---------------------------------------------------------------------------------------------------------
+struct AmxTapsLayer {
+  int64_t batch, groups, Cyg, Cxg, K;
+  const int64_t *extent, *grid;
+  int64_t wg, wx, wy;  // weight strides: group, x channel, y channel
+};
+
+template <typename scalar_t>
+bool amx_taps(const AmxTapsLayer& l, const std::vector<Tap>& taps, const scalar_t* y, const Strides& sy,
+              const scalar_t* w, const float* bias, scalar_t* x, const Strides& sx) {
+  static_assert(sizeof(scalar_t) == sizeof(uint16_t));
+  const int64_t G = l.groups, Cxg = l.Cxg, Cyg = l.Cyg, K = l.K;
+  if (Cxg <= 0 || Cyg <= 0) return false;
+  const int64_t one[kMaxDims] = {1, 1, 1}, zero[kMaxDims] = {0, 0, 0};
+  const Frame fr = make_frame(taps, one, l.grid);
+  const int64_t T = static_cast<int64_t>(taps.size());
+  // K steps of kp pairs (at most 32 channels; fewer channels: one shorter step), 16-row blocks of output channels
+  const int64_t kp = std::min<int64_t>(16, ceil_div(Cyg, 2)), KB = ceil_div(Cyg, 2 * kp), pairs = KB * kp;
+  const int64_t MB = ceil_div(Cxg, 16);
+  // pair rows: the frame and the 32 positions past it that the last column block reads, in an odd number of
+  // 64-byte lines (rows 2^k lines apart would share L1 sets)
+  int64_t ld = ceil_div(fr.total() + 32, 16) * 16;
+  if (ld / 16 % 2 == 0) ld += 16;
+  const int64_t plane = fr.ext[1] * fr.ext[2], image = G * pairs * ld;  // (pairs of a frame plane, an image)
+  const int64_t out_bytes = l.batch * G * Cxg * l.grid[0] * l.grid[1] * l.grid[2] * int64_t(sizeof(scalar_t));
+  if (image * int64_t(sizeof(uint32_t)) > std::max<int64_t>(int64_t(64) << 20, out_bytes) / 2) return false;
+
+  // A: tile (g, row block i, tap t, step s), row r = output channel 16i + r, pair c = input channels 2kp*s + c
+  const int64_t a_block = T * KB * 32 * kp, a_size = MB * a_block;
+  std::unique_ptr<uint16_t[]> a_fresh;
+  uint16_t* const a_all = held_buffer<uint16_t, kWeightSlot>(G * a_size, a_fresh);
+  const uint16_t* wb = reinterpret_cast<const uint16_t*>(w);
+  // (weights that are inf or NaN: exponent bits all ones; every weight is some tap's at stride 1)
+  unsigned special = 0;
+  for (int64_t i = 0; i < G * Cyg * Cxg * K; ++i) special |= (~wb[i] & 0x7F80u) == 0;
+  if (special) return false;
+  std::vector<int64_t> k(T);
+  for (int64_t t = 0; t < T; ++t) k[t] = taps[t].k;
+  at::parallel_for(0, G * MB, grain(int64_t(8) * a_block), [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {  // (item = g * MB + i)
+      const int64_t g = item / MB, i = item % MB, rows = std::min<int64_t>(16, Cxg - 16 * i);
+      uint16_t* dst = a_all + item * a_block;
+      std::fill(dst, dst + a_block, uint16_t(0));
+      for (int64_t ci = 0; ci < Cyg; ++ci)  // (the weights in order: each line read once)
+        for (int64_t r = 0; r < rows; ++r) {
+          const uint16_t* src = wb + g * l.wg + (16 * i + r) * l.wx + ci * l.wy;
+          uint16_t* d = dst + ci / (2 * kp) * 32 * kp + 2 * kp * r + ci % (2 * kp);
+          for (int64_t t = 0; t < T; ++t) d[t * KB * 32 * kp] = src[k[t]];
+        }
+    }
+  });
+
+  // Images a chunk: their frame copies within the held buffer (at least one image).
+  const int64_t per_chunk = std::clamp<int64_t>(kHeldBytes / (image * int64_t(sizeof(uint32_t))), 1, l.batch);
+  std::unique_ptr<uint32_t[]> copy_fresh;
+  uint32_t* const copy = held_buffer<uint32_t, kPlaneSlot>(per_chunk * image, copy_fresh);
+  // Tiles: runs of one frame plane's positions from its first grid point to its last (the plane's pad lines are
+  // not computed), with results of up to 256 KiB, short enough for about 4 a thread.
+  const int64_t run = (l.grid[1] - 1) * fr.ext[2] + l.grid[2];
+  const int64_t threads = at::get_num_threads();
+  int64_t L = std::clamp<int64_t>((int64_t(256) << 10) / (MB * 16 * int64_t(sizeof(float))) / 32 * 32, 32,
+                                  ceil_div(run, 32) * 32);
+  while (L > 128 && per_chunk * G * l.grid[0] * ceil_div(run, L) < 4 * threads) L = ceil_div(L / 2, 32) * 32;
+  const int64_t cuts = ceil_div(run, L), tiles = l.grid[0] * cuts;
+  const bool stream = out_bytes >= kStreamBytes;
+  const uint16_t* yb = reinterpret_cast<const uint16_t*>(y);
+  for (int64_t n0 = 0; n0 < l.batch; n0 += per_chunk) {
+    const int64_t imgs = std::min(per_chunk, l.batch - n0);
+    // the frame copy: pair row (image, g, cp) holds channels 2cp and 2cp + 1 at every frame position (zero off the
+    // source), then zeros through ld
+    at::parallel_for(0, imgs * G * pairs, grain(int64_t(64) * ld), [&](int64_t begin, int64_t end) {
+      for (int64_t item = begin; item < end; ++item) {  // (item = (ni * G + g) * pairs + cp)
+        const int64_t ni = item / (G * pairs), g = item / pairs % G, c0 = 2 * (item % pairs);
+        uint32_t* dst = copy + item * ld;
+        if (c0 >= Cyg) {
+          std::fill(dst, dst + ld, 0u);
+          continue;
+        }
+        const uint16_t* s0 = yb + (n0 + ni) * sy.n + (g * Cyg + c0) * sy.c;
+        const uint16_t* s1 = c0 + 1 < Cyg ? s0 + sy.c : nullptr;
+        // (frame rows u1 in [r0, r1) and positions u2 in [a, b) read the source)
+        const int64_t r0 = std::clamp<int64_t>(fr.pad[1], 0, fr.ext[1]);
+        const int64_t r1 = std::clamp<int64_t>(fr.pad[1] + l.extent[1], r0, fr.ext[1]);
+        const int64_t a = std::clamp<int64_t>(fr.pad[2], 0, fr.ext[2]);
+        const int64_t b = std::clamp<int64_t>(fr.pad[2] + l.extent[2], a, fr.ext[2]);
+        for (int64_t u0 = 0; u0 < fr.ext[0]; ++u0, dst += plane) {
+          const int64_t d0 = u0 - fr.pad[0];
+          if (d0 < 0 || d0 >= l.extent[0] || a == b) {
+            std::fill(dst, dst + plane, 0u);
+            continue;
+          }
+          const int64_t off = sy.at(d0, r0 - fr.pad[1], a - fr.pad[2]);
+          std::fill(dst, dst + r0 * fr.ext[2], 0u);
+          cpu::amx_pair_rows(s0 + off, s1 ? s1 + off : nullptr, sy.s[1], sy.s[2], r1 - r0, a, b, fr.ext[2],
+                             dst + r0 * fr.ext[2]);
+          std::fill(dst + r1 * fr.ext[2], dst + plane, 0u);
+        }
+        std::fill(dst, copy + (item + 1) * ld, 0u);
+      }
+    });
+    at::parallel_for(0, imgs * G * tiles, 1, [&](int64_t begin, int64_t end) {
+      float* out = scratch<float, 1>(MB * 16 * L);
+      for (int64_t item = begin; item < end; ++item) {
+        const int64_t ni = item / (G * tiles), g = item / tiles % G, i0 = item % tiles / cuts;
+        const int64_t f0 = i0 * plane + item % cuts * L, f1 = std::min(i0 * plane + run, f0 + L);
+        cpu::gemm_amx_taps(MB, ceil_div(f1 - f0, 32) * 32, T, KB, kp, a_all + g * a_size,
+                           copy + (ni * G + g) * pairs * ld + f0, ld, fr.tap_off.data(), out, L);
+        store_rows<scalar_t, float>(out, L, Cxg, bias ? bias + g * Cxg : nullptr, x + (n0 + ni) * sx.n + g * Cxg * sx.c,
+                                    sx, one, zero, l.grid, f0, f1, fr.ext, 0, stream);
+      }
+      if (stream) cpu::stream_fence();
+    });
+  }
+  return true;
+}
+
 template <typename scalar_t>
 void conv_kernel(const ConvParams& p, const scalar_t* x, const Strides& sx, const scalar_t* w, const scalar_t* bias,
                  scalar_t* y, const Strides& sy) {
@@ -226,6 +354,14 @@ void conv_kernel(const ConvParams& p, const scalar_t* x, const Strides& sx, cons
   const int64_t G = p.groups, Cxg = p.big_group(), Cyg = p.small_group();
   if (Cxg == 1 && Cyg == 1) return conv_depthwise(p, x, sx, w, bias, y, sy);
   const int64_t T = p.kernel_numel(), KK = Cxg * T;
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    if (p.stride[0] == 1 && p.stride[1] == 1 && p.stride[2] == 1 && cpu::amx_bf16()) {
+      std::vector<float> b_store;
+      const float* ba = bias ? as_acc(bias, p.small_channels, b_store) : nullptr;
+      const AmxTapsLayer layer{p.batch, G, Cxg, Cyg, T, p.big, p.small, Cyg * Cxg * T, Cxg * T, T};
+      if (amx_taps(layer, conv_taps(p), x, sx, w, ba, y, sy)) return;
+    }
+  }
   // (The taller register blocking where it pads the rows by at most 5%: x0.92-0.95 time on the DCGAN and HiFi-GAN
   // backward convolutions, 256 and 512 rows. conv_transpose keeps the default: x1.07 on HiFi-GAN's forward.)
   cpu::GemmTile gt = cpu::gemm_tile<acc_t>(Cyg, 0.05);
@@ -776,126 +912,6 @@ void grid_tile_store(const ConvParams& p, const TransposePlan& plan, const Team&
   });
 }
 
-// ---------------------------------------------------------------------------------------------------------
-// Stride-1 bfloat16 layers on AMX, tap by tap. Every tap of a stride-1 layer is one shift of the frame (columns.h),
-// so with each image's input laid out once over the frame as bfloat16 channel pairs (pair row: two channels'
-// values a position, VNNI's B layout), the B tile of (tap, 32 input channels, 16 positions) is 16 pair rows at the
-// tap's shift, loaded straight into the tile unit (cpu::gemm_amx_taps); the weights are A, packed once per call.
-// The GEMM path narrows its float windows into VNNI panels once per tap instead (27 times the input on a k=3 3d
-// layer: 29% of the stride-1 3d forward, whose tile products were another 28%). Frame points off the grid are
-// computed and dropped at the store. Returns false where it does not apply (the caller takes the GEMM path):
-// weights that are not finite (the frame's zero padding would multiply them), or a frame copy of one image past
-// half the workspace bound.
-// ---------------------------------------------------------------------------------------------------------
-template <typename scalar_t>
-bool conv_transpose_amx_taps(const ConvParams& p, const Phase& ph, const scalar_t* y, const Strides& sy,
-                             const scalar_t* w, const float* bias, scalar_t* x, const Strides& sx) {
-  static_assert(sizeof(scalar_t) == sizeof(uint16_t));
-  const int64_t G = p.groups, Cxg = p.big_group(), Cyg = p.small_group(), K = p.kernel_numel();
-  if (Cxg <= 0 || Cyg <= 0) return false;
-  const int64_t one[kMaxDims] = {1, 1, 1};
-  const Frame fr = make_frame(ph.taps, one, ph.grid);
-  const int64_t T = static_cast<int64_t>(ph.taps.size());
-  // K steps of kp pairs (at most 32 channels; fewer channels: one shorter step), 16-row blocks of output channels
-  const int64_t kp = std::min<int64_t>(16, ceil_div(Cyg, 2)), KB = ceil_div(Cyg, 2 * kp), pairs = KB * kp;
-  const int64_t MB = ceil_div(Cxg, 16);
-  // pair rows: the frame and the 32 positions past it that the last column block reads, in an odd number of
-  // 64-byte lines (rows 2^k lines apart would share L1 sets)
-  int64_t ld = ceil_div(fr.total() + 32, 16) * 16;
-  if (ld / 16 % 2 == 0) ld += 16;
-  const int64_t plane = fr.ext[1] * fr.ext[2], image = G * pairs * ld;  // (pairs of a frame plane, an image)
-  const int64_t out_bytes = p.batch * p.big_channels * p.big_spatial() * int64_t(sizeof(scalar_t));
-  if (image * int64_t(sizeof(uint32_t)) > std::max<int64_t>(int64_t(64) << 20, out_bytes) / 2) return false;
-
-  // A: tile (g, row block i, tap t, step s), row r = output channel 16i + r, pair c = input channels 2kp*s + c
-  const int64_t a_block = T * KB * 32 * kp, a_size = MB * a_block;
-  std::unique_ptr<uint16_t[]> a_fresh;
-  uint16_t* const a_all = held_buffer<uint16_t, kWeightSlot>(G * a_size, a_fresh);
-  const uint16_t* wb = reinterpret_cast<const uint16_t*>(w);
-  // (weights that are inf or NaN: exponent bits all ones; every weight is some tap's at stride 1)
-  unsigned special = 0;
-  for (int64_t i = 0; i < G * Cyg * Cxg * K; ++i) special |= (~wb[i] & 0x7F80u) == 0;
-  if (special) return false;
-  std::vector<int64_t> k(T);
-  for (int64_t t = 0; t < T; ++t) k[t] = ph.taps[t].k;
-  at::parallel_for(0, G * MB, grain(int64_t(8) * a_block), [&](int64_t begin, int64_t end) {
-    for (int64_t item = begin; item < end; ++item) {  // (item = g * MB + i)
-      const int64_t g = item / MB, i = item % MB, rows = std::min<int64_t>(16, Cxg - 16 * i);
-      uint16_t* dst = a_all + item * a_block;
-      std::fill(dst, dst + a_block, uint16_t(0));
-      for (int64_t ci = 0; ci < Cyg; ++ci)  // (the weights in order: each line read once)
-        for (int64_t r = 0; r < rows; ++r) {
-          const uint16_t* src = wb + ((g * Cyg + ci) * Cxg + 16 * i + r) * K;
-          uint16_t* d = dst + ci / (2 * kp) * 32 * kp + 2 * kp * r + ci % (2 * kp);
-          for (int64_t t = 0; t < T; ++t) d[t * KB * 32 * kp] = src[k[t]];
-        }
-    }
-  });
-
-  // Images a chunk: their frame copies within the held buffer (at least one image).
-  const int64_t per_chunk = std::clamp<int64_t>(kHeldBytes / (image * int64_t(sizeof(uint32_t))), 1, p.batch);
-  std::unique_ptr<uint32_t[]> copy_fresh;
-  uint32_t* const copy = held_buffer<uint32_t, kPlaneSlot>(per_chunk * image, copy_fresh);
-  // Tiles: runs of one frame plane's positions from its first grid point to its last (the plane's pad lines are
-  // not computed), with results of up to 256 KiB, short enough for about 4 a thread.
-  const int64_t run = (ph.grid[1] - 1) * fr.ext[2] + ph.grid[2];
-  const int64_t threads = at::get_num_threads();
-  int64_t L = std::clamp<int64_t>((int64_t(256) << 10) / (MB * 16 * int64_t(sizeof(float))) / 32 * 32, 32,
-                                  ceil_div(run, 32) * 32);
-  while (L > 128 && per_chunk * G * ph.grid[0] * ceil_div(run, L) < 4 * threads) L = ceil_div(L / 2, 32) * 32;
-  const int64_t cuts = ceil_div(run, L), tiles = ph.grid[0] * cuts;
-  const bool stream = out_bytes >= kStreamBytes;
-  const uint16_t* yb = reinterpret_cast<const uint16_t*>(y);
-  for (int64_t n0 = 0; n0 < p.batch; n0 += per_chunk) {
-    const int64_t imgs = std::min(per_chunk, p.batch - n0);
-    // the frame copy: pair row (image, g, cp) holds channels 2cp and 2cp + 1 at every frame position (zero off the
-    // source), then zeros through ld
-    at::parallel_for(0, imgs * G * pairs, grain(int64_t(64) * ld), [&](int64_t begin, int64_t end) {
-      for (int64_t item = begin; item < end; ++item) {  // (item = (ni * G + g) * pairs + cp)
-        const int64_t ni = item / (G * pairs), g = item / pairs % G, c0 = 2 * (item % pairs);
-        uint32_t* dst = copy + item * ld;
-        if (c0 >= Cyg) {
-          std::fill(dst, dst + ld, 0u);
-          continue;
-        }
-        const uint16_t* s0 = yb + (n0 + ni) * sy.n + (g * Cyg + c0) * sy.c;
-        const uint16_t* s1 = c0 + 1 < Cyg ? s0 + sy.c : nullptr;
-        // (frame rows u1 in [r0, r1) and positions u2 in [a, b) read the source)
-        const int64_t r0 = std::clamp<int64_t>(fr.pad[1], 0, fr.ext[1]);
-        const int64_t r1 = std::clamp<int64_t>(fr.pad[1] + p.small[1], r0, fr.ext[1]);
-        const int64_t a = std::clamp<int64_t>(fr.pad[2], 0, fr.ext[2]);
-        const int64_t b = std::clamp<int64_t>(fr.pad[2] + p.small[2], a, fr.ext[2]);
-        for (int64_t u0 = 0; u0 < fr.ext[0]; ++u0, dst += plane) {
-          const int64_t d0 = u0 - fr.pad[0];
-          if (d0 < 0 || d0 >= p.small[0] || a == b) {
-            std::fill(dst, dst + plane, 0u);
-            continue;
-          }
-          const int64_t off = sy.at(d0, r0 - fr.pad[1], a - fr.pad[2]);
-          std::fill(dst, dst + r0 * fr.ext[2], 0u);
-          cpu::amx_pair_rows(s0 + off, s1 ? s1 + off : nullptr, sy.s[1], sy.s[2], r1 - r0, a, b, fr.ext[2],
-                             dst + r0 * fr.ext[2]);
-          std::fill(dst + r1 * fr.ext[2], dst + plane, 0u);
-        }
-        std::fill(dst, copy + (item + 1) * ld, 0u);
-      }
-    });
-    at::parallel_for(0, imgs * G * tiles, 1, [&](int64_t begin, int64_t end) {
-      float* out = scratch<float, 1>(MB * 16 * L);
-      for (int64_t item = begin; item < end; ++item) {
-        const int64_t ni = item / (G * tiles), g = item / tiles % G, i0 = item % tiles / cuts;
-        const int64_t f0 = i0 * plane + item % cuts * L, f1 = std::min(i0 * plane + run, f0 + L);
-        cpu::gemm_amx_taps(MB, ceil_div(f1 - f0, 32) * 32, T, KB, kp, a_all + g * a_size,
-                           copy + (ni * G + g) * pairs * ld + f0, ld, fr.tap_off.data(), out, L);
-        store_rows<scalar_t, float>(out, L, Cxg, bias ? bias + g * Cxg : nullptr, x + (n0 + ni) * sx.n + g * Cxg * sx.c,
-                                    sx, one, ph.r, ph.grid, f0, f1, fr.ext, 0, stream);
-      }
-      if (stream) cpu::stream_fence();
-    });
-  }
-  return true;
-}
-
 template <typename scalar_t>
 void conv_transpose_kernel(const ConvParams& p, const scalar_t* y, const Strides& sy, const scalar_t* w,
                            const scalar_t* bias, scalar_t* x, const Strides& sx) {
@@ -924,8 +940,8 @@ void conv_transpose_kernel(const ConvParams& p, const scalar_t* y, const Strides
   if (plan.direct) return conv_transpose_direct(p, phases, y, sy, w, ba, x, sx);
   if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
     const bool stride_one = p.stride[0] == 1 && p.stride[1] == 1 && p.stride[2] == 1;
-    if (stride_one && phases.size() == 1 && cpu::amx_bf16() &&
-        conv_transpose_amx_taps(p, phases[0], y, sy, w, ba, x, sx))
+    const AmxTapsLayer layer{p.batch, G, Cyg, Cxg, K, p.small, phases[0].grid, Cyg * Cxg * K, K, Cxg * K};
+    if (stride_one && phases.size() == 1 && cpu::amx_bf16() && amx_taps(layer, phases[0].taps, y, sy, w, ba, x, sx))
       return;
   }
 
