@@ -1062,3 +1062,30 @@ def test_bf16_amx_matches_float64(case):
             err = ((got - r).abs() - r.abs() / 128).max().item()
             assert err <= 2e-3 * scale, \
                 f"{name} ({path}): off by {err:.3g} beyond bfloat16 rounding (scale {scale:.3g})"
+
+
+@pytest.mark.skipif(not _amx_available(), reason="this CPU has no AMX (or the OS does not grant it)")
+@pytest.mark.parametrize("cl", [False, True], ids=["contiguous", "channels_last"])
+def test_bf16_amx_stride1_copies_by_chunks_of_images(cl):
+    """Stride-1 bfloat16 layers on AMX copy their input a few images at a time (within 32 MiB): 3 images of 16 MiB
+    copies run as 2 + 1, and a conv reading them the same way; every image matches float32 on the same
+    values within bfloat16 rounding (an image left out or written twice is off by far more)."""
+    torch.manual_seed(5)
+    y = torch.randn(3, 64, 50, 50, 50).bfloat16()
+    if cl:
+        y = channels_last(y)
+    w = (torch.randn(64, 16, 1, 1, 1) / 8).bfloat16()
+    b = torch.randn(16).bfloat16()
+    was = torch_convt.set_amx(True)
+    try:
+        got = torch_convt.functional.conv_transpose3d(y, w, b)
+        back = torch_convt.functional.conv3d(y, w.transpose(0, 1).contiguous())
+    finally:
+        torch_convt.set_amx(was)
+    ref = torch.nn.functional.conv_transpose3d(y.float(), w.float(), b.float())
+    ref_back = torch.nn.functional.conv3d(y.float(), w.transpose(0, 1).float())
+    for name, g, r in (("conv_transpose3d", got, ref), ("conv3d", back, ref_back)):
+        assert g.is_contiguous(memory_format=torch.channels_last_3d) == cl
+        err = ((g.double() - r.double()).abs() - r.double().abs() / 128).amax(dim=(1, 2, 3, 4))
+        scale = r.abs().max().item()
+        assert (err <= 2e-3 * scale).all(), f"{name}: per-image error {err.tolist()} (scale {scale:.3g})"
