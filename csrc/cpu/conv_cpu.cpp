@@ -247,7 +247,7 @@ bool amx_taps(const AmxTapsLayer& l, const std::vector<Tap>& taps, const scalar_
   const int64_t one[kMaxDims] = {1, 1, 1}, zero[kMaxDims] = {0, 0, 0};
   const Frame fr = make_frame(taps, one, l.grid);
   const int64_t T = static_cast<int64_t>(taps.size());
-  // K steps of kp pairs (at most 32 channels; fewer channels: one shorter step), 16-row blocks of output channels
+  // K steps of kp channel pairs of y (32 channels; fewer channels: one shorter step), blocks of 16 channels of x
   const int64_t kp = std::min<int64_t>(16, ceil_div(Cyg, 2)), KB = ceil_div(Cyg, 2 * kp), pairs = KB * kp;
   const int64_t MB = ceil_div(Cxg, 16);
   // pair rows: the frame and the 32 positions past it that the last column block reads, in an odd number of
@@ -258,7 +258,7 @@ bool amx_taps(const AmxTapsLayer& l, const std::vector<Tap>& taps, const scalar_
   const int64_t out_bytes = l.batch * G * Cxg * l.grid[0] * l.grid[1] * l.grid[2] * int64_t(sizeof(scalar_t));
   if (image * int64_t(sizeof(uint32_t)) > std::max<int64_t>(int64_t(64) << 20, out_bytes) / 2) return false;
 
-  // A: tile (g, row block i, tap t, step s), row r = output channel 16i + r, pair c = input channels 2kp*s + c
+  // A: tile (g, row block i, tap t, step s), row r = x channel 16i + r, column c = y channel 2kp*s + c
   const int64_t a_block = T * KB * 32 * kp, a_size = MB * a_block;
   std::unique_ptr<uint16_t[]> a_fresh;
   uint16_t* const a_all = held_buffer<uint16_t, kWeightSlot>(G * a_size, a_fresh);
@@ -283,7 +283,7 @@ bool amx_taps(const AmxTapsLayer& l, const std::vector<Tap>& taps, const scalar_
     }
   });
 
-  // Images a chunk: their frame copies within the held buffer (at least one image).
+  // Images a chunk: their copies within the held buffer (at least one image).
   const int64_t per_chunk = std::clamp<int64_t>(kHeldBytes / (image * int64_t(sizeof(uint32_t))), 1, l.batch);
   std::unique_ptr<uint32_t[]> copy_fresh;
   uint32_t* const copy = held_buffer<uint32_t, kPlaneSlot>(per_chunk * image, copy_fresh);
@@ -297,6 +297,11 @@ bool amx_taps(const AmxTapsLayer& l, const std::vector<Tap>& taps, const scalar_
   const int64_t cuts = ceil_div(run, L), tiles = l.grid[0] * cuts;
   const bool stream = out_bytes >= kStreamBytes;
   const uint16_t* yb = reinterpret_cast<const uint16_t*>(y);
+  // (frame rows u1 in [r0, r1) and positions u2 in [a, b) of a plane read y)
+  const int64_t r0 = std::clamp<int64_t>(fr.pad[1], 0, fr.ext[1]);
+  const int64_t r1 = std::clamp<int64_t>(fr.pad[1] + l.extent[1], r0, fr.ext[1]);
+  const int64_t a = std::clamp<int64_t>(fr.pad[2], 0, fr.ext[2]);
+  const int64_t b = std::clamp<int64_t>(fr.pad[2] + l.extent[2], a, fr.ext[2]);
   for (int64_t n0 = 0; n0 < l.batch; n0 += per_chunk) {
     const int64_t imgs = std::min(per_chunk, l.batch - n0);
     // the frame copy: pair row (image, g, cp) holds channels 2cp and 2cp + 1 at every frame position (zero off the
@@ -311,14 +316,9 @@ bool amx_taps(const AmxTapsLayer& l, const std::vector<Tap>& taps, const scalar_
         }
         const uint16_t* s0 = yb + (n0 + ni) * sy.n + (g * Cyg + c0) * sy.c;
         const uint16_t* s1 = c0 + 1 < Cyg ? s0 + sy.c : nullptr;
-        // (frame rows u1 in [r0, r1) and positions u2 in [a, b) read the source)
-        const int64_t r0 = std::clamp<int64_t>(fr.pad[1], 0, fr.ext[1]);
-        const int64_t r1 = std::clamp<int64_t>(fr.pad[1] + l.extent[1], r0, fr.ext[1]);
-        const int64_t a = std::clamp<int64_t>(fr.pad[2], 0, fr.ext[2]);
-        const int64_t b = std::clamp<int64_t>(fr.pad[2] + l.extent[2], a, fr.ext[2]);
         for (int64_t u0 = 0; u0 < fr.ext[0]; ++u0, dst += plane) {
           const int64_t d0 = u0 - fr.pad[0];
-          if (d0 < 0 || d0 >= l.extent[0] || a == b) {
+          if (d0 < 0 || d0 >= l.extent[0] || r0 == r1 || a == b) {
             std::fill(dst, dst + plane, 0u);
             continue;
           }
@@ -939,10 +939,10 @@ void conv_transpose_kernel(const ConvParams& p, const scalar_t* y, const Strides
 
   if (plan.direct) return conv_transpose_direct(p, phases, y, sy, w, ba, x, sx);
   if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
-    const bool stride_one = p.stride[0] == 1 && p.stride[1] == 1 && p.stride[2] == 1;
-    const AmxTapsLayer layer{p.batch, G, Cyg, Cxg, K, p.small, phases[0].grid, Cyg * Cxg * K, K, Cxg * K};
-    if (stride_one && phases.size() == 1 && cpu::amx_bf16() && amx_taps(layer, phases[0].taps, y, sy, w, ba, x, sx))
-      return;
+    if (p.stride[0] == 1 && p.stride[1] == 1 && p.stride[2] == 1 && phases.size() == 1 && cpu::amx_bf16()) {
+      const AmxTapsLayer layer{p.batch, G, Cyg, Cxg, K, p.small, phases[0].grid, Cyg * Cxg * K, K, Cxg * K};
+      if (amx_taps(layer, phases[0].taps, y, sy, w, ba, x, sx)) return;
+    }
   }
 
   const std::vector<PhaseSet>& sets = plan.sets;
