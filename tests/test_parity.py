@@ -12,7 +12,7 @@ import torch
 import torch_convt
 
 from helpers import (DIMS, Cfg, channels_last, check_parity, ct_out_size, exc_of, fn_pair, ours_conv, ours_ct,
-                     randn, reversed_layout, strided_view, torch_conv, torch_ct)
+                     LOW_PRECISION, randn, reversed_layout, strided_view, torch_conv, torch_ct)
 
 # ----------------------------------------------------------------------------------------------------------
 # configuration grids (tuple values are per-dim for 3 dims and truncated for lower dims)
@@ -547,9 +547,12 @@ DEPTHWISE_LONG_ROWS = [
 ]
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16],
+                         ids=["float64", "float32", "bfloat16", "float16"])
 @pytest.mark.parametrize("case", DEPTHWISE_LONG_ROWS, ids=[f"case{i}" for i in range(len(DEPTHWISE_LONG_ROWS))])
 def test_depthwise_long_rows(case, dtype):
+    """(16-bit rows are widened to float as the vectors load them: compared with torch in float32 on the same
+    values.)"""
     kind, in_shape, kernel, stride, padding, output_padding, dilation, channels_last = case
     nd = len(in_shape) - 2
     C = in_shape[1]
@@ -562,7 +565,7 @@ def test_depthwise_long_rows(case, dtype):
     if kind == "ct":
         kw["output_padding"] = output_padding
     ours, ref = fn_pair(kind, nd)
-    check_parity(ours, ref, (x, w, b), kw)
+    check_parity(ours, ref, (x, w, b), kw, ref_dtype=torch.float32 if dtype in LOW_PRECISION else None)
 
 
 WIDE_TILES = [
