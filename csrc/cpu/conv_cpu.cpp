@@ -56,11 +56,13 @@ constexpr size_t kKeptOutputs = 4, kCacheLimit = size_t(1) << 30;  // what Outpu
 constexpr int64_t kStreamBytes = int64_t(8) << 20;  // conv_transpose outputs this large: streaming stores
 constexpr int64_t kMinExtendedGrid = 64;  // conv_transpose: innermost grids this long are extended by a point
 
-// Whether a GEMM of a scalar_t layer whose A operands are at least `depth` deep runs on AMX tiles (bfloat16 layers
-// where the CPU has AMX: the tile unit multiplies bfloat16 pairs at ~15 times the FMA units' float rate).
+// Whether a GEMM of a scalar_t layer whose A operands are at least `depth` deep, over `channels` input channels a
+// group, runs on AMX tiles (bfloat16 layers where the CPU has AMX: the tile unit multiplies bfloat16 pairs at ~15
+// times the FMA units' float rate). Not for fewer than 16 channels, whose tiles are mostly padding and whose
+// panels' VNNI builds outweigh the products: 8-channel 2d layers (k=3, s=2) took x1.5-2.1 the time on tiles.
 template <typename scalar_t>
-bool use_amx(int64_t depth) {
-  return std::is_same_v<scalar_t, c10::BFloat16> && cpu::amx_depth_fits(depth) && cpu::amx_bf16();
+bool use_amx(int64_t channels, int64_t depth) {
+  return std::is_same_v<scalar_t, c10::BFloat16> && channels >= 16 && cpu::amx_depth_fits(depth) && cpu::amx_bf16();
 }
 
 // cpu::amx_pack_a for float operands (the accumulation type of bfloat16 layers); nothing for others.
@@ -229,8 +231,9 @@ bool conv_grid_tiles(const ConvParams& p, const scalar_t* x, const Strides& sx, 
 // into the tile unit (cpu::gemm_amx_taps); the weights are A, packed once per call. The GEMM path narrows its float
 // windows into VNNI panels once per tap instead (27 times the input on a k=3 3d layer: 29% of the stride-1 3d
 // forward, whose tile products were another 28%). Frame points off the grid are computed and dropped at the
-// store. Returns false where it does not apply (the caller takes the GEMM path): weights that are not finite (the
-// frame's zero padding would multiply them), or a frame copy of one image past half the workspace bound.
+// store. Returns false where it does not apply (the caller takes the GEMM path): fewer than 16 channels of y,
+// weights that are not finite (the frame's zero padding would multiply them), or a frame copy of one image past
+// half the workspace bound.
 // ---------------------------------------------------------------------------------------------------------
 struct AmxTapsLayer {
   int64_t batch, groups, Cyg, Cxg, K;
@@ -243,7 +246,7 @@ bool amx_taps(const AmxTapsLayer& l, const std::vector<Tap>& taps, const scalar_
               const scalar_t* w, const float* bias, scalar_t* x, const Strides& sx) {
   static_assert(sizeof(scalar_t) == sizeof(uint16_t));
   const int64_t G = l.groups, Cxg = l.Cxg, Cyg = l.Cyg, K = l.K;
-  if (Cxg <= 0 || Cyg <= 0) return false;
+  if (Cxg <= 0 || Cyg < 16) return false;  // (fewer channels of y: mostly padding in the tiles, as for use_amx)
   const int64_t one[kMaxDims] = {1, 1, 1}, zero[kMaxDims] = {0, 0, 0};
   const Frame fr = make_frame(taps, one, l.grid);
   const int64_t T = static_cast<int64_t>(taps.size());
@@ -371,7 +374,7 @@ void conv_kernel(const ConvParams& p, const scalar_t* x, const Strides& sx, cons
   const int64_t block =
       std::max<int64_t>(1, std::min(Cxg, kColumnBytes / (gt.nr * std::max<int64_t>(1, T) * int64_t(sizeof(acc_t)))));
   const int64_t blocks = std::max<int64_t>(1, ceil_div(Cxg, block)), depth = block * T;  // (no channels: one empty block)
-  if (use_amx<scalar_t>(KK - (blocks - 1) * depth)) gt = cpu::gemm_tile_amx();
+  if (use_amx<scalar_t>(Cxg, KK - (blocks - 1) * depth)) gt = cpu::gemm_tile_amx();
   // A operand per (group, block): the weight rows of the group's output channels over the block's depth.
   const int64_t a_size = cpu::packed_size(Cyg, depth, gt.mr);
   // (packed in parallel, panel by panel; not zeroed first: packing writes every element)
@@ -681,7 +684,7 @@ TransposePlan make_transpose_plan(const ConvParams& p, const Strides& sy, const 
     set.block = std::max<int64_t>(
         1, std::min(Cyg, kColumnBytes / (set.gt.nr * std::max<int64_t>(1, set.taps) * int64_t(sizeof(acc_t)))));
     set.blocks = std::max<int64_t>(1, ceil_div(Cyg, set.block));  // (no channels: one empty block)
-    if (use_amx<scalar_t>(std::min(set.block, Cyg - (set.blocks - 1) * set.block) * set.taps))
+    if (use_amx<scalar_t>(Cyg, std::min(set.block, Cyg - (set.blocks - 1) * set.block) * set.taps))
       set.gt = cpu::gemm_tile_amx();
     set.a_size = cpu::packed_size(set.out_rows, set.block * set.taps, set.gt.mr);
     set.a_offset = plan.a_total;
