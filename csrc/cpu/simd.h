@@ -1,6 +1,6 @@
 // SIMD helpers shared by the CPU translation units (gemm.cpp, and conv_cpu.cpp through direct.h). Each is always
-// inlined into its caller, which must carry at least this header's target features (avx512f, bmi2) and be called
-// only after a run-time check of the CPU.
+// inlined into its caller, which must carry at least its target features (avx512f, bmi2; for 16-bit rows also
+// avx512bw, avx512vl) and be called only after a run-time check of the CPU.
 #pragma once
 
 #if defined(__x86_64__) && defined(__GNUC__)
