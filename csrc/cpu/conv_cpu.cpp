@@ -237,8 +237,8 @@ bool conv_grid_tiles(const ConvParams& p, const scalar_t* x, const Strides& sx, 
 // ---------------------------------------------------------------------------------------------------------
 struct AmxTapsLayer {
   int64_t batch, groups, Cyg, Cxg, K;
-  const int64_t *extent, *grid;
-  int64_t wg, wx, wy;  // weight strides: group, x channel, y channel
+  const int64_t *extent, *grid, *step;  // step: y positions between x's neighbours (a conv's stride; else 1)
+  int64_t wg, wx, wy;                   // weight strides: group, x channel, y channel
 };
 
 template <typename scalar_t>
@@ -246,18 +246,25 @@ bool amx_taps(const AmxTapsLayer& l, const std::vector<Tap>& taps, const scalar_
               const scalar_t* w, const float* bias, scalar_t* x, const Strides& sx) {
   static_assert(sizeof(scalar_t) == sizeof(uint16_t));
   const int64_t G = l.groups, Cxg = l.Cxg, Cyg = l.Cyg, K = l.K;
-  if (Cxg <= 0 || Cyg < 16) return false;  // (fewer channels of y: mostly padding in the tiles, as for use_amx)
+  // (fewer than 16 channels of y: tiles mostly padding, as for use_amx; more than 64 of x: each 32 of them read the
+  // copy again and their A tiles outgrow L1, where the GEMM path's tall blocks win: the DCGAN and HiFi-GAN input
+  // gradients, 256 and 512 channels, took x1.8 the time)
+  if (Cyg < 16 || Cxg <= 0 || Cxg > 64) return false;
   const int64_t one[kMaxDims] = {1, 1, 1}, zero[kMaxDims] = {0, 0, 0};
-  const Frame fr = make_frame(taps, one, l.grid);
-  const int64_t T = static_cast<int64_t>(taps.size());
+  const Frame fr = make_frame(taps, l.step, l.grid);  // (a strided conv: one frame plane per phase of y)
+  const int64_t T = static_cast<int64_t>(taps.size()), P = static_cast<int64_t>(fr.planes.size());
   // K steps of kp channel pairs of y (32 channels; fewer channels: one shorter step), blocks of 16 channels of x
   const int64_t kp = std::min<int64_t>(16, ceil_div(Cyg, 2)), KB = ceil_div(Cyg, 2 * kp), pairs = KB * kp;
   const int64_t MB = ceil_div(Cxg, 16);
-  // pair rows: the frame and the 32 positions past it that the last column block reads, in an odd number of
-  // 64-byte lines (rows 2^k lines apart would share L1 sets)
-  int64_t ld = ceil_div(fr.total() + 32, 16) * 16;
+  // pair rows: each frame plane (`lp` pairs: the frame and the 32 positions past it that the last column block
+  // reads) in turn, in an odd number of 64-byte lines (rows 2^k lines apart would share L1 sets); tap t reads
+  // plane tap_plane[t] at its shift
+  const int64_t lp = ceil_div(fr.total() + 32, 16) * 16;
+  int64_t ld = P * lp;
   if (ld / 16 % 2 == 0) ld += 16;
   const int64_t plane = fr.ext[1] * fr.ext[2], image = G * pairs * ld;  // (pairs of a frame plane, an image)
+  std::vector<int64_t> shift(T);
+  for (int64_t t = 0; t < T; ++t) shift[t] = fr.tap_plane[t] * lp + fr.tap_off[t];
   const int64_t out_bytes = l.batch * G * Cxg * l.grid[0] * l.grid[1] * l.grid[2] * int64_t(sizeof(scalar_t));
   if (image * int64_t(sizeof(uint32_t)) > std::max<int64_t>(int64_t(64) << 20, out_bytes) / 2) return false;
 
@@ -300,15 +307,10 @@ bool amx_taps(const AmxTapsLayer& l, const std::vector<Tap>& taps, const scalar_
   const int64_t cuts = ceil_div(run, L), tiles = l.grid[0] * cuts;
   const bool stream = out_bytes >= kStreamBytes;
   const uint16_t* yb = reinterpret_cast<const uint16_t*>(y);
-  // (frame rows u1 in [r0, r1) and positions u2 in [a, b) of a plane read y)
-  const int64_t r0 = std::clamp<int64_t>(fr.pad[1], 0, fr.ext[1]);
-  const int64_t r1 = std::clamp<int64_t>(fr.pad[1] + l.extent[1], r0, fr.ext[1]);
-  const int64_t a = std::clamp<int64_t>(fr.pad[2], 0, fr.ext[2]);
-  const int64_t b = std::clamp<int64_t>(fr.pad[2] + l.extent[2], a, fr.ext[2]);
   for (int64_t n0 = 0; n0 < l.batch; n0 += per_chunk) {
     const int64_t imgs = std::min(per_chunk, l.batch - n0);
-    // the frame copy: pair row (image, g, cp) holds channels 2cp and 2cp + 1 at every frame position (zero off the
-    // source), then zeros through ld
+    // the frame copy: pair row (image, g, cp) holds channels 2cp and 2cp + 1 at every position of each frame plane
+    // (zero off the source), then zeros through ld
     at::parallel_for(0, imgs * G * pairs, grain(int64_t(64) * ld), [&](int64_t begin, int64_t end) {
       for (int64_t item = begin; item < end; ++item) {  // (item = (ni * G + g) * pairs + cp)
         const int64_t ni = item / (G * pairs), g = item / pairs % G, c0 = 2 * (item % pairs);
@@ -319,19 +321,28 @@ bool amx_taps(const AmxTapsLayer& l, const std::vector<Tap>& taps, const scalar_
         }
         const uint16_t* s0 = yb + (n0 + ni) * sy.n + (g * Cyg + c0) * sy.c;
         const uint16_t* s1 = c0 + 1 < Cyg ? s0 + sy.c : nullptr;
-        for (int64_t u0 = 0; u0 < fr.ext[0]; ++u0, dst += plane) {
-          const int64_t d0 = u0 - fr.pad[0];
-          if (d0 < 0 || d0 >= l.extent[0] || r0 == r1 || a == b) {
-            std::fill(dst, dst + plane, 0u);
-            continue;
+        for (int64_t pi = 0; pi < P; ++pi) {
+          // frame position u of this plane reads y at u*step + off (per dim), inside y for u in [lo, hi)
+          int64_t off[kMaxDims], lo[kMaxDims], hi[kMaxDims];
+          for (int d = 0; d < kMaxDims; ++d) {
+            off[d] = fr.planes[pi][d] - fr.pad[d] * l.step[d];
+            valid_range(off[d], l.step[d], l.extent[d], fr.ext[d], &lo[d], &hi[d]);
           }
-          const int64_t off = sy.at(d0, r0 - fr.pad[1], a - fr.pad[2]);
-          std::fill(dst, dst + r0 * fr.ext[2], 0u);
-          cpu::amx_pair_rows(s0 + off, s1 ? s1 + off : nullptr, sy.s[1], sy.s[2], r1 - r0, a, b, fr.ext[2],
-                             dst + r0 * fr.ext[2]);
-          std::fill(dst + r1 * fr.ext[2], dst + plane, 0u);
+          uint32_t* at = dst + pi * lp;
+          for (int64_t u0 = 0; u0 < fr.ext[0]; ++u0, at += plane) {
+            if (u0 < lo[0] || u0 >= hi[0] || lo[1] == hi[1] || lo[2] == hi[2]) {
+              std::fill(at, at + plane, 0u);
+              continue;
+            }
+            const int64_t o = sy.at(u0 * l.step[0] + off[0], lo[1] * l.step[1] + off[1], lo[2] * l.step[2] + off[2]);
+            std::fill(at, at + lo[1] * fr.ext[2], 0u);
+            cpu::amx_pair_rows(s0 + o, s1 ? s1 + o : nullptr, l.step[1] * sy.s[1], l.step[2] * sy.s[2], hi[1] - lo[1],
+                               lo[2], hi[2], fr.ext[2], at + lo[1] * fr.ext[2]);
+            std::fill(at + hi[1] * fr.ext[2], at + plane, 0u);
+          }
+          std::fill(at, dst + (pi + 1) * lp, 0u);
         }
-        std::fill(dst, copy + (item + 1) * ld, 0u);
+        std::fill(dst + P * lp, dst + ld, 0u);
       }
     });
     at::parallel_for(0, imgs * G * tiles, 1, [&](int64_t begin, int64_t end) {
@@ -340,7 +351,7 @@ bool amx_taps(const AmxTapsLayer& l, const std::vector<Tap>& taps, const scalar_
         const int64_t ni = item / (G * tiles), g = item / tiles % G, i0 = item % tiles / cuts;
         const int64_t f0 = i0 * plane + item % cuts * L, f1 = std::min(i0 * plane + run, f0 + L);
         cpu::gemm_amx_taps(MB, ceil_div(f1 - f0, 32) * 32, T, KB, kp, a_all + g * a_size,
-                           copy + (ni * G + g) * pairs * ld + f0, ld, fr.tap_off.data(), out, L);
+                           copy + (ni * G + g) * pairs * ld + f0, ld, shift.data(), out, L);
         store_rows<scalar_t, float>(out, L, Cxg, bias ? bias + g * Cxg : nullptr, x + (n0 + ni) * sx.n + g * Cxg * sx.c,
                                     sx, one, zero, l.grid, f0, f1, fr.ext, 0, stream);
       }
@@ -358,10 +369,10 @@ void conv_kernel(const ConvParams& p, const scalar_t* x, const Strides& sx, cons
   if (Cxg == 1 && Cyg == 1) return conv_depthwise(p, x, sx, w, bias, y, sy);
   const int64_t T = p.kernel_numel(), KK = Cxg * T;
   if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
-    if (p.stride[0] == 1 && p.stride[1] == 1 && p.stride[2] == 1 && cpu::amx_bf16()) {
+    if (cpu::amx_bf16()) {  // (any stride: a frame plane per phase of x)
       std::vector<float> b_store;
       const float* ba = bias ? as_acc(bias, p.small_channels, b_store) : nullptr;
-      const AmxTapsLayer layer{p.batch, G, Cxg, Cyg, T, p.big, p.small, Cyg * Cxg * T, Cxg * T, T};
+      const AmxTapsLayer layer{p.batch, G, Cxg, Cyg, T, p.big, p.small, p.stride, Cyg * Cxg * T, Cxg * T, T};
       if (amx_taps(layer, conv_taps(p), x, sx, w, ba, y, sy)) return;
     }
   }
@@ -943,7 +954,7 @@ void conv_transpose_kernel(const ConvParams& p, const scalar_t* y, const Strides
   if (plan.direct) return conv_transpose_direct(p, phases, y, sy, w, ba, x, sx);
   if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
     if (p.stride[0] == 1 && p.stride[1] == 1 && p.stride[2] == 1 && phases.size() == 1 && cpu::amx_bf16()) {
-      const AmxTapsLayer layer{p.batch, G, Cyg, Cxg, K, p.small, phases[0].grid, Cyg * Cxg * K, K, Cxg * K};
+      const AmxTapsLayer layer{p.batch, G, Cyg, Cxg, K, p.small, phases[0].grid, one, Cyg * Cxg * K, K, Cxg * K};
       if (amx_taps(layer, phases[0].taps, y, sy, w, ba, x, sx)) return;
     }
   }

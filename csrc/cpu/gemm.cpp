@@ -1134,21 +1134,29 @@ __attribute__((target("amx-tile,amx-bf16"))) void amx_taps_driver(int64_t MB, in
   _tile_release();
 }
 
-// amx_pair_rows' body: 16 positions a step, the lanes inside [a, b) loaded (the others neither read nor kept),
-// the two channels' values zero-extended and merged.
-__attribute__((target("avx512f,avx512bw,avx512vl"))) void pair_rows_avx512(const uint16_t* c0, const uint16_t* c1,
-                                                                          int64_t ld_src, int64_t rows, int64_t a,
-                                                                          int64_t b, int64_t width, uint32_t* dst) {
+// Lane l: element l (step 1) or 2l (step 2) from p, zero-extended; lanes outside m zero and not read.
+__attribute__((target("avx512f,avx512bw,avx512vl,bmi2"), always_inline)) inline __m512i pair_half_avx512(
+    const uint16_t* p, int64_t step, __mmask16 m) {
+  if (step == 1) return _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p));
+  return _mm512_and_si512(_mm512_maskz_loadu_epi16(static_cast<__mmask32>(_pdep_u32(m, 0x55555555u)), p),
+                          _mm512_set1_epi32(0xFFFF));
+}
+
+// amx_pair_rows' body for source steps (`inner`) of 1 or 2: 16 positions a step, the lanes inside [a, b) loaded (the
+// others neither read nor kept; at step 2 only the even elements), the two channels' values merged.
+__attribute__((target("avx512f,avx512bw,avx512vl,bmi2"))) void pair_rows_avx512(const uint16_t* c0, const uint16_t* c1,
+                                                                               int64_t ld_src, int64_t inner,
+                                                                               int64_t rows, int64_t a, int64_t b,
+                                                                               int64_t width, uint32_t* dst) {
   const auto at = [](const uint16_t* p, int64_t i) {  // (p + i, which may lie before p: only loaded lanes count)
     return reinterpret_cast<const uint16_t*>(reinterpret_cast<uintptr_t>(p) + uintptr_t(i * 2));
   };
   for (int64_t r = 0; r < rows; ++r, dst += width) {
     for (int64_t j = 0; j < width; j += 16) {
       const __mmask16 m = first_lanes_any(b - j) & ~first_lanes_any(a - j);
-      const __m512i lo = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, at(c0, r * ld_src + j - a)));
-      const __m512i hi =
-          c1 ? _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, at(c1, r * ld_src + j - a))), 16)
-             : _mm512_setzero_si512();
+      const __m512i lo = pair_half_avx512(at(c0, r * ld_src + (j - a) * inner), inner, m);
+      const __m512i hi = c1 ? _mm512_slli_epi32(pair_half_avx512(at(c1, r * ld_src + (j - a) * inner), inner, m), 16)
+                            : _mm512_setzero_si512();
       _mm512_mask_storeu_epi32(dst + j, first_lanes_any(width - j), _mm512_or_si512(lo, hi));
     }
   }
@@ -1249,7 +1257,7 @@ void gemm_amx_taps(int64_t MB, int64_t N, int64_t T, int64_t KB, int64_t kp, con
 void amx_pair_rows(const uint16_t* c0, const uint16_t* c1, int64_t ld_src, int64_t inner, int64_t rows, int64_t a,
                    int64_t b, int64_t width, uint32_t* dst) {
 #if TORCH_CONVT_AMX
-  if (inner == 1 && amx_supported()) return pair_rows_avx512(c0, c1, ld_src, rows, a, b, width, dst);
+  if ((inner == 1 || inner == 2) && amx_supported()) return pair_rows_avx512(c0, c1, ld_src, inner, rows, a, b, width, dst);
 #endif
   for (int64_t r = 0; r < rows; ++r, dst += width, c0 += ld_src, c1 = c1 ? c1 + ld_src : nullptr) {
     std::fill(dst, dst + a, 0u);
