@@ -248,7 +248,7 @@ bool amx_taps(const AmxTapsLayer& l, const std::vector<Tap>& taps, const scalar_
   const int64_t G = l.groups, Cxg = l.Cxg, Cyg = l.Cyg, K = l.K;
   // (fewer than 16 channels of y: tiles mostly padding, as for use_amx; more than 64 of x: each 32 of them read the
   // copy again and their A tiles outgrow L1, where the GEMM path's tall blocks win: the DCGAN and HiFi-GAN input
-  // gradients, 256 and 512 channels, took x1.8 the time)
+  // gradients, 256 and 512 channels, took x1.7 and x2.5 the time)
   if (Cyg < 16 || Cxg <= 0 || Cxg > 64) return false;
   const int64_t one[kMaxDims] = {1, 1, 1}, zero[kMaxDims] = {0, 0, 0};
   const Frame fr = make_frame(taps, l.step, l.grid);  // (a strided conv: one frame plane per phase of y)
