@@ -222,18 +222,18 @@ bool conv_grid_tiles(const ConvParams& p, const scalar_t* x, const Strides& sx, 
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// Stride-1 bfloat16 layers on AMX, tap by tap. At stride 1 both ops are correlations whose every tap is one shift
-// of the frame (columns.h): `y` (extents `extent`, Cyg channels a group) is read and `x` (extents `grid`, Cxg
-// channels a group) written, tap t reading y at x's position + taps[t].offset with the weight w[g*wg + cx*wx +
-// cy*wy + taps[t].k] (conv_transpose: y is its input, x its output; conv: the other way round). With each image's y
-// laid out once over the frame as bfloat16 channel pairs (pair row: two channels' values a position, VNNI's B
-// layout), the B tile of (tap, 32 channels of y, 16 positions) is 16 pair rows at the tap's shift, loaded straight
-// into the tile unit (cpu::gemm_amx_taps); the weights are A, packed once per call. The GEMM path narrows its float
-// windows into VNNI panels once per tap instead (27 times the input on a k=3 3d layer: 29% of the stride-1 3d
-// forward, whose tile products were another 28%). Frame points off the grid are computed and dropped at the
-// store. Returns false where it does not apply (the caller takes the GEMM path): fewer than 16 channels of y,
-// weights that are not finite (the frame's zero padding would multiply them), or a frame copy of one image past
-// half the workspace bound.
+// bfloat16 correlations on AMX, tap by tap: the stride-1 conv_transpose and the conv at any stride are correlations
+// whose every tap is one shift of the frame (columns.h; a strided conv: of a frame plane per phase of its input): `y`
+// (extents `extent`, Cyg channels a group) is read and `x` (extents `grid`, Cxg channels a group) written, tap t
+// reading y at x's position + taps[t].offset with the weight w[g*wg + cx*wx + cy*wy + taps[t].k] (conv_transpose: y is
+// its input, x its output; conv: the other way round). With each image's y laid out once over the frame as bfloat16
+// channel pairs (pair row: two channels' values a position, VNNI's B layout), the B tile of (tap, 32 channels of y, 16
+// positions) is 16 pair rows at the tap's shift, loaded straight into the tile unit (cpu::gemm_amx_taps); the weights
+// are A, packed once per call. The GEMM path narrows its float windows into VNNI panels once per tap instead (27 times
+// the input on a k=3 3d layer: 29% of the stride-1 3d forward, whose tile products were another 28%). Frame points off
+// the grid are computed and dropped at the store. Returns false where it does not apply (the caller takes the GEMM
+// path): fewer than 16 channels of y or more than 64 of x, weights that are not finite (the frame's zero padding would
+// multiply them), or a frame copy of one image past half the workspace bound.
 // ---------------------------------------------------------------------------------------------------------
 struct AmxTapsLayer {
   int64_t batch, groups, Cyg, Cxg, K;
@@ -273,7 +273,7 @@ bool amx_taps(const AmxTapsLayer& l, const std::vector<Tap>& taps, const scalar_
   std::unique_ptr<uint16_t[]> a_fresh;
   uint16_t* const a_all = held_buffer<uint16_t, kWeightSlot>(G * a_size, a_fresh);
   const uint16_t* wb = reinterpret_cast<const uint16_t*>(w);
-  // (weights that are inf or NaN: exponent bits all ones; every weight is some tap's at stride 1)
+  // (weights that are inf or NaN: exponent bits all ones; every weight is some tap's)
   unsigned special = 0;
   for (int64_t i = 0; i < G * Cyg * Cxg * K; ++i) special |= (~wb[i] & 0x7F80u) == 0;
   if (special) return false;

@@ -75,12 +75,12 @@ void amx_narrow_rows(const float* src, int64_t ld_src, int64_t rows, int64_t len
 void gemm_amx_rows(int64_t M, int64_t N, int64_t K, const uint16_t* a, int64_t lda, const uint16_t* vnni, float* C,
                    int64_t ldc);
 
-// The forward of a stride-1 bfloat16 layer on AMX, tap by tap (only where amx_bf16()): C[16 MB x N] = sum over taps
-// t and K steps s of A(t, s) . B(t, s), N a multiple of 32, C's rows ldc floats apart. A: 16-row blocks, each T x KB
-// tiles of 16 rows x kp bfloat16 pairs (row r of tile (block i, t, s) at a + ((i*T + t)*KB + s)*32*kp + 2*kp*r).
-// B: rows of bfloat16 pairs (two channels' values at one position) `ldb` apart; B(t, s) for column j is pair row
-// s*kp + i at position j + shift[t], so a tile loads straight from the rows at each tap's shift (rows hold N +
-// max(shift) positions). kp <= 16. Each C element sums its products tap by tap, K step by K step, in order.
+// A bfloat16 correlation on AMX, tap by tap (conv_cpu.cpp's amx_taps; only where amx_bf16()): C[16 MB x N] = sum over
+// taps t and K steps s of A(t, s) . B(t, s), N a multiple of 32, C's rows ldc floats apart. A: 16-row blocks, each T x
+// KB tiles of 16 rows x kp bfloat16 pairs (row r of tile (block i, t, s) at a + ((i*T + t)*KB + s)*32*kp + 2*kp*r). B:
+// rows of bfloat16 pairs (two channels' values at one position) `ldb` apart; B(t, s) for column j is pair row s*kp + i
+// at position j + shift[t], so a tile loads straight from the rows at each tap's shift (rows hold N + max(shift)
+// positions). kp <= 16. Each C element sums its products tap by tap, K step by K step, in order.
 void gemm_amx_taps(int64_t MB, int64_t N, int64_t T, int64_t KB, int64_t kp, const uint16_t* a, const uint32_t* b,
                    int64_t ldb, const int64_t* shift, float* C, int64_t ldc);
 // `rows` rows of `width` pairs as gemm_amx_taps' B (dst rows `width` apart): row r's pairs [a, b) are two
