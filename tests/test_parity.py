@@ -1068,6 +1068,34 @@ def test_bf16_amx_matches_float64(case):
 
 
 @pytest.mark.skipif(not _amx_available(), reason="this CPU has no AMX (or the OS does not grant it)")
+@pytest.mark.parametrize("stride,cl", [(3, False), (2, True), (1, True)], ids=["stride3", "cl_stride2", "cl_stride1"])
+def test_bf16_amx_weight_grad_window_reads(stride, cl):
+    """The tap-by-tap bfloat16 weight gradient on AMX copies its windows as bfloat16: read at the layer's stride (3:
+    element by element) and through a channels_last gradient's strides. Within bfloat16 rounding of float64 on the
+    same values, on tiles and on the FMA units."""
+    torch.manual_seed(7)
+    x = torch.randn(2, 24, 9, 11).bfloat16()  # the transposed layer's input (24 channels: the windows' GEMM rows)
+    w_shape = [24, 20, 4, 3]
+    big = [(n - 1) * stride - 2 + k for n, k in zip((9, 11), (4, 3))]
+    g = torch.randn(2, 20, *big).bfloat16()
+    if cl:
+        g = channels_last(g)
+    ref = torch.ops.aten.convolution_backward(g.double(), x.double(), torch.zeros(w_shape, dtype=torch.double), None,
+                                              [stride] * 2, [1, 1], [1, 1], True, [0, 0], 1, [False, True, False])[1]
+    was = torch_convt.set_amx(True)
+    try:
+        got = [torch.ops.torch_convt.conv_weight_grad(g, x, w_shape, [stride] * 2, [1, 1], [1, 1], 1)]
+        torch_convt.set_amx(False)
+        got.append(torch.ops.torch_convt.conv_weight_grad(g, x, w_shape, [stride] * 2, [1, 1], [1, 1], 1))
+    finally:
+        torch_convt.set_amx(was)
+    scale = ref.abs().max().item()
+    for path, dw in zip(("amx", "fma"), got):
+        err = ((dw.double() - ref).abs() - ref.abs() / 128).max().item()
+        assert err <= 2e-3 * scale, f"{path}: off by {err:.3g} beyond bfloat16 rounding (scale {scale:.3g})"
+
+
+@pytest.mark.skipif(not _amx_available(), reason="this CPU has no AMX (or the OS does not grant it)")
 @pytest.mark.parametrize("cl", [False, True], ids=["contiguous", "channels_last"])
 def test_bf16_amx_stride1_copies_by_chunks_of_images(cl):
     """Stride-1 bfloat16 layers on AMX copy their input a few images at a time (within 32 MiB): 3 images of 16 MiB

@@ -1281,31 +1281,31 @@ void conv_weight_grad_kernel(const ConvParams& p, const scalar_t* x, const Strid
             const int64_t W = frame.window(len, 1);
             const scalar_t* x_b = x + n * sx.n + (g * Cxg + cx0) * sx.c;
             // (outer float windows that are gathered at all are gathered straight into their packed panels)
-            const bool fused = outer && std::is_same_v<scalar_t, float> && std::is_same_v<acc_t, float> && !own_frame;
-            Windows<acc_t> w{};  // (fused: none)
-            if (!fused) w = frame_windows<scalar_t, acc_t>(frame, x_b, channels, p.big, sx, m0 + frame.min_off, W);
-            const int64_t avail = std::min(W, w.limit);  // (window elements from w.limit on are not read: zeros)
-            if constexpr (std::is_same_v<acc_t, float>) {
+            if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
               if (amx_taps) {
-                // (AMX: Y's rows as VNNI tiles once, the windows as bfloat16 rows, zero from `avail` through the
-                // 32-deep step past a tap's last read, from which every tap's tiles load at its shift)
+                // (AMX: Y's rows as VNNI tiles once; the windows gathered as bfloat16 rows as they are (channel c,
+                // plane pl at row c * planes + pl), zero from W through the 32-deep step past a tap's last read and
+                // in the rows that pad the channels to 16, from which every tap's tiles load at its shift)
                 const int64_t cpad = ceil_div(channels, 16) * 16, wld = ceil_div(W + 32, 32) * 32;
                 uint16_t* vnni = scratch<uint16_t, 0>(cpu::amx_vnni_size(Cyg, len));
-                uint16_t* win16 = scratch<uint16_t, 1>(planes * cpad * wld);
+                uint16_t* win16 = scratch<uint16_t, 1>(cpad * planes * wld);
                 cpu::amx_vnni_rows(a, lda, Cyg, len, vnni);
-                for (int64_t pl = 0; pl < planes; ++pl) {
-                  uint16_t* dst = win16 + pl * cpad * wld;
-                  cpu::amx_narrow_rows(w.data + pl * w.plane_stride, w.channel_stride, channels, avail, wld, dst, wld);
-                  std::fill(dst + channels * wld, dst + cpad * wld, uint16_t(0));
-                }
+                gather_windows<scalar_t, uint16_t>(frame, x_b, channels, p.big, sx, m0 + frame.min_off, W, win16, wld);
+                for (int64_t r = 0; r < channels * planes; ++r)
+                  std::fill(win16 + r * wld + W, win16 + (r + 1) * wld, uint16_t(0));
+                std::fill(win16 + channels * planes * wld, win16 + cpad * planes * wld, uint16_t(0));
                 for (int64_t t : tap_order)
                   cpu::gemm_amx_rows(channels, Cyg, len,
-                                     win16 + frame.tap_plane[t] * cpad * wld + frame.tap_off[t] - frame.min_off, wld,
+                                     win16 + frame.tap_plane[t] * wld + frame.tap_off[t] - frame.min_off, planes * wld,
                                      vnni, acc + ((g * T + t) * Cxg + cx0) * Cyg, Cyg);
                 q0 += len;
                 continue;
               }
             }
+            const bool fused = outer && std::is_same_v<scalar_t, float> && std::is_same_v<acc_t, float> && !own_frame;
+            Windows<acc_t> w{};  // (fused: none)
+            if (!fused) w = frame_windows<scalar_t, acc_t>(frame, x_b, channels, p.big, sx, m0 + frame.min_off, W);
+            const int64_t avail = std::min(W, w.limit);  // (window elements from w.limit on are not read: zeros)
             if (outer) {
               // C_t[cx, cy] += A_t . B: B is Y^T (panels over Cyg), packed once; A_t is the windows, packed once
               // per plane as [channel panel][window position][MR] and entered at the tap's shift.

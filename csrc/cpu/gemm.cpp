@@ -999,23 +999,6 @@ __attribute__((target("avx512f,avx512bw"))) void vnni_panel(const float* rows, i
     }
 }
 
-// amx_narrow_rows: 32 elements a step (narrow32_avx512; those past len zero), the last step masked to `width`.
-__attribute__((target("avx512f,avx512bw"))) void narrow_rows_avx512(const float* src, int64_t ld_src, int64_t rows,
-                                                                    int64_t len, int64_t width, uint16_t* dst,
-                                                                    int64_t ld_dst) {
-  for (int64_t r = 0; r < rows; ++r) {
-    const float* in = src + r * ld_src;
-    uint16_t* d = dst + r * ld_dst;
-    int64_t j = 0;
-    for (; j < len && j < width; j += 32) {
-      const __m512i v = narrow32_avx512(in + j, first_lanes_any(len - j), first_lanes_any(len - j - 16));
-      if (j + 32 <= width) _mm512_storeu_si512(d + j, v);
-      else _mm512_mask_storeu_epi16(d + j, (__mmask32(1) << (width - j)) - 1, v);
-    }
-    if (j < width) std::fill(d + j, d + width, uint16_t(0));
-  }
-}
-
 // gemm_amx_nt's body: A's rows narrowed straight into tiles, B's 32-row panels narrowed and transposed (16 x 16
 // pairs in registers) into VNNI tiles, K block by K block.
 __attribute__((target("avx512f,avx512bw"))) void amx_nt_driver(int64_t M, int64_t N, int64_t K, const float* A,
@@ -1134,14 +1117,6 @@ __attribute__((target("amx-tile,amx-bf16"))) void amx_taps_driver(int64_t MB, in
   _tile_release();
 }
 
-// Lane l: element l (step 1) or 2l (step 2) from p, zero-extended; lanes outside m zero and not read.
-__attribute__((target("avx512f,avx512bw,avx512vl,bmi2"), always_inline)) inline __m512i pair_half_avx512(
-    const uint16_t* p, int64_t step, __mmask16 m) {
-  if (step == 1) return _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p));
-  return _mm512_and_si512(_mm512_maskz_loadu_epi16(static_cast<__mmask32>(_pdep_u32(m, 0x55555555u)), p),
-                          _mm512_set1_epi32(0xFFFF));
-}
-
 // amx_pair_rows' body for source steps (`inner`) of 1 or 2: 16 positions a step, the lanes inside [a, b) loaded (the
 // others neither read nor kept; at step 2 only the even elements), the two channels' values merged.
 __attribute__((target("avx512f,avx512bw,avx512vl,bmi2"))) void pair_rows_avx512(const uint16_t* c0, const uint16_t* c1,
@@ -1154,8 +1129,9 @@ __attribute__((target("avx512f,avx512bw,avx512vl,bmi2"))) void pair_rows_avx512(
   for (int64_t r = 0; r < rows; ++r, dst += width) {
     for (int64_t j = 0; j < width; j += 16) {
       const __mmask16 m = first_lanes_any(b - j) & ~first_lanes_any(a - j);
-      const __m512i lo = pair_half_avx512(at(c0, r * ld_src + (j - a) * inner), inner, m);
-      const __m512i hi = c1 ? _mm512_slli_epi32(pair_half_avx512(at(c1, r * ld_src + (j - a) * inner), inner, m), 16)
+      const __m512i lo = load_step16_raw_avx512(at(c0, r * ld_src + (j - a) * inner), inner, m);
+      const __m512i hi = c1 ? _mm512_slli_epi32(
+                                  load_step16_raw_avx512(at(c1, r * ld_src + (j - a) * inner), inner, m), 16)
                             : _mm512_setzero_si512();
       _mm512_mask_storeu_epi32(dst + j, first_lanes_any(width - j), _mm512_or_si512(lo, hi));
     }
@@ -1216,13 +1192,6 @@ int64_t amx_vnni_size(int64_t N, int64_t K) {
 void amx_vnni_rows(const float* rows, int64_t ld, int64_t N, int64_t K, uint16_t* vnni) {
 #if TORCH_CONVT_AMX
   for (int64_t jr = 0; jr < N; jr += 32, vnni += (K + 31) / 32 * 1024) vnni_panel(rows + jr * ld, ld, N - jr, K, vnni);
-#endif
-}
-
-void amx_narrow_rows(const float* src, int64_t ld_src, int64_t rows, int64_t len, int64_t width, uint16_t* dst,
-                     int64_t ld_dst) {
-#if TORCH_CONVT_AMX
-  narrow_rows_avx512(src, ld_src, rows, len, width, dst, ld_dst);
 #endif
 }
 
@@ -1819,34 +1788,45 @@ __attribute__((target("avx512f,bmi2"))) void copy_segments_avx512(const float* s
 
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-// copy_segments16 for step 1 or 2 (every element, or the even ones: read by word masks, so no element past the
-// last one needed is read), widened as widen16_panels widens.
-template <bool BF16>
+// zero_avx512 for copy_segments16's outputs: floats, or 16-bit values.
+template <typename Out>
+__attribute__((target("avx512f,avx512bw,avx512vl"), always_inline)) inline void zero16_avx512(Out* out, int64_t j0,
+                                                                                            int64_t j1) {
+  if constexpr (std::is_same_v<Out, float>) {
+    zero_avx512(out, j0, j1);
+  } else {
+    for (int64_t j = j0; j < j1; j += 16)
+      _mm256_mask_storeu_epi16(out + j, first_lanes(j1 - j), _mm256_setzero_si256());
+  }
+}
+
+// copy_segments16 for step 1 or 2 (load_step16_raw_avx512: every element, or the even ones, and none past the last one
+// needed), into floats (Out = float: widened as widen16_panels widens, bfloat16 where BF16) or as they are (Out =
+// uint16_t).
+template <typename Out, bool BF16>
 __attribute__((target("avx512f,avx512bw,avx512vl,bmi2,f16c"))) void copy_segments16_avx512(const uint16_t* src,
                                                                              int64_t src_channel_stride,
                                                                              int64_t channels, const Segment* segments,
-                                                                             int64_t count, int64_t step, float* dst,
+                                                                             int64_t count, int64_t step, Out* dst,
                                                                              int64_t dst_channel_stride) {
   for (int64_t c = 0; c < channels; ++c) {
     const uint16_t* in = src + c * src_channel_stride;
-    float* out = dst + c * dst_channel_stride;
+    Out* out = dst + c * dst_channel_stride;
     for (const Segment* sg = segments; sg != segments + count; ++sg) {
-      zero_avx512(out, sg->j0, sg->a);
+      zero16_avx512(out, sg->j0, sg->a);
       const uint16_t* s = in + sg->offset;
       for (int64_t j = sg->a; j < sg->b; j += 16) {
         const __mmask16 m = first_lanes(sg->b - j);
-        __m512i v;  // the 16 values in the low halves of 32-bit lanes
-        if (step == 1) {
-          v = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, s + j));
+        const __m512i v = load_step16_raw_avx512(s + step * j, step, m);  // (in the low halves of 32-bit lanes)
+        if constexpr (std::is_same_v<Out, float>) {
+          const __m512 f = BF16 ? _mm512_castsi512_ps(_mm512_slli_epi32(v, 16))
+                                : _mm512_cvtph_ps(_mm512_cvtepi32_epi16(v));
+          _mm512_mask_storeu_ps(out + j, m, f);
         } else {
-          const __mmask32 even = _pdep_u32(m, 0x55555555u);
-          v = _mm512_and_si512(_mm512_maskz_loadu_epi16(even, s + 2 * j), _mm512_set1_epi32(0xFFFF));
+          _mm256_mask_storeu_epi16(out + j, m, _mm512_cvtepi32_epi16(v));
         }
-        const __m512 f = BF16 ? _mm512_castsi512_ps(_mm512_slli_epi32(v, 16))
-                              : _mm512_cvtph_ps(_mm512_cvtepi32_epi16(v));
-        _mm512_mask_storeu_ps(out + j, m, f);
       }
-      zero_avx512(out, sg->b, sg->j1);
+      zero16_avx512(out, sg->b, sg->j1);
     }
   }
 }
@@ -1925,17 +1905,27 @@ void copy_segments(const float* src, int64_t src_channel_stride, int64_t channel
   copy_segments_portable(src, src_channel_stride, channels, segments, count, step, dst, dst_channel_stride);
 }
 
+namespace {
+bool copy_segments16_avx512_ok() {
+#if TORCH_CONVT_X86
+  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("bmi2") &&
+                         __builtin_cpu_supports("f16c");
+  return ok;
+#else
+  return false;
+#endif
+}
+}  // namespace
+
 void copy_segments16(const uint16_t* src, int64_t src_channel_stride, int64_t channels, const Segment* segments,
                      int64_t count, int64_t step, bool bf16, float* dst, int64_t dst_channel_stride) {
 #if TORCH_CONVT_X86
-  static const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                             __builtin_cpu_supports("avx512vl") &&
-                             __builtin_cpu_supports("bmi2") && __builtin_cpu_supports("f16c");
-  if (avx512 && (step == 1 || step == 2)) {
-    return bf16 ? copy_segments16_avx512<true>(src, src_channel_stride, channels, segments, count, step, dst,
-                                               dst_channel_stride)
-                : copy_segments16_avx512<false>(src, src_channel_stride, channels, segments, count, step, dst,
-                                                dst_channel_stride);
+  if (copy_segments16_avx512_ok() && (step == 1 || step == 2)) {
+    return bf16 ? copy_segments16_avx512<float, true>(src, src_channel_stride, channels, segments, count, step, dst,
+                                                      dst_channel_stride)
+                : copy_segments16_avx512<float, false>(src, src_channel_stride, channels, segments, count, step, dst,
+                                                       dst_channel_stride);
   }
 #endif
   for (int64_t c = 0; c < channels; ++c) {
@@ -1945,6 +1935,25 @@ void copy_segments16(const uint16_t* src, int64_t src_channel_stride, int64_t ch
       for (int64_t j = sg->j0; j < sg->a; ++j) out[j] = 0.0f;
       for (int64_t j = sg->a; j < sg->b; ++j) out[j] = widen16_portable(in[sg->offset + j * step], bf16);
       for (int64_t j = sg->b; j < sg->j1; ++j) out[j] = 0.0f;
+    }
+  }
+}
+
+void copy_segments16(const uint16_t* src, int64_t src_channel_stride, int64_t channels, const Segment* segments,
+                     int64_t count, int64_t step, uint16_t* dst, int64_t dst_channel_stride) {
+#if TORCH_CONVT_X86
+  if (copy_segments16_avx512_ok() && (step == 1 || step == 2)) {
+    return copy_segments16_avx512<uint16_t, true>(src, src_channel_stride, channels, segments, count, step, dst,
+                                                  dst_channel_stride);
+  }
+#endif
+  for (int64_t c = 0; c < channels; ++c) {
+    const uint16_t* in = src + c * src_channel_stride;
+    uint16_t* out = dst + c * dst_channel_stride;
+    for (const Segment* sg = segments; sg != segments + count; ++sg) {
+      std::fill(out + sg->j0, out + sg->a, uint16_t(0));
+      for (int64_t j = sg->a; j < sg->b; ++j) out[j] = in[sg->offset + j * step];
+      std::fill(out + sg->b, out + sg->j1, uint16_t(0));
     }
   }
 }

@@ -65,13 +65,10 @@ void gemm_amx_nt(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, c
 // The tap-by-tap weight gradient on AMX (only where amx_bf16()): B's VNNI tiles built once (amx_vnni_rows: B[k][n] =
 // rows[n * ld + k], float rows of bfloat16 values; amx_vnni_size elements), then C[M x N] += A . B for A as bfloat16
 // rows (gemm_amx_rows: A[m][k] = a[m * lda + k], read for m < M rounded up to 16 and k < K rounded up to 32; those
-// past K must be finite), so that every tap's A is its windows at its shift, loaded straight into tiles.
-// amx_narrow_rows writes float rows of bfloat16 values as bfloat16 (dst[r * ld_dst + j] = src[r * ld_src + j] for
-// j < len, 0 for len <= j < width).
+// past K must be finite), so that every tap's A is its bfloat16 windows (copy_segments16 into uint16_t) at its shift,
+// loaded straight into tiles.
 int64_t amx_vnni_size(int64_t N, int64_t K);
 void amx_vnni_rows(const float* rows, int64_t ld, int64_t N, int64_t K, uint16_t* vnni);
-void amx_narrow_rows(const float* src, int64_t ld_src, int64_t rows, int64_t len, int64_t width, uint16_t* dst,
-                     int64_t ld_dst);
 void gemm_amx_rows(int64_t M, int64_t N, int64_t K, const uint16_t* a, int64_t lda, const uint16_t* vnni, float* C,
                    int64_t ldc);
 
@@ -180,6 +177,9 @@ void copy_segments(const float* src, int64_t src_channel_stride, int64_t channel
 // The same from 16-bit floats (bfloat16: `bf16`, else IEEE half), widened to float: the windows of 16-bit layers.
 void copy_segments16(const uint16_t* src, int64_t src_channel_stride, int64_t channels, const Segment* segments,
                      int64_t count, int64_t step, bool bf16, float* dst, int64_t dst_channel_stride);
+// The same from 16-bit values into 16-bit values, as they are: the bfloat16 windows that AMX tiles load directly.
+void copy_segments16(const uint16_t* src, int64_t src_channel_stride, int64_t channels, const Segment* segments,
+                     int64_t count, int64_t step, uint16_t* dst, int64_t dst_channel_stride);
 
 // The same into the packed layout of an operand of `channels` rows `len` deep (packed_index: dst[(c / mr) * len *
 // mr + j * mr + c % mr], lanes past `channels` zero), for a GEMM that reads the windows as A panels.

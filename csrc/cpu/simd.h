@@ -25,13 +25,22 @@ __attribute__((target("avx512f,bmi2"), always_inline)) inline __m512 load_step_a
   return step == 1 ? _mm512_maskz_loadu_ps(m, row + j0) : load_even_avx512(row + 2 * j0, m);
 }
 
+// Lane l: the 16-bit element p[l] (step 1) or p[2l] (step 2), zero-extended to 32 bits, for the lanes in m; other lanes
+// zero, and nothing outside m read (at step 2 only the even elements: word masks).
+__attribute__((target("avx512f,avx512bw,avx512vl,bmi2"), always_inline)) inline __m512i load_step16_raw_avx512(
+    const uint16_t* p, int64_t step, __mmask16 m) {
+  if (step == 1) return _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p));
+  return _mm512_and_si512(_mm512_maskz_loadu_epi16(static_cast<__mmask32>(_pdep_u32(m, 0x55555555u)), p),
+                          _mm512_set1_epi32(0xFFFF));
+}
+
 // load_step_avx512 for 16-bit floats (bfloat16 where `bf16`, else IEEE half), widened to float: the same lanes read.
 __attribute__((target("avx512f,avx512bw,avx512vl,bmi2"), always_inline)) inline __m512 load_step16_avx512(
     const uint16_t* row, int64_t j0, int64_t step, __mmask16 m, bool bf16) {
+  if (bf16) return _mm512_castsi512_ps(_mm512_slli_epi32(load_step16_raw_avx512(row + step * j0, step, m), 16));
   const __m256i h = step == 1 ? _mm256_maskz_loadu_epi16(m, row + j0)
-                              : _mm512_cvtepi32_epi16(_mm512_maskz_loadu_epi16(
-                                    static_cast<__mmask32>(_pdep_u32(m, 0x55555555u)), row + 2 * j0));  // (even ones)
-  return bf16 ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)) : _mm512_cvtph_ps(h);
+                              : _mm512_cvtepi32_epi16(load_step16_raw_avx512(row + 2 * j0, 2, m));
+  return _mm512_cvtph_ps(h);
 }
 
 }  // namespace torch_convt::cpu
