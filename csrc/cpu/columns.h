@@ -834,12 +834,13 @@ void frame_rows_grid(const Frame& fr, const int64_t* grid, const scalar_t* src, 
     for (int64_t t = 0; t < T; ++t) {
       const acc_t* s = w.data + c * w.channel_stride + fr.tap_plane[t] * w.plane_stride + fr.tap_off[t] - fr.min_off;
       acc_t* dst = col + (c * T + t) * ld;
-      for (const auto& run : runs) {  // (whole vectors of 8, then the rest: std::copy was a memmove call per run)
+      // (whole blocks of 8, then the rest: std::copy was a memmove call per run; a fixed-size memcpy is one or two
+      // moves, where a loop over 8 bfloat16 bits was compiled element by element: DCGAN's weight gradient x1.13 time)
+      for (const auto& run : runs) {
         const acc_t* from = s + run[1];
         acc_t* to = dst + run[0];
         int64_t k = 0;
-        for (; k + 8 <= run[2]; k += 8)
-          for (int64_t l = 0; l < 8; ++l) to[k + l] = from[k + l];
+        for (; k + 8 <= run[2]; k += 8) std::memcpy(to + k, from + k, 8 * sizeof(acc_t));
         for (; k < run[2]; ++k) to[k] = from[k];
       }
     }

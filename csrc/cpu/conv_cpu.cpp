@@ -1270,26 +1270,31 @@ void conv_weight_grad_kernel(const ConvParams& p, const scalar_t* x, const Strid
         if (by_tap) {
           for (int64_t q0 = t0; q0 < t1;) {  // one piece per batch item in the tile
             const int64_t n = q0 / Mp, m0 = q0 % Mp, m1 = std::min(Mp, m0 + (t1 - q0)), len = m1 - m0;
-            const scalar_t* y_g = y + n * sy.n + g * Cyg * sy.c;
-            const acc_t* a = y_rows;
-            int64_t lda = ld;
-            if (std::is_same_v<scalar_t, acc_t> && y_dense && plain) {
-              a = reinterpret_cast<const acc_t*>(y_g + m0), lda = sy.c;
-            } else {
-              load_rows(y_g, sy, Cyg, p.small, positions, m0, m1, y_rows, ld);
-            }
+            // Y's rows of the piece as elements E from sources of type S (acc_t from scalar_t, or bfloat16 bits for
+            // AMX tiles): read in place where Y is dense in them, else loaded into rows_e; and their row stride.
+            const auto y_piece = [&](auto* rows_e, const auto* ys) {
+              using E = std::remove_pointer_t<decltype(rows_e)>;
+              using S = std::remove_const_t<std::remove_pointer_t<decltype(ys)>>;
+              const S* y_g = ys + n * sy.n + g * Cyg * sy.c;
+              if (std::is_same_v<S, E> && y_dense && plain)
+                return std::pair<const E*, int64_t>(reinterpret_cast<const E*>(y_g + m0), sy.c);
+              load_rows(y_g, sy, Cyg, p.small, positions, m0, m1, rows_e, ld);
+              return std::pair<const E*, int64_t>(rows_e, ld);
+            };
             const int64_t W = frame.window(len, 1);
             const scalar_t* x_b = x + n * sx.n + (g * Cxg + cx0) * sx.c;
             // (outer float windows that are gathered at all are gathered straight into their packed panels)
             if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
               if (amx_taps) {
-                // (AMX: Y's rows as VNNI tiles once; the windows gathered as bfloat16 rows as they are (channel c,
-                // plane pl at row c * planes + pl), zero from W through the 32-deep step past a tap's last read and
-                // in the rows that pad the channels to 16, from which every tap's tiles load at its shift)
+                // (AMX: Y's bfloat16 rows as VNNI tiles once; the windows gathered as bfloat16 rows as they are
+                // (channel c, plane pl at row c * planes + pl), zero from W through the 32-deep step past a tap's last
+                // read and in the rows that pad the channels to 16, from which every tap's tiles load at its shift)
                 const int64_t cpad = ceil_div(channels, 16) * 16, wld = ceil_div(W + 32, 32) * 32;
                 uint16_t* vnni = scratch<uint16_t, 0>(cpu::amx_vnni_size(Cyg, len));
                 uint16_t* win16 = scratch<uint16_t, 1>(cpad * planes * wld);
-                cpu::amx_vnni_rows(a, lda, Cyg, len, vnni);
+                const auto [a16, lda16] =
+                    y_piece(reinterpret_cast<uint16_t*>(y_rows), reinterpret_cast<const uint16_t*>(y));
+                cpu::amx_vnni_rows(a16, lda16, Cyg, len, vnni);
                 gather_windows<scalar_t, uint16_t>(frame, x_b, channels, p.big, sx, m0 + frame.min_off, W, win16, wld);
                 for (int64_t r = 0; r < channels * planes; ++r)
                   std::fill(win16 + r * wld + W, win16 + (r + 1) * wld, uint16_t(0));
@@ -1302,6 +1307,7 @@ void conv_weight_grad_kernel(const ConvParams& p, const scalar_t* x, const Strid
                 continue;
               }
             }
+            const auto [a, lda] = y_piece(y_rows, y);
             const bool fused = outer && std::is_same_v<scalar_t, float> && std::is_same_v<acc_t, float> && !own_frame;
             Windows<acc_t> w{};  // (fused: none)
             if (!fused) w = frame_windows<scalar_t, acc_t>(frame, x_b, channels, p.big, sx, m0 + frame.min_off, W);
@@ -1339,42 +1345,53 @@ void conv_weight_grad_kernel(const ConvParams& p, const scalar_t* x, const Strid
           }
           continue;
         }
-        const acc_t* a = y_rows;
-        int64_t lda = ld;
         // One piece per batch item in the tile: columns side by side, and Y's rows copied alongside unless the
         // tile lies in one batch item and Y is already in the accumulation type. The channel blocks of a tile
         // follow one another: the tile's Y rows (and packed A) are loaded for the first and kept for the rest.
+        // Elements E from sources of type S: acc_t from scalar_t, or the bits of bfloat16 values (uint16_t from
+        // uint16_t) for AMX tiles, which load them as they are. Returns A (Y's rows) and its row stride.
         const bool same_y = y_tile == g * tiles + t0 / tile;
-        for (int64_t q0 = t0; q0 < t1;) {
-          const int64_t n = q0 / Mp, m0 = q0 % Mp, m1 = std::min(Mp, m0 + (t1 - q0)), off = q0 - t0;
-          const scalar_t* x_b = x + n * sx.n + (g * Cxg + cx0) * sx.c;
-          if (grid) {
-            frame_rows_grid(frame, p.small, x_b, channels, p.big, sx, m0, m1, col + off, ld);
-          } else if (framed) {
-            frame_rows(frame, x_b, channels, p.big, sx, m0, m1 - m0, col + off, ld);
-          } else {
-            gather_columns(x_b, channels, p.big, sx, taps, p.stride, p.small, m0, m1, col + off,
-                           ColumnLayout{0, 0, ld});
-          }
-          const scalar_t* y_g = y + n * sy.n + g * Cyg * sy.c;
-          if (std::is_same_v<scalar_t, acc_t> && y_dense && plain && off == 0 && m1 - m0 == cnt) {
-            a = reinterpret_cast<const acc_t*>(y_g + m0), lda = sy.c;
-          } else if (!same_y) {
-            load_rows(y_g, sy, Cyg, p.small, positions, m0, m1, y_rows + off, ld);
-          }
-          q0 += m1 - m0;
-        }
         y_tile = g * tiles + t0 / tile;
+        const auto gather = [&](auto* col_e, auto* y_rows_e, const auto* xs, const auto* ys) {
+          using E = std::remove_pointer_t<decltype(col_e)>;
+          using S = std::remove_const_t<std::remove_pointer_t<decltype(xs)>>;
+          const E* a = y_rows_e;
+          int64_t lda = ld;
+          for (int64_t q0 = t0; q0 < t1;) {
+            const int64_t n = q0 / Mp, m0 = q0 % Mp, m1 = std::min(Mp, m0 + (t1 - q0)), off = q0 - t0;
+            const S* x_b = xs + n * sx.n + (g * Cxg + cx0) * sx.c;
+            if (grid) {
+              frame_rows_grid(frame, p.small, x_b, channels, p.big, sx, m0, m1, col_e + off, ld);
+            } else if (framed) {
+              frame_rows(frame, x_b, channels, p.big, sx, m0, m1 - m0, col_e + off, ld);
+            } else {
+              gather_columns(x_b, channels, p.big, sx, taps, p.stride, p.small, m0, m1, col_e + off,
+                             ColumnLayout{0, 0, ld});
+            }
+            const S* y_g = ys + n * sy.n + g * Cyg * sy.c;
+            if (std::is_same_v<S, E> && y_dense && plain && off == 0 && m1 - m0 == cnt) {
+              a = reinterpret_cast<const E*>(y_g + m0), lda = sy.c;
+            } else if (!same_y) {
+              load_rows(y_g, sy, Cyg, p.small, positions, m0, m1, y_rows_e + off, ld);
+            }
+            q0 += m1 - m0;
+          }
+          return std::pair<const E*, int64_t>(a, lda);
+        };
         acc_t* c_block = acc + g * Cyg * KK + cx0 * T;
+        if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+          if (amx) {  // (AMX: both operands' bfloat16 rows, gathered as they are and loaded straight into tiles)
+            uint16_t* col16 = reinterpret_cast<uint16_t*>(col);
+            const uint16_t *x16 = reinterpret_cast<const uint16_t*>(x), *y16 = reinterpret_cast<const uint16_t*>(y);
+            const auto [a16, lda16] = gather(col16, reinterpret_cast<uint16_t*>(y_rows), x16, y16);
+            cpu::gemm_amx_nt(Cyg, channels * T, cnt, a16, lda16, col16, ld, !first, c_block, KK);
+            continue;
+          }
+        }
+        const auto [a, lda] = gather(col, y_rows, x, y);
         if (packed) {
           // Tall Y: repack both operands into panels (a cheap pass next to 2*Cyg flops per column element) and
           // run the register-blocked micro-kernel, which beats dot products once A has many rows.
-          if constexpr (std::is_same_v<acc_t, float>) {
-            if (amx) {  // (AMX: both operands narrowed from their rows straight into tiles)
-              cpu::gemm_amx_nt(Cyg, channels * T, cnt, a, lda, col, ld, !first, c_block, KK);
-              continue;
-            }
-          }
           cpu::pack_panels(col, ld, 1, channels * T, cnt, gt.nr, b_packed);
           if (!same_y) cpu::pack_panels(a, lda, 1, Cyg, cnt, gt.mr, a_packed);
           cpu::gemm_packed<acc_t>(gt, Cyg, channels * T, cnt, a_packed, b_packed, !first, c_block, KK);

@@ -969,20 +969,17 @@ __attribute__((target("avx512f"))) void amx_driver(int64_t M, int64_t N, int64_t
   amx_release();
 }
 
-// The 32 floats p[0, 32) (lanes off the masks m0, m1 of the two halves: zero) as 32 bfloat16 in order, i.e. 16 pairs
-// (p[2i], p[2i + 1]) a 32-bit lane: the high halves of the floats (bfloat16 values: exact).
-__attribute__((target("avx512f,avx512bw"), always_inline)) inline __m512i narrow32_avx512(const float* p, __mmask16 m0,
-                                                                                           __mmask16 m1) {
-  alignas(64) static const uint16_t high[32] = {1,  3,  5,  7,  9,  11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31,
-                                                33, 35, 37, 39, 41, 43, 45, 47, 49, 51, 53, 55, 57, 59, 61, 63};
-  return _mm512_permutex2var_epi16(_mm512_castps_si512(_mm512_maskz_loadu_ps(m0, p)),
-                                   _mm512_load_si512(high), _mm512_castps_si512(_mm512_maskz_loadu_ps(m1, p + 16)));
+// The 32 bfloat16 values p[0, 32) (lanes off the masks m0, m1 of the two halves: zero) in order, i.e. 16 pairs
+// (p[2i], p[2i + 1]) a 32-bit lane.
+__attribute__((target("avx512f,avx512bw"), always_inline)) inline __m512i load32_avx512(const uint16_t* p, __mmask16 m0,
+                                                                                         __mmask16 m1) {
+  return _mm512_maskz_loadu_epi16(static_cast<__mmask32>(m0) | static_cast<__mmask32>(m1) << 16, p);
 }
 
 // The VNNI tiles of a 32-column panel of B[k][n] = rows[n * ld + k] (k < kc, n < min(32, cols); zero elsewhere) for
 // `steps` = kc / 32 (rounded up) steps: step s, half h at vnni + s * 1024 + h * 512. Each 16 columns' 32-deep step is
-// 16 rows narrowed into pairs (narrow32_avx512), transposed in registers.
-__attribute__((target("avx512f,avx512bw"))) void vnni_panel(const float* rows, int64_t ld, int64_t cols, int64_t kc,
+// 16 rows loaded as pairs (load32_avx512), transposed in registers.
+__attribute__((target("avx512f,avx512bw"))) void vnni_panel(const uint16_t* rows, int64_t ld, int64_t cols, int64_t kc,
                                                             uint16_t* vnni) {
   for (int64_t h = 0; h < 2; ++h)
     for (int64_t s = 0; s < (kc + 31) / 32; ++s) {
@@ -990,7 +987,8 @@ __attribute__((target("avx512f,avx512bw"))) void vnni_panel(const float* rows, i
       __m512 v[16];
       for (int i = 0; i < 16; ++i) {
         const int64_t n = 16 * h + i;
-        v[i] = n < cols ? _mm512_castsi512_ps(narrow32_avx512(rows + n * ld + 32 * s, first_lanes_any(left), first_lanes_any(left - 16)))
+        v[i] = n < cols ? _mm512_castsi512_ps(
+                              load32_avx512(rows + n * ld + 32 * s, first_lanes_any(left), first_lanes_any(left - 16)))
                         : _mm512_setzero_ps();
       }
       transpose16_avx512(v);  // v[i]: pair i of the 16 columns
@@ -999,10 +997,10 @@ __attribute__((target("avx512f,avx512bw"))) void vnni_panel(const float* rows, i
     }
 }
 
-// gemm_amx_nt's body: A's rows narrowed straight into tiles, B's 32-row panels narrowed and transposed (16 x 16
-// pairs in registers) into VNNI tiles, K block by K block.
-__attribute__((target("avx512f,avx512bw"))) void amx_nt_driver(int64_t M, int64_t N, int64_t K, const float* A,
-                                                               int64_t lda, const float* B, int64_t ldb,
+// gemm_amx_nt's body: A's rows copied into tiles, B's 32-row panels transposed (16 x 16 pairs in registers) into VNNI
+// tiles, K block by K block.
+__attribute__((target("avx512f,avx512bw"))) void amx_nt_driver(int64_t M, int64_t N, int64_t K, const uint16_t* A,
+                                                               int64_t lda, const uint16_t* B, int64_t ldb,
                                                                bool accumulate, float* C, int64_t ldc) {
   const int64_t panels = (M + 15) / 16;
   thread_local std::vector<uint16_t> a_buffer, b_buffer;
@@ -1019,8 +1017,9 @@ __attribute__((target("avx512f,avx512bw"))) void amx_nt_driver(int64_t M, int64_
       for (int64_t s = 0; s < steps; ++s) {
         uint16_t* d = a_tiles + (r / 16 * steps + s) * 512 + r % 16 * 32;
         const int64_t left = kc - 32 * s;
-        const __m512i v = r < M ? narrow32_avx512(A + r * lda + pc + 32 * s, first_lanes_any(left), first_lanes_any(left - 16))
-                                : _mm512_setzero_si512();
+        const __m512i v =
+            r < M ? load32_avx512(A + r * lda + pc + 32 * s, first_lanes_any(left), first_lanes_any(left - 16))
+                  : _mm512_setzero_si512();
         _mm512_store_si512(d, v);
       }
     for (int64_t jr = 0; jr < N; jr += 32) {
@@ -1172,7 +1171,7 @@ bool set_amx(bool on) {
   return was;
 }
 
-void gemm_amx_nt(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb,
+void gemm_amx_nt(int64_t M, int64_t N, int64_t K, const uint16_t* A, int64_t lda, const uint16_t* B, int64_t ldb,
                  bool accumulate, float* C, int64_t ldc) {
   if (M <= 0 || N <= 0) return;
   if (K <= 0) {
@@ -1189,7 +1188,7 @@ int64_t amx_vnni_size(int64_t N, int64_t K) {
   return (N + 31) / 32 * ((K + 31) / 32) * 1024;
 }
 
-void amx_vnni_rows(const float* rows, int64_t ld, int64_t N, int64_t K, uint16_t* vnni) {
+void amx_vnni_rows(const uint16_t* rows, int64_t ld, int64_t N, int64_t K, uint16_t* vnni) {
 #if TORCH_CONVT_AMX
   for (int64_t jr = 0; jr < N; jr += 32, vnni += (K + 31) / 32 * 1024) vnni_panel(rows + jr * ld, ld, N - jr, K, vnni);
 #endif

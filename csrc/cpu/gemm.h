@@ -57,18 +57,19 @@ inline bool amx_depth_fits(int64_t depth) { return depth >= 16; }
 // 32s + 31, zero past K) at byte 1024 * s of the panel, which keeps its place (p * K * 16 floats). K >= 16.
 void amx_pack_a(float* a, int64_t M, int64_t K);
 
-// C[M x N] (+)= A[M x K] . B[N x K]^T on AMX tiles (only where amx_bf16()), A and B float rows (lda, ldb) of
-// bfloat16 values along K: the weight gradient's dot products, narrowed straight from its rows into tiles.
-void gemm_amx_nt(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb,
+// C[M x N] (+)= A[M x K] . B[N x K]^T on AMX tiles (only where amx_bf16()), A and B rows (lda, ldb) of bfloat16
+// values (their bits) along K: the weight gradient's dot products, A's rows loaded into tiles as they are, B's
+// transposed into VNNI tiles.
+void gemm_amx_nt(int64_t M, int64_t N, int64_t K, const uint16_t* A, int64_t lda, const uint16_t* B, int64_t ldb,
                  bool accumulate, float* C, int64_t ldc);
 
 // The tap-by-tap weight gradient on AMX (only where amx_bf16()): B's VNNI tiles built once (amx_vnni_rows: B[k][n] =
-// rows[n * ld + k], float rows of bfloat16 values; amx_vnni_size elements), then C[M x N] += A . B for A as bfloat16
+// rows[n * ld + k], rows of bfloat16 values; amx_vnni_size elements), then C[M x N] += A . B for A as bfloat16
 // rows (gemm_amx_rows: A[m][k] = a[m * lda + k], read for m < M rounded up to 16 and k < K rounded up to 32; those
 // past K must be finite), so that every tap's A is its bfloat16 windows (copy_segments16 into uint16_t) at its shift,
 // loaded straight into tiles.
 int64_t amx_vnni_size(int64_t N, int64_t K);
-void amx_vnni_rows(const float* rows, int64_t ld, int64_t N, int64_t K, uint16_t* vnni);
+void amx_vnni_rows(const uint16_t* rows, int64_t ld, int64_t N, int64_t K, uint16_t* vnni);
 void gemm_amx_rows(int64_t M, int64_t N, int64_t K, const uint16_t* a, int64_t lda, const uint16_t* vnni, float* C,
                    int64_t ldc);
 
