@@ -860,7 +860,11 @@ void load_rows(const scalar_t* src, const Strides& st, int64_t channels, const i
       if (i0 < grid[0] && i1 < grid[1]) {
         stop = std::clamp(grid[2], first, last);
         const scalar_t* in = s + st.at(i0, i1, 0);
-        for (int64_t j = first; j < stop; ++j) out[j] = static_cast<acc_t>(in[j * st.s[2]]);
+        if (std::is_same_v<scalar_t, acc_t> && st.s[2] == 1) {  // (a run: one copy, not element by element)
+          std::memcpy(out + first, in + first, (stop - first) * sizeof(acc_t));
+        } else {
+          for (int64_t j = first; j < stop; ++j) out[j] = static_cast<acc_t>(in[j * st.s[2]]);
+        }
       }
       for (int64_t j = stop; j < last; ++j) out[j] = acc_t(0);
     });
