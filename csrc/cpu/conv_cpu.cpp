@@ -1283,7 +1283,6 @@ void conv_weight_grad_kernel(const ConvParams& p, const scalar_t* x, const Strid
             };
             const int64_t W = frame.window(len, 1);
             const scalar_t* x_b = x + n * sx.n + (g * Cxg + cx0) * sx.c;
-            // (outer float windows that are gathered at all are gathered straight into their packed panels)
             if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
               if (amx_taps) {
                 // (AMX: Y's bfloat16 rows as VNNI tiles once; the windows gathered as bfloat16 rows as they are
@@ -1308,6 +1307,7 @@ void conv_weight_grad_kernel(const ConvParams& p, const scalar_t* x, const Strid
               }
             }
             const auto [a, lda] = y_piece(y_rows, y);
+            // (outer float windows that are gathered at all are gathered straight into their packed panels)
             const bool fused = outer && std::is_same_v<scalar_t, float> && std::is_same_v<acc_t, float> && !own_frame;
             Windows<acc_t> w{};  // (fused: none)
             if (!fused) w = frame_windows<scalar_t, acc_t>(frame, x_b, channels, p.big, sx, m0 + frame.min_off, W);
@@ -1346,7 +1346,7 @@ void conv_weight_grad_kernel(const ConvParams& p, const scalar_t* x, const Strid
           continue;
         }
         // One piece per batch item in the tile: columns side by side, and Y's rows copied alongside unless the
-        // tile lies in one batch item and Y is already in the accumulation type. The channel blocks of a tile
+        // tile lies in one batch item and Y is already in the element type. The channel blocks of a tile
         // follow one another: the tile's Y rows (and packed A) are loaded for the first and kept for the rest.
         // Elements E from sources of type S: acc_t from scalar_t, or the bits of bfloat16 values (uint16_t from
         // uint16_t) for AMX tiles, which load them as they are. Returns A (Y's rows) and its row stride.
