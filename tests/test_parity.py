@@ -1025,6 +1025,12 @@ AMX_CASES = [
     ((1, 16, 12, 12), (16, 24, 3, 3), 1, 3, 0, 1, False),       # padding past the kernel: output smaller than input
     ((1, 32, 9, 8, 10), (32, 32, 3, 3, 3), 1, 2, 0, 1, False, 2),  # dilated
     ((2, 17, 4, 5, 33), (17, 33, 2, 3, 4), 1, (1, 0, 2), 0, 1, False, (2, 1, 3)),  # anisotropic, 17 channels
+    # strided, every phase 4 taps or more: the forward phase by phase over one frame copy
+    ((1, 32, 5, 6, 7), (32, 16, 4, 4, 4), 2, 1, 0, 1, False),     # k=4, s=2: 8 phases of 8 taps
+    ((2, 24, 7, 9), (24, 40, 4, 4), 2, 1, 0, 1, True),            # 2d, 40 rows: 32 + 8, channels_last
+    ((2, 16, 3, 6, 11), (16, 33, 3, 5, 2), (2, 1, 1), (0, 4, 2), 0, 1, False),  # the seed's anisotropic layer
+    ((1, 64, 13), (64, 24, 12), 3, 2, 1, 2, False),               # 1d, stride 3, grouped, output_padding
+    ((1, 20, 4, 5, 6), (20, 18, 5, 5, 4), 2, 2, 1, 1, False, (1, 1, 2)),  # phases of 4 to 12 taps, dilated
 ]
 
 

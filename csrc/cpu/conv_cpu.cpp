@@ -222,37 +222,50 @@ bool conv_grid_tiles(const ConvParams& p, const scalar_t* x, const Strides& sx, 
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// bfloat16 correlations on AMX, tap by tap: the stride-1 conv_transpose and the conv at any stride are correlations
-// whose every tap is one shift of the frame (columns.h; a strided conv: of a frame plane per phase of its input): `y`
-// (extents `extent`, Cyg channels a group) is read and `x` (extents `grid`, Cxg channels a group) written, tap t
-// reading y at x's position + taps[t].offset with the weight w[g*wg + cx*wx + cy*wy + taps[t].k] (conv_transpose: y is
-// its input, x its output; conv: the other way round). With each image's y laid out once over the frame as bfloat16
-// channel pairs (pair row: two channels' values a position, VNNI's B layout), the B tile of (tap, 32 channels of y, 16
+// bfloat16 correlations on AMX, tap by tap: the conv at any stride, and each phase of a conv_transpose (stride 1: its
+// one phase) are correlations whose every tap is one shift of the frame (columns.h; a strided conv: of a frame plane
+// per phase of its input): `y` (extents `extent`, Cyg channels a group) is read and `x` (Cxg channels a group) written,
+// phase ph's tap t reading y at m + taps[t].offset for x's position m * out_step + ph.r (m < ph.grid) with the weight
+// w[g*wg + cx*wx + cy*wy + taps[t].k] (conv_transpose: y is its input, x its output; conv: the other way round, one
+// phase). With each image's y laid out once over the frame (all phases' taps, their largest grid) as bfloat16 channel
+// pairs (pair row: two channels' values a position, VNNI's B layout), the B tile of (tap, 32 channels of y, 16
 // positions) is 16 pair rows at the tap's shift, loaded straight into the tile unit (cpu::gemm_amx_taps); the weights
 // are A, packed once per call. The GEMM path narrows its float windows into VNNI panels once per tap instead (27 times
 // the input on a k=3 3d layer: 29% of the stride-1 3d forward, whose tile products were another 28%). Frame points off
-// the grid are computed and dropped at the store. Returns false where it does not apply (the caller takes the GEMM
-// path): fewer than 16 channels of y or more than 64 of x, weights that are not finite (the frame's zero padding would
-// multiply them), or a frame copy of one image past half the workspace bound.
+// a phase's grid are computed and dropped at the store; a tile stores its phases one after another. Returns false
+// where it does not apply (the caller takes the GEMM path): fewer than 16 channels of y or more than 64 of x, weights
+// that are not finite (the frame's zero padding would multiply them), or a frame copy of one image past half the
+// workspace bound.
 // ---------------------------------------------------------------------------------------------------------
 struct AmxTapsLayer {
   int64_t batch, groups, Cyg, Cxg, K;
-  const int64_t *extent, *grid, *step;  // step: y positions between x's neighbours (a conv's stride; else 1)
-  int64_t wg, wx, wy;                   // weight strides: group, x channel, y channel
+  const int64_t *extent, *step;  // step: y positions between x's neighbours (a conv's stride; else 1)
+  const int64_t* out_step;       // x positions between a phase's neighbours (a transposed layer's stride; else 1)
+  int64_t wg, wx, wy;            // weight strides: group, x channel, y channel
 };
 
 template <typename scalar_t>
-bool amx_taps(const AmxTapsLayer& l, const std::vector<Tap>& taps, const scalar_t* y, const Strides& sy,
+bool amx_taps(const AmxTapsLayer& l, const std::vector<Phase>& phases, const scalar_t* y, const Strides& sy,
               const scalar_t* w, const float* bias, scalar_t* x, const Strides& sx) {
   static_assert(sizeof(scalar_t) == sizeof(uint16_t));
   const int64_t G = l.groups, Cxg = l.Cxg, Cyg = l.Cyg, K = l.K;
   // (fewer than 16 channels of y: tiles mostly padding, as for use_amx; more than 64 of x: each 32 of them read the
   // copy again and their A tiles outgrow L1, where the GEMM path's tall blocks win: the DCGAN and HiFi-GAN input
   // gradients, 256 and 512 channels, took x1.7 and x2.5 the time)
-  if (Cyg < 16 || Cxg <= 0 || Cxg > 64) return false;
-  const int64_t one[kMaxDims] = {1, 1, 1}, zero[kMaxDims] = {0, 0, 0};
-  const Frame fr = make_frame(taps, l.step, l.grid);  // (a strided conv: one frame plane per phase of y)
+  if (Cyg < 16 || Cxg <= 0 || Cxg > 64 || phases.empty()) return false;
+  // One frame for all phases (a strided transposed layer: each phase is a stride-1 correlation of y with its own
+  // taps, written at x positions m * out_step + r): their taps' shifts over the largest of their grids.
+  std::vector<Tap> taps;
+  int64_t fgrid[kMaxDims] = {0, 0, 0};
+  for (const Phase& ph : phases) {
+    taps.insert(taps.end(), ph.taps.begin(), ph.taps.end());
+    for (int d = 0; d < kMaxDims; ++d) fgrid[d] = std::max(fgrid[d], ph.grid[d]);
+  }
+  const Frame fr = make_frame(taps, l.step, fgrid);  // (a strided conv: one frame plane per phase of y)
   const int64_t T = static_cast<int64_t>(taps.size()), P = static_cast<int64_t>(fr.planes.size());
+  const int64_t NP = static_cast<int64_t>(phases.size());
+  std::vector<int64_t> first(NP + 1, 0);  // phase ph's taps: taps[first[ph], first[ph + 1])
+  for (int64_t ph = 0; ph < NP; ++ph) first[ph + 1] = first[ph] + static_cast<int64_t>(phases[ph].taps.size());
   // K steps of kp channel pairs of y (32 channels; fewer channels: one shorter step), blocks of 16 channels of x
   const int64_t kp = std::min<int64_t>(16, ceil_div(Cyg, 2)), KB = ceil_div(Cyg, 2 * kp), pairs = KB * kp;
   const int64_t MB = ceil_div(Cxg, 16);
@@ -265,11 +278,14 @@ bool amx_taps(const AmxTapsLayer& l, const std::vector<Tap>& taps, const scalar_
   const int64_t plane = fr.ext[1] * fr.ext[2], image = G * pairs * ld;  // (pairs of a frame plane, an image)
   std::vector<int64_t> shift(T);
   for (int64_t t = 0; t < T; ++t) shift[t] = fr.tap_plane[t] * lp + fr.tap_off[t];
-  const int64_t out_bytes = l.batch * G * Cxg * l.grid[0] * l.grid[1] * l.grid[2] * int64_t(sizeof(scalar_t));
+  int64_t out_points = 0;
+  for (const Phase& ph : phases) out_points += ph.grid[0] * ph.grid[1] * ph.grid[2];
+  const int64_t out_bytes = l.batch * G * Cxg * out_points * int64_t(sizeof(scalar_t));
   if (image * int64_t(sizeof(uint32_t)) > std::max<int64_t>(int64_t(64) << 20, out_bytes) / 2) return false;
 
-  // A: tile (g, row block i, tap t, step s), row r = x channel 16i + r, column c = y channel 2kp*s + c
-  const int64_t a_block = T * KB * 32 * kp, a_size = MB * a_block;
+  // A: tile (g, phase, row block i, tap t of the phase, step s), row r = x channel 16i + r, column c = y channel
+  // 2kp*s + c; a phase's tiles start at tile MB * first[ph] of the group's
+  const int64_t tile = 32 * kp, a_size = MB * T * KB * tile;
   std::unique_ptr<uint16_t[]> a_fresh;
   uint16_t* const a_all = held_buffer<uint16_t, kWeightSlot>(G * a_size, a_fresh);
   const uint16_t* wb = reinterpret_cast<const uint16_t*>(w);
@@ -279,16 +295,17 @@ bool amx_taps(const AmxTapsLayer& l, const std::vector<Tap>& taps, const scalar_
   if (special) return false;
   std::vector<int64_t> k(T);
   for (int64_t t = 0; t < T; ++t) k[t] = taps[t].k;
-  at::parallel_for(0, G * MB, grain(int64_t(8) * a_block), [&](int64_t begin, int64_t end) {
-    for (int64_t item = begin; item < end; ++item) {  // (item = g * MB + i)
-      const int64_t g = item / MB, i = item % MB, rows = std::min<int64_t>(16, Cxg - 16 * i);
-      uint16_t* dst = a_all + item * a_block;
-      std::fill(dst, dst + a_block, uint16_t(0));
+  at::parallel_for(0, G * NP * MB, grain(int64_t(8) * T / NP * KB * tile), [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {  // (item = (g * NP + ph) * MB + i)
+      const int64_t g = item / (NP * MB), ph = item / MB % NP, i = item % MB, rows = std::min<int64_t>(16, Cxg - 16 * i);
+      const int64_t t0 = first[ph], Tp = first[ph + 1] - t0, block = Tp * KB * tile;
+      uint16_t* dst = a_all + g * a_size + (MB * t0 + i * Tp) * KB * tile;
+      std::fill(dst, dst + block, uint16_t(0));
       for (int64_t ci = 0; ci < Cyg; ++ci)  // (the weights in order: each line read once)
         for (int64_t r = 0; r < rows; ++r) {
           const uint16_t* src = wb + g * l.wg + (16 * i + r) * l.wx + ci * l.wy;
-          uint16_t* d = dst + ci / (2 * kp) * 32 * kp + 2 * kp * r + ci % (2 * kp);
-          for (int64_t t = 0; t < T; ++t) d[t * KB * 32 * kp] = src[k[t]];
+          uint16_t* d = dst + ci / (2 * kp) * tile + 2 * kp * r + ci % (2 * kp);
+          for (int64_t t = 0; t < Tp; ++t) d[t * KB * tile] = src[k[t0 + t]];
         }
     }
   });
@@ -299,13 +316,13 @@ bool amx_taps(const AmxTapsLayer& l, const std::vector<Tap>& taps, const scalar_
   uint32_t* const copy = held_buffer<uint32_t, kPlaneSlot>(per_chunk * image, copy_fresh);
   // Tiles: runs of one frame plane's positions from its first grid point to its last (the plane's pad lines are
   // not computed), with results of up to 256 KiB, short enough for about 4 a thread.
-  const int64_t run = (l.grid[1] - 1) * fr.ext[2] + l.grid[2];
+  const int64_t run = (fgrid[1] - 1) * fr.ext[2] + fgrid[2];
   const int64_t threads = at::get_num_threads();
   int64_t L = std::clamp<int64_t>((int64_t(256) << 10) / (MB * 16 * int64_t(sizeof(float))) / 32 * 32, 32,
                                   ceil_div(run, 32) * 32);
-  while (L > 128 && per_chunk * G * l.grid[0] * ceil_div(run, L) < 4 * threads) L = ceil_div(L / 2, 32) * 32;
-  const int64_t cuts = ceil_div(run, L), tiles = l.grid[0] * cuts;
-  const bool stream = out_bytes >= kStreamBytes;
+  while (L > 128 && per_chunk * G * fgrid[0] * ceil_div(run, L) < 4 * threads) L = ceil_div(L / 2, 32) * 32;
+  const int64_t cuts = ceil_div(run, L), tiles = fgrid[0] * cuts;
+  const bool stream = out_bytes >= kStreamBytes && NP == 1;  // (phases interleave: whole lines only at the end)
   const uint16_t* yb = reinterpret_cast<const uint16_t*>(y);
   for (int64_t n0 = 0; n0 < l.batch; n0 += per_chunk) {
     const int64_t imgs = std::min(per_chunk, l.batch - n0);
@@ -350,10 +367,16 @@ bool amx_taps(const AmxTapsLayer& l, const std::vector<Tap>& taps, const scalar_
       for (int64_t item = begin; item < end; ++item) {
         const int64_t ni = item / (G * tiles), g = item / tiles % G, i0 = item % tiles / cuts;
         const int64_t f0 = i0 * plane + item % cuts * L, f1 = std::min(i0 * plane + run, f0 + L);
-        cpu::gemm_amx_taps(MB, ceil_div(f1 - f0, 32) * 32, T, KB, kp, a_all + g * a_size,
-                           copy + (ni * G + g) * pairs * ld + f0, ld, shift.data(), out, L);
-        store_rows<scalar_t, float>(out, L, Cxg, bias ? bias + g * Cxg : nullptr, x + (n0 + ni) * sx.n + g * Cxg * sx.c,
-                                    sx, one, zero, l.grid, f0, f1, fr.ext, 0, stream);
+        for (int64_t ph = 0; ph < NP; ++ph) {  // (a tile's phases one after another: its output lines stay in cache)
+          if (i0 >= phases[ph].grid[0]) continue;
+          const int64_t t0 = first[ph];
+          cpu::gemm_amx_taps(MB, ceil_div(f1 - f0, 32) * 32, first[ph + 1] - t0, KB, kp,
+                             a_all + g * a_size + MB * t0 * KB * tile, copy + (ni * G + g) * pairs * ld + f0, ld,
+                             shift.data() + t0, out, L);
+          store_rows<scalar_t, float>(out, L, Cxg, bias ? bias + g * Cxg : nullptr,
+                                      x + (n0 + ni) * sx.n + g * Cxg * sx.c, sx, l.out_step, phases[ph].r,
+                                      phases[ph].grid, f0, f1, fr.ext, 0, stream);
+        }
       }
       if (stream) cpu::stream_fence();
     });
@@ -372,8 +395,13 @@ void conv_kernel(const ConvParams& p, const scalar_t* x, const Strides& sx, cons
     if (cpu::amx_bf16()) {  // (any stride: a frame plane per phase of x)
       std::vector<float> b_store;
       const float* ba = bias ? as_acc(bias, p.small_channels, b_store) : nullptr;
-      const AmxTapsLayer layer{p.batch, G, Cxg, Cyg, T, p.big, p.small, p.stride, Cyg * Cxg * T, Cxg * T, T};
-      if (amx_taps(layer, conv_taps(p), x, sx, w, ba, y, sy)) return;
+      const int64_t one[kMaxDims] = {1, 1, 1};
+      const AmxTapsLayer layer{p.batch, G, Cxg, Cyg, T, p.big, p.stride, one, Cyg * Cxg * T, Cxg * T, T};
+      std::vector<Phase> all(1);  // (one phase: every output point, all taps)
+      std::fill(all[0].r, all[0].r + kMaxDims, 0);
+      std::copy(p.small, p.small + kMaxDims, all[0].grid);
+      all[0].taps = conv_taps(p);
+      if (amx_taps(layer, all, x, sx, w, ba, y, sy)) return;
     }
   }
   // (The taller register blocking where it pads the rows by at most 5%: x0.92-0.95 time on the DCGAN and HiFi-GAN
@@ -953,9 +981,14 @@ void conv_transpose_kernel(const ConvParams& p, const scalar_t* y, const Strides
 
   if (plan.direct) return conv_transpose_direct(p, phases, y, sy, w, ba, x, sx);
   if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
-    if (p.stride[0] == 1 && p.stride[1] == 1 && p.stride[2] == 1 && phases.size() == 1 && cpu::amx_bf16()) {
-      const AmxTapsLayer layer{p.batch, G, Cyg, Cxg, K, p.small, phases[0].grid, one, Cyg * Cxg * K, K, Cxg * K};
-      if (amx_taps(layer, phases[0].taps, y, sy, w, ba, x, sx)) return;
+    // (strided layers: where every phase has 4 taps or more. Against the GEMM path, forward: k=4, s=2 3d x0.82 time,
+    // 2d x0.87, k=5, s=2 3d x0.80, the anisotropic seed layer x0.65; phases of 1 or 2 taps lose on their stores, one
+    // pass per phase instead of the GEMM path's interleaved ones: k=3, s=2 (MONAI) x1.1, grouped 2d x1.9, k == s x2.4)
+    const bool stride1 = p.stride[0] == 1 && p.stride[1] == 1 && p.stride[2] == 1 && phases.size() == 1;
+    const bool deep = std::all_of(phases.begin(), phases.end(), [](const Phase& ph) { return ph.taps.size() >= 4; });
+    if ((stride1 || deep) && cpu::amx_bf16()) {
+      const AmxTapsLayer layer{p.batch, G, Cyg, Cxg, K, p.small, one, p.stride, Cyg * Cxg * K, K, Cxg * K};
+      if (amx_taps(layer, phases, y, sy, w, ba, x, sx)) return;
     }
   }
 
