@@ -266,8 +266,9 @@ bool amx_taps(const AmxTapsLayer& l, const std::vector<Phase>& phases, const sca
   const int64_t NP = static_cast<int64_t>(phases.size());
   std::vector<int64_t> first(NP + 1, 0);  // phase ph's taps: taps[first[ph], first[ph + 1])
   for (int64_t ph = 0; ph < NP; ++ph) first[ph + 1] = first[ph] + static_cast<int64_t>(phases[ph].taps.size());
-  // K steps of kp channel pairs of y (32 channels; fewer channels: one shorter step), blocks of 16 channels of x
-  const int64_t kp = std::min<int64_t>(16, ceil_div(Cyg, 2)), KB = ceil_div(Cyg, 2 * kp), pairs = KB * kp;
+  // K steps of kp channel pairs of y (at most 32 channels, the steps about equal: 33 channels are 2 steps of 9 pairs,
+  // not 16, so the copy holds 18 pairs, not 32), blocks of 16 channels of x
+  const int64_t KB = ceil_div(Cyg, 32), kp = ceil_div(ceil_div(Cyg, 2), KB), pairs = KB * kp;
   const int64_t MB = ceil_div(Cxg, 16);
   // pair rows: each frame plane (`lp` pairs: the frame and the 32 positions past it that the last column block
   // reads) in turn, in an odd number of 64-byte lines (rows 2^k lines apart would share L1 sets); tap t reads
