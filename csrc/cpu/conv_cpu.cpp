@@ -1272,10 +1272,12 @@ void conv_weight_grad_kernel(const ConvParams& p, const scalar_t* x, const Strid
   // outer: by_tap with Y wide enough to fill the micro-kernel's NR lanes runs the register-blocked GEMM instead
   // of dot products (which stream both operands from L2: two vector loads per five FMAs), with input channels as
   // rows.
+  // (bfloat16 on AMX: the outer GEMMs on tiles, every tap's A loaded straight from the windows at its shift; from 16
+  // rows of Y, as for use_amx, also where the float GEMM would take dot products: the seed layers' weight gradients,
+  // 16 channels of Y, x0.30 time (anisotropic) and x0.62 (k=3, s=2))
+  const bool amx_taps = by_tap && Cyg >= 16 && std::is_same_v<scalar_t, c10::BFloat16> && cpu::amx_bf16();
   const cpu::GemmTile gtx = cpu::gemm_tile<acc_t>(block);
-  const bool outer = by_tap && 10 * Cyg >= 7 * ceil_div(Cyg, gtx.nr) * gtx.nr;
-  // (bfloat16 on AMX: the outer GEMMs on tiles, every tap's A loaded straight from the windows at its shift)
-  const bool amx_taps = outer && std::is_same_v<scalar_t, c10::BFloat16> && cpu::amx_bf16();
+  const bool outer = by_tap && (amx_taps || 10 * Cyg >= 7 * ceil_div(Cyg, gtx.nr) * gtx.nr);
   // taps plane by plane: a plane's packed windows stay in L2 while its taps run
   std::vector<int64_t> tap_order(T);
   std::iota(tap_order.begin(), tap_order.end(), 0);
