@@ -298,7 +298,8 @@ bool amx_taps(const AmxTapsLayer& l, const std::vector<Phase>& phases, const sca
   for (int64_t t = 0; t < T; ++t) k[t] = taps[t].k;
   at::parallel_for(0, G * NP * MB, grain(int64_t(8) * T / NP * KB * tile), [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {  // (item = (g * NP + ph) * MB + i)
-      const int64_t g = item / (NP * MB), ph = item / MB % NP, i = item % MB, rows = std::min<int64_t>(16, Cxg - 16 * i);
+      const int64_t g = item / (NP * MB), ph = item / MB % NP, i = item % MB;
+      const int64_t rows = std::min<int64_t>(16, Cxg - 16 * i);
       const int64_t t0 = first[ph], Tp = first[ph + 1] - t0, block = Tp * KB * tile;
       uint16_t* dst = a_all + g * a_size + (MB * t0 + i * Tp) * KB * tile;
       std::fill(dst, dst + block, uint16_t(0));
