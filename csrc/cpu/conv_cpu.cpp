@@ -1288,12 +1288,14 @@ void conv_weight_grad_kernel(const ConvParams& p, const scalar_t* x, const Strid
   at::parallel_for(0, chunks, 1, [&](int64_t c_begin, int64_t c_end) {
     acc_t* col = by_tap ? nullptr : scratch<acc_t, 0>(block * T * ld);
     acc_t* y_rows = scratch<acc_t, 1>(Cyg * ld);
-    acc_t* a_packed = outer    ? scratch<acc_t, 2>(planes * cpu::packed_size(block, frame.window(tile, 1), gtx.mr))
-                      : packed ? scratch<acc_t, 2>(cpu::packed_size(Cyg, tile, gt.mr))
-                               : nullptr;
-    acc_t* b_packed = outer    ? scratch<acc_t, 3>(cpu::packed_size(Cyg, tile, gtx.nr))
-                      : packed ? scratch<acc_t, 3>(cpu::packed_size(block * T, tile, gt.nr))
-                               : nullptr;
+    // (float panels: not for the tap-by-tap AMX path, whose operands are bfloat16 scratch of its own)
+    const bool float_outer = outer && !amx_taps;
+    acc_t* a_packed = float_outer ? scratch<acc_t, 2>(planes * cpu::packed_size(block, frame.window(tile, 1), gtx.mr))
+                      : packed    ? scratch<acc_t, 2>(cpu::packed_size(Cyg, tile, gt.mr))
+                                  : nullptr;
+    acc_t* b_packed = float_outer ? scratch<acc_t, 3>(cpu::packed_size(Cyg, tile, gtx.nr))
+                      : packed    ? scratch<acc_t, 3>(cpu::packed_size(block * T, tile, gt.nr))
+                                  : nullptr;
     int64_t y_tile = -1;  // (g, tile) whose Y rows are in y_rows and a_packed
     for (int64_t c = c_begin; c < c_end; ++c) {
       acc_t* acc = partial + c * dw_numel;

@@ -1730,15 +1730,17 @@ void widen16_panels(const uint16_t* src, int64_t channel_stride, int64_t channel
 }
 
 namespace {
-void copy_segments_portable(const float* src, int64_t src_channel_stride, int64_t channels, const Segment* segments,
-                            int64_t count, int64_t step, float* dst, int64_t dst_channel_stride) {
+// copy_segments (and copy_segments16) on any CPU: dst = convert(src) on a segment's copy part, zero on the rest.
+template <typename Src, typename Out, typename Convert>
+void copy_segments_portable(const Src* src, int64_t src_channel_stride, int64_t channels, const Segment* segments,
+                            int64_t count, int64_t step, Out* dst, int64_t dst_channel_stride, Convert convert) {
   for (int64_t c = 0; c < channels; ++c) {
-    const float* in = src + c * src_channel_stride;
-    float* out = dst + c * dst_channel_stride;
+    const Src* in = src + c * src_channel_stride;
+    Out* out = dst + c * dst_channel_stride;
     for (const Segment* sg = segments; sg != segments + count; ++sg) {
-      for (int64_t j = sg->j0; j < sg->a; ++j) out[j] = 0.0f;
-      for (int64_t j = sg->a; j < sg->b; ++j) out[j] = in[sg->offset + j * step];
-      for (int64_t j = sg->b; j < sg->j1; ++j) out[j] = 0.0f;
+      std::fill(out + sg->j0, out + sg->a, Out(0));
+      for (int64_t j = sg->a; j < sg->b; ++j) out[j] = convert(in[sg->offset + j * step]);
+      std::fill(out + sg->b, out + sg->j1, Out(0));
     }
   }
 }
@@ -1901,7 +1903,8 @@ void copy_segments(const float* src, int64_t src_channel_stride, int64_t channel
   if (avx512 && (step == 1 || step == 2))
     return copy_segments_avx512(src, src_channel_stride, channels, segments, count, step, dst, dst_channel_stride);
 #endif
-  copy_segments_portable(src, src_channel_stride, channels, segments, count, step, dst, dst_channel_stride);
+  copy_segments_portable(src, src_channel_stride, channels, segments, count, step, dst, dst_channel_stride,
+                         [](float v) { return v; });
 }
 
 namespace {
@@ -1915,6 +1918,7 @@ bool copy_segments16_avx512_ok() {
   return false;
 #endif
 }
+
 }  // namespace
 
 void copy_segments16(const uint16_t* src, int64_t src_channel_stride, int64_t channels, const Segment* segments,
@@ -1927,15 +1931,8 @@ void copy_segments16(const uint16_t* src, int64_t src_channel_stride, int64_t ch
                                                        dst_channel_stride);
   }
 #endif
-  for (int64_t c = 0; c < channels; ++c) {
-    const uint16_t* in = src + c * src_channel_stride;
-    float* out = dst + c * dst_channel_stride;
-    for (const Segment* sg = segments; sg != segments + count; ++sg) {
-      for (int64_t j = sg->j0; j < sg->a; ++j) out[j] = 0.0f;
-      for (int64_t j = sg->a; j < sg->b; ++j) out[j] = widen16_portable(in[sg->offset + j * step], bf16);
-      for (int64_t j = sg->b; j < sg->j1; ++j) out[j] = 0.0f;
-    }
-  }
+  copy_segments_portable(src, src_channel_stride, channels, segments, count, step, dst, dst_channel_stride,
+                         [bf16](uint16_t v) { return widen16_portable(v, bf16); });
 }
 
 void copy_segments16(const uint16_t* src, int64_t src_channel_stride, int64_t channels, const Segment* segments,
@@ -1946,15 +1943,8 @@ void copy_segments16(const uint16_t* src, int64_t src_channel_stride, int64_t ch
                                                   dst_channel_stride);
   }
 #endif
-  for (int64_t c = 0; c < channels; ++c) {
-    const uint16_t* in = src + c * src_channel_stride;
-    uint16_t* out = dst + c * dst_channel_stride;
-    for (const Segment* sg = segments; sg != segments + count; ++sg) {
-      std::fill(out + sg->j0, out + sg->a, uint16_t(0));
-      for (int64_t j = sg->a; j < sg->b; ++j) out[j] = in[sg->offset + j * step];
-      std::fill(out + sg->b, out + sg->j1, uint16_t(0));
-    }
-  }
+  copy_segments_portable(src, src_channel_stride, channels, segments, count, step, dst, dst_channel_stride,
+                         [](uint16_t v) { return v; });
 }
 
 void copy_segments_packed(const float* src, int64_t src_channel_stride, int64_t channels, const Segment* segments,
