@@ -1126,3 +1126,109 @@ def test_bf16_amx_stride1_copies_by_chunks_of_images(cl):
         err = ((g.double() - r.double()).abs() - r.double().abs() / 128).amax(dim=(1, 2, 3, 4))
         scale = r.abs().max().item()
         assert (err <= 2e-3 * scale).all(), f"{name}: per-image error {err.tolist()} (scale {scale:.3g})"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Winograd F(2, 3): float32 layers at stride 1, dilation 1, with kernels of 3 along the innermost dim and one more
+# (16 to 256 channels a group, AVX-512 CPUs). (kind, input shape, weight shape, padding, groups)
+# ----------------------------------------------------------------------------------------------------------
+def _winograd_available():
+    """Whether this CPU has what the Winograd path needs (AVX-512 F/BW/VL/DQ, FMA, BMI2): from the CPU's flags, not
+    from the path's results, so that a broken path fails the tests below instead of skipping them."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return {"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma", "bmi2"} <= set(flags)
+
+
+WINOGRAD_CASES = [
+    ("ct", (2, 32, 7, 9, 13), (32, 32, 3, 3, 3), 1, 1),     # odd extents: half tiles at every far edge
+    ("ct", (1, 16, 5, 6, 37), (16, 24, 3, 3, 3), 0, 1),     # rows of 20 tiles (runs of 16 + 4), output past the input
+    ("ct", (1, 20, 6, 7, 8), (20, 17, 3, 3, 3), 3, 1),      # padding past the kernel (the input cropped), 17 rows
+    ("conv", (2, 24, 9, 10, 11), (40, 24, 3, 3, 3), 1, 1),  # 40 rows: panels of the register blocking and a rest
+    ("conv", (1, 32, 8, 9, 35), (16, 32, 3, 3, 3), 0, 1),   # no padding: 33-point rows, 16 rows
+    ("ct", (3, 32, 17, 40), (32, 48, 3, 3), 1, 1),          # 2d
+    ("conv", (2, 64, 11, 12), (64, 32, 3, 3), 2, 2),        # 2d, grouped, padding 2 (output larger than the input)
+    ("ct", (1, 32, 6, 7, 8), (32, 16, 3, 1, 3), 1, 1),      # 3 x 1 x 3: tiles of 2 x 1 x 2
+    ("ct", (1, 32, 6, 7, 8), (32, 16, 1, 3, 3), (0, 1, 1), 1),  # 1 x 3 x 3 in 3d
+    ("conv", (1, 128, 4, 5, 6), (96, 128, 3, 3, 3), 1, 1),  # 128 channels in, 96 out
+]
+
+
+@pytest.mark.skipif(not _winograd_available(), reason="no AVX-512: float32 layers take direct summation")
+@pytest.mark.parametrize("case", WINOGRAD_CASES, ids=[f"case{i}" for i in range(len(WINOGRAD_CASES))])
+def test_winograd_matches_float64(case):
+    """Output, input and weight gradients in float32 by Winograd (the forward and, through conv / conv_transpose, the
+    input gradient) within 1e-5 of the largest float64 value on the same inputs, as direct summation is; and not the
+    bits of direct summation (set_winograd(False)), so the path was taken. A wrong transform, tile edge or run is off
+    by far more."""
+    kind, in_shape, w_shape, padding, groups = case
+    nd = len(in_shape) - 2
+    torch.manual_seed(5)
+    x = torch.randn(in_shape)
+    w = torch.randn(w_shape) / (w_shape[1] * 9) ** 0.5
+    b = torch.randn(w_shape[1] * groups if kind == "ct" else w_shape[0])
+    ours, ref = (ours_ct(nd), torch_ct(nd)) if kind == "ct" else (ours_conv(nd), torch_conv(nd))
+    kw = dict(padding=padding, groups=groups)
+
+    def run(fn, dtype):
+        xx, ww, bb = (t.detach().to(dtype).requires_grad_() for t in (x, w, b))
+        out = fn(xx, ww, bb, **kw)
+        out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(3)).to(dtype))
+        return [t.detach().double() for t in (out, xx.grad, ww.grad)]
+
+    expected = run(ref, torch.float64)
+    was = torch_convt.set_winograd(True)
+    try:
+        wino = run(ours, torch.float32)
+        torch_convt.set_winograd(False)
+        direct = run(ours, torch.float32)
+    finally:
+        torch_convt.set_winograd(was)
+    for name, e, got, d in zip(("output", "input grad", "weight grad"), expected, wino, direct):
+        scale = e.abs().max().item()
+        assert (got - e).abs().max().item() <= 1e-5 * scale, name
+        assert (d - e).abs().max().item() <= 1e-5 * scale, name
+    assert not torch.equal(wino[0], direct[0]) and not torch.equal(wino[1], direct[1])
+
+
+@pytest.mark.skipif(not _winograd_available(), reason="no AVX-512: float32 layers take direct summation")
+def test_winograd_same_bits_any_thread_count():
+    x, w = torch.randn(2, 32, 7, 9, 13), torch.randn(32, 24, 3, 3, 3)
+    results = []
+    old = torch.get_num_threads()
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            results.append((torch_convt.functional.conv_transpose3d(x, w, padding=1), torch_convt.functional.conv3d(x, w.transpose(0, 1), padding=1)))
+    finally:
+        torch.set_num_threads(old)
+    for r in results[1:]:
+        assert torch.equal(r[0], results[0][0]) and torch.equal(r[1], results[0][1])
+
+
+@pytest.mark.skipif(not _winograd_available(), reason="no AVX-512: float32 layers take direct summation")
+@pytest.mark.parametrize("kind", ["ct", "conv"])
+@pytest.mark.parametrize("where", ["input", "weight"])
+def test_winograd_non_finite_as_direct(kind, where):
+    """A tile mixes its inputs, so a NaN or inf would reach outputs it does not contribute to: such layers are computed
+    by direct summation, each non-finite value reaching exactly its own outputs (bit for bit the direct result)."""
+    torch.manual_seed(2)
+    x, w, b = torch.randn(2, 32, 6, 7, 9), torch.randn(32, 32, 3, 3, 3) / 16, torch.randn(32)
+    if where == "input":
+        x[0, 3, 2, 3, 4], x[1, 5, 0, 6, 8], x[1, 7, 5, 0, 0] = float("nan"), float("inf"), -float("inf")
+    else:
+        w[4, 5, 1, 2, 0] = float("inf")
+    fn = torch_convt.functional.conv_transpose3d if kind == "ct" else torch_convt.functional.conv3d
+    was = torch_convt.set_winograd(True)
+    try:
+        got = fn(x, w, b, padding=1)
+        torch_convt.set_winograd(False)
+        direct = fn(x, w, b, padding=1)
+    finally:
+        torch_convt.set_winograd(was)
+    assert torch.equal(got.isnan(), direct.isnan()) and torch.equal(got.isfinite(), direct.isfinite())
+    assert got.isfinite().any() and not got.isfinite().all()
+    assert torch.equal(got[got.isfinite()], direct[direct.isfinite()])

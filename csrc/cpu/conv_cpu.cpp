@@ -37,6 +37,7 @@
 #include "columns.h"
 #include "direct.h"
 #include "gemm.h"
+#include "winograd.h"
 
 namespace torch_convt {
 namespace {
@@ -386,6 +387,12 @@ bool amx_taps(const AmxTapsLayer& l, const std::vector<Phase>& phases, const sca
   return true;
 }
 
+// Stride 1 and dilation 1 in every dim: the layers that Winograd F(2, 3) may take (winograd.h).
+inline bool unit_steps(const ConvParams& p) {
+  return std::all_of(p.stride, p.stride + kMaxDims, [](int64_t s) { return s == 1; }) &&
+         std::all_of(p.dilation, p.dilation + kMaxDims, [](int64_t d) { return d == 1; });
+}
+
 template <typename scalar_t>
 void conv_kernel(const ConvParams& p, const scalar_t* x, const Strides& sx, const scalar_t* w, const scalar_t* bias,
                  scalar_t* y, const Strides& sy) {
@@ -393,6 +400,14 @@ void conv_kernel(const ConvParams& p, const scalar_t* x, const Strides& sx, cons
   const int64_t G = p.groups, Cxg = p.big_group(), Cyg = p.small_group();
   if (Cxg == 1 && Cyg == 1) return conv_depthwise(p, x, sx, w, bias, y, sy);
   const int64_t T = p.kernel_numel(), KK = Cxg * T;
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (unit_steps(p)) {
+      const cpu::WinogradLayer wl{p.batch, G, Cxg, Cyg, {p.big[0], p.big[1], p.big[2]},
+                                  {p.small[0], p.small[1], p.small[2]}, {p.padding[0], p.padding[1], p.padding[2]},
+                                  {p.kernel[0], p.kernel[1], p.kernel[2]}, Cyg * Cxg * T, Cxg * T, T, false};
+      if (cpu::winograd_correlation(wl, x, sx, w, bias, y, sy)) return;
+    }
+  }
   if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
     if (cpu::amx_bf16()) {  // (any stride: a frame plane per phase of x)
       std::vector<float> b_store;
@@ -961,6 +976,16 @@ void conv_transpose_kernel(const ConvParams& p, const scalar_t* y, const Strides
                            const scalar_t* bias, scalar_t* x, const Strides& sx) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t G = p.groups, Cxg = p.big_group(), Cyg = p.small_group(), K = p.kernel_numel();
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (unit_steps(p)) {  // (a correlation of y with the weights' taps reversed, padded by kernel - 1 - padding)
+      const cpu::WinogradLayer wl{p.batch, G, Cyg, Cxg, {p.small[0], p.small[1], p.small[2]},
+                                  {p.big[0], p.big[1], p.big[2]},
+                                  {p.kernel[0] - 1 - p.padding[0], p.kernel[1] - 1 - p.padding[1],
+                                   p.kernel[2] - 1 - p.padding[2]},
+                                  {p.kernel[0], p.kernel[1], p.kernel[2]}, Cyg * Cxg * K, K, Cxg * K, true};
+      if (cpu::winograd_correlation(wl, y, sy, w, bias, x, sx)) return;
+    }
+  }
   std::vector<acc_t> b_store;
   const acc_t* ba = bias ? as_acc(bias, p.big_channels, b_store) : nullptr;
   const int64_t zero[kMaxDims] = {0, 0, 0}, one[kMaxDims] = {1, 1, 1};
@@ -1699,6 +1724,10 @@ at::Tensor conv_weight_grad_cpu(const at::Tensor& input, const at::Tensor& grad_
 
 int64_t empty_cache() {
   return static_cast<int64_t>(OutputAllocator::get().release());
+}
+
+bool set_winograd(bool on) {
+  return cpu::winograd_flag().exchange(on);
 }
 
 bool set_amx(bool on) {

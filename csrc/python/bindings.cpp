@@ -95,4 +95,5 @@ PYBIND11_MODULE(_C, m) {
   m.def("empty_cache", &torch_convt::empty_cache);
   m.def("set_cache_limit", &torch_convt::set_cache_limit);
   m.def("set_amx", &torch_convt::set_amx);
+  m.def("set_winograd", &torch_convt::set_winograd);
 }

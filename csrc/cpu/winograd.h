@@ -1,0 +1,341 @@
+// Winograd F(2, 3) for the stride-1 float32 layers of the CPU kernels (conv_cpu.cpp): conv and conv_transpose at
+// stride 1 and dilation 1 whose kernel is 3 along the innermost dim and along at least one other, 1 along the rest
+// (3d 3x3x3, 2d 3x3, and 3x3x1 / 3x1x3 kernels). Both are the correlation
+//     out[n, co, o] = sum_{ci, t} wc[co, ci, t] * in[n, ci, o + t - pad] + bias[co]
+// (conv: in = X, wc = W, pad = padding; conv_transpose: in = Y, wc = W with its two channel dims swapped and its taps
+// reversed, pad = kernel - 1 - padding). Per dim of 3 taps, the output is cut into tiles of 2 points, each computed
+// from the 4 input points it reads: in 3d a tile is 2x2x2 outputs from 4x4x4 inputs, whose 64 transformed values V
+// (B^T d B along each dim) multiply the 64 transformed weights U (G g G^T) and are transformed back (A^T m A):
+// 64 products per 8 outputs instead of 27 x 8 = 216, so the layer does 0.30 of the multiply-adds (2d 3x3: 0.44).
+// The 64 products of all tiles are 64 GEMMs [co x ci] . [ci x tiles] on the GEMM of gemm.h; the transforms are
+// additions only, vectorised over 16 tiles of a row (AVX-512). The transforms' coefficients are 0, +-1 and +-1/2, and
+// the errors stay at those of direct summation (a 32-channel 3x3x3 layer: 3.0e-7 of the largest output in float32,
+// direct 4.6e-7, both against float64). Every output is one fixed sequence of operations: results do not depend on
+// the thread count. Non-finite values: a tile mixes its 4 x 4 x 4 inputs, so an inf or NaN input would reach outputs
+// that it does not contribute to; where any output comes out non-finite the caller computes the layer again on its
+// own path, which gives each non-finite input exactly its own outputs (and weights that are not finite never take
+// this path).
+#pragma once
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <memory>
+
+#include "columns.h"
+#include "direct.h"
+#include "gemm.h"
+
+namespace torch_convt::cpu {
+
+// Winograd in use for the layers it applies to (set_winograd turns it off for later calls, e.g. to compare).
+inline std::atomic<bool>& winograd_flag() {
+  static std::atomic<bool> on{true};
+  return on;
+}
+
+// The layer as a correlation (above). Channels are per group; wc(g, co, ci, t) = w[g*w_g + co*w_co + ci*w_ci +
+// (flip ? T - 1 - t : t)], t the flat tap index of `kernel`.
+struct WinogradLayer {
+  int64_t batch, groups, ci, co;
+  int64_t in_ext[kMaxDims], out_ext[kMaxDims], pad[kMaxDims], kernel[kMaxDims];
+  int64_t w_g, w_co, w_ci;
+  bool flip;
+};
+
+// Whether the layer's shape is one the Winograd path takes (values aside: see winograd_correlation). Channels: at
+// least 16 in and out per group (fewer and the transforms cost more than the products they save), at most 256 (the
+// transformed weights and a block's products stay in cache). Rows of the input and the output dense along the
+// innermost dim (channels_last layers take the caller's path).
+inline bool winograd_shape(const WinogradLayer& l, int64_t in_inner_stride, int64_t out_inner_stride) {
+#if TORCH_CONVT_DIRECT_AVX512
+  if (!winograd_flag().load(std::memory_order_relaxed) || !direct_avx512()) return false;
+  if (l.kernel[2] != 3 || in_inner_stride != 1 || out_inner_stride != 1) return false;
+  int64_t threes = 0;
+  for (int64_t d = 0; d < kMaxDims; ++d) {
+    if (l.kernel[d] != 1 && l.kernel[d] != 3) return false;
+    threes += l.kernel[d] == 3;
+  }
+  return threes >= 2 && l.ci >= 16 && l.co >= 16 && l.ci <= 256 && l.co <= 256;
+#else
+  (void)l, (void)in_inner_stride, (void)out_inner_stride;
+  return false;
+#endif
+}
+
+#if TORCH_CONVT_DIRECT_AVX512
+// The tiling of the output: per dim, tiles of m points (2 where the kernel is 3, else 1) from a = m + k - 1 input
+// points; tiles numbered (tz, ty, tx) row-major, and computed in runs of up to 16 tiles along a row (a vector's lanes).
+struct WinogradGeometry {
+  int64_t m[kMaxDims], a[kMaxDims], tiles[kMaxDims], count;  // count: tiles of one image
+  int64_t xi;                                                // transformed points a tile: a[0] * a[1] * a[2]
+};
+
+// A run of tiles [t, t + len) along one tile row, in columns [col, col + len) of its block.
+struct WinogradRun {
+  int64_t tz, ty, tx, len, col;
+};
+
+// Lanes [lo, hi) of a 16-lane mask (clamped to 0..16).
+TORCH_CONVT_AVX512_TARGET inline __mmask16 lanes_mask(int64_t lo, int64_t hi) {
+  lo = std::clamp<int64_t>(lo, 0, 16), hi = std::clamp<int64_t>(hi, 0, 16);
+  if (hi <= lo) return 0;
+  return static_cast<__mmask16>(((uint32_t(1) << hi) - 1) & ~((uint32_t(1) << lo) - 1));
+}
+
+// The 1d transforms, on 16 tiles at once. In: B^T d for d = (d0, d1, d2, d3) (a tile's 4 input points).
+TORCH_CONVT_AVX512_TARGET inline void wino_in4(__m512& v0, __m512& v1, __m512& v2, __m512& v3) {
+  const __m512 t0 = _mm512_sub_ps(v0, v2), t1 = _mm512_add_ps(v1, v2), t2 = _mm512_sub_ps(v2, v1),
+               t3 = _mm512_sub_ps(v1, v3);
+  v0 = t0, v1 = t1, v2 = t2, v3 = t3;
+}
+
+// The input transform of a run, input channels [c0, c1) of the group: V[xi][col + l] for the run's tiles l, channel by
+// channel (V: `xi` blocks of `v_xi` elements, channel c's row of a block's panel p at p * ci * nr + c * nr, as
+// gemm_packed's B). `in`: the image's group's first channel.
+template <int AZ, int AY>
+TORCH_CONVT_AVX512_TARGET void wino_input_run(const WinogradLayer& l, const WinogradGeometry& geo, const float* in,
+                                              const Strides& si, const WinogradRun& run, int64_t c0, int64_t c1,
+                                              int64_t nr, int64_t v_xi, float* V) {
+  const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  const __m512i odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+  // The run's input points along x: [x0, x0 + 2 len + 2), those inside the input read, the rest zero.
+  const int64_t x0 = 2 * run.tx - l.pad[2], need = 2 * run.len + 2;
+  const int64_t lo = std::max<int64_t>(0, -x0), hi = std::min<int64_t>(need, l.in_ext[2] - x0);
+  const __mmask16 m0 = lanes_mask(lo, hi), m1 = lanes_mask(lo - 16, hi - 16), m2 = lanes_mask(lo - 2, hi - 2),
+                  m3 = lanes_mask(lo - 18, hi - 18), store = lanes_mask(0, run.len);
+  const int64_t z0 = geo.m[0] * run.tz - l.pad[0], y0 = geo.m[1] * run.ty - l.pad[1];
+  bool row_in[AZ][AY];
+  int64_t row_at[AZ][AY];
+  for (int iz = 0; iz < AZ; ++iz)
+    for (int iy = 0; iy < AY; ++iy) {
+      const int64_t z = z0 + iz, y = y0 + iy;
+      row_in[iz][iy] = z >= 0 && z < l.in_ext[0] && y >= 0 && y < l.in_ext[1] && lo < hi;
+      row_at[iz][iy] = row_in[iz][iy] ? si.at(z, y, 0) + x0 : 0;
+    }
+  float* v = V + run.col / nr * l.ci * nr + run.col % nr + c0 * nr;
+  alignas(64) float tz[AZ][AY * 4][16];  // one channel's tiles transformed along x and y, plane by plane
+  for (int64_t c = c0; c < c1; ++c, v += nr) {
+    const float* src = in + c * si.c;
+    for (int iz = 0; iz < AZ; ++iz) {
+      __m512 t[AY][4];
+      for (int iy = 0; iy < AY; ++iy) {
+        if (!row_in[iz][iy]) {
+          for (int k = 0; k < 4; ++k) t[iy][k] = _mm512_setzero_ps();
+          continue;
+        }
+        const float* r = src + row_at[iz][iy];
+        const __m512 a0 = _mm512_maskz_loadu_ps(m0, r), a1 = _mm512_maskz_loadu_ps(m1, r + 16);
+        const __m512 b0 = _mm512_maskz_loadu_ps(m2, r + 2), b1 = _mm512_maskz_loadu_ps(m3, r + 18);
+        t[iy][0] = _mm512_permutex2var_ps(a0, even, a1);  // d0 = r[2l]
+        t[iy][1] = _mm512_permutex2var_ps(a0, odd, a1);   // d1 = r[2l + 1]
+        t[iy][2] = _mm512_permutex2var_ps(b0, even, b1);  // d2 = r[2l + 2]
+        t[iy][3] = _mm512_permutex2var_ps(b0, odd, b1);   // d3 = r[2l + 3]
+        wino_in4(t[iy][0], t[iy][1], t[iy][2], t[iy][3]);
+      }
+      if constexpr (AY == 4)
+        for (int k = 0; k < 4; ++k) wino_in4(t[0][k], t[1][k], t[2][k], t[3][k]);
+      if constexpr (AZ == 4) {
+        for (int iy = 0; iy < AY; ++iy)
+          for (int k = 0; k < 4; ++k) _mm512_store_ps(tz[iz][iy * 4 + k], t[iy][k]);
+      } else {
+        for (int iy = 0; iy < AY; ++iy)
+          for (int k = 0; k < 4; ++k) _mm512_mask_storeu_ps(v + (iy * 4 + k) * v_xi, store, t[iy][k]);
+      }
+    }
+    if constexpr (AZ == 4)
+      for (int j = 0; j < AY * 4; ++j) {
+        __m512 d0 = _mm512_load_ps(tz[0][j]), d1 = _mm512_load_ps(tz[1][j]), d2 = _mm512_load_ps(tz[2][j]),
+               d3 = _mm512_load_ps(tz[3][j]);
+        wino_in4(d0, d1, d2, d3);
+        _mm512_mask_storeu_ps(v + j * v_xi, store, d0);
+        _mm512_mask_storeu_ps(v + (AY * 4 + j) * v_xi, store, d1);
+        _mm512_mask_storeu_ps(v + (2 * AY * 4 + j) * v_xi, store, d2);
+        _mm512_mask_storeu_ps(v + (3 * AY * 4 + j) * v_xi, store, d3);
+      }
+  }
+}
+
+// Out: A^T m for m = (m0, m1, m2, m3): (m0 + m1 + m2, m1 - m2 - m3).
+TORCH_CONVT_AVX512_TARGET inline void wino_out4(__m512 m0, __m512 m1, __m512 m2, __m512 m3, __m512& o0, __m512& o1) {
+  const __m512 d = _mm512_sub_ps(m1, m2);
+  o0 = _mm512_add_ps(_mm512_add_ps(m0, m1), m2);
+  o1 = _mm512_sub_ps(d, m3);
+}
+
+// The output transform of a run, every output channel of the group, plus the bias: out's rows of the run's tiles.
+// `M`: the products, `xi` blocks of `m_xi` elements, channel c's at c * ld + col. Returns whether every value
+// stored is finite.
+template <int AZ, int AY>
+TORCH_CONVT_AVX512_TARGET bool wino_output_run(const WinogradLayer& l, const WinogradGeometry& geo, const float* M,
+                                               int64_t ld, int64_t m_xi, const float* bias, const WinogradRun& run,
+                                               float* out, const Strides& so) {
+  constexpr int MZ = AZ == 4 ? 2 : 1, MY = AY == 4 ? 2 : 1;
+  const __m512i lo_idx = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+  const __m512i hi_idx = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+  const __mmask16 lanes = lanes_mask(0, run.len);
+  const int64_t x0 = 2 * run.tx, xn = std::min<int64_t>(2 * run.len, l.out_ext[2] - x0);
+  const __mmask16 s0 = lanes_mask(0, xn), s1 = lanes_mask(0, xn - 16);
+  bool row_in[MZ][MY];
+  int64_t row_at[MZ][MY];
+  for (int a = 0; a < MZ; ++a)
+    for (int b = 0; b < MY; ++b) {
+      const int64_t z = geo.m[0] * run.tz + a, y = geo.m[1] * run.ty + b;
+      row_in[a][b] = z < l.out_ext[0] && y < l.out_ext[1];
+      row_at[a][b] = row_in[a][b] ? so.at(z, y, x0) : 0;
+    }
+  __m512 bad = _mm512_setzero_ps();
+  const float* m = M + run.col;
+  for (int64_t c = 0; c < l.co; ++c, m += ld) {
+    __m512 t[AZ][AY][4];
+    for (int iz = 0; iz < AZ; ++iz)
+      for (int iy = 0; iy < AY; ++iy)
+        for (int k = 0; k < 4; ++k) t[iz][iy][k] = _mm512_maskz_loadu_ps(lanes, m + ((iz * AY + iy) * 4 + k) * m_xi);
+    __m512 u[MZ][AY][4];  // along z
+    for (int iy = 0; iy < AY; ++iy)
+      for (int k = 0; k < 4; ++k) {
+        if constexpr (AZ == 4) wino_out4(t[0][iy][k], t[1][iy][k], t[2][iy][k], t[3][iy][k], u[0][iy][k], u[1][iy][k]);
+        else u[0][iy][k] = t[0][iy][k];
+      }
+    __m512 s[MZ][MY][4];  // along y
+    for (int a = 0; a < MZ; ++a)
+      for (int k = 0; k < 4; ++k) {
+        if constexpr (AY == 4) wino_out4(u[a][0][k], u[a][1][k], u[a][2][k], u[a][3][k], s[a][0][k], s[a][1][k]);
+        else s[a][0][k] = u[a][0][k];
+      }
+    const __m512 bv = _mm512_set1_ps(bias ? bias[c] : 0.0f);
+    float* o = out + c * so.c;
+    for (int a = 0; a < MZ; ++a)
+      for (int b = 0; b < MY; ++b) {
+        if (!row_in[a][b]) continue;
+        __m512 e0, e1;  // along x: the tiles' first and second points
+        wino_out4(s[a][b][0], s[a][b][1], s[a][b][2], s[a][b][3], e0, e1);
+        e0 = _mm512_add_ps(e0, bv), e1 = _mm512_add_ps(e1, bv);
+        const __m512 w0 = _mm512_permutex2var_ps(e0, lo_idx, e1), w1 = _mm512_permutex2var_ps(e0, hi_idx, e1);
+        _mm512_mask_storeu_ps(o + row_at[a][b], s0, w0);
+        _mm512_mask_storeu_ps(o + row_at[a][b] + 16, s1, w1);
+        bad = _mm512_add_ps(bad, _mm512_add_ps(_mm512_maskz_sub_ps(s0, w0, w0), _mm512_maskz_sub_ps(s1, w1, w1)));
+      }
+  }
+  return _mm512_cmp_ps_mask(bad, bad, _CMP_ORD_Q) == 0xFFFF;
+}
+
+// The transformed weights: U[g][xi] = (G g G^T along each dim of 3 taps) of wc(g, co, ci, .), packed as gemm_packed's
+// A (mr-row panels, co rows, ci deep; `a_size` elements each, zero past co). Returns whether every value is finite.
+inline bool wino_weights(const WinogradLayer& l, const WinogradGeometry& geo, const float* w, GemmTile gt,
+                         int64_t a_size, float* U) {
+  const int64_t T = l.kernel[0] * l.kernel[1] * l.kernel[2];
+  std::fill(U, U + l.groups * geo.xi * a_size, 0.0f);
+  std::atomic<bool> finite{true};
+  at::parallel_for(0, l.groups * l.co, 1, [&](int64_t begin, int64_t end) {
+    float g[27], s1[4 * 3 * 3], s2[4 * 4 * 3], s3[64];
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t grp = item / l.co, co = item % l.co;
+      for (int64_t ci = 0; ci < l.ci; ++ci) {
+        const float* src = w + grp * l.w_g + co * l.w_co + ci * l.w_ci;
+        for (int64_t t = 0; t < T; ++t) g[t] = src[l.flip ? T - 1 - t : t];
+        // One dim at a time: [kz][ky][kx] -> [az][ky][kx] -> [az][ay][kx] -> [az][ay][ax].
+        const auto along = [](const float* in, int64_t outer, int64_t k, int64_t inner, float* out) {
+          for (int64_t o = 0; o < outer; ++o)
+            for (int64_t i = 0; i < inner; ++i) {
+              const float* p = in + o * k * inner + i;
+              float* q = out + o * (k == 3 ? 4 : 1) * inner + i;
+              if (k == 1) {
+                q[0] = p[0];
+                continue;
+              }
+              const float a = p[0], b = p[inner], c = p[2 * inner];
+              q[0] = a;
+              q[inner] = 0.5f * (a + b + c);
+              q[2 * inner] = 0.5f * (a - b + c);
+              q[3 * inner] = c;
+            }
+        };
+        along(g, 1, l.kernel[0], l.kernel[1] * l.kernel[2], s1);
+        along(s1, geo.a[0], l.kernel[1], l.kernel[2], s2);
+        along(s2, geo.a[0] * geo.a[1], l.kernel[2], 1, s3);
+        for (int64_t x = 0; x < geo.xi; ++x) {
+          if (!std::isfinite(s3[x])) finite.store(false, std::memory_order_relaxed);
+          U[(grp * geo.xi + x) * a_size + packed_index(co, ci, l.ci, gt.mr)] = s3[x];
+        }
+      }
+    }
+  });
+  return finite.load();
+}
+
+template <int AZ, int AY>
+bool wino_layer(const WinogradLayer& l, const WinogradGeometry& geo, const float* in, const Strides& si,
+                const float* w, const float* bias, float* out, const Strides& so) {
+  const GemmTile gt = gemm_tile<float>(l.co);
+  const int64_t a_size = packed_size(l.co, l.ci, gt.mr);
+  std::unique_ptr<float[]> u_fresh;
+  float* const U = held_buffer<float, kWeightSlot>(l.groups * geo.xi * a_size, u_fresh);
+  if (!wino_weights(l, geo, w, gt, a_size, U)) return false;
+  // Blocks of one panel of the GEMM's B (nr tiles): a block's transformed inputs and products, 2 x 64 x 32 x 32 floats
+  // for 32 channels, stay in the core's L2 from the transform through the GEMMs to the back transform (blocks of 2
+  // panels: x1.02 time on a 32-channel 3d layer).
+  const int64_t nb = gt.nr;
+  const int64_t blocks = ceil_div(geo.count, nb), v_xi = l.ci * nb + 16, m_xi = l.co * nb + 16;
+  std::atomic<bool> finite{true};
+  at::parallel_for(0, l.batch * l.groups * blocks, 1, [&](int64_t begin, int64_t end) {
+    float* V = scratch<float, 0>(geo.xi * v_xi);
+    float* M = scratch<float, 1>(geo.xi * m_xi);
+    bool ok = true;
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t n = item / (l.groups * blocks), g = item / blocks % l.groups, b = item % blocks;
+      const int64_t c0 = b * nb, c1 = std::min(geo.count, c0 + nb);
+      const float* in_g = in + n * si.n + g * l.ci * si.c;
+      float* out_g = out + n * so.n + g * l.co * so.c;
+      // The block's runs: along tile rows, at most 16 tiles, not across a panel of the GEMM's B.
+      const auto for_runs = [&](auto&& fn) {
+        for (int64_t t = c0; t < c1;) {
+          const int64_t tx = t % geo.tiles[2], row = t / geo.tiles[2], col = t - c0;
+          const int64_t len = std::min({int64_t(16), geo.tiles[2] - tx, c1 - t, gt.nr - col % gt.nr});
+          fn(WinogradRun{row / geo.tiles[1], row % geo.tiles[1], tx, len, col});
+          t += len;
+        }
+      };
+      for (int64_t c = 0; c < l.ci; ++c)  // (channel by channel: a channel's rows stay in L1 from run to run)
+        for_runs([&](const WinogradRun& run) { wino_input_run<AZ, AY>(l, geo, in_g, si, run, c, c + 1, gt.nr, v_xi, V); });
+      for (int64_t x = 0; x < geo.xi; ++x)
+        gemm_packed<float>(gt, l.co, c1 - c0, l.ci, U + (g * geo.xi + x) * a_size, V + x * v_xi, false, M + x * m_xi,
+                           nb);
+      const float* bias_g = bias ? bias + g * l.co : nullptr;
+      for_runs([&](const WinogradRun& run) {
+        ok &= wino_output_run<AZ, AY>(l, geo, M, nb, m_xi, bias_g, run, out_g, so);
+      });
+    }
+    if (!ok) finite.store(false, std::memory_order_relaxed);
+  });
+  return finite.load();
+}
+#endif
+
+// Computes the layer by Winograd F(2, 3) where winograd_shape holds; false where it does not apply, or where the
+// weights or any output are not finite (the output is then to be computed again by the caller, whole).
+inline bool winograd_correlation(const WinogradLayer& l, const float* in, const Strides& si, const float* w,
+                                 const float* bias, float* out, const Strides& so) {
+  if (!winograd_shape(l, si.s[2], so.s[2])) return false;
+#if TORCH_CONVT_DIRECT_AVX512
+  WinogradGeometry geo{};
+  geo.count = 1;
+  geo.xi = 1;
+  for (int64_t d = 0; d < kMaxDims; ++d) {
+    geo.m[d] = l.kernel[d] == 3 ? 2 : 1;
+    geo.a[d] = l.kernel[d] == 3 ? 4 : 1;
+    geo.tiles[d] = ceil_div(l.out_ext[d], geo.m[d]);
+    geo.count *= geo.tiles[d];
+    geo.xi *= geo.a[d];
+  }
+  if (l.kernel[0] == 3 && l.kernel[1] == 3) return wino_layer<4, 4>(l, geo, in, si, w, bias, out, so);
+  if (l.kernel[0] == 3) return wino_layer<4, 1>(l, geo, in, si, w, bias, out, so);
+  return wino_layer<1, 4>(l, geo, in, si, w, bias, out, so);
+#else
+  return false;
+#endif
+}
+
+}  // namespace torch_convt::cpu
