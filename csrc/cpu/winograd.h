@@ -165,13 +165,13 @@ TORCH_CONVT_AVX512_TARGET inline void wino_out4(__m512 m0, __m512 m1, __m512 m2,
   o1 = _mm512_sub_ps(d, m3);
 }
 
-// The output transform of a run, every output channel of the group, plus the bias: out's rows of the run's tiles.
+// The output transform of a run, output channels [c0, c1) of the group, plus the bias: out's rows of the run's tiles.
 // `M`: the products, `xi` blocks of `m_xi` elements, channel c's at c * ld + col. Returns whether every value
 // stored is finite.
 template <int AZ, int AY>
 TORCH_CONVT_AVX512_TARGET bool wino_output_run(const WinogradLayer& l, const WinogradGeometry& geo, const float* M,
                                                int64_t ld, int64_t m_xi, const float* bias, const WinogradRun& run,
-                                               float* out, const Strides& so) {
+                                               int64_t c0, int64_t c1, float* out, const Strides& so) {
   constexpr int MZ = AZ == 4 ? 2 : 1, MY = AY == 4 ? 2 : 1;
   const __m512i lo_idx = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
   const __m512i hi_idx = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
@@ -187,8 +187,8 @@ TORCH_CONVT_AVX512_TARGET bool wino_output_run(const WinogradLayer& l, const Win
       row_at[a][b] = row_in[a][b] ? so.at(z, y, x0) : 0;
     }
   __m512 bad = _mm512_setzero_ps();
-  const float* m = M + run.col;
-  for (int64_t c = 0; c < l.co; ++c, m += ld) {
+  const float* m = M + run.col + c0 * ld;
+  for (int64_t c = c0; c < c1; ++c, m += ld) {
     __m512 t[AZ][AY][4];
     for (int iz = 0; iz < AZ; ++iz)
       for (int iy = 0; iy < AY; ++iy)
@@ -304,9 +304,10 @@ bool wino_layer(const WinogradLayer& l, const WinogradGeometry& geo, const float
         gemm_packed<float>(gt, l.co, c1 - c0, l.ci, U + (g * geo.xi + x) * a_size, V + x * v_xi, false, M + x * m_xi,
                            nb);
       const float* bias_g = bias ? bias + g * l.co : nullptr;
-      for_runs([&](const WinogradRun& run) {
-        ok &= wino_output_run<AZ, AY>(l, geo, M, nb, m_xi, bias_g, run, out_g, so);
-      });
+      for (int64_t c = 0; c < l.co; ++c)  // (channel by channel: a channel's products stay in L1 from run to run)
+        for_runs([&](const WinogradRun& run) {
+          ok &= wino_output_run<AZ, AY>(l, geo, M, nb, m_xi, bias_g, run, c, c + 1, out_g, so);
+        });
     }
     if (!ok) finite.store(false, std::memory_order_relaxed);
   });
