@@ -1144,16 +1144,16 @@ def _winograd_available():
 
 
 WINOGRAD_CASES = [
-    ("ct", (2, 32, 7, 9, 13), (32, 32, 3, 3, 3), 1, 1),     # odd extents: half tiles at every far edge
-    ("ct", (1, 16, 5, 6, 37), (16, 24, 3, 3, 3), 0, 1),     # rows of 20 tiles (runs of 16 + 4), output past the input
-    ("ct", (1, 20, 6, 7, 8), (20, 17, 3, 3, 3), 3, 1),      # padding past the kernel (the input cropped), 17 rows
-    ("conv", (2, 24, 9, 10, 11), (40, 24, 3, 3, 3), 1, 1),  # 40 rows: panels of the register blocking and a rest
-    ("conv", (1, 32, 8, 9, 35), (16, 32, 3, 3, 3), 0, 1),   # no padding: 33-point rows, 16 rows
-    ("ct", (3, 32, 17, 40), (32, 48, 3, 3), 1, 1),          # 2d
-    ("conv", (2, 64, 11, 12), (64, 32, 3, 3), 2, 2),        # 2d, grouped, padding 2 (output larger than the input)
-    ("ct", (1, 32, 6, 7, 8), (32, 16, 3, 1, 3), 1, 1),      # 3 x 1 x 3: tiles of 2 x 1 x 2
-    ("ct", (1, 32, 6, 7, 8), (32, 16, 1, 3, 3), (0, 1, 1), 1),  # 1 x 3 x 3 in 3d
-    ("conv", (1, 128, 4, 5, 6), (96, 128, 3, 3, 3), 1, 1),  # 128 channels in, 96 out
+    ("ct", (2, 32, 7, 9, 13), (32, 32, 3, 3, 3), 1, 1),       # odd extents: half tiles at every far edge
+    ("ct", (2, 16, 5, 6, 37), (16, 24, 3, 3, 3), 0, 1),       # rows of 20 tiles (runs of 16 + 4), output past the input
+    ("ct", (2, 20, 12, 14, 16), (20, 17, 3, 3, 3), 3, 1),     # padding past the kernel (the input cropped), 17 rows
+    ("conv", (2, 24, 9, 10, 11), (40, 24, 3, 3, 3), 1, 1),    # 40 rows: panels of the register blocking and a rest
+    ("conv", (2, 32, 8, 9, 35), (16, 32, 3, 3, 3), 0, 1),     # no padding: 33-point rows, 16 rows
+    ("ct", (3, 32, 17, 40), (32, 48, 3, 3), 1, 1),            # 2d
+    ("conv", (4, 64, 23, 30), (64, 32, 3, 3), 2, 2),          # 2d, grouped, padding 2 (output larger than the input)
+    ("ct", (2, 32, 12, 7, 30), (32, 16, 3, 1, 3), 1, 1),      # 3 x 1 x 3: tiles of 2 x 1 x 2, padding along the 1
+    ("ct", (2, 32, 6, 14, 30), (32, 16, 1, 3, 3), (0, 1, 1), 1),  # 1 x 3 x 3 in 3d
+    ("conv", (4, 128, 24, 32), (96, 128, 3, 3), 1, 1),        # 2d, 128 channels in, 96 out
 ]
 
 
@@ -1216,7 +1216,7 @@ def test_winograd_non_finite_as_direct(kind, where):
     """A tile mixes its inputs, so a NaN or inf would reach outputs it does not contribute to: such layers are computed
     by direct summation, each non-finite value reaching exactly its own outputs (bit for bit the direct result)."""
     torch.manual_seed(2)
-    x, w, b = torch.randn(2, 32, 6, 7, 9), torch.randn(32, 32, 3, 3, 3) / 16, torch.randn(32)
+    x, w, b = torch.randn(2, 32, 10, 12, 14), torch.randn(32, 32, 3, 3, 3) / 16, torch.randn(32)
     if where == "input":
         x[0, 3, 2, 3, 4], x[1, 5, 0, 6, 8], x[1, 7, 5, 0, 0] = float("nan"), float("inf"), -float("inf")
     else:
