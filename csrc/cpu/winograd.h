@@ -79,9 +79,19 @@ struct WinogradGeometry {
   int64_t xi;                                                // transformed points a tile: a[0] * a[1] * a[2]
 };
 
-// A run of tiles [t, t + len) along one tile row, in columns [col, col + len) of its block.
+// A run: 16 consecutive tiles (fewer at a block's end), one a vector lane, in columns [col, col + lanes) of its block
+// (a 64-byte line of each row of V and M). Its tiles may lie on several tile rows: a segment per row piece, whose
+// lanes are loaded from (and stored to) that row's points, each segment's lanes merged into the same vectors. Per
+// segment: the input rows of its tiles' points (`in_at`, along z and y; bit r of in_rows: row r inside the input) and
+// the masks of its four loads of a row; the output rows (`out_at`, out_rows) and the masks of the two stores of a row.
+struct WinogradSegment {
+  int64_t in_at[16], out_at[4];
+  uint32_t in_rows, out_rows;
+  __mmask16 load[4], store[2];
+};
 struct WinogradRun {
-  int64_t tz, ty, tx, len, col;
+  int64_t col, lanes, segments;
+  WinogradSegment seg[16];
 };
 
 // Lanes [lo, hi) of a 16-lane mask (clamped to 0..16).
@@ -89,6 +99,48 @@ TORCH_CONVT_AVX512_TARGET inline __mmask16 lanes_mask(int64_t lo, int64_t hi) {
   lo = std::clamp<int64_t>(lo, 0, 16), hi = std::clamp<int64_t>(hi, 0, 16);
   if (hi <= lo) return 0;
   return static_cast<__mmask16>(((uint32_t(1) << hi) - 1) & ~((uint32_t(1) << lo) - 1));
+}
+
+// The run of tiles [t0, t1) (t1 - t0 <= 16) in column `col` of its block: its segments' rows and masks.
+TORCH_CONVT_AVX512_TARGET inline void wino_make_run(const WinogradLayer& l, const WinogradGeometry& geo,
+                                                    const Strides& si, const Strides& so, int64_t t0, int64_t t1,
+                                                    int64_t col, WinogradRun& run) {
+  run.col = col, run.lanes = t1 - t0, run.segments = 0;
+  for (int64_t t = t0; t < t1;) {
+    const int64_t tx = t % geo.tiles[2], row = t / geo.tiles[2], tz = row / geo.tiles[1], ty = row % geo.tiles[1];
+    const int64_t lane = t - t0, len = std::min(geo.tiles[2] - tx, t1 - t);
+    WinogradSegment& sg = run.seg[run.segments++];
+    // Element f of the pair vectors (a: points 2l, 2l + 1 of lane l's tile; b: 2l + 2, 2l + 3) is lane f / 2's: the
+    // segment's are f in [2 lane, 2 (lane + len)); their input points x0 + f (+ 2 for b), x0 = 2 (tx - lane) - pad.
+    const int64_t f0 = 2 * lane, f1 = 2 * (lane + len), x0 = 2 * (tx - lane) - l.pad[2];
+    const auto load_mask = [&](int64_t member, int64_t at) {
+      return lanes_mask(std::max(f0 - member, -x0 - at), std::min(f1 - member, l.in_ext[2] - x0 - at));
+    };
+    sg.load[0] = load_mask(0, 0), sg.load[1] = load_mask(16, 16), sg.load[2] = load_mask(0, 2),
+    sg.load[3] = load_mask(16, 18);
+    sg.in_rows = 0;
+    const int64_t z0 = geo.m[0] * tz - l.pad[0], y0 = geo.m[1] * ty - l.pad[1];
+    for (int64_t iz = 0; iz < geo.a[0]; ++iz)
+      for (int64_t iy = 0; iy < geo.a[1]; ++iy) {
+        const int64_t z = z0 + iz, y = y0 + iy, r = iz * geo.a[1] + iy;
+        const bool inside = z >= 0 && z < l.in_ext[0] && y >= 0 && y < l.in_ext[1];
+        sg.in_rows |= inside ? uint32_t(1) << r : 0;
+        sg.in_at[r] = inside ? si.at(z, y, 0) + x0 : 0;
+      }
+    // Outputs: element f of the interleaved stores is point f % 2 of lane f / 2's tile, at x = 2 (tx - lane) + f.
+    const int64_t xo = 2 * (tx - lane);
+    sg.store[0] = lanes_mask(f0, std::min(f1, l.out_ext[2] - xo));
+    sg.store[1] = lanes_mask(f0 - 16, std::min(f1, l.out_ext[2] - xo) - 16);
+    sg.out_rows = 0;
+    for (int64_t a = 0; a < geo.m[0]; ++a)
+      for (int64_t b = 0; b < geo.m[1]; ++b) {
+        const int64_t z = geo.m[0] * tz + a, y = geo.m[1] * ty + b, r = a * geo.m[1] + b;
+        const bool inside = z < l.out_ext[0] && y < l.out_ext[1];
+        sg.out_rows |= inside ? uint32_t(1) << r : 0;
+        sg.out_at[r] = inside ? so.at(z, y, 0) + xo : 0;
+      }
+    t += len;
+  }
 }
 
 // The 1d transforms, on 16 tiles at once. In: B^T d for d = (d0, d1, d2, d3) (a tile's 4 input points).
@@ -99,42 +151,30 @@ TORCH_CONVT_AVX512_TARGET inline void wino_in4(__m512& v0, __m512& v1, __m512& v
 }
 
 // The input transform of a run, input channels [c0, c1) of the group: V[xi][col + l] for the run's tiles l, channel by
-// channel (V: `xi` blocks of `v_xi` elements, channel c's row of a block's panel p at p * ci * nr + c * nr, as
-// gemm_packed's B). `in`: the image's group's first channel.
+// channel (V: `xi` blocks of `v_xi` elements, channel c's row at c * nr, as gemm_packed's B of one panel). `in`: the
+// image's group's first channel.
 template <int AZ, int AY>
-TORCH_CONVT_AVX512_TARGET void wino_input_run(const WinogradLayer& l, const WinogradGeometry& geo, const float* in,
-                                              const Strides& si, const WinogradRun& run, int64_t c0, int64_t c1,
-                                              int64_t nr, int64_t v_xi, float* V) {
+TORCH_CONVT_AVX512_TARGET void wino_input_run(const WinogradLayer& l, const float* in, const Strides& si,
+                                              const WinogradRun& run, int64_t c0, int64_t c1, int64_t nr, int64_t v_xi,
+                                              float* V) {
   const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
   const __m512i odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
-  // The run's input points along x: [x0, x0 + 2 len + 2), those inside the input read, the rest zero.
-  const int64_t x0 = 2 * run.tx - l.pad[2], need = 2 * run.len + 2;
-  const int64_t lo = std::max<int64_t>(0, -x0), hi = std::min<int64_t>(need, l.in_ext[2] - x0);
-  const __mmask16 m0 = lanes_mask(lo, hi), m1 = lanes_mask(lo - 16, hi - 16), m2 = lanes_mask(lo - 2, hi - 2),
-                  m3 = lanes_mask(lo - 18, hi - 18), store = lanes_mask(0, run.len);
-  const int64_t z0 = geo.m[0] * run.tz - l.pad[0], y0 = geo.m[1] * run.ty - l.pad[1];
-  bool row_in[AZ][AY];
-  int64_t row_at[AZ][AY];
-  for (int iz = 0; iz < AZ; ++iz)
-    for (int iy = 0; iy < AY; ++iy) {
-      const int64_t z = z0 + iz, y = y0 + iy;
-      row_in[iz][iy] = z >= 0 && z < l.in_ext[0] && y >= 0 && y < l.in_ext[1] && lo < hi;
-      row_at[iz][iy] = row_in[iz][iy] ? si.at(z, y, 0) + x0 : 0;
-    }
-  float* v = V + run.col / nr * l.ci * nr + run.col % nr + c0 * nr;
+  const __mmask16 store = lanes_mask(0, run.lanes);
+  float* v = V + run.col + c0 * nr;
   alignas(64) float tz[AZ][AY * 4][16];  // one channel's tiles transformed along x and y, plane by plane
   for (int64_t c = c0; c < c1; ++c, v += nr) {
     const float* src = in + c * si.c;
     for (int iz = 0; iz < AZ; ++iz) {
       __m512 t[AY][4];
       for (int iy = 0; iy < AY; ++iy) {
-        if (!row_in[iz][iy]) {
-          for (int k = 0; k < 4; ++k) t[iy][k] = _mm512_setzero_ps();
-          continue;
+        __m512 a0 = _mm512_setzero_ps(), a1 = a0, b0 = a0, b1 = a0;
+        for (int64_t s = 0; s < run.segments; ++s) {
+          const WinogradSegment& sg = run.seg[s];
+          if (!(sg.in_rows >> (iz * AY + iy) & 1)) continue;
+          const float* r = src + sg.in_at[iz * AY + iy];
+          a0 = _mm512_mask_loadu_ps(a0, sg.load[0], r), a1 = _mm512_mask_loadu_ps(a1, sg.load[1], r + 16);
+          b0 = _mm512_mask_loadu_ps(b0, sg.load[2], r + 2), b1 = _mm512_mask_loadu_ps(b1, sg.load[3], r + 18);
         }
-        const float* r = src + row_at[iz][iy];
-        const __m512 a0 = _mm512_maskz_loadu_ps(m0, r), a1 = _mm512_maskz_loadu_ps(m1, r + 16);
-        const __m512 b0 = _mm512_maskz_loadu_ps(m2, r + 2), b1 = _mm512_maskz_loadu_ps(m3, r + 18);
         t[iy][0] = _mm512_permutex2var_ps(a0, even, a1);  // d0 = r[2l]
         t[iy][1] = _mm512_permutex2var_ps(a0, odd, a1);   // d1 = r[2l + 1]
         t[iy][2] = _mm512_permutex2var_ps(b0, even, b1);  // d2 = r[2l + 2]
@@ -175,23 +215,13 @@ TORCH_CONVT_AVX512_TARGET inline void wino_out4(__m512 m0, __m512 m1, __m512 m2,
 // `M`: the products, `xi` blocks of `m_xi` elements, channel c's at c * ld + col. Returns whether every value
 // stored is finite.
 template <int AZ, int AY>
-TORCH_CONVT_AVX512_TARGET bool wino_output_run(const WinogradLayer& l, const WinogradGeometry& geo, const float* M,
-                                               int64_t ld, int64_t m_xi, const float* bias, const WinogradRun& run,
-                                               int64_t c0, int64_t c1, float* out, const Strides& so) {
+TORCH_CONVT_AVX512_TARGET bool wino_output_run(const float* M, int64_t ld, int64_t m_xi, const float* bias,
+                                               const WinogradRun& run, int64_t c0, int64_t c1, float* out,
+                                               const Strides& so) {
   constexpr int MZ = AZ == 4 ? 2 : 1, MY = AY == 4 ? 2 : 1;
   const __m512i lo_idx = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
   const __m512i hi_idx = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
-  const __mmask16 lanes = lanes_mask(0, run.len);
-  const int64_t x0 = 2 * run.tx, xn = std::min<int64_t>(2 * run.len, l.out_ext[2] - x0);
-  const __mmask16 s0 = lanes_mask(0, xn), s1 = lanes_mask(0, xn - 16);
-  bool row_in[MZ][MY];
-  int64_t row_at[MZ][MY];
-  for (int a = 0; a < MZ; ++a)
-    for (int b = 0; b < MY; ++b) {
-      const int64_t z = geo.m[0] * run.tz + a, y = geo.m[1] * run.ty + b;
-      row_in[a][b] = z < l.out_ext[0] && y < l.out_ext[1];
-      row_at[a][b] = row_in[a][b] ? so.at(z, y, x0) : 0;
-    }
+  const __mmask16 lanes = lanes_mask(0, run.lanes);
   __m512 bad = _mm512_setzero_ps();
   const float* m = M + run.col + c0 * ld;
   for (int64_t c = c0; c < c1; ++c, m += ld) {
@@ -215,14 +245,19 @@ TORCH_CONVT_AVX512_TARGET bool wino_output_run(const WinogradLayer& l, const Win
     float* o = out + c * so.c;
     for (int a = 0; a < MZ; ++a)
       for (int b = 0; b < MY; ++b) {
-        if (!row_in[a][b]) continue;
         __m512 e0, e1;  // along x: the tiles' first and second points
         wino_out4(s[a][b][0], s[a][b][1], s[a][b][2], s[a][b][3], e0, e1);
         e0 = _mm512_add_ps(e0, bv), e1 = _mm512_add_ps(e1, bv);
         const __m512 w0 = _mm512_permutex2var_ps(e0, lo_idx, e1), w1 = _mm512_permutex2var_ps(e0, hi_idx, e1);
-        _mm512_mask_storeu_ps(o + row_at[a][b], s0, w0);
-        _mm512_mask_storeu_ps(o + row_at[a][b] + 16, s1, w1);
-        bad = _mm512_add_ps(bad, _mm512_add_ps(_mm512_maskz_sub_ps(s0, w0, w0), _mm512_maskz_sub_ps(s1, w1, w1)));
+        for (int64_t sgi = 0; sgi < run.segments; ++sgi) {
+          const WinogradSegment& sg = run.seg[sgi];
+          if (!(sg.out_rows >> (a * MY + b) & 1)) continue;
+          float* row = o + sg.out_at[a * MY + b];
+          _mm512_mask_storeu_ps(row, sg.store[0], w0);
+          _mm512_mask_storeu_ps(row + 16, sg.store[1], w1);
+          bad = _mm512_add_ps(bad, _mm512_add_ps(_mm512_maskz_sub_ps(sg.store[0], w0, w0),
+                                                 _mm512_maskz_sub_ps(sg.store[1], w1, w1)));
+        }
       }
   }
   return _mm512_cmp_ps_mask(bad, bad, _CMP_ORD_Q) == 0xFFFF;
@@ -284,6 +319,7 @@ bool wino_layer(const WinogradLayer& l, const WinogradGeometry& geo, const float
   // for 32 channels, stay in the core's L2 from the transform through the GEMMs to the back transform (blocks of 2
   // panels: x1.02 time on a 32-channel 3d layer).
   const int64_t nb = gt.nr;
+  TORCH_INTERNAL_ASSERT(nb == 32 || nb == 16);
   const int64_t blocks = ceil_div(geo.count, nb), v_xi = l.ci * nb + 16, m_xi = l.co * nb + 16;
   std::atomic<bool> finite{true};
   at::parallel_for(0, l.batch * l.groups * blocks, 1, [&](int64_t begin, int64_t end) {
@@ -295,25 +331,19 @@ bool wino_layer(const WinogradLayer& l, const WinogradGeometry& geo, const float
       const int64_t c0 = b * nb, c1 = std::min(geo.count, c0 + nb);
       const float* in_g = in + n * si.n + g * l.ci * si.c;
       float* out_g = out + n * so.n + g * l.co * so.c;
-      // The block's runs: along tile rows, at most 16 tiles, not across a panel of the GEMM's B.
-      const auto for_runs = [&](auto&& fn) {
-        for (int64_t t = c0; t < c1;) {
-          const int64_t tx = t % geo.tiles[2], row = t / geo.tiles[2], col = t - c0;
-          const int64_t len = std::min({int64_t(16), geo.tiles[2] - tx, c1 - t, gt.nr - col % gt.nr});
-          fn(WinogradRun{row / geo.tiles[1], row % geo.tiles[1], tx, len, col});
-          t += len;
-        }
-      };
+      // The block's runs: 16 tiles each (nb is a multiple of 16), the last one what is left.
+      WinogradRun runs[2];
+      const int64_t count = ceil_div(c1 - c0, int64_t(16));
+      for (int64_t r = 0; r < count; ++r)
+        wino_make_run(l, geo, si, so, c0 + 16 * r, std::min(c1, c0 + 16 * r + 16), 16 * r, runs[r]);
       for (int64_t c = 0; c < l.ci; ++c)  // (channel by channel: a channel's rows stay in L1 from run to run)
-        for_runs([&](const WinogradRun& run) { wino_input_run<AZ, AY>(l, geo, in_g, si, run, c, c + 1, gt.nr, v_xi, V); });
+        for (int64_t r = 0; r < count; ++r) wino_input_run<AZ, AY>(l, in_g, si, runs[r], c, c + 1, nb, v_xi, V);
       for (int64_t x = 0; x < geo.xi; ++x)
         gemm_packed<float>(gt, l.co, c1 - c0, l.ci, U + (g * geo.xi + x) * a_size, V + x * v_xi, false, M + x * m_xi,
                            nb);
       const float* bias_g = bias ? bias + g * l.co : nullptr;
       for (int64_t c = 0; c < l.co; ++c)  // (channel by channel: a channel's products stay in L1 from run to run)
-        for_runs([&](const WinogradRun& run) {
-          ok &= wino_output_run<AZ, AY>(l, geo, M, nb, m_xi, bias_g, run, c, c + 1, out_g, so);
-        });
+        for (int64_t r = 0; r < count; ++r) ok &= wino_output_run<AZ, AY>(M, nb, m_xi, bias_g, runs[r], c, c + 1, out_g, so);
     }
     if (!ok) finite.store(false, std::memory_order_relaxed);
   });
