@@ -1129,8 +1129,8 @@ def test_bf16_amx_stride1_copies_by_chunks_of_images(cl):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Winograd F(2, 3): float32 layers at stride 1, dilation 1, with kernels of 3 along the innermost dim and one more
-# (16 to 256 channels a group, AVX-512 CPUs). (kind, input shape, weight shape, padding, groups)
+# Winograd F(2, 3): float32 layers at stride 1 with kernels of 3 along the innermost dim and one more (16 channels a
+# group or more, AVX-512 CPUs), dilated ones by sub-lattices. (kind, input shape, weight shape, padding, groups)
 # ----------------------------------------------------------------------------------------------------------
 def _winograd_available():
     """Whether this CPU has what the Winograd path needs (AVX-512 F/BW/VL/DQ, FMA, BMI2): from the CPU's flags, not
@@ -1154,6 +1154,12 @@ WINOGRAD_CASES = [
     ("ct", (2, 32, 12, 7, 30), (32, 16, 3, 1, 3), 1, 1),      # 3 x 1 x 3: tiles of 2 x 1 x 2, padding along the 1
     ("ct", (2, 32, 6, 14, 30), (32, 16, 1, 3, 3), (0, 1, 1), 1),  # 1 x 3 x 3 in 3d
     ("conv", (4, 128, 24, 32), (96, 128, 3, 3), 1, 1),        # 2d, 128 channels in, 96 out
+    # dilated: by sub-lattices (copied in and out), (kind, input, weight, padding, groups, dilation, channels_last)
+    ("ct", (1, 32, 20, 20, 20), (32, 32, 3, 3, 3), 2, 1, 2, False),             # 8 sub-lattices of 10^3
+    ("ct", (2, 32, 13, 14, 21), (32, 24, 3, 3, 3), 3, 1, (2, 3, 2), False),     # extents the dilations do not divide
+    ("conv", (2, 32, 15, 17, 23), (24, 32, 3, 3, 3), (1, 2, 0), 1, (3, 2, 2), True),  # pads per residue, channels_last
+    ("ct", (4, 32, 21, 30), (32, 32, 3, 3), 0, 1, 2, False),                    # 2d
+    ("conv", (2, 64, 12, 14, 40), (64, 32, 3, 3, 3), 0, 2, (1, 1, 2), False),  # grouped, dilated along x only
 ]
 
 
@@ -1164,14 +1170,17 @@ def test_winograd_matches_float64(case):
     input gradient) within 1e-5 of the largest float64 value on the same inputs, as direct summation is; and not the
     bits of direct summation (set_winograd(False)), so the path was taken. A wrong transform, tile edge or run is off
     by far more."""
-    kind, in_shape, w_shape, padding, groups = case
+    kind, in_shape, w_shape, padding, groups = case[:5]
+    dilation, cl = case[5:] if len(case) > 5 else (1, False)
     nd = len(in_shape) - 2
     torch.manual_seed(5)
     x = torch.randn(in_shape)
+    if cl:
+        x = channels_last(x)
     w = torch.randn(w_shape) / (w_shape[1] * 9) ** 0.5
     b = torch.randn(w_shape[1] * groups if kind == "ct" else w_shape[0])
     ours, ref = (ours_ct(nd), torch_ct(nd)) if kind == "ct" else (ours_conv(nd), torch_conv(nd))
-    kw = dict(padding=padding, groups=groups)
+    kw = dict(padding=padding, groups=groups, dilation=dilation)
 
     def run(fn, dtype):
         xx, ww, bb = (t.detach().to(dtype).requires_grad_() for t in (x, w, b))

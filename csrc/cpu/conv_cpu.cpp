@@ -387,10 +387,9 @@ bool amx_taps(const AmxTapsLayer& l, const std::vector<Phase>& phases, const sca
   return true;
 }
 
-// Stride 1 and dilation 1 in every dim: the layers that Winograd F(2, 3) may take (winograd.h).
+// Stride 1 in every dim: the layers that Winograd F(2, 3) may take (winograd.h).
 inline bool unit_steps(const ConvParams& p) {
-  return std::all_of(p.stride, p.stride + kMaxDims, [](int64_t s) { return s == 1; }) &&
-         std::all_of(p.dilation, p.dilation + kMaxDims, [](int64_t d) { return d == 1; });
+  return std::all_of(p.stride, p.stride + kMaxDims, [](int64_t s) { return s == 1; });
 }
 
 template <typename scalar_t>
@@ -404,7 +403,8 @@ void conv_kernel(const ConvParams& p, const scalar_t* x, const Strides& sx, cons
     if (unit_steps(p)) {
       const cpu::WinogradLayer wl{p.batch, G, Cxg, Cyg, {p.big[0], p.big[1], p.big[2]},
                                   {p.small[0], p.small[1], p.small[2]}, {p.padding[0], p.padding[1], p.padding[2]},
-                                  {p.kernel[0], p.kernel[1], p.kernel[2]}, Cyg * Cxg * T, Cxg * T, T, false};
+                                  {p.kernel[0], p.kernel[1], p.kernel[2]},
+                                  {p.dilation[0], p.dilation[1], p.dilation[2]}, Cyg * Cxg * T, Cxg * T, T, false};
       if (cpu::winograd_correlation(wl, x, sx, w, bias, y, sy)) return;
     }
   }
@@ -977,12 +977,13 @@ void conv_transpose_kernel(const ConvParams& p, const scalar_t* y, const Strides
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t G = p.groups, Cxg = p.big_group(), Cyg = p.small_group(), K = p.kernel_numel();
   if constexpr (std::is_same_v<scalar_t, float>) {
-    if (unit_steps(p)) {  // (a correlation of y with the weights' taps reversed, padded by kernel - 1 - padding)
+    if (unit_steps(p)) {  // (a correlation of y with the weights' taps reversed, padded by (kernel - 1) dilation - padding)
+      int64_t pad[kMaxDims];
+      for (int64_t d = 0; d < kMaxDims; ++d) pad[d] = (p.kernel[d] - 1) * p.dilation[d] - p.padding[d];
       const cpu::WinogradLayer wl{p.batch, G, Cyg, Cxg, {p.small[0], p.small[1], p.small[2]},
-                                  {p.big[0], p.big[1], p.big[2]},
-                                  {p.kernel[0] - 1 - p.padding[0], p.kernel[1] - 1 - p.padding[1],
-                                   p.kernel[2] - 1 - p.padding[2]},
-                                  {p.kernel[0], p.kernel[1], p.kernel[2]}, Cyg * Cxg * K, K, Cxg * K, true};
+                                  {p.big[0], p.big[1], p.big[2]}, {pad[0], pad[1], pad[2]},
+                                  {p.kernel[0], p.kernel[1], p.kernel[2]},
+                                  {p.dilation[0], p.dilation[1], p.dilation[2]}, Cyg * Cxg * K, K, Cxg * K, true};
       if (cpu::winograd_correlation(wl, y, sy, w, bias, x, sx)) return;
     }
   }

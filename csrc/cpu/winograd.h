@@ -1,9 +1,10 @@
 // Winograd F(2, 3) for the stride-1 float32 layers of the CPU kernels (conv_cpu.cpp): conv and conv_transpose at
-// stride 1 and dilation 1 whose kernel is 3 along the innermost dim and along at least one other, 1 along the rest
-// (3d 3x3x3, 2d 3x3, and 3x3x1 / 3x1x3 kernels). Both are the correlation
-//     out[n, co, o] = sum_{ci, t} wc[co, ci, t] * in[n, ci, o + t - pad] + bias[co]
+// stride 1 whose kernel is 3 along the innermost dim and along at least one other, 1 along the rest (3d 3x3x3, 2d
+// 3x3, and 3x1x3 / 1x3x3 kernels). Both are the correlation
+//     out[n, co, o] = sum_{ci, t} wc[co, ci, t] * in[n, ci, o + dilation t - pad] + bias[co]
 // (conv: in = X, wc = W, pad = padding; conv_transpose: in = Y, wc = W with its two channel dims swapped and its taps
-// reversed, pad = kernel - 1 - padding). Per dim of 3 taps, the output is cut into tiles of 2 points, each computed
+// reversed, pad = (kernel - 1) dilation - padding); dilated layers are computed sub-lattice by sub-lattice
+// (wino_dilated). Per dim of 3 taps, the output is cut into tiles of 2 points, each computed
 // from the 4 input points it reads: in 3d a tile is 2x2x2 outputs from 4x4x4 inputs, whose 64 transformed values V
 // (B^T d B along each dim) multiply the 64 transformed weights U (G g G^T) and are transformed back (A^T m A):
 // 64 products per 8 outputs instead of 27 x 8 = 216, so the layer does 0.30 of the multiply-adds (2d 3x3: 0.44).
@@ -40,7 +41,7 @@ inline std::atomic<bool>& winograd_flag() {
 // (flip ? T - 1 - t : t)], t the flat tap index of `kernel`.
 struct WinogradLayer {
   int64_t batch, groups, ci, co;
-  int64_t in_ext[kMaxDims], out_ext[kMaxDims], pad[kMaxDims], kernel[kMaxDims];
+  int64_t in_ext[kMaxDims], out_ext[kMaxDims], pad[kMaxDims], kernel[kMaxDims], dilation[kMaxDims];
   int64_t w_g, w_co, w_ci;
   bool flip;
 };
@@ -351,12 +352,9 @@ bool wino_layer(const WinogradLayer& l, const WinogradGeometry& geo, const float
 }
 #endif
 
-// Computes the layer by Winograd F(2, 3) where winograd_shape holds; false where it does not apply, or where the
-// weights or any output are not finite (the output is then to be computed again by the caller, whole).
-inline bool winograd_correlation(const WinogradLayer& l, const float* in, const Strides& si, const float* w,
-                                 const float* bias, float* out, const Strides& so) {
-  if (!winograd_shape(l, si.s[2], so.s[2])) return false;
 #if TORCH_CONVT_DIRECT_AVX512
+inline bool wino_dense(const WinogradLayer& l, const float* in, const Strides& si, const float* w, const float* bias,
+                       float* out, const Strides& so) {
   WinogradGeometry geo{};
   geo.count = 1;
   geo.xi = 1;
@@ -370,7 +368,102 @@ inline bool winograd_correlation(const WinogradLayer& l, const float* in, const 
   if (l.kernel[0] == 3 && l.kernel[1] == 3) return wino_layer<4, 4>(l, geo, in, si, w, bias, out, so);
   if (l.kernel[0] == 3) return wino_layer<4, 1>(l, geo, in, si, w, bias, out, so);
   return wino_layer<1, 4>(l, geo, in, si, w, bias, out, so);
+}
+
+// A dilated layer is d0 x d1 x d2 undilated ones, one per sub-lattice of the output (the points o = r + d j, residues
+// r per dim), each reading one sub-lattice of the input (its points i with i = r - pad mod d): those are copied into
+// a batch of dense images, the layer computed on them by wino_dense, and the results copied into the output's
+// sub-lattices. The sub-lattices' pads differ by residue; each copy is shifted so that all of them take the least.
+// Returns false, having written nothing, where the copies would outgrow max(64 MiB, the output).
+inline bool wino_dilated(const WinogradLayer& l, const float* in, const Strides& si, const float* w, const float* bias,
+                         float* out, const Strides& so) {
+  WinogradLayer v = l;
+  int64_t lat = 1, shift[kMaxDims][4], first[kMaxDims][4], in_count[kMaxDims][4], out_count[kMaxDims][4];
+  for (int64_t d = 0; d < kMaxDims; ++d) {
+    const int64_t dil = l.dilation[d];
+    if (dil > 4) return false;
+    int64_t low = 0, in_ext = 0, out_ext = 0;
+    for (int64_t r = 0; r < dil; ++r) {
+      const int64_t rho = ((r - l.pad[d]) % dil + dil) % dil, pad = (l.pad[d] - r + rho) / dil;
+      first[d][r] = rho, shift[d][r] = pad;
+      in_count[d][r] = std::max<int64_t>(0, ceil_div(l.in_ext[d] - rho, dil));
+      out_count[d][r] = std::max<int64_t>(0, ceil_div(l.out_ext[d] - r, dil));
+      low = r == 0 ? pad : std::min(low, pad);
+    }
+    for (int64_t r = 0; r < dil; ++r) {
+      shift[d][r] -= low;  // (>= 0: leading zeros of residue r's copy)
+      in_ext = std::max(in_ext, in_count[d][r] + shift[d][r]), out_ext = std::max(out_ext, out_count[d][r]);
+    }
+    v.in_ext[d] = std::max<int64_t>(1, in_ext), v.out_ext[d] = out_ext, v.pad[d] = low, v.dilation[d] = 1;
+    lat *= dil;
+  }
+  v.batch = l.batch * lat;
+  if (!winograd_shape(v, 1, 1)) return false;
+  const int64_t cin = l.groups * l.ci, cout = l.groups * l.co;
+  const int64_t in_plane = v.in_ext[0] * v.in_ext[1] * v.in_ext[2], out_plane = v.out_ext[0] * v.out_ext[1] * v.out_ext[2];
+  const int64_t bytes = v.batch * (cin * in_plane + cout * out_plane) * int64_t(sizeof(float));
+  const int64_t output = l.batch * cout * l.out_ext[0] * l.out_ext[1] * l.out_ext[2] * int64_t(sizeof(float));
+  if (bytes > std::max(int64_t(64) << 20, output)) return false;
+  std::unique_ptr<float[]> in_fresh, out_fresh;
+  float* const vin = held_buffer<float, kPlaneSlot>(v.batch * cin * in_plane, in_fresh);
+  float* const vout = held_buffer<float, kPartialSlot>(v.batch * cout * out_plane, out_fresh);
+  const Strides svin{cin * in_plane, in_plane, {v.in_ext[1] * v.in_ext[2], v.in_ext[2], 1}};
+  const Strides svout{cout * out_plane, out_plane, {v.out_ext[1] * v.out_ext[2], v.out_ext[2], 1}};
+  const auto residues = [&](int64_t lattice, int64_t* r) {
+    r[2] = lattice % l.dilation[2], r[1] = lattice / l.dilation[2] % l.dilation[1];
+    r[0] = lattice / (l.dilation[1] * l.dilation[2]);
+  };
+  at::parallel_for(0, v.batch * cin, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t vn = item / cin, c = item % cin, n = vn / lat;
+      int64_t r[kMaxDims];
+      residues(vn % lat, r);
+      float* dst = vin + vn * svin.n + c * svin.c;
+      std::fill(dst, dst + in_plane, 0.0f);
+      const float* src = in + n * si.n + c * si.c;
+      for (int64_t i0 = 0; i0 < in_count[0][r[0]]; ++i0)
+        for (int64_t i1 = 0; i1 < in_count[1][r[1]]; ++i1) {
+          const float* s = src + si.at(first[0][r[0]] + l.dilation[0] * i0, first[1][r[1]] + l.dilation[1] * i1,
+                                       first[2][r[2]]);
+          float* o = dst + svin.at(i0 + shift[0][r[0]], i1 + shift[1][r[1]], shift[2][r[2]]);
+          const int64_t step = l.dilation[2] * si.s[2];
+          for (int64_t i2 = 0; i2 < in_count[2][r[2]]; ++i2) o[i2] = s[i2 * step];
+        }
+    }
+  });
+  if (!wino_dense(v, vin, svin, w, bias, vout, svout)) return false;
+  at::parallel_for(0, v.batch * cout, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t vn = item / cout, c = item % cout, n = vn / lat;
+      int64_t r[kMaxDims];
+      residues(vn % lat, r);
+      const float* src = vout + vn * svout.n + c * svout.c;
+      float* dst = out + n * so.n + c * so.c;
+      for (int64_t j0 = 0; j0 < out_count[0][r[0]]; ++j0)
+        for (int64_t j1 = 0; j1 < out_count[1][r[1]]; ++j1) {
+          const float* s = src + svout.at(j0, j1, 0);
+          float* o = dst + so.at(r[0] + l.dilation[0] * j0, r[1] + l.dilation[1] * j1, r[2]);
+          const int64_t step = l.dilation[2] * so.s[2];
+          for (int64_t j2 = 0; j2 < out_count[2][r[2]]; ++j2) o[j2 * step] = s[j2];
+        }
+    }
+  });
+  return true;
+}
+#endif
+
+// Computes the layer by Winograd F(2, 3) where winograd_shape holds (dilated layers: for their sub-lattices); false
+// where it does not apply, or where the weights or any output are not finite (the output is then to be computed
+// again by the caller, whole).
+inline bool winograd_correlation(const WinogradLayer& l, const float* in, const Strides& si, const float* w,
+                                 const float* bias, float* out, const Strides& so) {
+#if TORCH_CONVT_DIRECT_AVX512
+  if (std::any_of(l.dilation, l.dilation + kMaxDims, [](int64_t d) { return d != 1; }))
+    return winograd_flag().load(std::memory_order_relaxed) && direct_avx512() &&
+           wino_dilated(l, in, si, w, bias, out, so);
+  return winograd_shape(l, si.s[2], so.s[2]) && wino_dense(l, in, si, w, bias, out, so);
 #else
+  (void)l, (void)in, (void)si, (void)w, (void)bias, (void)out, (void)so;
   return false;
 #endif
 }

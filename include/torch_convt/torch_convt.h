@@ -134,7 +134,7 @@ int64_t set_cache_limit(int64_t bytes);
 // turns that off for later calls (set_amx(true) back on); returns whether it was in use.
 bool set_amx(bool on);
 
-// float32 layers at stride 1 and dilation 1 with 3x3 or 3x3x3 kernels compute by Winograd F(2, 3) on AVX-512 CPUs
+// float32 layers at stride 1 with 3x3 or 3x3x3 kernels (any dilation) compute by Winograd F(2, 3) on AVX-512 CPUs
 // where they have 16 channels a group or more, up to 64 x 64 (3d) or 128 x 128 (2d), and enough points: 0.30 of the
 // multiply-adds in 3d, errors as those of direct summation. set_winograd(false) turns that off for later calls
 // (direct summation, as every other layer); returns whether it was on.
