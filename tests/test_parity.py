@@ -1211,7 +1211,8 @@ def test_winograd_same_bits_any_thread_count():
     try:
         for threads in (1, 2, 3):
             torch.set_num_threads(threads)
-            results.append((torch_convt.functional.conv_transpose3d(x, w, padding=1), torch_convt.functional.conv3d(x, w.transpose(0, 1), padding=1)))
+            results.append((torch_convt.functional.conv_transpose3d(x, w, padding=1),
+                            torch_convt.functional.conv3d(x, w.transpose(0, 1), padding=1)))
     finally:
         torch.set_num_threads(old)
     for r in results[1:]:

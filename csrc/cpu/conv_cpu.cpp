@@ -977,7 +977,8 @@ void conv_transpose_kernel(const ConvParams& p, const scalar_t* y, const Strides
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t G = p.groups, Cxg = p.big_group(), Cyg = p.small_group(), K = p.kernel_numel();
   if constexpr (std::is_same_v<scalar_t, float>) {
-    if (unit_steps(p)) {  // (a correlation of y with the weights' taps reversed, padded by (kernel - 1) dilation - padding)
+    // (a correlation of y with the weights' taps reversed, padded by (kernel - 1) dilation - padding)
+    if (unit_steps(p)) {
       int64_t pad[kMaxDims];
       for (int64_t d = 0; d < kMaxDims; ++d) pad[d] = (p.kernel[d] - 1) * p.dilation[d] - p.padding[d];
       const cpu::WinogradLayer wl{p.batch, G, Cyg, Cxg, {p.small[0], p.small[1], p.small[2]},

@@ -9,8 +9,8 @@
 // (B^T d B along each dim) multiply the 64 transformed weights U (G g G^T) and are transformed back (A^T m A):
 // 64 products per 8 outputs instead of 27 x 8 = 216, so the layer does 0.30 of the multiply-adds (2d 3x3: 0.44).
 // The 64 products of all tiles are 64 GEMMs [co x ci] . [ci x tiles] on the GEMM of gemm.h; the transforms are
-// additions only, vectorised over 16 tiles of a row (AVX-512). The transforms' coefficients are 0, +-1 and +-1/2, and
-// the errors stay at those of direct summation (a 32-channel 3x3x3 layer: 3.0e-7 of the largest output in float32,
+// additions only, vectorised over 16 consecutive tiles (AVX-512). The transforms' coefficients are 0, +-1 and
+// +-1/2, and the errors stay at those of direct summation (a 32-channel 3x3x3 layer: 3.0e-7 of the largest output in float32,
 // direct 4.6e-7, both against float64). Every output is one fixed sequence of operations: results do not depend on
 // the thread count. Non-finite values: a tile mixes its 4 x 4 x 4 inputs, so an inf or NaN input would reach outputs
 // that it does not contribute to; where any output comes out non-finite the caller computes the layer again on its
@@ -74,7 +74,7 @@ inline bool winograd_shape(const WinogradLayer& l, int64_t in_inner_stride, int6
 
 #if TORCH_CONVT_DIRECT_AVX512
 // The tiling of the output: per dim, tiles of m points (2 where the kernel is 3, else 1) from a = m + k - 1 input
-// points; tiles numbered (tz, ty, tx) row-major, and computed in runs of up to 16 tiles along a row (a vector's lanes).
+// points; tiles numbered (tz, ty, tx) row-major, and computed in runs of 16 consecutive tiles (a vector's lanes).
 struct WinogradGeometry {
   int64_t m[kMaxDims], a[kMaxDims], tiles[kMaxDims], count;  // count: tiles of one image
   int64_t xi;                                                // transformed points a tile: a[0] * a[1] * a[2]
@@ -344,15 +344,15 @@ bool wino_layer(const WinogradLayer& l, const WinogradGeometry& geo, const float
                            nb);
       const float* bias_g = bias ? bias + g * l.co : nullptr;
       for (int64_t c = 0; c < l.co; ++c)  // (channel by channel: a channel's products stay in L1 from run to run)
-        for (int64_t r = 0; r < count; ++r) ok &= wino_output_run<AZ, AY>(M, nb, m_xi, bias_g, runs[r], c, c + 1, out_g, so);
+        for (int64_t r = 0; r < count; ++r)
+          ok &= wino_output_run<AZ, AY>(M, nb, m_xi, bias_g, runs[r], c, c + 1, out_g, so);
     }
     if (!ok) finite.store(false, std::memory_order_relaxed);
   });
   return finite.load();
 }
-#endif
 
-#if TORCH_CONVT_DIRECT_AVX512
+// The layer (dilation 1) on the tiles of its output: the tiling, then the instance of its dims' transforms.
 inline bool wino_dense(const WinogradLayer& l, const float* in, const Strides& si, const float* w, const float* bias,
                        float* out, const Strides& so) {
   WinogradGeometry geo{};
@@ -424,7 +424,8 @@ inline bool wino_dilated(const WinogradLayer& l, const float* in, const Strides&
   v.batch = l.batch * lat;
   if (!winograd_shape(v, 1, 1)) return false;
   const int64_t cin = l.groups * l.ci, cout = l.groups * l.co;
-  const int64_t in_plane = v.in_ext[0] * v.in_ext[1] * v.in_ext[2], out_plane = v.out_ext[0] * v.out_ext[1] * v.out_ext[2];
+  const int64_t in_plane = v.in_ext[0] * v.in_ext[1] * v.in_ext[2];
+  const int64_t out_plane = v.out_ext[0] * v.out_ext[1] * v.out_ext[2];
   const int64_t bytes = v.batch * (cin * in_plane + cout * out_plane) * int64_t(sizeof(float));
   const int64_t output = l.batch * cout * l.out_ext[0] * l.out_ext[1] * l.out_ext[2] * int64_t(sizeof(float));
   if (bytes > std::max(int64_t(64) << 20, output)) return false;
@@ -500,8 +501,7 @@ inline bool winograd_correlation(const WinogradLayer& l, const float* in, const 
                                  const float* bias, float* out, const Strides& so) {
 #if TORCH_CONVT_DIRECT_AVX512
   if (std::any_of(l.dilation, l.dilation + kMaxDims, [](int64_t d) { return d != 1; }))
-    return winograd_flag().load(std::memory_order_relaxed) && direct_avx512() &&
-           wino_dilated(l, in, si, w, bias, out, so);
+    return wino_dilated(l, in, si, w, bias, out, so);
   return winograd_shape(l, si.s[2], so.s[2]) && wino_dense(l, in, si, w, bias, out, so);
 #else
   (void)l, (void)in, (void)si, (void)w, (void)bias, (void)out, (void)so;
