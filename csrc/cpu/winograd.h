@@ -9,13 +9,12 @@
 // (B^T d B along each dim) multiply the 64 transformed weights U (G g G^T) and are transformed back (A^T m A):
 // 64 products per 8 outputs instead of 27 x 8 = 216, so the layer does 0.30 of the multiply-adds (2d 3x3: 0.44).
 // The 64 products of all tiles are 64 GEMMs [co x ci] . [ci x tiles] on the GEMM of gemm.h; the transforms are
-// additions only, vectorised over 16 consecutive tiles (AVX-512). The transforms' coefficients are 0, +-1 and
-// +-1/2, and the errors stay at those of direct summation (a 32-channel 3x3x3 layer: 3.0e-7 of the largest output in float32,
-// direct 4.6e-7, both against float64). Every output is one fixed sequence of operations: results do not depend on
-// the thread count. Non-finite values: a tile mixes its 4 x 4 x 4 inputs, so an inf or NaN input would reach outputs
-// that it does not contribute to; where any output comes out non-finite the caller computes the layer again on its
-// own path, which gives each non-finite input exactly its own outputs (and weights that are not finite never take
-// this path).
+// additions only, vectorised over 16 consecutive tiles (AVX-512). The transforms' coefficients are 0, +-1 and +-1/2,
+// and the errors stay at those of direct summation (a 32-channel 3x3x3 layer: 3.0e-7 of the largest output in float32,
+// direct 4.6e-7, both against float64). Every output is one fixed sequence of operations: results do not depend on the
+// thread count. Non-finite values: a tile mixes its 4 x 4 x 4 inputs, so an inf or NaN input would reach outputs that
+// it does not contribute to; where any output comes out non-finite the caller computes the layer again on its own path,
+// which gives each non-finite input exactly its own outputs (and weights that are not finite never take this path).
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -46,8 +45,29 @@ struct WinogradLayer {
   bool flip;
 };
 
+// The tiling of the output: per dim, tiles of m points (2 where the kernel is 3, else 1) from a = m + k - 1 input
+// points; tiles numbered (tz, ty, tx) row-major, and computed in runs of 16 consecutive tiles (a vector's lanes).
+struct WinogradGeometry {
+  int64_t m[kMaxDims], a[kMaxDims], tiles[kMaxDims], count;  // count: tiles of one image
+  int64_t xi;                                                // transformed points a tile: a[0] * a[1] * a[2]
+};
+
+inline WinogradGeometry wino_geometry(const WinogradLayer& l) {
+  WinogradGeometry geo{};
+  geo.count = 1, geo.xi = 1;
+  for (int64_t d = 0; d < kMaxDims; ++d) {
+    geo.m[d] = l.kernel[d] == 3 ? 2 : 1;
+    geo.a[d] = l.kernel[d] == 3 ? 4 : 1;
+    geo.tiles[d] = ceil_div(l.out_ext[d], geo.m[d]);
+    geo.count *= geo.tiles[d];
+    geo.xi *= geo.a[d];
+  }
+  return geo;
+}
+
 // Whether the layer's shape is one the Winograd path takes (values aside: see winograd_correlation). Rows of the input
-// and the output dense along the innermost dim (channels_last layers take the caller's path). At least 16 channels
+// and the output dense along the innermost dim (channels_last layers take the caller's path, save dilated ones, whose
+// sub-lattice copies are dense). At least 16 channels
 // in and out a group (fewer and the transforms cost more than the products they save); transformed weights of at
 // most 1 MiB, which every block of tiles reads whole (3d: 64 x 64 channels; 96 x 96 took x1.12 the time of direct
 // summation, 256 x 256 x1.9); and enough tiles to pay for transforming the weights: the multiply-adds saved, per pair
@@ -57,15 +77,15 @@ inline bool winograd_shape(const WinogradLayer& l, int64_t in_inner_stride, int6
 #if TORCH_CONVT_DIRECT_AVX512
   if (!winograd_flag().load(std::memory_order_relaxed) || !direct_avx512()) return false;
   if (l.kernel[2] != 3 || in_inner_stride != 1 || out_inner_stride != 1 || l.ci < 16 || l.co < 16) return false;
-  int64_t threes = 0, xi = 1, taps = 1, outs = 1, tiles = l.batch;
+  int64_t threes = 0;
   for (int64_t d = 0; d < kMaxDims; ++d) {
     if (l.kernel[d] != 1 && l.kernel[d] != 3) return false;
-    const int64_t m = l.kernel[d] == 3 ? 2 : 1;
     threes += l.kernel[d] == 3;
-    xi *= l.kernel[d] == 3 ? 4 : 1, taps *= l.kernel[d], outs *= m, tiles *= ceil_div(l.out_ext[d], m);
   }
-  return threes >= 2 && xi * l.ci * l.co * int64_t(sizeof(float)) <= (int64_t(1) << 20) &&
-         tiles * (taps * outs - xi) >= 512 * xi;
+  const WinogradGeometry geo = wino_geometry(l);
+  const int64_t taps = l.kernel[0] * l.kernel[1] * l.kernel[2], outs = geo.m[0] * geo.m[1] * geo.m[2];
+  return threes >= 2 && geo.xi * l.ci * l.co * int64_t(sizeof(float)) <= (int64_t(1) << 20) &&
+         l.batch * geo.count * (taps * outs - geo.xi) >= 512 * geo.xi;
 #else
   (void)l, (void)in_inner_stride, (void)out_inner_stride;
   return false;
@@ -73,12 +93,6 @@ inline bool winograd_shape(const WinogradLayer& l, int64_t in_inner_stride, int6
 }
 
 #if TORCH_CONVT_DIRECT_AVX512
-// The tiling of the output: per dim, tiles of m points (2 where the kernel is 3, else 1) from a = m + k - 1 input
-// points; tiles numbered (tz, ty, tx) row-major, and computed in runs of 16 consecutive tiles (a vector's lanes).
-struct WinogradGeometry {
-  int64_t m[kMaxDims], a[kMaxDims], tiles[kMaxDims], count;  // count: tiles of one image
-  int64_t xi;                                                // transformed points a tile: a[0] * a[1] * a[2]
-};
 
 // A run: 16 consecutive tiles (fewer at a block's end), one a vector lane, in columns [col, col + lanes) of its block
 // (a 64-byte line of each row of V and M). Its tiles may lie on several tile rows: a segment per row piece, whose
@@ -95,11 +109,17 @@ struct WinogradRun {
   WinogradSegment seg[16];
 };
 
-// Lanes [lo, hi) of a 16-lane mask (clamped to 0..16).
-TORCH_CONVT_AVX512_TARGET inline __mmask16 lanes_mask(int64_t lo, int64_t hi) {
-  lo = std::clamp<int64_t>(lo, 0, 16), hi = std::clamp<int64_t>(hi, 0, 16);
-  if (hi <= lo) return 0;
-  return static_cast<__mmask16>(((uint32_t(1) << hi) - 1) & ~((uint32_t(1) << lo) - 1));
+// The (de-)interleaving of a tile's two points along x: a tile's point pairs (2l, 2l + 1) in a pair of vectors (a,
+// b: 32 points) split into their first and second points, 16 tiles each; and back.
+TORCH_CONVT_AVX512_TARGET inline void wino_split(__m512 a, __m512 b, __m512& first, __m512& second) {
+  const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  const __m512i odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+  first = _mm512_permutex2var_ps(a, even, b), second = _mm512_permutex2var_ps(a, odd, b);
+}
+TORCH_CONVT_AVX512_TARGET inline void wino_merge(__m512 first, __m512 second, __m512& a, __m512& b) {
+  const __m512i lo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+  const __m512i hi = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+  a = _mm512_permutex2var_ps(first, lo, second), b = _mm512_permutex2var_ps(first, hi, second);
 }
 
 // The run of tiles [t0, t1) (t1 - t0 <= 16) in column `col` of its block: its segments' rows and masks.
@@ -115,7 +135,7 @@ TORCH_CONVT_AVX512_TARGET inline void wino_make_run(const WinogradLayer& l, cons
     // segment's are f in [2 lane, 2 (lane + len)); their input points x0 + f (+ 2 for b), x0 = 2 (tx - lane) - pad.
     const int64_t f0 = 2 * lane, f1 = 2 * (lane + len), x0 = 2 * (tx - lane) - l.pad[2];
     const auto load_mask = [&](int64_t member, int64_t at) {
-      return lanes_mask(std::max(f0 - member, -x0 - at), std::min(f1 - member, l.in_ext[2] - x0 - at));
+      return lane_mask(0, std::max(f0 - member, -x0 - at), std::min(f1 - member, l.in_ext[2] - x0 - at));
     };
     sg.load[0] = load_mask(0, 0), sg.load[1] = load_mask(16, 16), sg.load[2] = load_mask(0, 2),
     sg.load[3] = load_mask(16, 18);
@@ -130,8 +150,8 @@ TORCH_CONVT_AVX512_TARGET inline void wino_make_run(const WinogradLayer& l, cons
       }
     // Outputs: element f of the interleaved stores is point f % 2 of lane f / 2's tile, at x = 2 (tx - lane) + f.
     const int64_t xo = 2 * (tx - lane);
-    sg.store[0] = lanes_mask(f0, std::min(f1, l.out_ext[2] - xo));
-    sg.store[1] = lanes_mask(f0 - 16, std::min(f1, l.out_ext[2] - xo) - 16);
+    sg.store[0] = lane_mask(0, f0, std::min(f1, l.out_ext[2] - xo));
+    sg.store[1] = lane_mask(0, f0 - 16, std::min(f1, l.out_ext[2] - xo) - 16);
     sg.out_rows = 0;
     for (int64_t a = 0; a < geo.m[0]; ++a)
       for (int64_t b = 0; b < geo.m[1]; ++b) {
@@ -151,58 +171,51 @@ TORCH_CONVT_AVX512_TARGET inline void wino_in4(__m512& v0, __m512& v1, __m512& v
   v0 = t0, v1 = t1, v2 = t2, v3 = t3;
 }
 
-// The input transform of a run, input channels [c0, c1) of the group: V[xi][col + l] for the run's tiles l, channel by
-// channel (V: `xi` blocks of `v_xi` elements, channel c's row at c * nr, as gemm_packed's B of one panel). `in`: the
-// image's group's first channel.
+// The input transform of a run, input channel c of the group: V[xi][c][col + l] for the run's tiles l (V: `xi` blocks
+// of `v_xi` elements, channel c's row at c * nr, as gemm_packed's B of one panel). `in`: the image's group's first
+// channel.
 template <int AZ, int AY>
-TORCH_CONVT_AVX512_TARGET void wino_input_run(const WinogradLayer& l, const float* in, const Strides& si,
-                                              const WinogradRun& run, int64_t c0, int64_t c1, int64_t nr, int64_t v_xi,
-                                              float* V) {
-  const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
-  const __m512i odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
-  const __mmask16 store = lanes_mask(0, run.lanes);
-  float* v = V + run.col + c0 * nr;
-  alignas(64) float tz[AZ][AY * 4][16];  // one channel's tiles transformed along x and y, plane by plane
-  for (int64_t c = c0; c < c1; ++c, v += nr) {
-    const float* src = in + c * si.c;
-    for (int iz = 0; iz < AZ; ++iz) {
-      __m512 t[AY][4];
-      for (int iy = 0; iy < AY; ++iy) {
-        __m512 a0 = _mm512_setzero_ps(), a1 = a0, b0 = a0, b1 = a0;
-        for (int64_t s = 0; s < run.segments; ++s) {
-          const WinogradSegment& sg = run.seg[s];
-          if (!(sg.in_rows >> (iz * AY + iy) & 1)) continue;
-          const float* r = src + sg.in_at[iz * AY + iy];
-          a0 = _mm512_mask_loadu_ps(a0, sg.load[0], r), a1 = _mm512_mask_loadu_ps(a1, sg.load[1], r + 16);
-          b0 = _mm512_mask_loadu_ps(b0, sg.load[2], r + 2), b1 = _mm512_mask_loadu_ps(b1, sg.load[3], r + 18);
-        }
-        t[iy][0] = _mm512_permutex2var_ps(a0, even, a1);  // d0 = r[2l]
-        t[iy][1] = _mm512_permutex2var_ps(a0, odd, a1);   // d1 = r[2l + 1]
-        t[iy][2] = _mm512_permutex2var_ps(b0, even, b1);  // d2 = r[2l + 2]
-        t[iy][3] = _mm512_permutex2var_ps(b0, odd, b1);   // d3 = r[2l + 3]
-        wino_in4(t[iy][0], t[iy][1], t[iy][2], t[iy][3]);
+TORCH_CONVT_AVX512_TARGET void wino_input_run(const float* in, const Strides& si, const WinogradRun& run, int64_t c,
+                                              int64_t nr, int64_t v_xi, float* V) {
+  const __mmask16 store = lane_mask(0, 0, run.lanes);
+  float* v = V + run.col + c * nr;
+  alignas(64) float tz[AZ][AY * 4][16];  // the tiles transformed along x and y, plane by plane
+  const float* src = in + c * si.c;
+  for (int iz = 0; iz < AZ; ++iz) {
+    __m512 t[AY][4];
+    for (int iy = 0; iy < AY; ++iy) {
+      __m512 a0 = _mm512_setzero_ps(), a1 = a0, b0 = a0, b1 = a0;
+      for (int64_t s = 0; s < run.segments; ++s) {
+        const WinogradSegment& sg = run.seg[s];
+        if (!(sg.in_rows >> (iz * AY + iy) & 1)) continue;
+        const float* r = src + sg.in_at[iz * AY + iy];
+        a0 = _mm512_mask_loadu_ps(a0, sg.load[0], r), a1 = _mm512_mask_loadu_ps(a1, sg.load[1], r + 16);
+        b0 = _mm512_mask_loadu_ps(b0, sg.load[2], r + 2), b1 = _mm512_mask_loadu_ps(b1, sg.load[3], r + 18);
       }
-      if constexpr (AY == 4)
-        for (int k = 0; k < 4; ++k) wino_in4(t[0][k], t[1][k], t[2][k], t[3][k]);
-      if constexpr (AZ == 4) {
-        for (int iy = 0; iy < AY; ++iy)
-          for (int k = 0; k < 4; ++k) _mm512_store_ps(tz[iz][iy * 4 + k], t[iy][k]);
-      } else {
-        for (int iy = 0; iy < AY; ++iy)
-          for (int k = 0; k < 4; ++k) _mm512_mask_storeu_ps(v + (iy * 4 + k) * v_xi, store, t[iy][k]);
-      }
+      wino_split(a0, a1, t[iy][0], t[iy][1]);  // d0 = r[2l], d1 = r[2l + 1]
+      wino_split(b0, b1, t[iy][2], t[iy][3]);  // d2 = r[2l + 2], d3 = r[2l + 3]
+      wino_in4(t[iy][0], t[iy][1], t[iy][2], t[iy][3]);
     }
-    if constexpr (AZ == 4)
-      for (int j = 0; j < AY * 4; ++j) {
-        __m512 d0 = _mm512_load_ps(tz[0][j]), d1 = _mm512_load_ps(tz[1][j]), d2 = _mm512_load_ps(tz[2][j]),
-               d3 = _mm512_load_ps(tz[3][j]);
-        wino_in4(d0, d1, d2, d3);
-        _mm512_mask_storeu_ps(v + j * v_xi, store, d0);
-        _mm512_mask_storeu_ps(v + (AY * 4 + j) * v_xi, store, d1);
-        _mm512_mask_storeu_ps(v + (2 * AY * 4 + j) * v_xi, store, d2);
-        _mm512_mask_storeu_ps(v + (3 * AY * 4 + j) * v_xi, store, d3);
-      }
+    if constexpr (AY == 4)
+      for (int k = 0; k < 4; ++k) wino_in4(t[0][k], t[1][k], t[2][k], t[3][k]);
+    if constexpr (AZ == 4) {
+      for (int iy = 0; iy < AY; ++iy)
+        for (int k = 0; k < 4; ++k) _mm512_store_ps(tz[iz][iy * 4 + k], t[iy][k]);
+    } else {
+      for (int iy = 0; iy < AY; ++iy)
+        for (int k = 0; k < 4; ++k) _mm512_mask_storeu_ps(v + (iy * 4 + k) * v_xi, store, t[iy][k]);
+    }
   }
+  if constexpr (AZ == 4)
+    for (int j = 0; j < AY * 4; ++j) {
+      __m512 d0 = _mm512_load_ps(tz[0][j]), d1 = _mm512_load_ps(tz[1][j]), d2 = _mm512_load_ps(tz[2][j]),
+             d3 = _mm512_load_ps(tz[3][j]);
+      wino_in4(d0, d1, d2, d3);
+      _mm512_mask_storeu_ps(v + j * v_xi, store, d0);
+      _mm512_mask_storeu_ps(v + (AY * 4 + j) * v_xi, store, d1);
+      _mm512_mask_storeu_ps(v + (2 * AY * 4 + j) * v_xi, store, d2);
+      _mm512_mask_storeu_ps(v + (3 * AY * 4 + j) * v_xi, store, d3);
+    }
 }
 
 // Out: A^T m for m = (m0, m1, m2, m3): (m0 + m1 + m2, m1 - m2 - m3).
@@ -212,55 +225,51 @@ TORCH_CONVT_AVX512_TARGET inline void wino_out4(__m512 m0, __m512 m1, __m512 m2,
   o1 = _mm512_sub_ps(d, m3);
 }
 
-// The output transform of a run, output channels [c0, c1) of the group, plus the bias: out's rows of the run's tiles.
-// `M`: the products, `xi` blocks of `m_xi` elements, channel c's at c * ld + col. Returns whether every value
-// stored is finite.
+// The output transform of a run, output channel c of the group, plus its bias: out's rows of the run's tiles. `M`:
+// the products, `xi` blocks of `m_xi` elements, channel c's at c * ld + col. Returns whether every value stored is
+// finite.
 template <int AZ, int AY>
 TORCH_CONVT_AVX512_TARGET bool wino_output_run(const float* M, int64_t ld, int64_t m_xi, const float* bias,
-                                               const WinogradRun& run, int64_t c0, int64_t c1, float* out,
-                                               const Strides& so) {
+                                               const WinogradRun& run, int64_t c, float* out, const Strides& so) {
   constexpr int MZ = AZ == 4 ? 2 : 1, MY = AY == 4 ? 2 : 1;
-  const __m512i lo_idx = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
-  const __m512i hi_idx = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
-  const __mmask16 lanes = lanes_mask(0, run.lanes);
+  const __mmask16 lanes = lane_mask(0, 0, run.lanes);
   __m512 bad = _mm512_setzero_ps();
-  const float* m = M + run.col + c0 * ld;
-  for (int64_t c = c0; c < c1; ++c, m += ld) {
-    __m512 t[AZ][AY][4];
-    for (int iz = 0; iz < AZ; ++iz)
-      for (int iy = 0; iy < AY; ++iy)
-        for (int k = 0; k < 4; ++k) t[iz][iy][k] = _mm512_maskz_loadu_ps(lanes, m + ((iz * AY + iy) * 4 + k) * m_xi);
-    __m512 u[MZ][AY][4];  // along z
+  const float* m = M + run.col + c * ld;
+  __m512 t[AZ][AY][4];
+  for (int iz = 0; iz < AZ; ++iz)
     for (int iy = 0; iy < AY; ++iy)
-      for (int k = 0; k < 4; ++k) {
-        if constexpr (AZ == 4) wino_out4(t[0][iy][k], t[1][iy][k], t[2][iy][k], t[3][iy][k], u[0][iy][k], u[1][iy][k]);
-        else u[0][iy][k] = t[0][iy][k];
+      for (int k = 0; k < 4; ++k) t[iz][iy][k] = _mm512_maskz_loadu_ps(lanes, m + ((iz * AY + iy) * 4 + k) * m_xi);
+  __m512 u[MZ][AY][4];  // along z
+  for (int iy = 0; iy < AY; ++iy)
+    for (int k = 0; k < 4; ++k) {
+      if constexpr (AZ == 4) wino_out4(t[0][iy][k], t[1][iy][k], t[2][iy][k], t[3][iy][k], u[0][iy][k], u[1][iy][k]);
+      else u[0][iy][k] = t[0][iy][k];
+    }
+  __m512 s[MZ][MY][4];  // along y
+  for (int a = 0; a < MZ; ++a)
+    for (int k = 0; k < 4; ++k) {
+      if constexpr (AY == 4) wino_out4(u[a][0][k], u[a][1][k], u[a][2][k], u[a][3][k], s[a][0][k], s[a][1][k]);
+      else s[a][0][k] = u[a][0][k];
+    }
+  const __m512 bv = _mm512_set1_ps(bias ? bias[c] : 0.0f);
+  float* o = out + c * so.c;
+  for (int a = 0; a < MZ; ++a)
+    for (int b = 0; b < MY; ++b) {
+      __m512 e0, e1;  // along x: the tiles' first and second points
+      wino_out4(s[a][b][0], s[a][b][1], s[a][b][2], s[a][b][3], e0, e1);
+      e0 = _mm512_add_ps(e0, bv), e1 = _mm512_add_ps(e1, bv);
+      __m512 w0, w1;
+      wino_merge(e0, e1, w0, w1);
+      for (int64_t sgi = 0; sgi < run.segments; ++sgi) {
+        const WinogradSegment& sg = run.seg[sgi];
+        if (!(sg.out_rows >> (a * MY + b) & 1)) continue;
+        float* row = o + sg.out_at[a * MY + b];
+        _mm512_mask_storeu_ps(row, sg.store[0], w0);
+        _mm512_mask_storeu_ps(row + 16, sg.store[1], w1);
+        bad = _mm512_add_ps(bad, _mm512_add_ps(_mm512_maskz_sub_ps(sg.store[0], w0, w0),
+                                               _mm512_maskz_sub_ps(sg.store[1], w1, w1)));
       }
-    __m512 s[MZ][MY][4];  // along y
-    for (int a = 0; a < MZ; ++a)
-      for (int k = 0; k < 4; ++k) {
-        if constexpr (AY == 4) wino_out4(u[a][0][k], u[a][1][k], u[a][2][k], u[a][3][k], s[a][0][k], s[a][1][k]);
-        else s[a][0][k] = u[a][0][k];
-      }
-    const __m512 bv = _mm512_set1_ps(bias ? bias[c] : 0.0f);
-    float* o = out + c * so.c;
-    for (int a = 0; a < MZ; ++a)
-      for (int b = 0; b < MY; ++b) {
-        __m512 e0, e1;  // along x: the tiles' first and second points
-        wino_out4(s[a][b][0], s[a][b][1], s[a][b][2], s[a][b][3], e0, e1);
-        e0 = _mm512_add_ps(e0, bv), e1 = _mm512_add_ps(e1, bv);
-        const __m512 w0 = _mm512_permutex2var_ps(e0, lo_idx, e1), w1 = _mm512_permutex2var_ps(e0, hi_idx, e1);
-        for (int64_t sgi = 0; sgi < run.segments; ++sgi) {
-          const WinogradSegment& sg = run.seg[sgi];
-          if (!(sg.out_rows >> (a * MY + b) & 1)) continue;
-          float* row = o + sg.out_at[a * MY + b];
-          _mm512_mask_storeu_ps(row, sg.store[0], w0);
-          _mm512_mask_storeu_ps(row + 16, sg.store[1], w1);
-          bad = _mm512_add_ps(bad, _mm512_add_ps(_mm512_maskz_sub_ps(sg.store[0], w0, w0),
-                                                 _mm512_maskz_sub_ps(sg.store[1], w1, w1)));
-        }
-      }
-  }
+    }
   return _mm512_cmp_ps_mask(bad, bad, _CMP_ORD_Q) == 0xFFFF;
 }
 
@@ -295,7 +304,7 @@ TORCH_CONVT_AVX512_TARGET inline bool wino_weights_row(const WinogradLayer& l, c
   const __m512i to = _mm512_mullo_epi32(lane, _mm512_set1_epi32(static_cast<int>(mr)));
   __m512 bad = _mm512_setzero_ps();
   for (int64_t c0 = 0; c0 < l.ci; c0 += 16) {
-    const __mmask16 m = lanes_mask(0, l.ci - c0);
+    const __mmask16 m = lane_mask(0, 0, l.ci - c0);
     __m512 g[27], s1[4 * 3 * 3], s2[4 * 4 * 3], s3[64];
     for (int64_t t = 0; t < T; ++t)
       g[t] = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, from, src + c0 * l.w_ci + (l.flip ? T - 1 - t : t), 4);
@@ -359,33 +368,23 @@ bool wino_layer(const WinogradLayer& l, const WinogradGeometry& geo, const float
       for (int64_t r = 0; r < count; ++r)
         wino_make_run(l, geo, si, so, c0 + 16 * r, std::min(c1, c0 + 16 * r + 16), 16 * r, runs[r]);
       for (int64_t c = 0; c < l.ci; ++c)  // (channel by channel: a channel's rows stay in L1 from run to run)
-        for (int64_t r = 0; r < count; ++r) wino_input_run<AZ, AY>(l, in_g, si, runs[r], c, c + 1, nb, v_xi, V);
+        for (int64_t r = 0; r < count; ++r) wino_input_run<AZ, AY>(in_g, si, runs[r], c, nb, v_xi, V);
       for (int64_t x = 0; x < geo.xi; ++x)
         gemm_packed<float>(gt, l.co, c1 - c0, l.ci, U + (g * geo.xi + x) * a_size, V + x * v_xi, false, M + x * m_xi,
                            nb);
       const float* bias_g = bias ? bias + g * l.co : nullptr;
       for (int64_t c = 0; c < l.co; ++c)  // (channel by channel: a channel's products stay in L1 from run to run)
-        for (int64_t r = 0; r < count; ++r)
-          ok &= wino_output_run<AZ, AY>(M, nb, m_xi, bias_g, runs[r], c, c + 1, out_g, so);
+        for (int64_t r = 0; r < count; ++r) ok &= wino_output_run<AZ, AY>(M, nb, m_xi, bias_g, runs[r], c, out_g, so);
     }
     if (!ok) finite.store(false, std::memory_order_relaxed);
   });
   return finite.load();
 }
 
-// The layer (dilation 1) on the tiles of its output: the tiling, then the instance of its dims' transforms.
+// The layer (dilation 1) on the tiles of its output: the instance of its dims' transforms.
 inline bool wino_dense(const WinogradLayer& l, const float* in, const Strides& si, const float* w, const float* bias,
                        float* out, const Strides& so) {
-  WinogradGeometry geo{};
-  geo.count = 1;
-  geo.xi = 1;
-  for (int64_t d = 0; d < kMaxDims; ++d) {
-    geo.m[d] = l.kernel[d] == 3 ? 2 : 1;
-    geo.a[d] = l.kernel[d] == 3 ? 4 : 1;
-    geo.tiles[d] = ceil_div(l.out_ext[d], geo.m[d]);
-    geo.count *= geo.tiles[d];
-    geo.xi *= geo.a[d];
-  }
+  const WinogradGeometry geo = wino_geometry(l);
   if (l.kernel[0] == 3 && l.kernel[1] == 3) return wino_layer<4, 4>(l, geo, in, si, w, bias, out, so);
   if (l.kernel[0] == 3) return wino_layer<4, 1>(l, geo, in, si, w, bias, out, so);
   return wino_layer<1, 4>(l, geo, in, si, w, bias, out, so);
@@ -393,25 +392,23 @@ inline bool wino_dense(const WinogradLayer& l, const float* in, const Strides& s
 
 // even[i] = src[2i] (2i < n), odd[i] = src[2i + 1] (2i + 1 < n): a row split into its two sub-lattices.
 TORCH_CONVT_AVX512_TARGET inline void wino_split_row(const float* src, int64_t n, float* even, float* odd) {
-  const __m512i e = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
-  const __m512i o = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
   for (int64_t x = 0; x < n; x += 32) {
-    const __m512 a = _mm512_maskz_loadu_ps(lanes_mask(0, n - x), src + x);
-    const __m512 b = _mm512_maskz_loadu_ps(lanes_mask(0, n - x - 16), src + x + 16);
-    _mm512_mask_storeu_ps(even + x / 2, lanes_mask(0, (n - x + 1) / 2), _mm512_permutex2var_ps(a, e, b));
-    _mm512_mask_storeu_ps(odd + x / 2, lanes_mask(0, (n - x) / 2), _mm512_permutex2var_ps(a, o, b));
+    __m512 e, o;
+    wino_split(_mm512_maskz_loadu_ps(lane_mask(0, 0, n - x), src + x),
+               _mm512_maskz_loadu_ps(lane_mask(0, 0, n - x - 16), src + x + 16), e, o);
+    _mm512_mask_storeu_ps(even + x / 2, lane_mask(0, 0, (n - x + 1) / 2), e);
+    _mm512_mask_storeu_ps(odd + x / 2, lane_mask(0, 0, (n - x) / 2), o);
   }
 }
 
 // dst[2i] = even[i] (2i < n), dst[2i + 1] = odd[i] (2i + 1 < n): a row from its two sub-lattices.
 TORCH_CONVT_AVX512_TARGET inline void wino_merge_row(const float* even, const float* odd, int64_t n, float* dst) {
-  const __m512i lo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
-  const __m512i hi = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
   for (int64_t x = 0; x < n; x += 32) {
-    const __m512 a = _mm512_maskz_loadu_ps(lanes_mask(0, (n - x + 1) / 2), even + x / 2);
-    const __m512 b = _mm512_maskz_loadu_ps(lanes_mask(0, (n - x) / 2), odd + x / 2);
-    _mm512_mask_storeu_ps(dst + x, lanes_mask(0, n - x), _mm512_permutex2var_ps(a, lo, b));
-    _mm512_mask_storeu_ps(dst + x + 16, lanes_mask(0, n - x - 16), _mm512_permutex2var_ps(a, hi, b));
+    __m512 a, b;
+    wino_merge(_mm512_maskz_loadu_ps(lane_mask(0, 0, (n - x + 1) / 2), even + x / 2),
+               _mm512_maskz_loadu_ps(lane_mask(0, 0, (n - x) / 2), odd + x / 2), a, b);
+    _mm512_mask_storeu_ps(dst + x, lane_mask(0, 0, n - x), a);
+    _mm512_mask_storeu_ps(dst + x + 16, lane_mask(0, 0, n - x - 16), b);
   }
 }
 
