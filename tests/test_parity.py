@@ -1129,8 +1129,9 @@ def test_bf16_amx_stride1_copies_by_chunks_of_images(cl):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Winograd F(2, 3): float32 layers at stride 1 with kernels of 3 along the innermost dim and one more (16 channels a
-# group or more, AVX-512 CPUs), dilated ones by sub-lattices. (kind, input shape, weight shape, padding, groups)
+# Winograd: float32 layers at stride 1 with kernels of 3 along the innermost dim and one more (F(2, 3); dilated ones
+# by sub-lattices), conv_transpose at stride 2 with kernel 4 padding 1 or kernel 3 padding 0 or 1 (F(2, 2) phases);
+# 16 channels a group or more, AVX-512 CPUs. (kind, input shape, weight shape, padding, groups)
 # ----------------------------------------------------------------------------------------------------------
 def _winograd_available():
     """Whether this CPU has what the Winograd path needs (AVX-512 F/BW/VL/DQ, FMA, BMI2): from the CPU's flags, not
@@ -1160,6 +1161,17 @@ WINOGRAD_CASES = [
     ("conv", (2, 32, 15, 17, 23), (24, 32, 3, 3, 3), (1, 2, 0), 1, (3, 2, 2), True),  # pads per residue, channels_last
     ("ct", (4, 32, 21, 30), (32, 32, 3, 3), 0, 1, 2, False),                    # 2d
     ("conv", (2, 64, 12, 14, 40), (64, 32, 3, 3, 3), 0, 2, (1, 1, 2), False),  # grouped, dilated along x only
+    # stride 2: the phases of conv_transpose (its forward; conv's input gradient), (..., dilation, channels_last, kw)
+    ("ct", (1, 32, 12, 13, 14), (32, 16, 4, 4, 4), 1, 1, 1, False, dict(stride=2)),  # kernel 4: half tiles at edges
+    ("ct", (1, 32, 11, 12, 13), (32, 16, 4, 4, 4), 1, 1, 1, False, dict(stride=2, output_padding=1)),
+    ("ct", (6, 32, 15, 17), (32, 32, 4, 4), 1, 1, 1, False, dict(stride=2)),  # 2d (DCGAN's kernel)
+    ("conv", (6, 32, 30, 34), (32, 32, 4, 4), 1, 1, 1, False, dict(stride=2)),  # its input gradient
+    ("ct", (2, 64, 8, 9, 10), (64, 16, 4, 4, 4), 1, 2, 1, False, dict(stride=2)),  # grouped
+    ("ct", (2, 32, 6, 10, 22), (32, 16, 1, 4, 4), (0, 1, 1), 1, 1, False, dict(stride=(1, 2, 2))),  # 1 x 4 x 4
+    ("ct", (2, 32, 6, 10, 22), (32, 16, 4, 1, 4), (1, 0, 1), 1, 1, False, dict(stride=(2, 1, 2))),  # 4 x 1 x 4
+    ("ct", (1, 32, 13, 14, 15), (32, 24, 3, 3, 3), 1, 1, 1, False, dict(stride=2, output_padding=1)),  # MONAI's
+    ("ct", (2, 16, 7, 9, 21), (16, 33, 3, 3, 3), 0, 1, 1, False, dict(stride=2)),  # kernel 3, padding 0, 33 rows
+    ("ct", (8, 64, 20, 22), (64, 64, 3, 3), 1, 1, 1, False, dict(stride=2, output_padding=1)),  # 2d kernel 3
 ]
 
 
@@ -1171,7 +1183,7 @@ def test_winograd_matches_float64(case):
     bits of direct summation (set_winograd(False)), so the path was taken. A wrong transform, tile edge or run is off
     by far more."""
     kind, in_shape, w_shape, padding, groups = case[:5]
-    dilation, cl = case[5:] if len(case) > 5 else (1, False)
+    dilation, cl, extra = (case[5:] + ({},))[:3] if len(case) > 5 else (1, False, {})
     nd = len(in_shape) - 2
     torch.manual_seed(5)
     x = torch.randn(in_shape)
@@ -1180,7 +1192,7 @@ def test_winograd_matches_float64(case):
     w = torch.randn(w_shape) / (w_shape[1] * 9) ** 0.5
     b = torch.randn(w_shape[1] * groups if kind == "ct" else w_shape[0])
     ours, ref = (ours_ct(nd), torch_ct(nd)) if kind == "ct" else (ours_conv(nd), torch_conv(nd))
-    kw = dict(padding=padding, groups=groups, dilation=dilation)
+    kw = dict(padding=padding, groups=groups, dilation=dilation, **extra)
 
     def run(fn, dtype):
         xx, ww, bb = (t.detach().to(dtype).requires_grad_() for t in (x, w, b))
@@ -1200,7 +1212,10 @@ def test_winograd_matches_float64(case):
         scale = e.abs().max().item()
         assert (got - e).abs().max().item() <= 1e-5 * scale, name
         assert (d - e).abs().max().item() <= 1e-5 * scale, name
-    assert not torch.equal(wino[0], direct[0]) and not torch.equal(wino[1], direct[1])
+    # (at stride 2 only conv_transpose has phases: the output of "ct", the input gradient of "conv")
+    strided = extra.get("stride", 1) != 1
+    assert (strided and kind == "conv") or not torch.equal(wino[0], direct[0])
+    assert (strided and kind == "ct") or not torch.equal(wino[1], direct[1])
 
 
 @pytest.mark.skipif(not _winograd_available(), reason="no AVX-512: float32 layers take direct summation")

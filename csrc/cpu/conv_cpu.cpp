@@ -387,11 +387,6 @@ bool amx_taps(const AmxTapsLayer& l, const std::vector<Phase>& phases, const sca
   return true;
 }
 
-// Stride 1 in every dim: the layers that Winograd F(2, 3) may take (winograd.h).
-inline bool unit_steps(const ConvParams& p) {
-  return std::all_of(p.stride, p.stride + kMaxDims, [](int64_t s) { return s == 1; });
-}
-
 template <typename scalar_t>
 void conv_kernel(const ConvParams& p, const scalar_t* x, const Strides& sx, const scalar_t* w, const scalar_t* bias,
                  scalar_t* y, const Strides& sy) {
@@ -400,13 +395,12 @@ void conv_kernel(const ConvParams& p, const scalar_t* x, const Strides& sx, cons
   if (Cxg == 1 && Cyg == 1) return conv_depthwise(p, x, sx, w, bias, y, sy);
   const int64_t T = p.kernel_numel(), KK = Cxg * T;
   if constexpr (std::is_same_v<scalar_t, float>) {
-    if (unit_steps(p)) {
-      const cpu::WinogradLayer wl{p.batch, G, Cxg, Cyg, {p.big[0], p.big[1], p.big[2]},
-                                  {p.small[0], p.small[1], p.small[2]}, {p.padding[0], p.padding[1], p.padding[2]},
-                                  {p.kernel[0], p.kernel[1], p.kernel[2]},
-                                  {p.dilation[0], p.dilation[1], p.dilation[2]}, Cyg * Cxg * T, Cxg * T, T, false};
-      if (cpu::winograd_correlation(wl, x, sx, w, bias, y, sy)) return;
-    }
+    cpu::WinogradLayer wl{p.batch, G, Cxg, Cyg, {p.big[0], p.big[1], p.big[2]}, {p.small[0], p.small[1], p.small[2]},
+                          {}, {p.kernel[0], p.kernel[1], p.kernel[2]}, {p.dilation[0], p.dilation[1], p.dilation[2]},
+                          Cyg * Cxg * T, Cxg * T, T, false, {}};
+    if (cpu::wino_kinds(false, p.kernel, p.stride, p.padding, p.dilation, wl.kind, wl.pad) &&
+        cpu::winograd_correlation(wl, x, sx, w, bias, y, sy))
+      return;
   }
   if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
     if (cpu::amx_bf16()) {  // (any stride: a frame plane per phase of x)
@@ -977,16 +971,14 @@ void conv_transpose_kernel(const ConvParams& p, const scalar_t* y, const Strides
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t G = p.groups, Cxg = p.big_group(), Cyg = p.small_group(), K = p.kernel_numel();
   if constexpr (std::is_same_v<scalar_t, float>) {
-    // (a correlation of y with the weights' taps reversed, padded by (kernel - 1) dilation - padding)
-    if (unit_steps(p)) {
-      int64_t pad[kMaxDims];
-      for (int64_t d = 0; d < kMaxDims; ++d) pad[d] = (p.kernel[d] - 1) * p.dilation[d] - p.padding[d];
-      const cpu::WinogradLayer wl{p.batch, G, Cyg, Cxg, {p.small[0], p.small[1], p.small[2]},
-                                  {p.big[0], p.big[1], p.big[2]}, {pad[0], pad[1], pad[2]},
-                                  {p.kernel[0], p.kernel[1], p.kernel[2]},
-                                  {p.dilation[0], p.dilation[1], p.dilation[2]}, Cyg * Cxg * K, K, Cxg * K, true};
-      if (cpu::winograd_correlation(wl, y, sy, w, bias, x, sx)) return;
-    }
+    // (at stride 1 a correlation of y with the weights' taps reversed, padded by (kernel - 1) dilation - padding; at
+    // stride 2 its phases, winograd.h)
+    cpu::WinogradLayer wl{p.batch, G, Cyg, Cxg, {p.small[0], p.small[1], p.small[2]}, {p.big[0], p.big[1], p.big[2]},
+                          {}, {p.kernel[0], p.kernel[1], p.kernel[2]}, {p.dilation[0], p.dilation[1], p.dilation[2]},
+                          Cyg * Cxg * K, K, Cxg * K, true, {}};
+    if (cpu::wino_kinds(true, p.kernel, p.stride, p.padding, p.dilation, wl.kind, wl.pad) &&
+        cpu::winograd_correlation(wl, y, sy, w, bias, x, sx))
+      return;
   }
   std::vector<acc_t> b_store;
   const acc_t* ba = bias ? as_acc(bias, p.big_channels, b_store) : nullptr;

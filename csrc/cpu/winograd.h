@@ -1,20 +1,30 @@
-// Winograd F(2, 3) for the stride-1 float32 layers of the CPU kernels (conv_cpu.cpp): conv and conv_transpose at
-// stride 1 whose kernel is 3 along the innermost dim and along at least one other, 1 along the rest (3d 3x3x3, 2d
-// 3x3, and 3x1x3 / 1x3x3 kernels). Both are the correlation
-//     out[n, co, o] = sum_{ci, t} wc[co, ci, t] * in[n, ci, o + dilation t - pad] + bias[co]
-// (conv: in = X, wc = W, pad = padding; conv_transpose: in = Y, wc = W with its two channel dims swapped and its taps
-// reversed, pad = (kernel - 1) dilation - padding); dilated layers are computed sub-lattice by sub-lattice
-// (wino_dilated). Per dim of 3 taps, the output is cut into tiles of 2 points, each computed
-// from the 4 input points it reads: in 3d a tile is 2x2x2 outputs from 4x4x4 inputs, whose 64 transformed values V
-// (B^T d B along each dim) multiply the 64 transformed weights U (G g G^T) and are transformed back (A^T m A):
-// 64 products per 8 outputs instead of 27 x 8 = 216, so the layer does 0.30 of the multiply-adds (2d 3x3: 0.44).
-// The 64 products of all tiles are 64 GEMMs [co x ci] . [ci x tiles] on the GEMM of gemm.h; the transforms are
-// additions only, vectorised over 16 consecutive tiles (AVX-512). The transforms' coefficients are 0, +-1 and +-1/2,
-// and the errors stay at those of direct summation (a 32-channel 3x3x3 layer: 3.0e-7 of the largest output in float32,
-// direct 4.6e-7, both against float64). Every output is one fixed sequence of operations: results do not depend on the
-// thread count. Non-finite values: a tile mixes its 4 x 4 x 4 inputs, so an inf or NaN input would reach outputs that
-// it does not contribute to; where any output comes out non-finite the caller computes the layer again on its own path,
-// which gives each non-finite input exactly its own outputs (and weights that are not finite never take this path).
+// Winograd transforms for float32 layers of the CPU kernels (conv_cpu.cpp), computed tile by tile: per dim, a tile
+// of the output is a few consecutive points, computed from the window of input points they read by a few products
+// of transformed inputs V and transformed weights U, fewer than direct summation's multiply-adds. The layer is the
+// correlation of an input with the weights' taps, along each dim one of these schemes (kinds):
+//  - stride 1, kernel 3: F(2, 3). Tiles of 2 outputs out[o] = sum_t wc[t] in[o + t - pad] from 4 inputs: 4 products
+//    (B^T d, G g, A^T m of Lavin and Gray) instead of 6 multiply-adds. Conv and conv_transpose (in = Y, channel dims
+//    swapped, taps reversed, pad = kernel - 1 - padding) at stride 1; dilated layers sub-lattice by sub-lattice
+//    (wino_dilated).
+//  - stride 1, kernel 1: tiles of 1 point (the dims of 3x1x3 and 1x3x3 kernels, and of 2d layers).
+//  - conv_transpose at stride 2 with kernel 4 and padding 1 (GAN generators): out[2i - 1 + t] += in[i] w[t]. The
+//    output's even points take taps 1 and 3, its odd points 0 and 2: two 2-tap correlations (phases) of the same
+//    input, each by F(2, 2) (y0 = d0 g0 + d1 g1, y1 = d1 g0 + d2 g1 as (d0 - d1) g0 + d1 (g0 + g1) and the same
+//    product plus (d2 - d1) g1). A tile is 4 outputs out[4T .. 4T + 3] from in[2T - 1 .. 2T + 2]: 6 products
+//    instead of 8 multiply-adds, and the odd phase's first transformed input is the even phase's last one negated
+//    (its weight takes the sign), so the input transform gives 5 values.
+//  - conv_transpose at stride 2 with kernel 3 and padding 1 (MONAI's up-sampling) or 0: one phase takes taps 0 and 2
+//    (F(2, 2)), the other tap 1 alone: 5 products a tile of 4 outputs instead of 6, from 4 transformed values.
+// In 3d a tile's products are those of its dims' schemes (F(2, 3): 64 products for 8 outputs instead of 216, 0.30
+// of the multiply-adds; the kernel-4 transposed layer: 216 for 64 outputs instead of 512, 0.42; kernel 3: 125 for
+// 64 instead of 216, 0.58). The products of all tiles are GEMMs [products x co x ci] . [ci x tiles] on the GEMM of
+// gemm.h, those of one transformed input stacked into one GEMM; the transforms are additions and subtractions
+// vectorised over 16 consecutive tiles (AVX-512), the weights' also halvings. The errors stay at those of direct
+// summation (a 32-channel 3x3x3 layer: 3.0e-7 of the largest output in float32, direct 4.6e-7, both against
+// float64). Every output is one fixed sequence of operations: results do not depend on the thread count. Non-finite
+// values: a tile mixes its inputs, so an inf or NaN input would reach outputs that it does not contribute to; where
+// any output comes out non-finite the caller computes the layer again on its own path, which gives each non-finite
+// input exactly its own outputs (and weights that are not finite never take this path).
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -36,56 +46,115 @@ inline std::atomic<bool>& winograd_flag() {
   return on;
 }
 
-// The layer as a correlation (above). Channels are per group; wc(g, co, ci, t) = w[g*w_g + co*w_co + ci*w_ci +
-// (flip ? T - 1 - t : t)], t the flat tap index of `kernel`.
+// The schemes of a dim (above); kWinoNone: the dim takes none (the layer is not one for this path).
+enum WinoKind : int { kWinoNone = -1, kWinoK1 = 0, kWinoK3, kWinoT4, kWinoT3Odd, kWinoT3Even };
+
+// A scheme's tiles: m outputs from a window of w inputs, the window advancing `adv` inputs a tile; nv transformed
+// inputs, np products (product p multiplies transformed input vof[p] by transformed weight p, whose taps are row p
+// of g: U_p = sum_t g[p][t] w[t], k taps); macs: direct summation's multiply-adds for a tile's outputs.
+struct WinoScheme {
+  int m, w, adv, nv, np, k, macs;
+  int vof[6];
+  float g[6][4];
+};
+inline constexpr WinoScheme kWinoSchemes[] = {
+    {1, 1, 1, 1, 1, 1, 1, {0}, {{1}}},                                                        // K1
+    {2, 4, 2, 4, 4, 3, 6, {0, 1, 2, 3}, {{1, 0, 0}, {.5f, .5f, .5f}, {.5f, -.5f, .5f}, {0, 0, 1}}},  // K3
+    // T4: even phase d = in[2T - 1 .. 2T + 1], g = (w3, w1); odd phase d = in[2T .. 2T + 2], g = (w2, w0).
+    {4, 4, 2, 5, 6, 4, 8, {0, 1, 2, 2, 3, 4}, {{0, 0, 0, 1}, {0, 1, 0, 1}, {0, 1, 0, 0}, {0, 0, -1, 0}, {1, 0, 1, 0},
+                                               {1, 0, 0, 0}}},
+    // T3 (padding 1: window in[2T .. 2T + 2], the odd outputs by F(2, 2) with g = (w2, w0), the even by tap 1 on
+    // d0, d1; padding 0: window in[2T - 1 .. 2T + 1], the even outputs by F(2, 2), the odd by tap 1 on d1, d2).
+    {4, 3, 2, 4, 5, 3, 6, {0, 1, 2, 3, 1}, {{0, 0, 1}, {1, 0, 1}, {1, 0, 0}, {0, 1, 0}, {0, 1, 0}}},
+    {4, 3, 2, 4, 5, 3, 6, {0, 1, 2, 1, 3}, {{0, 0, 1}, {1, 0, 1}, {1, 0, 0}, {0, 1, 0}, {0, 1, 0}}},
+};
+
+// The scheme of a dim of a layer, and its window's offset (the input point of window element 0 is adv * T - pad):
+// conv (transposed false) and conv_transpose at stride 1 by kernel 1 or 3 (pad: conv's padding, conv_transpose's
+// (kernel - 1) dilation - padding); conv_transpose at stride 2, dilation 1, by kernel 4 padding 1 or kernel 3
+// padding 0 or 1. kWinoNone for any other.
+inline WinoKind wino_kind(bool transposed, int64_t kernel, int64_t stride, int64_t padding, int64_t dilation,
+                          int64_t& pad) {
+  if (stride == 1) {
+    pad = transposed ? (kernel - 1) * dilation - padding : padding;
+    return kernel == 1 ? kWinoK1 : kernel == 3 ? kWinoK3 : kWinoNone;
+  }
+  if (!transposed || stride != 2 || dilation != 1) return kWinoNone;
+  if (kernel == 4 && padding == 1) return pad = 1, kWinoT4;
+  if (kernel == 3 && padding == 1) return pad = 0, kWinoT3Odd;
+  if (kernel == 3 && padding == 0) return pad = 1, kWinoT3Even;
+  return kWinoNone;
+}
+
+// The schemes and windows' offsets of a layer's dims (wino_kind); false where a dim takes none.
+inline bool wino_kinds(bool transposed, const int64_t* kernel, const int64_t* stride, const int64_t* padding,
+                       const int64_t* dilation, WinoKind* kind, int64_t* pad) {
+  for (int64_t d = 0; d < kMaxDims; ++d)
+    if ((kind[d] = wino_kind(transposed, kernel[d], stride[d], padding[d], dilation[d], pad[d])) == kWinoNone)
+      return false;
+  return true;
+}
+
+// The layer as a correlation (above). Channels are per group; wc(g, co, ci, t) = w[g*w_g + co*w_co + ci*w_ci + t'],
+// t the flat tap index of `kernel`, t' = t but with the taps of stride-1 dims reversed where `flip`.
 struct WinogradLayer {
   int64_t batch, groups, ci, co;
   int64_t in_ext[kMaxDims], out_ext[kMaxDims], pad[kMaxDims], kernel[kMaxDims], dilation[kMaxDims];
   int64_t w_g, w_co, w_ci;
   bool flip;
+  WinoKind kind[kMaxDims];
 };
 
-// The tiling of the output: per dim, tiles of m points (2 where the kernel is 3, else 1) from a = m + k - 1 input
-// points; tiles numbered (tz, ty, tx) row-major, and computed in runs of 16 consecutive tiles (a vector's lanes).
+// The tiling of the output: per dim, tiles of its scheme's m points; tiles numbered (tz, ty, tx) row-major, and
+// computed in runs of 16 consecutive tiles (a vector's lanes). Per tile np products of nv transformed inputs.
 struct WinogradGeometry {
-  int64_t m[kMaxDims], a[kMaxDims], tiles[kMaxDims], count;  // count: tiles of one image
-  int64_t xi;                                                // transformed points a tile: a[0] * a[1] * a[2]
+  int64_t tiles[kMaxDims], count;  // count: tiles of one image
+  int64_t np, nv, macs;            // a tile's products, transformed inputs, direct multiply-adds
 };
 
 inline WinogradGeometry wino_geometry(const WinogradLayer& l) {
   WinogradGeometry geo{};
-  geo.count = 1, geo.xi = 1;
+  geo.count = geo.np = geo.nv = geo.macs = 1;
   for (int64_t d = 0; d < kMaxDims; ++d) {
-    geo.m[d] = l.kernel[d] == 3 ? 2 : 1;
-    geo.a[d] = l.kernel[d] == 3 ? 4 : 1;
-    geo.tiles[d] = ceil_div(l.out_ext[d], geo.m[d]);
-    geo.count *= geo.tiles[d];
-    geo.xi *= geo.a[d];
+    const WinoScheme& s = kWinoSchemes[l.kind[d]];
+    geo.tiles[d] = ceil_div(l.out_ext[d], int64_t(s.m));
+    geo.count *= geo.tiles[d], geo.np *= s.np, geo.nv *= s.nv, geo.macs *= s.macs;
   }
   return geo;
 }
 
-// Whether the layer's shape is one the Winograd path takes (values aside: see winograd_correlation). Rows of the input
-// and the output dense along the innermost dim (channels_last layers take the caller's path, save dilated ones, whose
-// sub-lattice copies are dense). At least 16 channels
-// in and out a group (fewer and the transforms cost more than the products they save); transformed weights of at
-// most 1 MiB, which every block of tiles reads whole (3d: 64 x 64 channels; 96 x 96 took x1.12 the time of direct
-// summation, 256 x 256 x1.9); and enough tiles to pay for transforming the weights: the multiply-adds saved, per pair
-// of channels, at least 512 per transformed weight (a 2d layer of 64 channels on 2 x 24 x 24 points, below that,
-// took x1.2 the time).
+// Whether the layer's shape is one the Winograd path takes (values aside: see winograd_correlation). Its dims'
+// schemes one kind but for kernel-1 dims, at least two of them, the innermost not kernel 1. Rows of the input and the
+// output dense along the innermost dim (channels_last layers take the caller's path, save dilated ones, whose
+// sub-lattice copies are dense). At least 16 channels in and out a group (fewer and the transforms cost more than the
+// products they save); transformed weights of at most 1 MiB, which every block of tiles reads whole (3d F(2, 3): 64 x
+// 64 channels; 96 x 96 took x1.12 the time of direct summation, 256 x 256 x1.9); and enough tiles to pay for
+// transforming the weights: the multiply-adds saved, per pair of channels, at least 256 per transformed weight (at
+// that bound a 3d kernel-4 transposed layer of 32 x 16 channels on 12^3 points took x1.01 the time, one of 16
+// channels by F(2, 3) on 12^3 x0.96; a 2d F(2, 3) layer of 32 channels on 2 x 24 x 24 points, above it, x0.92).
 inline bool winograd_shape(const WinogradLayer& l, int64_t in_inner_stride, int64_t out_inner_stride) {
 #if TORCH_CONVT_DIRECT_AVX512
   if (!winograd_flag().load(std::memory_order_relaxed) || !direct_avx512()) return false;
-  if (l.kernel[2] != 3 || in_inner_stride != 1 || out_inner_stride != 1 || l.ci < 16 || l.co < 16) return false;
-  int64_t threes = 0;
-  for (int64_t d = 0; d < kMaxDims; ++d) {
-    if (l.kernel[d] != 1 && l.kernel[d] != 3) return false;
-    threes += l.kernel[d] == 3;
-  }
+  const WinoKind x = l.kind[2];
+  if (x == kWinoNone || x == kWinoK1 || in_inner_stride != 1 || out_inner_stride != 1 || l.ci < 16 || l.co < 16)
+    return false;
+  if (x != kWinoK3 && std::any_of(l.dilation, l.dilation + kMaxDims, [](int64_t d) { return d != 1; })) return false;
+  for (int64_t d = 0; d < 2; ++d)
+    if (l.kind[d] != kWinoK1 && l.kind[d] != x) return false;
+  if (l.kind[0] == kWinoK1 && l.kind[1] == kWinoK1) return false;
   const WinogradGeometry geo = wino_geometry(l);
-  const int64_t taps = l.kernel[0] * l.kernel[1] * l.kernel[2], outs = geo.m[0] * geo.m[1] * geo.m[2];
-  return threes >= 2 && geo.xi * l.ci * l.co * int64_t(sizeof(float)) <= (int64_t(1) << 20) &&
-         l.batch * geo.count * (taps * outs - geo.xi) >= 512 * geo.xi;
+  if (x != kWinoK3) {
+    // The stride-2 schemes: where they save less than 40% of the multiply-adds (2d kernel 3: 25 products for 36),
+    // at least 64 channels a group (32 took x1.06-1.18 the time of direct summation, 64 x0.91); outputs under 64
+    // MiB, whose rows the output transform writes through the caches (direct summation streams large outputs past
+    // them: 112 MiB outputs of 16 and 32 channels took x1.22 and x1.07 the time; 16 and 28 MiB x0.82 and x0.69).
+    if (10 * geo.np > 6 * geo.macs && std::min(l.ci, l.co) < 64) return false;
+    int64_t out_bytes = l.batch * l.groups * l.co * int64_t(sizeof(float));
+    for (int64_t d = 0; d < kMaxDims; ++d) out_bytes *= l.out_ext[d];
+    if (out_bytes >= (int64_t(64) << 20)) return false;
+  }
+  return geo.np * l.ci * l.co * int64_t(sizeof(float)) <= (int64_t(1) << 20) &&
+         l.batch * geo.count * (geo.macs - geo.np) >= 256 * geo.np;
 #else
   (void)l, (void)in_inner_stride, (void)out_inner_stride;
   return false;
@@ -97,12 +166,13 @@ inline bool winograd_shape(const WinogradLayer& l, int64_t in_inner_stride, int6
 // A run: 16 consecutive tiles (fewer at a block's end), one a vector lane, in columns [col, col + lanes) of its block
 // (a 64-byte line of each row of V and M). Its tiles may lie on several tile rows: a segment per row piece, whose
 // lanes are loaded from (and stored to) that row's points, each segment's lanes merged into the same vectors. Per
-// segment: the input rows of its tiles' points (`in_at`, along z and y; bit r of in_rows: row r inside the input) and
-// the masks of its four loads of a row; the output rows (`out_at`, out_rows) and the masks of the two stores of a row.
+// segment: the input rows of its tiles' windows (`in_at`, along z and y; bit r of in_rows: row r inside the input)
+// and the masks of its four loads of a row; the output rows (`out_at`, out_rows) and the masks of the (2 or 4)
+// stores of a row.
 struct WinogradSegment {
-  int64_t in_at[16], out_at[4];
+  int64_t in_at[16], out_at[16];
   uint32_t in_rows, out_rows;
-  __mmask16 load[4], store[2];
+  __mmask16 load[4], store[4];
 };
 struct WinogradRun {
   int64_t col, lanes, segments;
@@ -122,17 +192,24 @@ TORCH_CONVT_AVX512_TARGET inline void wino_merge(__m512 first, __m512 second, __
   a = _mm512_permutex2var_ps(first, lo, second), b = _mm512_permutex2var_ps(first, hi, second);
 }
 
+// Elements of x and y as 64-bit pairs, permuted (_mm512_permutex2var_pd).
+TORCH_CONVT_AVX512_TARGET inline __m512 wino_mix64(__m512 x, __m512i i, __m512 y) {
+  return _mm512_castpd_ps(_mm512_permutex2var_pd(_mm512_castps_pd(x), i, _mm512_castps_pd(y)));
+}
+
 // The run of tiles [t0, t1) (t1 - t0 <= 16) in column `col` of its block: its segments' rows and masks.
 TORCH_CONVT_AVX512_TARGET inline void wino_make_run(const WinogradLayer& l, const WinogradGeometry& geo,
                                                     const Strides& si, const Strides& so, int64_t t0, int64_t t1,
                                                     int64_t col, WinogradRun& run) {
+  const WinoScheme &sz = kWinoSchemes[l.kind[0]], &sy = kWinoSchemes[l.kind[1]], &sx = kWinoSchemes[l.kind[2]];
   run.col = col, run.lanes = t1 - t0, run.segments = 0;
   for (int64_t t = t0; t < t1;) {
     const int64_t tx = t % geo.tiles[2], row = t / geo.tiles[2], tz = row / geo.tiles[1], ty = row % geo.tiles[1];
     const int64_t lane = t - t0, len = std::min(geo.tiles[2] - tx, t1 - t);
     WinogradSegment& sg = run.seg[run.segments++];
-    // Element f of the pair vectors (a: points 2l, 2l + 1 of lane l's tile; b: 2l + 2, 2l + 3) is lane f / 2's: the
-    // segment's are f in [2 lane, 2 (lane + len)); their input points x0 + f (+ 2 for b), x0 = 2 (tx - lane) - pad.
+    // Element f of the pair vectors (a: points 2l, 2l + 1 of lane l's window; b: 2l + 2, 2l + 3) is lane f / 2's
+    // (every innermost scheme advances 2 a tile): the segment's are f in [2 lane, 2 (lane + len)); their input
+    // points x0 + f (+ 2 for b), x0 = 2 (tx - lane) - pad.
     const int64_t f0 = 2 * lane, f1 = 2 * (lane + len), x0 = 2 * (tx - lane) - l.pad[2];
     const auto load_mask = [&](int64_t member, int64_t at) {
       return lane_mask(0, std::max(f0 - member, -x0 - at), std::min(f1 - member, l.in_ext[2] - x0 - at));
@@ -140,22 +217,21 @@ TORCH_CONVT_AVX512_TARGET inline void wino_make_run(const WinogradLayer& l, cons
     sg.load[0] = load_mask(0, 0), sg.load[1] = load_mask(16, 16), sg.load[2] = load_mask(0, 2),
     sg.load[3] = load_mask(16, 18);
     sg.in_rows = 0;
-    const int64_t z0 = geo.m[0] * tz - l.pad[0], y0 = geo.m[1] * ty - l.pad[1];
-    for (int64_t iz = 0; iz < geo.a[0]; ++iz)
-      for (int64_t iy = 0; iy < geo.a[1]; ++iy) {
-        const int64_t z = z0 + iz, y = y0 + iy, r = iz * geo.a[1] + iy;
+    const int64_t z0 = sz.adv * tz - l.pad[0], y0 = sy.adv * ty - l.pad[1];
+    for (int64_t iz = 0; iz < sz.w; ++iz)
+      for (int64_t iy = 0; iy < sy.w; ++iy) {
+        const int64_t z = z0 + iz, y = y0 + iy, r = iz * sy.w + iy;
         const bool inside = z >= 0 && z < l.in_ext[0] && y >= 0 && y < l.in_ext[1];
         sg.in_rows |= inside ? uint32_t(1) << r : 0;
         sg.in_at[r] = inside ? si.at(z, y, 0) + x0 : 0;
       }
-    // Outputs: element f of the interleaved stores is point f % 2 of lane f / 2's tile, at x = 2 (tx - lane) + f.
-    const int64_t xo = 2 * (tx - lane);
-    sg.store[0] = lane_mask(0, f0, std::min(f1, l.out_ext[2] - xo));
-    sg.store[1] = lane_mask(0, f0 - 16, std::min(f1, l.out_ext[2] - xo) - 16);
+    // Outputs: element f of the interleaved stores is point f % m of lane f / m's tile, at x = m (tx - lane) + f.
+    const int64_t xo = sx.m * (tx - lane), g0 = sx.m * lane, g1 = std::min(sx.m * (lane + len), l.out_ext[2] - xo);
+    for (int64_t j = 0; j < sx.m; ++j) sg.store[j] = lane_mask(0, g0 - 16 * j, g1 - 16 * j);
     sg.out_rows = 0;
-    for (int64_t a = 0; a < geo.m[0]; ++a)
-      for (int64_t b = 0; b < geo.m[1]; ++b) {
-        const int64_t z = geo.m[0] * tz + a, y = geo.m[1] * ty + b, r = a * geo.m[1] + b;
+    for (int64_t a = 0; a < sz.m; ++a)
+      for (int64_t b = 0; b < sy.m; ++b) {
+        const int64_t z = sz.m * tz + a, y = sy.m * ty + b, r = a * sy.m + b;
         const bool inside = z < l.out_ext[0] && y < l.out_ext[1];
         sg.out_rows |= inside ? uint32_t(1) << r : 0;
         sg.out_at[r] = inside ? so.at(z, y, 0) + xo : 0;
@@ -164,198 +240,264 @@ TORCH_CONVT_AVX512_TARGET inline void wino_make_run(const WinogradLayer& l, cons
   }
 }
 
-// The 1d transforms, on 16 tiles at once. In: B^T d for d = (d0, d1, d2, d3) (a tile's 4 input points).
-TORCH_CONVT_AVX512_TARGET inline void wino_in4(__m512& v0, __m512& v1, __m512& v2, __m512& v3) {
-  const __m512 t0 = _mm512_sub_ps(v0, v2), t1 = _mm512_add_ps(v1, v2), t2 = _mm512_sub_ps(v2, v1),
-               t3 = _mm512_sub_ps(v1, v3);
-  v0 = t0, v1 = t1, v2 = t2, v3 = t3;
-}
+// The schemes' 1d transforms on 16 tiles at once: in, the window d -> the transformed inputs v (kWinoSchemes' nv);
+// out, the products p -> the tile's outputs o.
+struct WinoK1 {
+  static constexpr int W = 1, NV = 1, NP = 1, M = 1;
+  TORCH_CONVT_AVX512_TARGET static void in(const __m512* d, __m512* v) { v[0] = d[0]; }
+  TORCH_CONVT_AVX512_TARGET static void out(const __m512* p, __m512* o) { o[0] = p[0]; }
+};
+struct WinoK3 {  // B^T d: (d0 - d2, d1 + d2, d2 - d1, d1 - d3); A^T m: (m0 + m1 + m2, m1 - m2 - m3)
+  static constexpr int W = 4, NV = 4, NP = 4, M = 2;
+  TORCH_CONVT_AVX512_TARGET static void in(const __m512* d, __m512* v) {
+    v[0] = _mm512_sub_ps(d[0], d[2]), v[1] = _mm512_add_ps(d[1], d[2]), v[2] = _mm512_sub_ps(d[2], d[1]);
+    v[3] = _mm512_sub_ps(d[1], d[3]);
+  }
+  TORCH_CONVT_AVX512_TARGET static void out(const __m512* p, __m512* o) {
+    o[0] = _mm512_add_ps(_mm512_add_ps(p[0], p[1]), p[2]);
+    o[1] = _mm512_sub_ps(_mm512_sub_ps(p[1], p[2]), p[3]);
+  }
+};
+struct WinoT4 {  // v: (d0 - d1, d1, d2 - d1, d2, d3 - d2); outputs (p0 + p1, p3 + p4, p1 + p2, p4 + p5)
+  static constexpr int W = 4, NV = 5, NP = 6, M = 4;
+  TORCH_CONVT_AVX512_TARGET static void in(const __m512* d, __m512* v) {
+    v[0] = _mm512_sub_ps(d[0], d[1]), v[1] = d[1], v[2] = _mm512_sub_ps(d[2], d[1]), v[3] = d[2];
+    v[4] = _mm512_sub_ps(d[3], d[2]);
+  }
+  TORCH_CONVT_AVX512_TARGET static void out(const __m512* p, __m512* o) {
+    o[0] = _mm512_add_ps(p[0], p[1]), o[1] = _mm512_add_ps(p[3], p[4]), o[2] = _mm512_add_ps(p[1], p[2]);
+    o[3] = _mm512_add_ps(p[4], p[5]);
+  }
+};
+// v: (d0 - d1, d1, d2 - d1, d0 (ODD) or d2); F(2, 2)'s outputs p0 + p1, p1 + p2, tap 1's p3, p4: the odd outputs
+// (ODD: padding 1) or the even ones.
+template <bool ODD>
+struct WinoT3 {
+  static constexpr int W = 3, NV = 4, NP = 5, M = 4;
+  TORCH_CONVT_AVX512_TARGET static void in(const __m512* d, __m512* v) {
+    v[0] = _mm512_sub_ps(d[0], d[1]), v[1] = d[1], v[2] = _mm512_sub_ps(d[2], d[1]), v[3] = ODD ? d[0] : d[2];
+  }
+  TORCH_CONVT_AVX512_TARGET static void out(const __m512* p, __m512* o) {
+    const __m512 y0 = _mm512_add_ps(p[0], p[1]), y1 = _mm512_add_ps(p[1], p[2]);
+    o[ODD ? 1 : 0] = y0, o[ODD ? 3 : 2] = y1, o[ODD ? 0 : 1] = p[3], o[ODD ? 2 : 3] = p[4];
+  }
+};
 
-// The input transform of a run, input channel c of the group: V[xi][c][col + l] for the run's tiles l (V: `xi` blocks
-// of `v_xi` elements, channel c's row at c * nr, as gemm_packed's B of one panel). `in`: the image's group's first
-// channel.
-template <int AZ, int AY>
+// The input transform of a run, input channel c of the group: V[v][c][col + l] for the run's tiles l and the tile's
+// transformed inputs v (V: nv blocks of `v_xi` elements, channel c's row at c * nr, as gemm_packed's B of one panel).
+// `in`: the image's group's first channel.
+template <class DZ, class DY, class DX>
 TORCH_CONVT_AVX512_TARGET void wino_input_run(const float* in, const Strides& si, const WinogradRun& run, int64_t c,
                                               int64_t nr, int64_t v_xi, float* V) {
+  constexpr int NYX = DY::NV * DX::NV;
   const __mmask16 store = lane_mask(0, 0, run.lanes);
   float* v = V + run.col + c * nr;
-  alignas(64) float tz[AZ][AY * 4][16];  // the tiles transformed along x and y, plane by plane
+  alignas(64) float tz[DZ::W][NYX][16];  // the windows transformed along x and y, plane by plane
   const float* src = in + c * si.c;
-  for (int iz = 0; iz < AZ; ++iz) {
-    __m512 t[AY][4];
-    for (int iy = 0; iy < AY; ++iy) {
+  for (int iz = 0; iz < DZ::W; ++iz) {
+    __m512 t[DY::W][DX::NV];
+    for (int iy = 0; iy < DY::W; ++iy) {
       __m512 a0 = _mm512_setzero_ps(), a1 = a0, b0 = a0, b1 = a0;
       for (int64_t s = 0; s < run.segments; ++s) {
         const WinogradSegment& sg = run.seg[s];
-        if (!(sg.in_rows >> (iz * AY + iy) & 1)) continue;
-        const float* r = src + sg.in_at[iz * AY + iy];
+        if (!(sg.in_rows >> (iz * DY::W + iy) & 1)) continue;
+        const float* r = src + sg.in_at[iz * DY::W + iy];
         a0 = _mm512_mask_loadu_ps(a0, sg.load[0], r), a1 = _mm512_mask_loadu_ps(a1, sg.load[1], r + 16);
         b0 = _mm512_mask_loadu_ps(b0, sg.load[2], r + 2), b1 = _mm512_mask_loadu_ps(b1, sg.load[3], r + 18);
       }
-      wino_split(a0, a1, t[iy][0], t[iy][1]);  // d0 = r[2l], d1 = r[2l + 1]
-      wino_split(b0, b1, t[iy][2], t[iy][3]);  // d2 = r[2l + 2], d3 = r[2l + 3]
-      wino_in4(t[iy][0], t[iy][1], t[iy][2], t[iy][3]);
+      __m512 d[4];
+      wino_split(a0, a1, d[0], d[1]);  // d0 = r[2l], d1 = r[2l + 1]
+      wino_split(b0, b1, d[2], d[3]);  // d2 = r[2l + 2], d3 = r[2l + 3]
+      DX::in(d, t[iy]);
     }
-    if constexpr (AY == 4)
-      for (int k = 0; k < 4; ++k) wino_in4(t[0][k], t[1][k], t[2][k], t[3][k]);
-    if constexpr (AZ == 4) {
-      for (int iy = 0; iy < AY; ++iy)
-        for (int k = 0; k < 4; ++k) _mm512_store_ps(tz[iz][iy * 4 + k], t[iy][k]);
-    } else {
-      for (int iy = 0; iy < AY; ++iy)
-        for (int k = 0; k < 4; ++k) _mm512_mask_storeu_ps(v + (iy * 4 + k) * v_xi, store, t[iy][k]);
+    for (int k = 0; k < DX::NV; ++k) {
+      __m512 col[DY::W], u[DY::NV];
+      for (int iy = 0; iy < DY::W; ++iy) col[iy] = t[iy][k];
+      DY::in(col, u);
+      for (int j = 0; j < DY::NV; ++j) {
+        if constexpr (DZ::W == 1) _mm512_mask_storeu_ps(v + (j * DX::NV + k) * v_xi, store, u[j]);
+        else _mm512_store_ps(tz[iz][j * DX::NV + k], u[j]);
+      }
     }
   }
-  if constexpr (AZ == 4)
-    for (int j = 0; j < AY * 4; ++j) {
-      __m512 d0 = _mm512_load_ps(tz[0][j]), d1 = _mm512_load_ps(tz[1][j]), d2 = _mm512_load_ps(tz[2][j]),
-             d3 = _mm512_load_ps(tz[3][j]);
-      wino_in4(d0, d1, d2, d3);
-      _mm512_mask_storeu_ps(v + j * v_xi, store, d0);
-      _mm512_mask_storeu_ps(v + (AY * 4 + j) * v_xi, store, d1);
-      _mm512_mask_storeu_ps(v + (2 * AY * 4 + j) * v_xi, store, d2);
-      _mm512_mask_storeu_ps(v + (3 * AY * 4 + j) * v_xi, store, d3);
+  if constexpr (DZ::W > 1)
+    for (int j = 0; j < NYX; ++j) {
+      __m512 col[DZ::W], u[DZ::NV];
+      for (int iz = 0; iz < DZ::W; ++iz) col[iz] = _mm512_load_ps(tz[iz][j]);
+      DZ::in(col, u);
+      for (int k = 0; k < DZ::NV; ++k) _mm512_mask_storeu_ps(v + (k * NYX + j) * v_xi, store, u[k]);
     }
-}
-
-// Out: A^T m for m = (m0, m1, m2, m3): (m0 + m1 + m2, m1 - m2 - m3).
-TORCH_CONVT_AVX512_TARGET inline void wino_out4(__m512 m0, __m512 m1, __m512 m2, __m512 m3, __m512& o0, __m512& o1) {
-  const __m512 d = _mm512_sub_ps(m1, m2);
-  o0 = _mm512_add_ps(_mm512_add_ps(m0, m1), m2);
-  o1 = _mm512_sub_ps(d, m3);
 }
 
 // The output transform of a run, output channel c of the group, plus its bias: out's rows of the run's tiles. `M`:
-// the products, `xi` blocks of `m_xi` elements, channel c's at c * ld + col. Returns whether every value stored is
-// finite.
-template <int AZ, int AY>
-TORCH_CONVT_AVX512_TARGET bool wino_output_run(const float* M, int64_t ld, int64_t m_xi, const float* bias,
+// the products, product p's channel c at M + prod[p] + c * ld + col. Returns whether every value stored is finite.
+template <class DZ, class DY, class DX>
+TORCH_CONVT_AVX512_TARGET bool wino_output_run(const float* M, const int64_t* prod, int64_t ld, const float* bias,
                                                const WinogradRun& run, int64_t c, float* out, const Strides& so) {
-  constexpr int MZ = AZ == 4 ? 2 : 1, MY = AY == 4 ? 2 : 1;
+  constexpr int PYX = DY::NP * DX::NP;
   const __mmask16 lanes = lane_mask(0, 0, run.lanes);
   __m512 bad = _mm512_setzero_ps();
   const float* m = M + run.col + c * ld;
-  __m512 t[AZ][AY][4];
-  for (int iz = 0; iz < AZ; ++iz)
-    for (int iy = 0; iy < AY; ++iy)
-      for (int k = 0; k < 4; ++k) t[iz][iy][k] = _mm512_maskz_loadu_ps(lanes, m + ((iz * AY + iy) * 4 + k) * m_xi);
-  __m512 u[MZ][AY][4];  // along z
-  for (int iy = 0; iy < AY; ++iy)
-    for (int k = 0; k < 4; ++k) {
-      if constexpr (AZ == 4) wino_out4(t[0][iy][k], t[1][iy][k], t[2][iy][k], t[3][iy][k], u[0][iy][k], u[1][iy][k]);
-      else u[0][iy][k] = t[0][iy][k];
-    }
-  __m512 s[MZ][MY][4];  // along y
-  for (int a = 0; a < MZ; ++a)
-    for (int k = 0; k < 4; ++k) {
-      if constexpr (AY == 4) wino_out4(u[a][0][k], u[a][1][k], u[a][2][k], u[a][3][k], s[a][0][k], s[a][1][k]);
-      else s[a][0][k] = u[a][0][k];
+  __m512 u[DZ::M][PYX];  // along z
+  for (int j = 0; j < PYX; ++j) {
+    __m512 col[DZ::NP];
+    for (int k = 0; k < DZ::NP; ++k) col[k] = _mm512_maskz_loadu_ps(lanes, m + prod[k * PYX + j]);
+    __m512 o[DZ::M];
+    DZ::out(col, o);
+    for (int a = 0; a < DZ::M; ++a) u[a][j] = o[a];
+  }
+  __m512 s[DZ::M][DY::M][DX::NP];  // along y
+  for (int a = 0; a < DZ::M; ++a)
+    for (int k = 0; k < DX::NP; ++k) {
+      __m512 col[DY::NP], o[DY::M];
+      for (int j = 0; j < DY::NP; ++j) col[j] = u[a][j * DX::NP + k];
+      DY::out(col, o);
+      for (int b = 0; b < DY::M; ++b) s[a][b][k] = o[b];
     }
   const __m512 bv = _mm512_set1_ps(bias ? bias[c] : 0.0f);
   float* o = out + c * so.c;
-  for (int a = 0; a < MZ; ++a)
-    for (int b = 0; b < MY; ++b) {
-      __m512 e0, e1;  // along x: the tiles' first and second points
-      wino_out4(s[a][b][0], s[a][b][1], s[a][b][2], s[a][b][3], e0, e1);
-      e0 = _mm512_add_ps(e0, bv), e1 = _mm512_add_ps(e1, bv);
-      __m512 w0, w1;
-      wino_merge(e0, e1, w0, w1);
+  for (int a = 0; a < DZ::M; ++a)
+    for (int b = 0; b < DY::M; ++b) {
+      __m512 e[DX::M], w[DX::M];  // along x: the tiles' points, then interleaved
+      DX::out(s[a][b], e);
+      for (int k = 0; k < DX::M; ++k) e[k] = _mm512_add_ps(e[k], bv);
+      if constexpr (DX::M == 2) {
+        wino_merge(e[0], e[1], w[0], w[1]);
+      } else {  // (pairs of points merged, then pairs of pairs)
+        const __m512i lo = _mm512_setr_epi64(0, 8, 1, 9, 2, 10, 3, 11), hi = _mm512_setr_epi64(4, 12, 5, 13, 6, 14, 7, 15);
+        __m512 p0, p1, q0, q1;
+        wino_merge(e[0], e[1], p0, p1), wino_merge(e[2], e[3], q0, q1);
+        w[0] = wino_mix64(p0, lo, q0), w[1] = wino_mix64(p0, hi, q0), w[2] = wino_mix64(p1, lo, q1);
+        w[3] = wino_mix64(p1, hi, q1);
+      }
       for (int64_t sgi = 0; sgi < run.segments; ++sgi) {
         const WinogradSegment& sg = run.seg[sgi];
-        if (!(sg.out_rows >> (a * MY + b) & 1)) continue;
-        float* row = o + sg.out_at[a * MY + b];
-        _mm512_mask_storeu_ps(row, sg.store[0], w0);
-        _mm512_mask_storeu_ps(row + 16, sg.store[1], w1);
-        bad = _mm512_add_ps(bad, _mm512_add_ps(_mm512_maskz_sub_ps(sg.store[0], w0, w0),
-                                               _mm512_maskz_sub_ps(sg.store[1], w1, w1)));
+        if (!(sg.out_rows >> (a * DY::M + b) & 1)) continue;
+        float* row = o + sg.out_at[a * DY::M + b];
+        for (int k = 0; k < DX::M; ++k) {
+          _mm512_mask_storeu_ps(row + 16 * k, sg.store[k], w[k]);
+          bad = _mm512_add_ps(bad, _mm512_maskz_sub_ps(sg.store[k], w[k], w[k]));
+        }
       }
     }
   return _mm512_cmp_ps_mask(bad, bad, _CMP_ORD_Q) == 0xFFFF;
 }
 
-// G along one dim of a tap block [outer][k][inner] -> [outer][a][inner] (k = 3: (g0, (g0 + g1 + g2) / 2, (g0 - g1 +
-// g2) / 2, g2); k = 1: as it is), on 16 input channels at once.
-TORCH_CONVT_AVX512_TARGET inline void wino_g(const __m512* in, int64_t outer, int64_t k, int64_t inner, __m512* out) {
-  const __m512 half = _mm512_set1_ps(0.5f);
-  for (int64_t o = 0; o < outer; ++o)
-    for (int64_t i = 0; i < inner; ++i) {
-      const __m512* p = in + o * k * inner + i;
-      __m512* q = out + o * (k == 3 ? 4 : 1) * inner + i;
-      if (k == 1) {
-        q[0] = p[0];
-        continue;
-      }
-      const __m512 a = p[0], b = p[inner], c = p[2 * inner], ac = _mm512_add_ps(a, c);
-      q[0] = a;
-      q[inner] = _mm512_mul_ps(half, _mm512_add_ps(ac, b));
-      q[2 * inner] = _mm512_mul_ps(half, _mm512_sub_ps(ac, b));
-      q[3 * inner] = c;
-    }
+// The layer's GEMMs: the products of one transformed input stacked, one GEMM each ([mult x co rows] x ci . [ci x
+// tiles]), U and M laid out block by block. Product p: its transformed input vi[p], its rows' block in U's and M's
+// layout (slot[p]: its place among that input's products).
+struct WinogradPlan {
+  int64_t vi[216], slot[216], prod_m[216];  // prod_m: product p's channel 0 in M
+  int64_t mult[125], u_off[126], m_off[126];
+  GemmTile gt[125];
+};
+
+inline void wino_plan(const WinogradLayer& l, const WinogradGeometry& geo, int64_t nb, WinogradPlan& plan) {
+  const WinoScheme &sz = kWinoSchemes[l.kind[0]], &sy = kWinoSchemes[l.kind[1]], &sx = kWinoSchemes[l.kind[2]];
+  std::fill(plan.mult, plan.mult + geo.nv, 0);
+  for (int64_t p = 0; p < geo.np; ++p) {
+    const int64_t pz = p / (sy.np * sx.np), py = p / sx.np % sy.np, px = p % sx.np;
+    plan.vi[p] = (sz.vof[pz] * sy.nv + sy.vof[py]) * sx.nv + sx.vof[px];
+    plan.slot[p] = plan.mult[plan.vi[p]]++;
+  }
+  plan.u_off[0] = plan.m_off[0] = 0;
+  for (int64_t v = 0; v < geo.nv; ++v) {
+    const int64_t rows = plan.mult[v] * l.co;
+    plan.gt[v] = gemm_tile<float>(rows);
+    plan.u_off[v + 1] = plan.u_off[v] + packed_size(rows, l.ci, plan.gt[v].mr);
+    plan.m_off[v + 1] = plan.m_off[v] + rows * nb + 16;  // (blocks a line apart from 4 KiB multiples: L1 sets)
+  }
+  for (int64_t p = 0; p < geo.np; ++p) plan.prod_m[p] = plan.m_off[plan.vi[p]] + plan.slot[p] * l.co * nb;
 }
 
-// One output channel's transformed weights (`src`: its weights wc(g, co, 0, .); `u`: its first element in the packed
-// U of xi 0), 16 input channels at a time: gathered from the weights, transformed one dim at a time ([kz][ky][kx] ->
-// [az][ky][kx] -> [az][ay][kx] -> [az][ay][ax]), scattered into the packed panels. Returns whether all are finite.
-TORCH_CONVT_AVX512_TARGET inline bool wino_weights_row(const WinogradLayer& l, const WinogradGeometry& geo,
-                                                       const float* src, int64_t mr, int64_t a_size, float* u) {
-  const int64_t T = l.kernel[0] * l.kernel[1] * l.kernel[2];
-  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  const __m512i from = _mm512_mullo_epi32(lane, _mm512_set1_epi32(static_cast<int>(l.w_ci)));
-  const __m512i to = _mm512_mullo_epi32(lane, _mm512_set1_epi32(static_cast<int>(mr)));
+// Transforms along one dim of a tap block [outer][k][inner] -> [outer][np][inner] by the table g (np x k; its
+// columns reversed where `flip`), on 16 input channels at once.
+TORCH_CONVT_AVX512_TARGET inline void wino_g(const __m512* in, int64_t outer, const WinoScheme& s, bool flip,
+                                             int64_t inner, __m512* out) {
+  for (int64_t o = 0; o < outer; ++o)
+    for (int64_t i = 0; i < inner; ++i)
+      for (int p = 0; p < s.np; ++p) {
+        __m512 acc = _mm512_setzero_ps();
+        for (int t = 0; t < s.k; ++t) {
+          const float c = s.g[p][flip ? s.k - 1 - t : t];
+          if (c != 0.0f) acc = _mm512_fmadd_ps(_mm512_set1_ps(c), in[(o * s.k + t) * inner + i], acc);
+        }
+        out[(o * s.np + p) * inner + i] = acc;
+      }
+}
+
+// The transformed weights of 16 output channels [co0, co0 + 16) and one input channel ci (`src`: wc(g, co0, ci, .);
+// `U`: the group's), the channels a vector's lanes: gathered from the weights, transformed one dim at a time ([kz][ky]
+// [kx] -> [pz][ky][kx] -> [pz][py][kx] -> [pz][py][px]), each product stored into the rows of its packed panels (16
+// consecutive rows of a column: a masked store a panel). Returns whether all are finite.
+TORCH_CONVT_AVX512_TARGET inline bool wino_weights_part(const WinogradLayer& l, const WinogradGeometry& geo,
+                                                        const WinogradPlan& plan, const float* src, int64_t co0,
+                                                        int64_t ci, float* U) {
+  const WinoScheme &sz = kWinoSchemes[l.kind[0]], &sy = kWinoSchemes[l.kind[1]], &sx = kWinoSchemes[l.kind[2]];
+  const bool flip_z = l.flip && l.kind[0] <= kWinoK3, flip_y = l.flip && l.kind[1] <= kWinoK3,
+             flip_x = l.flip && l.kind[2] <= kWinoK3;
+  const int64_t T = l.kernel[0] * l.kernel[1] * l.kernel[2], lanes = std::min<int64_t>(16, l.co - co0);
+  const __mmask16 m = lane_mask(0, 0, lanes);
+  const __m512i from = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                          _mm512_set1_epi32(static_cast<int>(l.w_co)));
+  __m512 g[64], s1[6 * 4 * 4], s2[6 * 6 * 4], s3[216];
+  for (int64_t t = 0; t < T; ++t) g[t] = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, from, src + t, 4);
+  wino_g(g, 1, sz, flip_z, l.kernel[1] * l.kernel[2], s1);
+  wino_g(s1, sz.np, sy, flip_y, l.kernel[2], s2);
+  wino_g(s2, sz.np * sy.np, sx, flip_x, 1, s3);
   __m512 bad = _mm512_setzero_ps();
-  for (int64_t c0 = 0; c0 < l.ci; c0 += 16) {
-    const __mmask16 m = lane_mask(0, 0, l.ci - c0);
-    __m512 g[27], s1[4 * 3 * 3], s2[4 * 4 * 3], s3[64];
-    for (int64_t t = 0; t < T; ++t)
-      g[t] = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, from, src + c0 * l.w_ci + (l.flip ? T - 1 - t : t), 4);
-    wino_g(g, 1, l.kernel[0], l.kernel[1] * l.kernel[2], s1);
-    wino_g(s1, geo.a[0], l.kernel[1], l.kernel[2], s2);
-    wino_g(s2, geo.a[0] * geo.a[1], l.kernel[2], 1, s3);
-    for (int64_t x = 0; x < geo.xi; ++x) {
-      bad = _mm512_add_ps(bad, _mm512_maskz_sub_ps(m, s3[x], s3[x]));
-      _mm512_mask_i32scatter_ps(u + x * a_size + c0 * mr, m, to, s3[x], 4);
+  for (int64_t p = 0; p < geo.np; ++p) {
+    bad = _mm512_add_ps(bad, _mm512_maskz_sub_ps(m, s3[p], s3[p]));
+    const int64_t v = plan.vi[p], mr = plan.gt[v].mr, r0 = plan.slot[p] * l.co + co0;
+    // Lanes [j, j1): rows r0 + j .. of panel `panel`, from its row `at`.
+    float* const u = U + plan.u_off[v] + ci * mr;
+    for (int64_t j = 0, panel = r0 / mr, at = r0 % mr; j < lanes; ++panel, at = 0) {
+      const int64_t j1 = std::min(lanes, j + mr - at);
+      _mm512_mask_storeu_ps(u + panel * l.ci * mr + at - j, lane_mask(0, j, j1), s3[p]);
+      j = j1;
     }
   }
   return _mm512_cmp_ps_mask(bad, bad, _CMP_ORD_Q) == 0xFFFF;
 }
 
-// The transformed weights: U[g][xi] = (G g G^T along each dim of 3 taps) of wc(g, co, ci, .), packed as gemm_packed's
-// A (mr-row panels, co rows, ci deep; `a_size` elements each, zero past co). Returns whether every value is finite.
-// (Element by element, this took 4-6% of a 32-channel 3d layer's forward.)
-inline bool wino_weights(const WinogradLayer& l, const WinogradGeometry& geo, const float* w, GemmTile gt,
-                         int64_t a_size, float* U) {
-  TORCH_INTERNAL_ASSERT(l.w_ci * 16 < (int64_t(1) << 31) && gt.mr * 16 < (int64_t(1) << 31));
-  std::fill(U, U + l.groups * geo.xi * a_size, 0.0f);
+// The transformed weights: per group, U_p = (g of its dims' schemes) of wc(g, co, ci, .), packed as gemm_packed's A
+// (the plan's blocks: mr-row panels of the stacked products' co rows, ci deep, zero past them). Returns whether every
+// value is finite. (Element by element, this took 4-6% of a 32-channel 3d layer's forward.)
+inline bool wino_weights(const WinogradLayer& l, const WinogradGeometry& geo, const WinogradPlan& plan,
+                         const float* w, float* U) {
+  const int64_t u_size = plan.u_off[geo.nv], parts = ceil_div(l.co, int64_t(16));
+  TORCH_INTERNAL_ASSERT(l.w_co * 16 < (int64_t(1) << 31) && l.kernel[0] * l.kernel[1] * l.kernel[2] <= 64);
+  std::fill(U, U + l.groups * u_size, 0.0f);
   std::atomic<bool> finite{true};
-  at::parallel_for(0, l.groups * l.co, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, l.groups * parts * l.ci, 1, [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t grp = item / l.co, co = item % l.co;
-      if (!wino_weights_row(l, geo, w + grp * l.w_g + co * l.w_co, gt.mr, a_size,
-                            U + grp * geo.xi * a_size + packed_index(co, 0, l.ci, gt.mr)))
+      const int64_t grp = item / (parts * l.ci), co0 = item / l.ci % parts * 16, ci = item % l.ci;
+      if (!wino_weights_part(l, geo, plan, w + grp * l.w_g + co0 * l.w_co + ci * l.w_ci, co0, ci, U + grp * u_size))
         finite.store(false, std::memory_order_relaxed);
     }
   });
   return finite.load();
 }
 
-template <int AZ, int AY>
+template <class DZ, class DY, class DX>
 bool wino_layer(const WinogradLayer& l, const WinogradGeometry& geo, const float* in, const Strides& si,
                 const float* w, const float* bias, float* out, const Strides& so) {
-  const GemmTile gt = gemm_tile<float>(l.co);
-  const int64_t a_size = packed_size(l.co, l.ci, gt.mr);
-  std::unique_ptr<float[]> u_fresh;
-  float* const U = held_buffer<float, kWeightSlot>(l.groups * geo.xi * a_size, u_fresh);
-  if (!wino_weights(l, geo, w, gt, a_size, U)) return false;
-  // Blocks of one panel of the GEMM's B (nr tiles): a block's transformed inputs and products, 2 x 64 x 32 x 32 floats
-  // for 32 channels, stay in the core's L2 from the transform through the GEMMs to the back transform (blocks of 2
-  // panels: x1.02 time on a 32-channel 3d layer).
-  const int64_t nb = gt.nr;
+  // Blocks of one panel of the GEMM's B (nb tiles): a block's transformed inputs and products (for 32 channels and
+  // F(2, 3) in 3d, 2 x 64 x 32 x 32 floats) stay in the core's L2 from the transform through the GEMMs to the back
+  // transform (blocks of 2 panels: x1.02 time on a 32-channel 3d layer).
+  const int64_t nb = gemm_tile<float>(l.co).nr;
   TORCH_INTERNAL_ASSERT(nb == 32 || nb == 16);
-  const int64_t blocks = ceil_div(geo.count, nb), v_xi = l.ci * nb + 16, m_xi = l.co * nb + 16;
+  auto plan = std::make_unique<WinogradPlan>();
+  wino_plan(l, geo, nb, *plan);
+  const int64_t u_size = plan->u_off[geo.nv];
+  std::unique_ptr<float[]> u_fresh;
+  float* const U = held_buffer<float, kWeightSlot>(l.groups * u_size, u_fresh);
+  if (!wino_weights(l, geo, *plan, w, U)) return false;
+  const int64_t blocks = ceil_div(geo.count, nb), v_xi = l.ci * nb + 16;
   std::atomic<bool> finite{true};
   at::parallel_for(0, l.batch * l.groups * blocks, 1, [&](int64_t begin, int64_t end) {
-    float* V = scratch<float, 0>(geo.xi * v_xi);
-    float* M = scratch<float, 1>(geo.xi * m_xi);
+    float* V = scratch<float, 0>(geo.nv * v_xi);
+    float* M = scratch<float, 1>(plan->m_off[geo.nv]);
     bool ok = true;
     for (int64_t item = begin; item < end; ++item) {
       const int64_t n = item / (l.groups * blocks), g = item / blocks % l.groups, b = item % blocks;
@@ -368,26 +510,40 @@ bool wino_layer(const WinogradLayer& l, const WinogradGeometry& geo, const float
       for (int64_t r = 0; r < count; ++r)
         wino_make_run(l, geo, si, so, c0 + 16 * r, std::min(c1, c0 + 16 * r + 16), 16 * r, runs[r]);
       for (int64_t c = 0; c < l.ci; ++c)  // (channel by channel: a channel's rows stay in L1 from run to run)
-        for (int64_t r = 0; r < count; ++r) wino_input_run<AZ, AY>(in_g, si, runs[r], c, nb, v_xi, V);
-      for (int64_t x = 0; x < geo.xi; ++x)
-        gemm_packed<float>(gt, l.co, c1 - c0, l.ci, U + (g * geo.xi + x) * a_size, V + x * v_xi, false, M + x * m_xi,
-                           nb);
+        for (int64_t r = 0; r < count; ++r) wino_input_run<DZ, DY, DX>(in_g, si, runs[r], c, nb, v_xi, V);
+      for (int64_t v = 0; v < geo.nv; ++v)
+        gemm_packed<float>(plan->gt[v], plan->mult[v] * l.co, c1 - c0, l.ci, U + g * u_size + plan->u_off[v],
+                           V + v * v_xi, false, M + plan->m_off[v], nb);
       const float* bias_g = bias ? bias + g * l.co : nullptr;
       for (int64_t c = 0; c < l.co; ++c)  // (channel by channel: a channel's products stay in L1 from run to run)
-        for (int64_t r = 0; r < count; ++r) ok &= wino_output_run<AZ, AY>(M, nb, m_xi, bias_g, runs[r], c, out_g, so);
+        for (int64_t r = 0; r < count; ++r)
+          ok &= wino_output_run<DZ, DY, DX>(M, plan->prod_m, nb, bias_g, runs[r], c, out_g, so);
     }
     if (!ok) finite.store(false, std::memory_order_relaxed);
   });
   return finite.load();
 }
 
-// The layer (dilation 1) on the tiles of its output: the instance of its dims' transforms.
+// The layer (dilation 1) on the tiles of its output: the instance of its dims' schemes (winograd_shape: the
+// innermost dim's, each other dim's the same or kernel 1).
+template <class DX>
+bool wino_dense_as(const WinogradLayer& l, const WinogradGeometry& geo, const float* in, const Strides& si,
+                   const float* w, const float* bias, float* out, const Strides& so) {
+  if (l.kind[0] != kWinoK1 && l.kind[1] != kWinoK1) return wino_layer<DX, DX, DX>(l, geo, in, si, w, bias, out, so);
+  if (l.kind[0] != kWinoK1) return wino_layer<DX, WinoK1, DX>(l, geo, in, si, w, bias, out, so);
+  return wino_layer<WinoK1, DX, DX>(l, geo, in, si, w, bias, out, so);
+}
+
 inline bool wino_dense(const WinogradLayer& l, const float* in, const Strides& si, const float* w, const float* bias,
                        float* out, const Strides& so) {
   const WinogradGeometry geo = wino_geometry(l);
-  if (l.kernel[0] == 3 && l.kernel[1] == 3) return wino_layer<4, 4>(l, geo, in, si, w, bias, out, so);
-  if (l.kernel[0] == 3) return wino_layer<4, 1>(l, geo, in, si, w, bias, out, so);
-  return wino_layer<1, 4>(l, geo, in, si, w, bias, out, so);
+  switch (l.kind[2]) {
+    case kWinoK3: return wino_dense_as<WinoK3>(l, geo, in, si, w, bias, out, so);
+    case kWinoT4: return wino_dense_as<WinoT4>(l, geo, in, si, w, bias, out, so);
+    case kWinoT3Odd: return wino_dense_as<WinoT3<true>>(l, geo, in, si, w, bias, out, so);
+    case kWinoT3Even: return wino_dense_as<WinoT3<false>>(l, geo, in, si, w, bias, out, so);
+    default: return false;
+  }
 }
 
 // even[i] = src[2i] (2i < n), odd[i] = src[2i + 1] (2i + 1 < n): a row split into its two sub-lattices.
@@ -512,7 +668,7 @@ inline bool wino_dilated(const WinogradLayer& l, const float* in, const Strides&
 }
 #endif
 
-// Computes the layer by Winograd F(2, 3) where winograd_shape holds (dilated layers: for their sub-lattices); false
+// Computes the layer by its Winograd schemes where winograd_shape holds (dilated layers: for their sub-lattices); false
 // where it does not apply, or where the weights or any output are not finite (the output is then to be computed
 // again by the caller, whole).
 inline bool winograd_correlation(const WinogradLayer& l, const float* in, const Strides& si, const float* w,
