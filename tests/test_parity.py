@@ -1155,6 +1155,7 @@ WINOGRAD_CASES = [
     ("ct", (2, 32, 12, 7, 30), (32, 16, 3, 1, 3), 1, 1),      # 3 x 1 x 3: tiles of 2 x 1 x 2, padding along the 1
     ("ct", (2, 32, 6, 14, 30), (32, 16, 1, 3, 3), (0, 1, 1), 1),  # 1 x 3 x 3 in 3d
     ("conv", (4, 128, 24, 32), (96, 128, 3, 3), 1, 1),        # 2d, 128 channels in, 96 out
+    ("ct", (1, 96, 10, 11, 12), (96, 96, 3, 3, 3), 1, 1),     # 2.4 MB of transformed weights
     # dilated: by sub-lattices (copied in and out), (kind, input, weight, padding, groups, dilation, channels_last)
     ("ct", (1, 32, 20, 20, 20), (32, 32, 3, 3, 3), 2, 1, 2, False),             # 8 sub-lattices of 10^3
     ("ct", (2, 32, 13, 14, 21), (32, 24, 3, 3, 3), 3, 1, (2, 3, 2), False),     # extents the dilations do not divide
@@ -1165,6 +1166,7 @@ WINOGRAD_CASES = [
     ("ct", (1, 32, 12, 13, 14), (32, 16, 4, 4, 4), 1, 1, 1, False, dict(stride=2)),  # kernel 4: half tiles at edges
     ("ct", (1, 32, 11, 12, 13), (32, 16, 4, 4, 4), 1, 1, 1, False, dict(stride=2, output_padding=1)),
     ("ct", (6, 32, 15, 17), (32, 32, 4, 4), 1, 1, 1, False, dict(stride=2)),  # 2d (DCGAN's kernel)
+    ("ct", (8, 192, 16, 18), (192, 96, 4, 4), 1, 1, 1, False, dict(stride=2)),  # 2.6 MB of transformed weights
     ("conv", (6, 32, 30, 34), (32, 32, 4, 4), 1, 1, 1, False, dict(stride=2)),  # its input gradient
     ("ct", (2, 64, 8, 9, 10), (64, 16, 4, 4, 4), 1, 2, 1, False, dict(stride=2)),  # grouped
     ("ct", (2, 32, 6, 10, 22), (32, 16, 1, 4, 4), (0, 1, 1), 1, 1, False, dict(stride=(1, 2, 2))),  # 1 x 4 x 4

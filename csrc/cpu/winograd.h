@@ -127,11 +127,12 @@ inline WinogradGeometry wino_geometry(const WinogradLayer& l) {
 // schemes one kind but for kernel-1 dims, at least two of them, the innermost not kernel 1. Rows of the input and the
 // output dense along the innermost dim (channels_last layers take the caller's path, save dilated ones, whose
 // sub-lattice copies are dense). At least 16 channels in and out a group (fewer and the transforms cost more than the
-// products they save); transformed weights of at most 1 MiB, which every block of tiles reads whole (3d F(2, 3): 64 x
-// 64 channels; 96 x 96 took x1.12 the time of direct summation, 256 x 256 x1.9); and enough tiles to pay for
-// transforming the weights: the multiply-adds saved, per pair of channels, at least 256 per transformed weight (at
-// that bound a 3d kernel-4 transposed layer of 32 x 16 channels on 12^3 points took x1.01 the time, one of 16
-// channels by F(2, 3) on 12^3 x0.96; a 2d F(2, 3) layer of 32 channels on 2 x 24 x 24 points, above it, x0.92).
+// products they save); transformed weights of at most 32 MiB (a buffer of the call; they stream through the cache
+// block by block: F(2, 3) in 3d with 256 channels, 16 MiB of them, took x0.67 the time of direct summation); and
+// enough tiles to pay for transforming the weights: the multiply-adds saved, per pair of channels, at least 256 per
+// transformed weight (at that bound a 3d kernel-4 transposed layer of 32 x 16 channels on 12^3 points took x1.01 the
+// time, one of 16 channels by F(2, 3) on 12^3 x0.96; a 2d F(2, 3) layer of 32 channels on 2 x 24 x 24 points, above
+// it, x0.92).
 inline bool winograd_shape(const WinogradLayer& l, int64_t in_inner_stride, int64_t out_inner_stride) {
 #if TORCH_CONVT_DIRECT_AVX512
   if (!winograd_flag().load(std::memory_order_relaxed) || !direct_avx512()) return false;
@@ -153,7 +154,12 @@ inline bool winograd_shape(const WinogradLayer& l, int64_t in_inner_stride, int6
     for (int64_t d = 0; d < kMaxDims; ++d) out_bytes *= l.out_ext[d];
     if (out_bytes >= (int64_t(64) << 20)) return false;
   }
-  return geo.np * l.ci * l.co * int64_t(sizeof(float)) <= (int64_t(1) << 20) &&
+  // A block's transformed inputs and products where the scheme saves less than half of the multiply-adds: the
+  // stride-2 kernel-3 3d layer of 128 x 64 channels (2 MiB a block) took x1.13 the time, of 64 x 32 channels (1
+  // MiB) x0.92, DCGAN's kernel-4 2d layer of 256 x 128 channels (1.4 MiB) x0.75.
+  const int64_t block = (geo.nv * l.ci + geo.np * l.co) * gemm_tile<float>(l.co).nr * int64_t(sizeof(float));
+  if (2 * geo.np > geo.macs && block > (int64_t(3) << 19)) return false;
+  return geo.np * l.ci * l.co * int64_t(sizeof(float)) <= (int64_t(32) << 20) &&
          l.batch * geo.count * (geo.macs - geo.np) >= 256 * geo.np;
 #else
   (void)l, (void)in_inner_stride, (void)out_inner_stride;
