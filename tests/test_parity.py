@@ -1220,6 +1220,78 @@ def test_winograd_matches_float64(case):
     assert (strided and kind == "ct") or not torch.equal(wino[1], direct[1])
 
 
+def _winograd_random_cases(count, seed=11):
+    """Random layers of the Winograd schemes (stride-1 kernel 3, stride-2 transposed kernel 4 padding 1 and kernel 3
+    padding 0 or 1, kernel-1 dims among them), sized around the path's bounds, extents from 1 point up."""
+    import random
+    rng = random.Random(seed)
+    schemes = [(1, 3, None), (2, 4, 1), (2, 3, 1), (2, 3, 0)]
+    cases = []
+    while len(cases) < count:
+        stride, k, pad = rng.choice(schemes)
+        nd = rng.choice((2, 3, 3))
+        kind = "conv" if stride == 1 and rng.random() < 0.3 else "ct"
+        ones = [False] * nd
+        if nd == 3 and rng.random() < 0.3:
+            ones[rng.randrange(2)] = True  # a kernel-1 dim (never the innermost)
+        kernel = tuple(1 if one else k for one in ones)
+        strides = tuple(1 if one else stride for one in ones)
+        pads = tuple(0 if one else (rng.randrange(3) if pad is None else pad) for one in ones)
+        ops = tuple(0 if (one or stride == 1) else rng.randrange(2) for one in ones)
+        small = rng.random() < 0.2  # (mostly sizes the path takes; now and then tiny extents)
+        size = tuple(rng.randint(1, 6) if one else rng.randint(1 if small else (8 if nd == 3 else 16),
+                                                               17 if nd == 3 else 40) for one in ones)
+        groups = rng.choice((1, 1, 2))
+        ci, co = groups * rng.randint(16, 40), groups * rng.randint(16, 40)
+        batch = rng.randint(1, 4)
+        w_shape = (ci, co // groups) + kernel if kind == "ct" else (co, ci // groups) + kernel
+        if kind == "conv" and any(n + 2 * p < k for n, p, k in zip(size, pads, kernel)):
+            continue
+        if kind == "ct" and any((n - 1) * t - 2 * p + k + o < 1
+                                for n, t, p, k, o in zip(size, strides, pads, kernel, ops)):
+            continue
+        extra = dict(stride=strides, output_padding=ops) if kind == "ct" else {}
+        cases.append((kind, (batch, ci) + size, w_shape, pads, groups, extra))
+    return cases
+
+
+@pytest.mark.skipif(not _winograd_available(), reason="no AVX-512: float32 layers take direct summation")
+def test_winograd_random_layers_match_float64():
+    """40 random layers of the Winograd schemes: output and both gradients within 1e-5 of float64 whichever path
+    they take, and the Winograd path taken by at least a quarter of them (its bits differ from direct summation's)."""
+    taken = 0
+    for kind, in_shape, w_shape, padding, groups, extra in _winograd_random_cases(40):
+        nd = len(in_shape) - 2
+        torch.manual_seed(1)
+        x = torch.randn(in_shape)
+        w = torch.randn(w_shape) / (w_shape[1] * 9) ** 0.5
+        b = torch.randn(w_shape[1] * groups if kind == "ct" else w_shape[0])
+        ours, ref = (ours_ct(nd), torch_ct(nd)) if kind == "ct" else (ours_conv(nd), torch_conv(nd))
+        kw = dict(padding=padding, groups=groups, **extra)
+        out = ref(x.double(), w.double(), b.double(), **kw)
+        g = torch.randn(out.shape, generator=torch.Generator().manual_seed(3))
+
+        def run(fn, dtype):
+            xx, ww, bb = (t.detach().to(dtype).requires_grad_() for t in (x, w, b))
+            res = fn(xx, ww, bb, **kw)
+            res.backward(g.to(dtype))
+            return [t.detach().double() for t in (res, xx.grad, ww.grad)]
+
+        expected = run(ref, torch.float64)
+        was = torch_convt.set_winograd(True)
+        try:
+            wino = run(ours, torch.float32)
+            torch_convt.set_winograd(False)
+            direct = run(ours, torch.float32)
+        finally:
+            torch_convt.set_winograd(was)
+        for name, e, got in zip(("output", "input grad", "weight grad"), expected, wino):
+            scale = max(e.abs().max().item(), 1e-30)
+            assert (got - e).abs().max().item() <= 1e-5 * scale, (name, kind, in_shape, w_shape, padding, extra)
+        taken += not torch.equal(wino[0], direct[0]) or not torch.equal(wino[1], direct[1])
+    assert taken >= 10, taken
+
+
 @pytest.mark.skipif(not _winograd_available(), reason="no AVX-512: float32 layers take direct summation")
 def test_winograd_same_bits_any_thread_count():
     x, w = torch.randn(2, 32, 7, 9, 13), torch.randn(32, 24, 3, 3, 3)
