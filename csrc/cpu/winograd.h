@@ -410,8 +410,10 @@ inline void wino_plan(const WinogradLayer& l, const WinogradGeometry& geo, int64
   for (int64_t v = 0; v < geo.nv; ++v) {
     const int64_t rows = plan.mult[v] * l.co;
     plan.gt[v] = gemm_tile<float>(rows);
-    plan.u_off[v + 1] = plan.u_off[v] + packed_size(rows, l.ci, plan.gt[v].mr);
-    plan.m_off[v + 1] = plan.m_off[v] + rows * nb + 16;  // (blocks a line apart from 4 KiB multiples: L1 sets)
+    // (blocks a line apart from 4 KiB multiples: those fall into one L1 set; the weight transform's stores into U
+    // took x1.5 the time of this)
+    plan.u_off[v + 1] = plan.u_off[v] + packed_size(rows, l.ci, plan.gt[v].mr) + 16;
+    plan.m_off[v + 1] = plan.m_off[v] + rows * nb + 16;
   }
   for (int64_t p = 0; p < geo.np; ++p) plan.prod_m[p] = plan.m_off[plan.vi[p]] + plan.slot[p] * l.co * nb;
 }
@@ -435,10 +437,11 @@ TORCH_CONVT_AVX512_TARGET inline void wino_g(const __m512* in, int64_t outer, co
 // The transformed weights of 16 output channels [co0, co0 + 16) and one input channel ci (`src`: wc(g, co0, ci, .);
 // `U`: the group's), the channels a vector's lanes: gathered from the weights, transformed one dim at a time ([kz][ky]
 // [kx] -> [pz][ky][kx] -> [pz][py][kx] -> [pz][py][px]), each product stored into the rows of its packed panels (16
-// consecutive rows of a column: a masked store a panel). Returns whether all are finite.
+// consecutive rows of a column: a masked store a panel; `place`: product p's first row r0 = slot * co + co0 as its
+// panel and its row in it, place[2p], place[2p + 1]). Returns whether all are finite.
 TORCH_CONVT_AVX512_TARGET inline bool wino_weights_part(const WinogradLayer& l, const WinogradGeometry& geo,
-                                                        const WinogradPlan& plan, const float* src, int64_t co0,
-                                                        int64_t ci, float* U) {
+                                                        const WinogradPlan& plan, const int64_t* place,
+                                                        const float* src, int64_t co0, int64_t ci, float* U) {
   const WinoScheme &sz = kWinoSchemes[l.kind[0]], &sy = kWinoSchemes[l.kind[1]], &sx = kWinoSchemes[l.kind[2]];
   const bool flip_z = l.flip && l.kind[0] <= kWinoK3, flip_y = l.flip && l.kind[1] <= kWinoK3,
              flip_x = l.flip && l.kind[2] <= kWinoK3;
@@ -454,12 +457,17 @@ TORCH_CONVT_AVX512_TARGET inline bool wino_weights_part(const WinogradLayer& l, 
   __m512 bad = _mm512_setzero_ps();
   for (int64_t p = 0; p < geo.np; ++p) {
     bad = _mm512_add_ps(bad, _mm512_maskz_sub_ps(m, s3[p], s3[p]));
-    const int64_t v = plan.vi[p], mr = plan.gt[v].mr, r0 = plan.slot[p] * l.co + co0;
+    const int64_t v = plan.vi[p], mr = plan.gt[v].mr;
     // Lanes [j, j1): rows r0 + j .. of panel `panel`, from its row `at`.
     float* const u = U + plan.u_off[v] + ci * mr;
-    for (int64_t j = 0, panel = r0 / mr, at = r0 % mr; j < lanes; ++panel, at = 0) {
+    for (int64_t j = 0, panel = place[2 * p], at = place[2 * p + 1]; j < lanes; ++panel, at = 0) {
       const int64_t j1 = std::min(lanes, j + mr - at);
-      _mm512_mask_storeu_ps(u + panel * l.ci * mr + at - j, lane_mask(0, j, j1), s3[p]);
+      // (the lanes moved down and stored from their first row: a store whose 64 bytes reach back before it, masked
+      // or not, splits cache lines, which took a fifth of this function)
+      const __m512 rows = _mm512_maskz_compress_ps(lane_mask(0, j, j1), s3[p]);
+      float* const dst = u + panel * l.ci * mr + at;
+      if (j1 - j <= 8) _mm256_mask_storeu_ps(dst, static_cast<__mmask8>(lane_mask(0, 0, j1 - j)), _mm512_castps512_ps256(rows));
+      else _mm512_mask_storeu_ps(dst, lane_mask(0, 0, j1 - j), rows);
       j = j1;
     }
   }
@@ -475,11 +483,18 @@ inline bool wino_weights(const WinogradLayer& l, const WinogradGeometry& geo, co
   const int64_t u_size = plan.u_off[geo.nv], parts = ceil_div(l.co, int64_t(16));
   TORCH_INTERNAL_ASSERT(l.w_co * 16 < (int64_t(1) << 31) && l.kernel[0] * l.kernel[1] * l.kernel[2] <= 64);
   std::fill(U, U + l.groups * u_size, 0.0f);
+  std::vector<int64_t> place(2 * parts * geo.np);  // (divisions once a call, not per store: they were a third of it)
+  for (int64_t part = 0; part < parts; ++part)
+    for (int64_t p = 0; p < geo.np; ++p) {
+      const int64_t mr = plan.gt[plan.vi[p]].mr, r0 = plan.slot[p] * l.co + 16 * part;
+      place[2 * (part * geo.np + p)] = r0 / mr, place[2 * (part * geo.np + p) + 1] = r0 % mr;
+    }
   std::atomic<bool> finite{true};
   at::parallel_for(0, l.groups * parts * l.ci, 1, [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t grp = item / (parts * l.ci), co0 = item / l.ci % parts * 16, ci = item % l.ci;
-      if (!wino_weights_part(l, geo, plan, w + grp * l.w_g + co0 * l.w_co + ci * l.w_ci, co0, ci, U + grp * u_size))
+      const int64_t grp = item / (parts * l.ci), part = item / l.ci % parts, co0 = 16 * part, ci = item % l.ci;
+      if (!wino_weights_part(l, geo, plan, place.data() + 2 * part * geo.np,
+                             w + grp * l.w_g + co0 * l.w_co + ci * l.w_ci, co0, ci, U + grp * u_size))
         finite.store(false, std::memory_order_relaxed);
     }
   });
