@@ -249,11 +249,13 @@ TORCH_CONVT_AVX512_TARGET inline void wino_make_run(const WinogradLayer& l, cons
 // The schemes' 1d transforms on 16 tiles at once: in, the window d -> the transformed inputs v (kWinoSchemes' nv);
 // out, the products p -> the tile's outputs o.
 struct WinoK1 {
+  static constexpr WinoKind KIND = kWinoK1;
   static constexpr int W = 1, NV = 1, NP = 1, M = 1;
   TORCH_CONVT_AVX512_TARGET static void in(const __m512* d, __m512* v) { v[0] = d[0]; }
   TORCH_CONVT_AVX512_TARGET static void out(const __m512* p, __m512* o) { o[0] = p[0]; }
 };
 struct WinoK3 {  // B^T d: (d0 - d2, d1 + d2, d2 - d1, d1 - d3); A^T m: (m0 + m1 + m2, m1 - m2 - m3)
+  static constexpr WinoKind KIND = kWinoK3;
   static constexpr int W = 4, NV = 4, NP = 4, M = 2;
   TORCH_CONVT_AVX512_TARGET static void in(const __m512* d, __m512* v) {
     v[0] = _mm512_sub_ps(d[0], d[2]), v[1] = _mm512_add_ps(d[1], d[2]), v[2] = _mm512_sub_ps(d[2], d[1]);
@@ -265,6 +267,7 @@ struct WinoK3 {  // B^T d: (d0 - d2, d1 + d2, d2 - d1, d1 - d3); A^T m: (m0 + m1
   }
 };
 struct WinoT4 {  // v: (d0 - d1, d1, d2 - d1, d2, d3 - d2); outputs (p0 + p1, p3 + p4, p1 + p2, p4 + p5)
+  static constexpr WinoKind KIND = kWinoT4;
   static constexpr int W = 4, NV = 5, NP = 6, M = 4;
   TORCH_CONVT_AVX512_TARGET static void in(const __m512* d, __m512* v) {
     v[0] = _mm512_sub_ps(d[0], d[1]), v[1] = d[1], v[2] = _mm512_sub_ps(d[2], d[1]), v[3] = d[2];
@@ -279,6 +282,7 @@ struct WinoT4 {  // v: (d0 - d1, d1, d2 - d1, d2, d3 - d2); outputs (p0 + p1, p3
 // (ODD: padding 1) or the even ones.
 template <bool ODD>
 struct WinoT3 {
+  static constexpr WinoKind KIND = ODD ? kWinoT3Odd : kWinoT3Even;
   static constexpr int W = 3, NV = 4, NP = 5, M = 4;
   TORCH_CONVT_AVX512_TARGET static void in(const __m512* d, __m512* v) {
     v[0] = _mm512_sub_ps(d[0], d[1]), v[1] = d[1], v[2] = _mm512_sub_ps(d[2], d[1]), v[3] = ODD ? d[0] : d[2];
@@ -418,20 +422,28 @@ inline void wino_plan(const WinogradLayer& l, const WinogradGeometry& geo, int64
   for (int64_t p = 0; p < geo.np; ++p) plan.prod_m[p] = plan.m_off[plan.vi[p]] + plan.slot[p] * l.co * nb;
 }
 
-// Transforms along one dim of a tap block [outer][k][inner] -> [outer][np][inner] by the table g (np x k; its
-// columns reversed where `flip`), on 16 input channels at once.
-TORCH_CONVT_AVX512_TARGET inline void wino_g(const __m512* in, int64_t outer, const WinoScheme& s, bool flip,
-                                             int64_t inner, __m512* out) {
-  for (int64_t o = 0; o < outer; ++o)
-    for (int64_t i = 0; i < inner; ++i)
+// Transforms along one dim of a tap block [OUTER][k][INNER] -> [OUTER][np][INNER] by D's table g (np x k; its
+// columns reversed where FLIP), on 16 output channels at once.
+template <class D, bool FLIP, int OUTER, int INNER>
+TORCH_CONVT_AVX512_TARGET inline void wino_g(const __m512* in, __m512* out) {
+  constexpr WinoScheme s = kWinoSchemes[D::KIND];
+  for (int o = 0; o < OUTER; ++o)
+    for (int i = 0; i < INNER; ++i)
+#pragma GCC unroll 6
       for (int p = 0; p < s.np; ++p) {
         __m512 acc = _mm512_setzero_ps();
+#pragma GCC unroll 4
         for (int t = 0; t < s.k; ++t) {
-          const float c = s.g[p][flip ? s.k - 1 - t : t];
-          if (c != 0.0f) acc = _mm512_fmadd_ps(_mm512_set1_ps(c), in[(o * s.k + t) * inner + i], acc);
+          const float c = s.g[p][FLIP ? s.k - 1 - t : t];
+          if (c != 0.0f) acc = _mm512_fmadd_ps(_mm512_set1_ps(c), in[(o * s.k + t) * INNER + i], acc);
         }
-        out[(o * s.np + p) * inner + i] = acc;
+        out[(o * s.np + p) * INNER + i] = acc;
       }
+}
+template <class D, int OUTER, int INNER>
+TORCH_CONVT_AVX512_TARGET inline void wino_g(bool flip, const __m512* in, __m512* out) {
+  if (flip) wino_g<D, true, OUTER, INNER>(in, out);
+  else wino_g<D, false, OUTER, INNER>(in, out);
 }
 
 // The transformed weights of 16 output channels [co0, co0 + 16) and one input channel ci (`src`: wc(g, co0, ci, .);
@@ -439,21 +451,23 @@ TORCH_CONVT_AVX512_TARGET inline void wino_g(const __m512* in, int64_t outer, co
 // [kx] -> [pz][ky][kx] -> [pz][py][kx] -> [pz][py][px]), each product stored into the rows of its packed panels (16
 // consecutive rows of a column: a masked store a panel; `place`: product p's first row r0 = slot * co + co0 as its
 // panel and its row in it, place[2p], place[2p + 1]). Returns whether all are finite.
-TORCH_CONVT_AVX512_TARGET inline bool wino_weights_part(const WinogradLayer& l, const WinogradGeometry& geo,
-                                                        const WinogradPlan& plan, const int64_t* place,
-                                                        const float* src, int64_t co0, int64_t ci, float* U) {
-  const WinoScheme &sz = kWinoSchemes[l.kind[0]], &sy = kWinoSchemes[l.kind[1]], &sx = kWinoSchemes[l.kind[2]];
+template <class DZ, class DY, class DX>
+TORCH_CONVT_AVX512_TARGET bool wino_weights_part(const WinogradLayer& l, const WinogradGeometry& geo,
+                                                 const WinogradPlan& plan, const int64_t* place, const float* src,
+                                                 int64_t co0, int64_t ci, float* U) {
+  constexpr int KZ = kWinoSchemes[DZ::KIND].k, KY = kWinoSchemes[DY::KIND].k, KX = kWinoSchemes[DX::KIND].k;
+  // (the taps of stride-1 dims reversed where flip; the stride-2 schemes' tables are in the weights' own order)
   const bool flip_z = l.flip && l.kind[0] <= kWinoK3, flip_y = l.flip && l.kind[1] <= kWinoK3,
              flip_x = l.flip && l.kind[2] <= kWinoK3;
-  const int64_t T = l.kernel[0] * l.kernel[1] * l.kernel[2], lanes = std::min<int64_t>(16, l.co - co0);
+  const int64_t lanes = std::min<int64_t>(16, l.co - co0);
   const __mmask16 m = lane_mask(0, 0, lanes);
   const __m512i from = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
                                           _mm512_set1_epi32(static_cast<int>(l.w_co)));
-  __m512 g[64], s1[6 * 4 * 4], s2[6 * 6 * 4], s3[216];
-  for (int64_t t = 0; t < T; ++t) g[t] = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, from, src + t, 4);
-  wino_g(g, 1, sz, flip_z, l.kernel[1] * l.kernel[2], s1);
-  wino_g(s1, sz.np, sy, flip_y, l.kernel[2], s2);
-  wino_g(s2, sz.np * sy.np, sx, flip_x, 1, s3);
+  __m512 g[KZ * KY * KX], s1[DZ::NP * KY * KX], s2[DZ::NP * DY::NP * KX], s3[DZ::NP * DY::NP * DX::NP];
+  for (int t = 0; t < KZ * KY * KX; ++t) g[t] = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, from, src + t, 4);
+  wino_g<DZ, 1, KY * KX>(flip_z, g, s1);
+  wino_g<DY, DZ::NP, KX>(flip_y, s1, s2);
+  wino_g<DX, DZ::NP * DY::NP, 1>(flip_x, s2, s3);
   __m512 bad = _mm512_setzero_ps();
   for (int64_t p = 0; p < geo.np; ++p) {
     bad = _mm512_add_ps(bad, _mm512_maskz_sub_ps(m, s3[p], s3[p]));
@@ -478,11 +492,19 @@ TORCH_CONVT_AVX512_TARGET inline bool wino_weights_part(const WinogradLayer& l, 
 // (the plan's blocks: mr-row panels of the stacked products' co rows, ci deep, zero past them). Returns whether every
 // value is finite. (7.5% of MONAI's forward, one thread; with input channels in the lanes, each product scattered,
 // 8-10%.)
-inline bool wino_weights(const WinogradLayer& l, const WinogradGeometry& geo, const WinogradPlan& plan,
-                         const float* w, float* U) {
+template <class DZ, class DY, class DX>
+bool wino_weights(const WinogradLayer& l, const WinogradGeometry& geo, const WinogradPlan& plan, const float* w,
+                  float* U) {
   const int64_t u_size = plan.u_off[geo.nv], parts = ceil_div(l.co, int64_t(16));
   TORCH_INTERNAL_ASSERT(l.w_co * 16 < (int64_t(1) << 31) && l.kernel[0] * l.kernel[1] * l.kernel[2] <= 64);
-  std::fill(U, U + l.groups * u_size, 0.0f);
+  // Zero the rows that pad each block's last panel (the transform writes every other row; zeroing all of U in one
+  // thread left its lines in that core's cache for the other's stores: x1.5 the transform's time on 2 threads).
+  for (int64_t grp = 0; grp < l.groups; ++grp)
+    for (int64_t v = 0; v < geo.nv; ++v) {
+      const int64_t mr = plan.gt[v].mr, rows = plan.mult[v] * l.co, pad = (mr - rows % mr) % mr;
+      float* const last = U + grp * u_size + plan.u_off[v] + rows / mr * l.ci * mr;
+      for (int64_t k = 0; pad > 0 && k < l.ci; ++k) std::fill(last + k * mr + rows % mr, last + (k + 1) * mr, 0.0f);
+    }
   std::vector<int64_t> place(2 * parts * geo.np);  // (divisions once a call, not per store: they were a third of it)
   for (int64_t part = 0; part < parts; ++part)
     for (int64_t p = 0; p < geo.np; ++p) {
@@ -493,7 +515,7 @@ inline bool wino_weights(const WinogradLayer& l, const WinogradGeometry& geo, co
   at::parallel_for(0, l.groups * parts * l.ci, 1, [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
       const int64_t grp = item / (parts * l.ci), part = item / l.ci % parts, co0 = 16 * part, ci = item % l.ci;
-      if (!wino_weights_part(l, geo, plan, place.data() + 2 * part * geo.np,
+      if (!wino_weights_part<DZ, DY, DX>(l, geo, plan, place.data() + 2 * part * geo.np,
                              w + grp * l.w_g + co0 * l.w_co + ci * l.w_ci, co0, ci, U + grp * u_size))
         finite.store(false, std::memory_order_relaxed);
     }
@@ -514,7 +536,7 @@ bool wino_layer(const WinogradLayer& l, const WinogradGeometry& geo, const float
   const int64_t u_size = plan->u_off[geo.nv];
   std::unique_ptr<float[]> u_fresh;
   float* const U = held_buffer<float, kWeightSlot>(l.groups * u_size, u_fresh);
-  if (!wino_weights(l, geo, *plan, w, U)) return false;
+  if (!wino_weights<DZ, DY, DX>(l, geo, *plan, w, U)) return false;
   const int64_t blocks = ceil_div(geo.count, nb), v_xi = l.ci * nb + 16;
   std::atomic<bool> finite{true};
   at::parallel_for(0, l.batch * l.groups * blocks, 1, [&](int64_t begin, int64_t end) {
