@@ -145,11 +145,9 @@ inline bool winograd_shape(const WinogradLayer& l, int64_t in_inner_stride, int6
   if (l.kind[0] == kWinoK1 && l.kind[1] == kWinoK1) return false;
   const WinogradGeometry geo = wino_geometry(l);
   if (x != kWinoK3) {
-    // The stride-2 schemes: where they save less than 40% of the multiply-adds (2d kernel 3: 25 products for 36),
-    // at least 64 channels a group (32 took x1.06-1.18 the time of direct summation, 64 x0.91); outputs under 64
-    // MiB, whose rows the output transform writes through the caches (direct summation streams large outputs past
-    // them: 112 MiB outputs of 16 and 32 channels took x1.22 and x1.07 the time; 16 and 28 MiB x0.82 and x0.69).
-    if (10 * geo.np > 6 * geo.macs && std::min(l.ci, l.co) < 64) return false;
+    // The stride-2 schemes: outputs under 64 MiB, whose rows the output transform writes through the caches (direct
+    // summation streams large outputs past them: 112 MiB outputs of 16 and 32 channels took x1.22 and x1.07 the
+    // time; 16 and 28 MiB x0.82 and x0.69).
     int64_t out_bytes = l.batch * l.groups * l.co * int64_t(sizeof(float));
     for (int64_t d = 0; d < kMaxDims; ++d) out_bytes *= l.out_ext[d];
     if (out_bytes >= (int64_t(64) << 20)) return false;
