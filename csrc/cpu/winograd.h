@@ -145,12 +145,15 @@ inline bool winograd_shape(const WinogradLayer& l, int64_t in_inner_stride, int6
   if (l.kind[0] == kWinoK1 && l.kind[1] == kWinoK1) return false;
   const WinogradGeometry geo = wino_geometry(l);
   if (x != kWinoK3) {
-    // The stride-2 schemes: outputs under 64 MiB, whose rows the output transform writes through the caches (direct
-    // summation streams large outputs past them: 112 MiB outputs of 16 and 32 channels took x1.22 and x1.07 the
-    // time; 16 and 28 MiB x0.82 and x0.69).
-    int64_t out_bytes = l.batch * l.groups * l.co * int64_t(sizeof(float));
-    for (int64_t d = 0; d < kMaxDims; ++d) out_bytes *= l.out_ext[d];
+    // The stride-2 schemes: their output transform writes the output's rows through the caches, where direct
+    // summation streams outputs of 8 MiB or more past them. Such outputs only for layers of at least 96
+    // multiply-adds an output point (grouped 2d kernel 3 with 32 channels a group, 72, took x1.27-1.39 the time on
+    // 16 MiB; kernel 3 3d with 32 channels, 108, x0.69 on 28 MiB; kernel 4 3d, 256, x0.82 on 16 MiB), and under
+    // 64 MiB (112 MiB: x1.22 with 54, x1.07 with 108).
+    int64_t out_bytes = l.batch * l.groups * l.co * int64_t(sizeof(float)), outs = 1;
+    for (int64_t d = 0; d < kMaxDims; ++d) out_bytes *= l.out_ext[d], outs *= kWinoSchemes[l.kind[d]].m;
     if (out_bytes >= (int64_t(64) << 20)) return false;
+    if (out_bytes >= (int64_t(8) << 20) && l.ci * geo.macs < 96 * outs) return false;
   }
   // A block's transformed inputs and products where the scheme saves less than half of the multiply-adds: the
   // stride-2 kernel-3 3d layer of 128 x 64 channels (2 MiB a block) took x1.13 the time, of 64 x 32 channels (1
