@@ -139,6 +139,7 @@ inline bool winograd_shape(const WinogradLayer& l, int64_t in_inner_stride, int6
   const WinoKind x = l.kind[2];
   if (x == kWinoNone || x == kWinoK1 || in_inner_stride != 1 || out_inner_stride != 1 || l.ci < 16 || l.co < 16)
     return false;
+  if (l.w_co >= (int64_t(1) << 27)) return false;  // (the weight transform gathers 16 channels by 32-bit offsets)
   if (x != kWinoK3 && std::any_of(l.dilation, l.dilation + kMaxDims, [](int64_t d) { return d != 1; })) return false;
   for (int64_t d = 0; d < 2; ++d)
     if (l.kind[d] != kWinoK1 && l.kind[d] != x) return false;
@@ -497,7 +498,7 @@ template <class DZ, class DY, class DX>
 bool wino_weights(const WinogradLayer& l, const WinogradGeometry& geo, const WinogradPlan& plan, const float* w,
                   float* U) {
   const int64_t u_size = plan.u_off[geo.nv], parts = ceil_div(l.co, int64_t(16));
-  TORCH_INTERNAL_ASSERT(l.w_co * 16 < (int64_t(1) << 31) && l.kernel[0] * l.kernel[1] * l.kernel[2] <= 64);
+  TORCH_INTERNAL_ASSERT(l.w_co < (int64_t(1) << 27) && l.kernel[0] * l.kernel[1] * l.kernel[2] <= 64);
   // Zero the rows that pad each block's last panel (the transform writes every other row; zeroing all of U in one
   // thread left its lines in that core's cache for the other's stores: x1.5 the transform's time on 2 threads).
   for (int64_t grp = 0; grp < l.groups; ++grp)
