@@ -1177,24 +1177,11 @@ WINOGRAD_CASES = [
 ]
 
 
-@pytest.mark.skipif(not _winograd_available(), reason="no AVX-512: float32 layers take direct summation")
-@pytest.mark.parametrize("case", WINOGRAD_CASES, ids=[f"case{i}" for i in range(len(WINOGRAD_CASES))])
-def test_winograd_matches_float64(case):
-    """Output, input and weight gradients in float32 by Winograd (the forward and, through conv / conv_transpose, the
-    input gradient) within 1e-5 of the largest float64 value on the same inputs, as direct summation is; and not the
-    bits of direct summation (set_winograd(False)), so the path was taken. A wrong transform, tile edge or run is off
-    by far more."""
-    kind, in_shape, w_shape, padding, groups = case[:5]
-    dilation, cl, extra = (case[5:] + ({},))[:3] if len(case) > 5 else (1, False, {})
-    nd = len(in_shape) - 2
-    torch.manual_seed(5)
-    x = torch.randn(in_shape)
-    if cl:
-        x = channels_last(x)
-    w = torch.randn(w_shape) / (w_shape[1] * 9) ** 0.5
-    b = torch.randn(w_shape[1] * groups if kind == "ct" else w_shape[0])
+def _winograd_and_direct(kind, x, w, b, kw):
+    """Output, input gradient and weight gradient (as float64) of conv ("conv") or conv_transpose ("ct"): torch's in
+    float64, ours in float32 with Winograd on, and ours with it off (set_winograd(False)), all on the same values."""
+    nd = x.dim() - 2
     ours, ref = (ours_ct(nd), torch_ct(nd)) if kind == "ct" else (ours_conv(nd), torch_conv(nd))
-    kw = dict(padding=padding, groups=groups, dilation=dilation, **extra)
 
     def run(fn, dtype):
         xx, ww, bb = (t.detach().to(dtype).requires_grad_() for t in (x, w, b))
@@ -1210,6 +1197,26 @@ def test_winograd_matches_float64(case):
         direct = run(ours, torch.float32)
     finally:
         torch_convt.set_winograd(was)
+    return expected, wino, direct
+
+
+@pytest.mark.skipif(not _winograd_available(), reason="no AVX-512: float32 layers take direct summation")
+@pytest.mark.parametrize("case", WINOGRAD_CASES, ids=[f"case{i}" for i in range(len(WINOGRAD_CASES))])
+def test_winograd_matches_float64(case):
+    """Output, input and weight gradients in float32 by Winograd (the forward and, through conv / conv_transpose, the
+    input gradient) within 1e-5 of the largest float64 value on the same inputs, as direct summation is; and not the
+    bits of direct summation (set_winograd(False)), so the path was taken. A wrong transform, tile edge or run is off
+    by far more."""
+    kind, in_shape, w_shape, padding, groups = case[:5]
+    dilation, cl, extra = (case[5:] + ({},))[:3] if len(case) > 5 else (1, False, {})
+    torch.manual_seed(5)
+    x = torch.randn(in_shape)
+    if cl:
+        x = channels_last(x)
+    w = torch.randn(w_shape) / (w_shape[1] * 9) ** 0.5
+    b = torch.randn(w_shape[1] * groups if kind == "ct" else w_shape[0])
+    kw = dict(padding=padding, groups=groups, dilation=dilation, **extra)
+    expected, wino, direct = _winograd_and_direct(kind, x, w, b, kw)
     for name, e, got, d in zip(("output", "input grad", "weight grad"), expected, wino, direct):
         scale = e.abs().max().item()
         assert (got - e).abs().max().item() <= 1e-5 * scale, name
@@ -1261,30 +1268,11 @@ def test_winograd_random_layers_match_float64():
     they take, and the Winograd path taken by at least a quarter of them (its bits differ from direct summation's)."""
     taken = 0
     for kind, in_shape, w_shape, padding, groups, extra in _winograd_random_cases(40):
-        nd = len(in_shape) - 2
         torch.manual_seed(1)
         x = torch.randn(in_shape)
         w = torch.randn(w_shape) / (w_shape[1] * 9) ** 0.5
         b = torch.randn(w_shape[1] * groups if kind == "ct" else w_shape[0])
-        ours, ref = (ours_ct(nd), torch_ct(nd)) if kind == "ct" else (ours_conv(nd), torch_conv(nd))
-        kw = dict(padding=padding, groups=groups, **extra)
-        out = ref(x.double(), w.double(), b.double(), **kw)
-        g = torch.randn(out.shape, generator=torch.Generator().manual_seed(3))
-
-        def run(fn, dtype):
-            xx, ww, bb = (t.detach().to(dtype).requires_grad_() for t in (x, w, b))
-            res = fn(xx, ww, bb, **kw)
-            res.backward(g.to(dtype))
-            return [t.detach().double() for t in (res, xx.grad, ww.grad)]
-
-        expected = run(ref, torch.float64)
-        was = torch_convt.set_winograd(True)
-        try:
-            wino = run(ours, torch.float32)
-            torch_convt.set_winograd(False)
-            direct = run(ours, torch.float32)
-        finally:
-            torch_convt.set_winograd(was)
+        expected, wino, direct = _winograd_and_direct(kind, x, w, b, dict(padding=padding, groups=groups, **extra))
         for name, e, got in zip(("output", "input grad", "weight grad"), expected, wino):
             scale = max(e.abs().max().item(), 1e-30)
             assert (got - e).abs().max().item() <= 1e-5 * scale, (name, kind, in_shape, w_shape, padding, extra)
