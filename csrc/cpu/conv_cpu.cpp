@@ -387,6 +387,19 @@ bool amx_taps(const AmxTapsLayer& l, const std::vector<Phase>& phases, const sca
   return true;
 }
 
+// The layer as winograd.h's correlation: conv (x -> y) as it is; conv_transpose (y -> x) with its two channel dims
+// swapped and, at stride 1, its taps reversed (at stride 2 its phases). False where a dim takes none of the schemes.
+inline bool winograd_layer(const ConvParams& p, bool transposed, cpu::WinogradLayer& wl) {
+  const int64_t Cxg = p.big_group(), Cyg = p.small_group(), T = p.kernel_numel();
+  wl = cpu::WinogradLayer{p.batch, p.groups, transposed ? Cyg : Cxg, transposed ? Cxg : Cyg, {}, {}, {}, {}, {},
+                          Cyg * Cxg * T, transposed ? T : Cxg * T, transposed ? Cxg * T : T, transposed, {}};
+  std::copy(transposed ? p.small : p.big, (transposed ? p.small : p.big) + kMaxDims, wl.in_ext);
+  std::copy(transposed ? p.big : p.small, (transposed ? p.big : p.small) + kMaxDims, wl.out_ext);
+  std::copy(p.kernel, p.kernel + kMaxDims, wl.kernel);
+  std::copy(p.dilation, p.dilation + kMaxDims, wl.dilation);
+  return cpu::wino_kinds(transposed, p.kernel, p.stride, p.padding, p.dilation, wl.kind, wl.pad);
+}
+
 template <typename scalar_t>
 void conv_kernel(const ConvParams& p, const scalar_t* x, const Strides& sx, const scalar_t* w, const scalar_t* bias,
                  scalar_t* y, const Strides& sy) {
@@ -395,12 +408,8 @@ void conv_kernel(const ConvParams& p, const scalar_t* x, const Strides& sx, cons
   if (Cxg == 1 && Cyg == 1) return conv_depthwise(p, x, sx, w, bias, y, sy);
   const int64_t T = p.kernel_numel(), KK = Cxg * T;
   if constexpr (std::is_same_v<scalar_t, float>) {
-    cpu::WinogradLayer wl{p.batch, G, Cxg, Cyg, {p.big[0], p.big[1], p.big[2]}, {p.small[0], p.small[1], p.small[2]},
-                          {}, {p.kernel[0], p.kernel[1], p.kernel[2]}, {p.dilation[0], p.dilation[1], p.dilation[2]},
-                          Cyg * Cxg * T, Cxg * T, T, false, {}};
-    if (cpu::wino_kinds(false, p.kernel, p.stride, p.padding, p.dilation, wl.kind, wl.pad) &&
-        cpu::winograd_correlation(wl, x, sx, w, bias, y, sy))
-      return;
+    cpu::WinogradLayer wl;
+    if (winograd_layer(p, false, wl) && cpu::winograd_correlation(wl, x, sx, w, bias, y, sy)) return;
   }
   if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
     if (cpu::amx_bf16()) {  // (any stride: a frame plane per phase of x)
@@ -971,14 +980,8 @@ void conv_transpose_kernel(const ConvParams& p, const scalar_t* y, const Strides
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t G = p.groups, Cxg = p.big_group(), Cyg = p.small_group(), K = p.kernel_numel();
   if constexpr (std::is_same_v<scalar_t, float>) {
-    // (at stride 1 a correlation of y with the weights' taps reversed, padded by (kernel - 1) dilation - padding; at
-    // stride 2 its phases, winograd.h)
-    cpu::WinogradLayer wl{p.batch, G, Cyg, Cxg, {p.small[0], p.small[1], p.small[2]}, {p.big[0], p.big[1], p.big[2]},
-                          {}, {p.kernel[0], p.kernel[1], p.kernel[2]}, {p.dilation[0], p.dilation[1], p.dilation[2]},
-                          Cyg * Cxg * K, K, Cxg * K, true, {}};
-    if (cpu::wino_kinds(true, p.kernel, p.stride, p.padding, p.dilation, wl.kind, wl.pad) &&
-        cpu::winograd_correlation(wl, y, sy, w, bias, x, sx))
-      return;
+    cpu::WinogradLayer wl;
+    if (winograd_layer(p, true, wl) && cpu::winograd_correlation(wl, y, sy, w, bias, x, sx)) return;
   }
   std::vector<acc_t> b_store;
   const acc_t* ba = bias ? as_acc(bias, p.big_channels, b_store) : nullptr;

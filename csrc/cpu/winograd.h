@@ -249,16 +249,18 @@ TORCH_CONVT_AVX512_TARGET inline void wino_make_run(const WinogradLayer& l, cons
 }
 
 // The schemes' 1d transforms on 16 tiles at once: in, the window d -> the transformed inputs v (kWinoSchemes' nv);
-// out, the products p -> the tile's outputs o.
-struct WinoK1 {
-  static constexpr WinoKind KIND = kWinoK1;
-  static constexpr int W = 1, NV = 1, NP = 1, M = 1;
+// out, the products p -> the tile's outputs o. Their sizes are the table's.
+template <WinoKind K>
+struct WinoSizes {
+  static constexpr WinoKind KIND = K;
+  static constexpr int W = kWinoSchemes[K].w, NV = kWinoSchemes[K].nv, NP = kWinoSchemes[K].np, M = kWinoSchemes[K].m;
+};
+struct WinoK1 : WinoSizes<kWinoK1> {
   TORCH_CONVT_AVX512_TARGET static void in(const __m512* d, __m512* v) { v[0] = d[0]; }
   TORCH_CONVT_AVX512_TARGET static void out(const __m512* p, __m512* o) { o[0] = p[0]; }
 };
-struct WinoK3 {  // B^T d: (d0 - d2, d1 + d2, d2 - d1, d1 - d3); A^T m: (m0 + m1 + m2, m1 - m2 - m3)
-  static constexpr WinoKind KIND = kWinoK3;
-  static constexpr int W = 4, NV = 4, NP = 4, M = 2;
+// K3: B^T d = (d0 - d2, d1 + d2, d2 - d1, d1 - d3); A^T m = (m0 + m1 + m2, m1 - m2 - m3).
+struct WinoK3 : WinoSizes<kWinoK3> {
   TORCH_CONVT_AVX512_TARGET static void in(const __m512* d, __m512* v) {
     v[0] = _mm512_sub_ps(d[0], d[2]), v[1] = _mm512_add_ps(d[1], d[2]), v[2] = _mm512_sub_ps(d[2], d[1]);
     v[3] = _mm512_sub_ps(d[1], d[3]);
@@ -268,9 +270,8 @@ struct WinoK3 {  // B^T d: (d0 - d2, d1 + d2, d2 - d1, d1 - d3); A^T m: (m0 + m1
     o[1] = _mm512_sub_ps(_mm512_sub_ps(p[1], p[2]), p[3]);
   }
 };
-struct WinoT4 {  // v: (d0 - d1, d1, d2 - d1, d2, d3 - d2); outputs (p0 + p1, p3 + p4, p1 + p2, p4 + p5)
-  static constexpr WinoKind KIND = kWinoT4;
-  static constexpr int W = 4, NV = 5, NP = 6, M = 4;
+// T4: v = (d0 - d1, d1, d2 - d1, d2, d3 - d2); outputs (p0 + p1, p3 + p4, p1 + p2, p4 + p5).
+struct WinoT4 : WinoSizes<kWinoT4> {
   TORCH_CONVT_AVX512_TARGET static void in(const __m512* d, __m512* v) {
     v[0] = _mm512_sub_ps(d[0], d[1]), v[1] = d[1], v[2] = _mm512_sub_ps(d[2], d[1]), v[3] = d[2];
     v[4] = _mm512_sub_ps(d[3], d[2]);
@@ -280,12 +281,10 @@ struct WinoT4 {  // v: (d0 - d1, d1, d2 - d1, d2, d3 - d2); outputs (p0 + p1, p3
     o[3] = _mm512_add_ps(p[4], p[5]);
   }
 };
-// v: (d0 - d1, d1, d2 - d1, d0 (ODD) or d2); F(2, 2)'s outputs p0 + p1, p1 + p2, tap 1's p3, p4: the odd outputs
+// T3: v = (d0 - d1, d1, d2 - d1, d0 (ODD) or d2); F(2, 2)'s outputs p0 + p1, p1 + p2, tap 1's p3, p4: the odd outputs
 // (ODD: padding 1) or the even ones.
 template <bool ODD>
-struct WinoT3 {
-  static constexpr WinoKind KIND = ODD ? kWinoT3Odd : kWinoT3Even;
-  static constexpr int W = 3, NV = 4, NP = 5, M = 4;
+struct WinoT3 : WinoSizes<ODD ? kWinoT3Odd : kWinoT3Even> {
   TORCH_CONVT_AVX512_TARGET static void in(const __m512* d, __m512* v) {
     v[0] = _mm512_sub_ps(d[0], d[1]), v[1] = d[1], v[2] = _mm512_sub_ps(d[2], d[1]), v[3] = ODD ? d[0] : d[2];
   }
@@ -376,7 +375,8 @@ TORCH_CONVT_AVX512_TARGET bool wino_output_run(const float* M, const int64_t* pr
       if constexpr (DX::M == 2) {
         wino_merge(e[0], e[1], w[0], w[1]);
       } else {  // (pairs of points merged, then pairs of pairs)
-        const __m512i lo = _mm512_setr_epi64(0, 8, 1, 9, 2, 10, 3, 11), hi = _mm512_setr_epi64(4, 12, 5, 13, 6, 14, 7, 15);
+        const __m512i lo = _mm512_setr_epi64(0, 8, 1, 9, 2, 10, 3, 11);
+        const __m512i hi = _mm512_setr_epi64(4, 12, 5, 13, 6, 14, 7, 15);
         __m512 p0, p1, q0, q1;
         wino_merge(e[0], e[1], p0, p1), wino_merge(e[2], e[3], q0, q1);
         w[0] = wino_mix64(p0, lo, q0), w[1] = wino_mix64(p0, hi, q0), w[2] = wino_mix64(p1, lo, q1);
@@ -482,8 +482,10 @@ TORCH_CONVT_AVX512_TARGET bool wino_weights_part(const WinogradLayer& l, const W
       // or not, splits cache lines, which took a fifth of this function)
       const __m512 rows = _mm512_maskz_compress_ps(lane_mask(0, j, j1), s3[p]);
       float* const dst = u + panel * l.ci * mr + at;
-      if (j1 - j <= 8) _mm256_mask_storeu_ps(dst, static_cast<__mmask8>(lane_mask(0, 0, j1 - j)), _mm512_castps512_ps256(rows));
-      else _mm512_mask_storeu_ps(dst, lane_mask(0, 0, j1 - j), rows);
+      if (j1 - j <= 8)
+        _mm256_mask_storeu_ps(dst, static_cast<__mmask8>(lane_mask(0, 0, j1 - j)), _mm512_castps512_ps256(rows));
+      else
+        _mm512_mask_storeu_ps(dst, lane_mask(0, 0, j1 - j), rows);
       j = j1;
     }
   }
@@ -492,8 +494,7 @@ TORCH_CONVT_AVX512_TARGET bool wino_weights_part(const WinogradLayer& l, const W
 
 // The transformed weights: per group, U_p = (g of its dims' schemes) of wc(g, co, ci, .), packed as gemm_packed's A
 // (the plan's blocks: mr-row panels of the stacked products' co rows, ci deep, zero past them). Returns whether every
-// value is finite. (7.5% of MONAI's forward, one thread; with input channels in the lanes, each product scattered,
-// 8-10%.)
+// value is finite. (6.5% of MONAI's forward; with input channels in the lanes, each product scattered, 8-10%.)
 template <class DZ, class DY, class DX>
 bool wino_weights(const WinogradLayer& l, const WinogradGeometry& geo, const WinogradPlan& plan, const float* w,
                   float* U) {
@@ -503,9 +504,10 @@ bool wino_weights(const WinogradLayer& l, const WinogradGeometry& geo, const Win
   // thread left its lines in that core's cache for the other's stores: x1.5 the transform's time on 2 threads).
   for (int64_t grp = 0; grp < l.groups; ++grp)
     for (int64_t v = 0; v < geo.nv; ++v) {
-      const int64_t mr = plan.gt[v].mr, rows = plan.mult[v] * l.co, pad = (mr - rows % mr) % mr;
+      const int64_t mr = plan.gt[v].mr, rows = plan.mult[v] * l.co;
+      if (rows % mr == 0) continue;
       float* const last = U + grp * u_size + plan.u_off[v] + rows / mr * l.ci * mr;
-      for (int64_t k = 0; pad > 0 && k < l.ci; ++k) std::fill(last + k * mr + rows % mr, last + (k + 1) * mr, 0.0f);
+      for (int64_t k = 0; k < l.ci; ++k) std::fill(last + k * mr + rows % mr, last + (k + 1) * mr, 0.0f);
     }
   std::vector<int64_t> place(2 * parts * geo.np);  // (divisions once a call, not per store: they were a third of it)
   for (int64_t part = 0; part < parts; ++part)
@@ -518,7 +520,7 @@ bool wino_weights(const WinogradLayer& l, const WinogradGeometry& geo, const Win
     for (int64_t item = begin; item < end; ++item) {
       const int64_t grp = item / (parts * l.ci), part = item / l.ci % parts, co0 = 16 * part, ci = item % l.ci;
       if (!wino_weights_part<DZ, DY, DX>(l, geo, plan, place.data() + 2 * part * geo.np,
-                             w + grp * l.w_g + co0 * l.w_co + ci * l.w_ci, co0, ci, U + grp * u_size))
+                                         w + grp * l.w_g + co0 * l.w_co + ci * l.w_ci, co0, ci, U + grp * u_size))
         finite.store(false, std::memory_order_relaxed);
     }
   });
