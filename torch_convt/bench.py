@@ -20,8 +20,9 @@ How the measurement works
   ``--budget-s`` take fewer, at least 3). The ``spread`` column is the larger of the two sides'
   (max - min) / median over the samples: a quick noise indicator.
 * GFLOP/s uses the direct-convolution count 2*N*Cin*(Cout/groups)*prod(kernel)*prod(in spatial)
-  (x3 for a training step), also where a layer computes fewer multiply-adds than that (float32 layers at
-  stride 1 with 3x3x3 or 3x3 kernels, by Winograd F(2, 3) on AVX-512 CPUs: 0.30 of them in 3d), so GFLOP/s
+  (x3 for a training step), also where a layer computes fewer multiply-adds than that (float32 layers by
+  Winograd on AVX-512 CPUs: stride-1 3x3x3 kernels 0.30 of them, stride-2 transposed kernel 4 in 3d 0.42,
+  DCGAN's 2d one 0.56, kernel 3 in 3d 0.58), so GFLOP/s
   is the rate of the direct convolution that gives the same result in the same time. % of peak is relative
   to the machine's fp32 FMA peak, measured at start on all threads by our own register-only FMA loop
   (``torch.ops.torch_convt.cpu_fma_peak_gflops``; on CUDA, a large ``torch.mm``); a large ``torch.mm``
