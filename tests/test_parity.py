@@ -1227,17 +1227,56 @@ def test_winograd_matches_float64(case):
     assert (strided and kind == "ct") or not torch.equal(wino[1], direct[1])
 
 
+# A conv at stride 2 by kernel 4 (GAN discriminators; the input gradient of kernel-4 stride-2 transposed layers): F(2, 2)
+# on each sub-lattice of its input, the sub-lattices copied as channels (wino_strided); and kernel 2 at stride 1.
+# (input, weight, padding, groups, stride)
+WINOGRAD_STRIDED_CASES = [
+    ("conv", (1, 16, 33, 34, 35), (32, 16, 4, 4, 4), 1, 1, 2),      # 3d, odd extents: residues of unequal length
+    ("conv", (6, 32, 30, 34), (32, 32, 4, 4), 1, 1, 2),             # 2d (DCGAN's discriminator kernel)
+    ("conv", (8, 32, 31, 36), (40, 32, 4, 4), 0, 1, 2),             # padding 0: the residues' copies shifted
+    ("conv", (8, 32, 30, 33), (24, 32, 4, 4), (2, 3), 1, 2),         # paddings 2 and 3
+    ("conv", (8, 64, 30, 32), (32, 32, 4, 4), 1, 2, 2),             # grouped
+    ("conv", (2, 32, 6, 30, 34), (40, 32, 1, 4, 4), (0, 1, 1), 1, (1, 2, 2)),  # a kernel-1 dim at stride 1
+    ("conv", (2, 32, 30, 6, 34), (40, 32, 4, 1, 4), (1, 0, 1), 1, (2, 1, 2)),  # 4 x 1 x 4
+    ("conv", (8, 128, 32, 32), (192, 128, 4, 4), 1, 1, 2),          # 3.5 MB of transformed weights: blocks of 2 panels
+    ("conv", (2, 32, 20, 22, 24), (32, 32, 2, 2, 2), 1, 1, 1),      # kernel 2 at stride 1
+    ("ct", (2, 32, 14, 15, 16), (32, 24, 2, 2, 2), 0, 1, 1),        # its transpose (taps reversed)
+    ("ct", (10, 256, 12, 14), (256, 128, 4, 4), 1, 1, 2),           # stride-2 kernel 4 transposed, 2-panel blocks
+    ("ct", (4, 256, 13, 15), (256, 256, 3, 3), 1, 1, 1),            # F(2, 3) in 2d, 2-panel blocks
+]
+
+
+@pytest.mark.skipif(not _winograd_available(), reason="no AVX-512: float32 layers take direct summation")
+@pytest.mark.parametrize("case", WINOGRAD_STRIDED_CASES, ids=[f"case{i}" for i in range(len(WINOGRAD_STRIDED_CASES))])
+def test_winograd_strided_conv_matches_float64(case):
+    """Output, input and weight gradients within 1e-5 of the largest float64 value, and the output (the layer's
+    forward) not the bits of direct summation, so the path was taken."""
+    kind, in_shape, w_shape, padding, groups, stride = case
+    torch.manual_seed(7)
+    x = torch.randn(in_shape)
+    w = torch.randn(w_shape) / (w_shape[1] * 16) ** 0.5
+    b = torch.randn(w_shape[1] * groups if kind == "ct" else w_shape[0])
+    expected, wino, direct = _winograd_and_direct(kind, x, w, b, dict(padding=padding, groups=groups, stride=stride))
+    for name, e, got, d in zip(("output", "input grad", "weight grad"), expected, wino, direct):
+        scale = e.abs().max().item()
+        assert (got - e).abs().max().item() <= 1e-5 * scale, name
+        assert (d - e).abs().max().item() <= 1e-5 * scale, name
+    assert not torch.equal(wino[0], direct[0])
+
+
 def _winograd_random_cases(count, seed=11):
-    """Random layers of the Winograd schemes (stride-1 kernel 3, stride-2 transposed kernel 4 padding 1 and kernel 3
-    padding 0 or 1, kernel-1 dims among them), sized around the path's bounds, extents from 1 point up."""
+    """Random layers of the Winograd schemes (stride-1 kernel 3 or 2, stride-2 transposed kernel 4 padding 1 and kernel
+    3 padding 0 or 1, conv at stride 2 by kernel 4 with paddings 0 to 3, kernel-1 dims among them), sized around the
+    path's bounds, extents from 1 point up."""
     import random
     rng = random.Random(seed)
-    schemes = [(1, 3, None), (2, 4, 1), (2, 3, 1), (2, 3, 0)]
+    schemes = [(1, 3, None), (2, 4, 1), (2, 3, 1), (2, 3, 0), (1, 2, None), (2, 4, "conv")]
     cases = []
     while len(cases) < count:
         stride, k, pad = rng.choice(schemes)
         nd = rng.choice((2, 3, 3))
-        kind = "conv" if stride == 1 and rng.random() < 0.3 else "ct"
+        kind = "conv" if pad == "conv" or (stride == 1 and rng.random() < 0.3) else "ct"
+        pad = rng.randrange(4) if pad == "conv" else pad
         ones = [False] * nd
         if nd == 3 and rng.random() < 0.3:
             ones[rng.randrange(2)] = True  # a kernel-1 dim (never the innermost)
@@ -1257,7 +1296,7 @@ def _winograd_random_cases(count, seed=11):
         if kind == "ct" and any((n - 1) * t - 2 * p + k + o < 1
                                 for n, t, p, k, o in zip(size, strides, pads, kernel, ops)):
             continue
-        extra = dict(stride=strides, output_padding=ops) if kind == "ct" else {}
+        extra = dict(stride=strides, output_padding=ops) if kind == "ct" else dict(stride=strides)
         cases.append((kind, (batch, ci) + size, w_shape, pads, groups, extra))
     return cases
 

@@ -397,6 +397,8 @@ inline bool winograd_layer(const ConvParams& p, bool transposed, cpu::WinogradLa
   std::copy(transposed ? p.big : p.small, (transposed ? p.big : p.small) + kMaxDims, wl.out_ext);
   std::copy(p.kernel, p.kernel + kMaxDims, wl.kernel);
   std::copy(p.dilation, p.dilation + kMaxDims, wl.dilation);
+  if (!transposed && cpu::wino_strided_kinds(p.kernel, p.stride, p.padding, p.dilation, wl.kind, wl.pad, wl.split))
+    return true;
   return cpu::wino_kinds(transposed, p.kernel, p.stride, p.padding, p.dilation, wl.kind, wl.pad);
 }
 

@@ -7,6 +7,9 @@
 //    swapped, taps reversed, pad = kernel - 1 - padding) at stride 1; dilated layers sub-lattice by sub-lattice
 //    (wino_dilated).
 //  - stride 1, kernel 1: tiles of 1 point (the dims of 3x1x3 and 1x3x3 kernels, and of 2d layers).
+//  - stride 1, kernel 2: F(2, 2) (below), 3 products for 2 outputs instead of 4 multiply-adds. A conv at stride 2
+//    with kernel 4 (GAN discriminators; the input gradient of a kernel-4 stride-2 transposed layer) is two of them
+//    per dim, one on each sub-lattice of its input (wino_strided).
 //  - conv_transpose at stride 2 with kernel 4 and padding 1 (GAN generators): out[2i - 1 + t] += in[i] w[t]. The
 //    output's even points take taps 1 and 3, its odd points 0 and 2: two 2-tap correlations (phases) of the same
 //    input, each by F(2, 2) (y0 = d0 g0 + d1 g1, y1 = d1 g0 + d2 g1 as (d0 - d1) g0 + d1 (g0 + g1) and the same
@@ -47,7 +50,9 @@ inline std::atomic<bool>& winograd_flag() {
 }
 
 // The schemes of a dim (above); kWinoNone: the dim takes none (the layer is not one for this path).
-enum WinoKind : int { kWinoNone = -1, kWinoK1 = 0, kWinoK3, kWinoT4, kWinoT3Odd, kWinoT3Even };
+enum WinoKind : int { kWinoNone = -1, kWinoK1 = 0, kWinoK3, kWinoT4, kWinoT3Odd, kWinoT3Even, kWinoK2 };
+// The stride-1 schemes (correlations of the input as it is; a conv_transpose's taps are then reversed).
+constexpr bool wino_stride1(WinoKind k) { return k == kWinoK1 || k == kWinoK3 || k == kWinoK2; }
 
 // A scheme's tiles: m outputs from a window of w inputs, the window advancing `adv` inputs a tile; nv transformed
 // inputs, np products (product p multiplies transformed input vof[p] by transformed weight p, whose taps are row p
@@ -67,17 +72,18 @@ inline constexpr WinoScheme kWinoSchemes[] = {
     // d0, d1; padding 0: window in[2T - 1 .. 2T + 1], the even outputs by F(2, 2), the odd by tap 1 on d1, d2).
     {4, 3, 2, 4, 5, 3, 6, {0, 1, 2, 3, 1}, {{0, 0, 1}, {1, 0, 1}, {1, 0, 0}, {0, 1, 0}, {0, 1, 0}}},
     {4, 3, 2, 4, 5, 3, 6, {0, 1, 2, 1, 3}, {{0, 0, 1}, {1, 0, 1}, {1, 0, 0}, {0, 1, 0}, {0, 1, 0}}},
+    {2, 3, 2, 3, 3, 2, 4, {0, 1, 2}, {{1, 0}, {1, 1}, {0, 1}}},  // K2: F(2, 2), window in[2T - pad .. 2T - pad + 2]
 };
 
 // The scheme of a dim of a layer, and its window's offset (the input point of window element 0 is adv * T - pad):
-// conv (transposed false) and conv_transpose at stride 1 by kernel 1 or 3 (pad: conv's padding, conv_transpose's
-// (kernel - 1) dilation - padding); conv_transpose at stride 2, dilation 1, by kernel 4 padding 1 or kernel 3
-// padding 0 or 1. kWinoNone for any other.
+// conv (transposed false) and conv_transpose at stride 1 by kernel 1 or 3, or 2 undilated (pad: conv's padding,
+// conv_transpose's (kernel - 1) dilation - padding); conv_transpose at stride 2, dilation 1, by kernel 4 padding 1 or
+// kernel 3 padding 0 or 1. kWinoNone for any other (a conv at stride 2: wino_strided_kinds).
 inline WinoKind wino_kind(bool transposed, int64_t kernel, int64_t stride, int64_t padding, int64_t dilation,
                           int64_t& pad) {
   if (stride == 1) {
     pad = transposed ? (kernel - 1) * dilation - padding : padding;
-    return kernel == 1 ? kWinoK1 : kernel == 3 ? kWinoK3 : kWinoNone;
+    return kernel == 1 ? kWinoK1 : kernel == 3 ? kWinoK3 : kernel == 2 && dilation == 1 ? kWinoK2 : kWinoNone;
   }
   if (!transposed || stride != 2 || dilation != 1) return kWinoNone;
   if (kernel == 4 && padding == 1) return pad = 1, kWinoT4;
@@ -96,14 +102,32 @@ inline bool wino_kinds(bool transposed, const int64_t* kernel, const int64_t* st
 }
 
 // The layer as a correlation (above). Channels are per group; wc(g, co, ci, t) = w[g*w_g + co*w_co + ci*w_ci + t'],
-// t the flat tap index of `kernel`, t' = t but with the taps of stride-1 dims reversed where `flip`.
+// t the flat tap index of `kernel`, t' = t but with the taps of stride-1 dims reversed where `flip`. A conv at stride
+// 2 (wino_strided): its stride-2 dims `split`, their kind K2, pad the conv's padding.
 struct WinogradLayer {
   int64_t batch, groups, ci, co;
   int64_t in_ext[kMaxDims], out_ext[kMaxDims], pad[kMaxDims], kernel[kMaxDims], dilation[kMaxDims];
   int64_t w_g, w_co, w_ci;
   bool flip;
   WinoKind kind[kMaxDims];
+  bool split[kMaxDims];
 };
+
+// A conv (not transposed) whose dims are each a stride-1 scheme's (wino_kind) or stride 2 by kernel 4, undilated, at
+// least one of them the latter: kinds and pads as WinogradLayer has them (split dims: K2, the conv's padding).
+inline bool wino_strided_kinds(const int64_t* kernel, const int64_t* stride, const int64_t* padding,
+                               const int64_t* dilation, WinoKind* kind, int64_t* pad, bool* split) {
+  bool any = false;
+  for (int64_t d = 0; d < kMaxDims; ++d) {
+    split[d] = stride[d] == 2 && kernel[d] == 4 && dilation[d] == 1;
+    if (split[d]) {
+      kind[d] = kWinoK2, pad[d] = padding[d], any = true;
+    } else if ((kind[d] = wino_kind(false, kernel[d], stride[d], padding[d], dilation[d], pad[d])) == kWinoNone) {
+      return false;
+    }
+  }
+  return any && std::all_of(dilation, dilation + kMaxDims, [](int64_t v) { return v == 1; });
+}
 
 // The tiling of the output: per dim, tiles of its scheme's m points; tiles numbered (tz, ty, tx) row-major, and
 // computed in runs of 16 consecutive tiles (a vector's lanes). Per tile np products of nv transformed inputs.
@@ -141,11 +165,12 @@ inline bool winograd_shape(const WinogradLayer& l, int64_t in_inner_stride, int6
     return false;
   if (l.w_co >= (int64_t(1) << 27)) return false;  // (the weight transform gathers 16 channels by 32-bit offsets)
   if (x != kWinoK3 && std::any_of(l.dilation, l.dilation + kMaxDims, [](int64_t d) { return d != 1; })) return false;
+  if (std::any_of(l.split, l.split + kMaxDims, [](bool b) { return b; })) return false;  // (wino_strided's to lay out)
   for (int64_t d = 0; d < 2; ++d)
     if (l.kind[d] != kWinoK1 && l.kind[d] != x) return false;
   if (l.kind[0] == kWinoK1 && l.kind[1] == kWinoK1) return false;
   const WinogradGeometry geo = wino_geometry(l);
-  if (x != kWinoK3) {
+  if (!wino_stride1(x)) {
     // The stride-2 schemes: their output transform writes the output's rows through the caches, where direct
     // summation streams outputs of 8 MiB or more past them. Such outputs only for layers of at least 96
     // multiply-adds an output point (grouped 2d kernel 3 with 32 channels a group, 72, took x1.27-1.39 the time on
@@ -281,6 +306,15 @@ struct WinoT4 : WinoSizes<kWinoT4> {
     o[3] = _mm512_add_ps(p[4], p[5]);
   }
 };
+// K2 (F(2, 2)): v = (d0 - d1, d1, d2 - d1); outputs (p0 + p1, p1 + p2).
+struct WinoK2 : WinoSizes<kWinoK2> {
+  TORCH_CONVT_AVX512_TARGET static void in(const __m512* d, __m512* v) {
+    v[0] = _mm512_sub_ps(d[0], d[1]), v[1] = d[1], v[2] = _mm512_sub_ps(d[2], d[1]);
+  }
+  TORCH_CONVT_AVX512_TARGET static void out(const __m512* p, __m512* o) {
+    o[0] = _mm512_add_ps(p[0], p[1]), o[1] = _mm512_add_ps(p[1], p[2]);
+  }
+};
 // T3: v = (d0 - d1, d1, d2 - d1, d0 (ODD) or d2); F(2, 2)'s outputs p0 + p1, p1 + p2, tap 1's p3, p4: the odd outputs
 // (ODD: padding 1) or the even ones.
 template <bool ODD>
@@ -295,14 +329,14 @@ struct WinoT3 : WinoSizes<ODD ? kWinoT3Odd : kWinoT3Even> {
 };
 
 // The input transform of a run, input channel c of the group: V[v][c][col + l] for the run's tiles l and the tile's
-// transformed inputs v (V: nv blocks of `v_xi` elements, channel c's row at c * nr, as gemm_packed's B of one panel).
+// transformed inputs v (V: nv blocks of `v_xi` elements, each gemm_packed's B: panels of nr columns ci deep).
 // `in`: the image's group's first channel.
 template <class DZ, class DY, class DX>
 TORCH_CONVT_AVX512_TARGET void wino_input_run(const float* in, const Strides& si, const WinogradRun& run, int64_t c,
-                                              int64_t nr, int64_t v_xi, float* V) {
+                                              int64_t nr, int64_t ci, int64_t v_xi, float* V) {
   constexpr int NYX = DY::NV * DX::NV;
   const __mmask16 store = lane_mask(0, 0, run.lanes);
-  float* v = V + run.col + c * nr;
+  float* v = V + run.col / nr * ci * nr + run.col % nr + c * nr;
   alignas(64) float tz[DZ::W][NYX][16];  // the windows transformed along x and y, plane by plane
   const float* src = in + c * si.c;
   for (int iz = 0; iz < DZ::W; ++iz) {
@@ -459,8 +493,8 @@ TORCH_CONVT_AVX512_TARGET bool wino_weights_part(const WinogradLayer& l, const W
                                                  int64_t co0, int64_t ci, float* U) {
   constexpr int KZ = kWinoSchemes[DZ::KIND].k, KY = kWinoSchemes[DY::KIND].k, KX = kWinoSchemes[DX::KIND].k;
   // (the taps of stride-1 dims reversed where flip; the stride-2 schemes' tables are in the weights' own order)
-  const bool flip_z = l.flip && l.kind[0] <= kWinoK3, flip_y = l.flip && l.kind[1] <= kWinoK3,
-             flip_x = l.flip && l.kind[2] <= kWinoK3;
+  const bool flip_z = l.flip && wino_stride1(l.kind[0]), flip_y = l.flip && wino_stride1(l.kind[1]),
+             flip_x = l.flip && wino_stride1(l.kind[2]);
   const int64_t lanes = std::min<int64_t>(16, l.co - co0);
   const __mmask16 m = lane_mask(0, 0, lanes);
   const __m512i from = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
@@ -532,9 +566,16 @@ bool wino_layer(const WinogradLayer& l, const WinogradGeometry& geo, const float
                 const float* w, const float* bias, float* out, const Strides& so) {
   // Blocks of one panel of the GEMM's B (nb tiles): a block's transformed inputs and products (for 32 channels and
   // F(2, 3) in 3d, 2 x 64 x 32 x 32 floats) stay in the core's L2 from the transform through the GEMMs to the back
-  // transform (blocks of 2 panels: x1.02 time on a 32-channel 3d layer).
-  const int64_t nb = gemm_tile<float>(l.co).nr;
-  TORCH_INTERNAL_ASSERT(nb == 32 || nb == 16);
+  // transform (blocks of 2 panels: x1.02 time on a 32-channel 3d layer), but for wide layers (below).
+  const int64_t nr = gemm_tile<float>(l.co).nr;
+  TORCH_INTERNAL_ASSERT(nr == 32 || nr == 16);
+  // Where the transformed weights of a group are 3 times a panel's transformed inputs and products or more, blocks of
+  // 2 panels: every GEMM streams its block of U from memory, for twice the columns (DCGAN's kernel-4 2d layer x0.93-0.98
+  // time, its input gradient x0.90-0.97, 256 channels by F(2, 3) in 2d x0.84; kernel 3 or 4 in 3d, whose blocks of
+  // V and M are larger than U or as large, x1.05-1.5).
+  const int64_t u_bytes = geo.np * l.ci * l.co * int64_t(sizeof(float));
+  const int64_t vm_bytes = (geo.nv * l.ci + geo.np * l.co) * nr * int64_t(sizeof(float));
+  const int64_t panels = u_bytes >= 3 * vm_bytes && geo.count > nr ? 2 : 1, nb = panels * nr;
   auto plan = std::make_unique<WinogradPlan>();
   wino_plan(l, geo, nb, *plan);
   const int64_t u_size = plan->u_off[geo.nv];
@@ -553,12 +594,12 @@ bool wino_layer(const WinogradLayer& l, const WinogradGeometry& geo, const float
       const float* in_g = in + n * si.n + g * l.ci * si.c;
       float* out_g = out + n * so.n + g * l.co * so.c;
       // The block's runs: 16 tiles each (nb is a multiple of 16), the last one what is left.
-      WinogradRun runs[2];
+      WinogradRun runs[4];
       const int64_t count = ceil_div(c1 - c0, int64_t(16));
       for (int64_t r = 0; r < count; ++r)
         wino_make_run(l, geo, si, so, c0 + 16 * r, std::min(c1, c0 + 16 * r + 16), 16 * r, runs[r]);
       for (int64_t c = 0; c < l.ci; ++c)  // (channel by channel: a channel's rows stay in L1 from run to run)
-        for (int64_t r = 0; r < count; ++r) wino_input_run<DZ, DY, DX>(in_g, si, runs[r], c, nb, v_xi, V);
+        for (int64_t r = 0; r < count; ++r) wino_input_run<DZ, DY, DX>(in_g, si, runs[r], c, nr, l.ci, v_xi, V);
       for (int64_t v = 0; v < geo.nv; ++v)
         gemm_packed<float>(plan->gt[v], plan->mult[v] * l.co, c1 - c0, l.ci, U + g * u_size + plan->u_off[v],
                            V + v * v_xi, false, M + plan->m_off[v], nb);
@@ -587,6 +628,7 @@ inline bool wino_dense(const WinogradLayer& l, const float* in, const Strides& s
   const WinogradGeometry geo = wino_geometry(l);
   switch (l.kind[2]) {
     case kWinoK3: return wino_dense_as<WinoK3>(l, geo, in, si, w, bias, out, so);
+    case kWinoK2: return wino_dense_as<WinoK2>(l, geo, in, si, w, bias, out, so);
     case kWinoT4: return wino_dense_as<WinoT4>(l, geo, in, si, w, bias, out, so);
     case kWinoT3Odd: return wino_dense_as<WinoT3<true>>(l, geo, in, si, w, bias, out, so);
     case kWinoT3Even: return wino_dense_as<WinoT3<false>>(l, geo, in, si, w, bias, out, so);
@@ -714,6 +756,101 @@ inline bool wino_dilated(const WinogradLayer& l, const float* in, const Strides&
   });
   return true;
 }
+
+// A conv at stride 2 by kernel 4 (its split dims; the others stride 1) is, per split dim, two stride-1 correlations by
+// kernel 2, one on each sub-lattice of its input (residue r: the points 2i + r): y[o] = sum_r sum_a w[t_r + 2a]
+// x[2 (o + a - p_r) + r], t_r = (r + pad) mod 2, p_r = (pad + r - t_r) / 2. The sub-lattices are copied as channels of
+// one input (per group residue-major: channel q ci + c, q the residues' index), each shifted so that all take one pad
+// (the least p_r), and the weights laid out as the residues' taps: one stride-1 layer, F(2, 2) along the split dims,
+// whose GEMMs sum over the residues in their depth (3d: 27 products for 8 outputs over 8 ci channels, 0.42 of the
+// multiply-adds; 2d 0.56). Returns false, having written nothing, where the input's rows are not dense, the copies
+// would outgrow max(64 MiB, the output), or winograd_shape does not take the layer so laid out.
+inline bool wino_strided(const WinogradLayer& l, const float* in, const Strides& si, const float* w, const float* bias,
+                         float* out, const Strides& so) {
+  TORCH_INTERNAL_ASSERT(!l.flip);
+  if (si.s[2] != 1) return false;
+  WinogradLayer v = l;
+  int64_t lat = 1, res[kMaxDims], tap0[kMaxDims][2] = {}, shift[kMaxDims][2] = {}, count[kMaxDims][2] = {};
+  for (int64_t d = 0; d < kMaxDims; ++d) {
+    v.split[d] = false;
+    res[d] = l.split[d] ? 2 : 1, lat *= res[d];
+    if (!l.split[d]) {
+      count[d][0] = l.in_ext[d];
+      continue;
+    }
+    int64_t pr[2];
+    for (int64_t r = 0; r < 2; ++r) {
+      tap0[d][r] = (r + l.pad[d]) % 2, pr[r] = (l.pad[d] + r - tap0[d][r]) / 2;
+      count[d][r] = (l.in_ext[d] - r + 1) / 2;  // (points 2i + r inside the input)
+    }
+    v.pad[d] = std::min(pr[0], pr[1]), v.kernel[d] = 2, v.in_ext[d] = 1;
+    for (int64_t r = 0; r < 2; ++r) {
+      shift[d][r] = pr[r] - v.pad[d];  // (leading zeros of residue r's copy)
+      v.in_ext[d] = std::max(v.in_ext[d], count[d][r] + shift[d][r]);
+    }
+  }
+  const int64_t T = v.kernel[0] * v.kernel[1] * v.kernel[2];
+  v.ci = lat * l.ci, v.w_ci = T, v.w_co = v.ci * T, v.w_g = l.co * v.w_co;
+  if (!winograd_shape(v, 1, so.s[2])) return false;
+  const int64_t plane = v.in_ext[0] * v.in_ext[1] * v.in_ext[2], cin = l.groups * v.ci;
+  const int64_t bytes = l.batch * cin * plane * int64_t(sizeof(float));
+  const int64_t output = l.batch * l.groups * l.co * l.out_ext[0] * l.out_ext[1] * l.out_ext[2] * int64_t(sizeof(float));
+  if (bytes > std::max(int64_t(64) << 20, output)) return false;
+  std::unique_ptr<float[]> in_fresh;
+  float* const vin = held_buffer<float, kPlaneSlot>(l.batch * cin * plane, in_fresh);
+  const Strides sv{cin * plane, plane, {v.in_ext[1] * v.in_ext[2], v.in_ext[2], 1}};
+  // The copies: an item is a channel's sub-lattice planes of one z and y residue (both x residues: a row split once).
+  const int64_t ryz = res[0] * res[1];
+  at::parallel_for(0, l.batch * l.groups * l.ci * ryz, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t n = item / (l.groups * l.ci * ryz), gc = item / ryz % (l.groups * l.ci), q0 = item % ryz;
+      const int64_t g = gc / l.ci, c = gc % l.ci, rz = q0 / res[1], ry = q0 % res[1];
+      float* dst[2];
+      for (int64_t rx = 0; rx < res[2]; ++rx) dst[rx] = vin + n * sv.n + (g * v.ci + (q0 * res[2] + rx) * l.ci + c) * sv.c;
+      const float* src = in + n * si.n + gc * si.c;
+      const int64_t e0 = v.in_ext[0], e1 = v.in_ext[1], e2 = v.in_ext[2];
+      for (int64_t j0 = 0; j0 < e0; ++j0)
+        for (int64_t j1 = 0; j1 < e1; ++j1) {
+          // (each point written once: a row of the copy, its leading and trailing zeros, or a row of zeros)
+          const int64_t i0 = j0 - shift[0][rz], i1 = j1 - shift[1][ry], at = sv.at(j0, j1, 0);
+          if (i0 < 0 || i0 >= count[0][rz] || i1 < 0 || i1 >= count[1][ry]) {
+            for (int64_t rx = 0; rx < res[2]; ++rx) std::fill(dst[rx] + at, dst[rx] + at + e2, 0.0f);
+            continue;
+          }
+          const float* row = src + si.at(res[0] * i0 + rz, res[1] * i1 + ry, 0);
+          for (int64_t rx = 0; rx < res[2]; ++rx) {
+            std::fill(dst[rx] + at, dst[rx] + at + shift[2][rx], 0.0f);
+            std::fill(dst[rx] + at + shift[2][rx] + count[2][rx], dst[rx] + at + e2, 0.0f);
+          }
+          if (res[2] == 2) wino_split_row(row, l.in_ext[2], dst[0] + at + shift[2][0], dst[1] + at + shift[2][1]);
+          else std::copy(row, row + l.in_ext[2], dst[0] + at);
+        }
+    }
+  });
+  // The weights of the residues' taps: wv(g, co, q ci + c, a) = wc(g, co, c, t), t_d = t_r + 2 a_d along split dims.
+  std::vector<int64_t> tap(lat * T);  // residues q's tap a: its flat tap index t in the conv's kernel
+  for (int64_t q = 0; q < lat; ++q)
+    for (int64_t a = 0; a < T; ++a) {
+      const int64_t r[kMaxDims] = {q / (res[1] * res[2]), q / res[2] % res[1], q % res[2]};
+      const int64_t a3[kMaxDims] = {a / (v.kernel[1] * v.kernel[2]), a / v.kernel[2] % v.kernel[1], a % v.kernel[2]};
+      int64_t t = 0;
+      for (int64_t d = 0; d < kMaxDims; ++d) t = t * l.kernel[d] + (l.split[d] ? tap0[d][r[d]] + 2 * a3[d] : a3[d]);
+      tap[q * T + a] = t;
+    }
+  std::unique_ptr<float[]> vw(new float[l.groups * v.w_g]);
+  at::parallel_for(0, l.groups * l.co, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t gco = begin; gco < end; ++gco) {
+      const int64_t g = gco / l.co, co = gco % l.co;
+      float* dst = vw.get() + g * v.w_g + co * v.w_co;
+      for (int64_t q = 0; q < lat; ++q)
+        for (int64_t c = 0; c < l.ci; ++c, dst += T) {
+          const float* wc = w + g * l.w_g + co * l.w_co + c * l.w_ci;
+          for (int64_t a = 0; a < T; ++a) dst[a] = wc[tap[q * T + a]];
+        }
+    }
+  });
+  return wino_dense(v, vin, sv, vw.get(), bias, out, so);
+}
 #endif
 
 // Computes the layer by its Winograd schemes where winograd_shape holds (dilated layers: for their sub-lattices); false
@@ -722,6 +859,7 @@ inline bool wino_dilated(const WinogradLayer& l, const float* in, const Strides&
 inline bool winograd_correlation(const WinogradLayer& l, const float* in, const Strides& si, const float* w,
                                  const float* bias, float* out, const Strides& so) {
 #if TORCH_CONVT_DIRECT_AVX512
+  if (std::any_of(l.split, l.split + kMaxDims, [](bool b) { return b; })) return wino_strided(l, in, si, w, bias, out, so);
   if (std::any_of(l.dilation, l.dilation + kMaxDims, [](int64_t d) { return d != 1; }))
     return wino_dilated(l, in, si, w, bias, out, so);
   return winograd_shape(l, si.s[2], so.s[2]) && wino_dense(l, in, si, w, bias, out, so);
