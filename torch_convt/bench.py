@@ -22,7 +22,8 @@ How the measurement works
 * GFLOP/s uses the direct-convolution count 2*N*Cin*(Cout/groups)*prod(kernel)*prod(in spatial)
   (x3 for a training step), also where a layer computes fewer multiply-adds than that (float32 layers by
   Winograd on AVX-512 CPUs: stride-1 3x3x3 kernels 0.30 of them, stride-2 transposed kernel 4 in 3d 0.42,
-  DCGAN's 2d one 0.56, kernel 3 in 3d 0.58), so GFLOP/s
+  DCGAN's 2d one 0.56, kernel 3 in 3d 0.58; in a training step also the input gradients of the kernel-4 ones,
+  convolutions at stride 2, 0.42 and 0.56), so GFLOP/s
   is the rate of the direct convolution that gives the same result in the same time. % of peak is relative
   to the machine's fp32 FMA peak, measured at start on all threads by our own register-only FMA loop
   (``torch.ops.torch_convt.cpu_fma_peak_gflops``; on CUDA, a large ``torch.mm``); a large ``torch.mm``

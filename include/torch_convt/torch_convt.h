@@ -134,10 +134,11 @@ int64_t set_cache_limit(int64_t bytes);
 // turns that off for later calls (set_amx(true) back on); returns whether it was in use.
 bool set_amx(bool on);
 
-// float32 layers at stride 1 with 3x3 or 3x3x3 kernels (any dilation) compute by Winograd F(2, 3), and transposed
-// ones at stride 2 with kernel 4 padding 1 or kernel 3 padding 0 or 1 by F(2, 2) on their phases, on AVX-512 CPUs
-// where they have 16 channels a group or more and enough points (0.30 of the multiply-adds for 3x3x3, 0.42 for the
-// kernel-4 transposed 3d layer), errors as those of direct summation. set_winograd(false) turns that off for later
+// float32 layers at stride 1 with 3x3 or 3x3x3 kernels (any dilation) compute by Winograd F(2, 3), transposed ones
+// at stride 2 with kernel 4 padding 1 or kernel 3 padding 0 or 1 by F(2, 2) on their phases, convolutions at stride 2
+// with kernel 4 by F(2, 2) on their input's sub-lattices, and kernel 2 at stride 1 by F(2, 2), on AVX-512 CPUs where
+// they have 16 channels a group or more and enough points (0.30 of the multiply-adds for 3x3x3, 0.42 for kernel 4 at
+// stride 2 in 3d), errors as those of direct summation. set_winograd(false) turns that off for later
 // calls (direct summation, as every other layer); returns whether it was on.
 bool set_winograd(bool on);
 
