@@ -1227,8 +1227,8 @@ def test_winograd_matches_float64(case):
     assert (strided and kind == "ct") or not torch.equal(wino[1], direct[1])
 
 
-# A conv at stride 2 by kernel 4 (GAN discriminators; the input gradient of kernel-4 stride-2 transposed layers): F(2, 2)
-# on each sub-lattice of its input, the sub-lattices copied as channels (wino_strided); and kernel 2 at stride 1.
+# A conv at stride 2 by kernel 4 (GAN discriminators; the input gradient of kernel-4 stride-2 transposed layers):
+# F(2, 2) on each sub-lattice of its input, the sub-lattices copied as channels (wino_strided); and kernel 2 at stride 1.
 # (input, weight, padding, groups, stride)
 WINOGRAD_STRIDED_CASES = [
     ("conv", (1, 16, 33, 34, 35), (32, 16, 4, 4, 4), 1, 1, 2),      # 3d, odd extents: residues of unequal length

@@ -147,6 +147,9 @@ inline WinogradGeometry wino_geometry(const WinogradLayer& l) {
   return geo;
 }
 
+// The transformed weights' floats, all groups (wino_layer's U, its padding rows aside).
+inline int64_t wino_weight_floats(const WinogradLayer& l) { return l.groups * wino_geometry(l).np * l.ci * l.co; }
+
 // Whether the layer's shape is one the Winograd path takes (values aside: see winograd_correlation). Its dims'
 // schemes one kind but for kernel-1 dims, at least two of them, the innermost not kernel 1. Rows of the input and the
 // output dense along the innermost dim (channels_last layers take the caller's path, save dilated ones, whose
@@ -570,9 +573,9 @@ bool wino_layer(const WinogradLayer& l, const WinogradGeometry& geo, const float
   const int64_t nr = gemm_tile<float>(l.co).nr;
   TORCH_INTERNAL_ASSERT(nr == 32 || nr == 16);
   // Where the transformed weights of a group are 3 times a panel's transformed inputs and products or more, blocks of
-  // 2 panels: every GEMM streams its block of U from memory, for twice the columns (DCGAN's kernel-4 2d layer x0.93-0.98
-  // time, its input gradient x0.90-0.97, 256 channels by F(2, 3) in 2d x0.84; kernel 3 or 4 in 3d, whose blocks of
-  // V and M are larger than U or as large, x1.05-1.5).
+  // 2 panels: every GEMM streams its block of U from memory, for twice the columns (DCGAN's kernel-4 2d layer
+  // x0.93-0.98 time, its input gradient x0.90-0.97, 256 channels by F(2, 3) in 2d x0.84; kernel 3 or 4 in 3d, whose
+  // blocks of V and M are larger than U or as large, x1.05-1.5).
   const int64_t u_bytes = geo.np * l.ci * l.co * int64_t(sizeof(float));
   const int64_t vm_bytes = (geo.nv * l.ci + geo.np * l.co) * nr * int64_t(sizeof(float));
   const int64_t panels = u_bytes >= 3 * vm_bytes && geo.count > nr ? 2 : 1, nb = panels * nr;
@@ -662,7 +665,8 @@ TORCH_CONVT_AVX512_TARGET inline void wino_merge_row(const float* even, const fl
 // r per dim), each reading one sub-lattice of the input (its points i with i = r - pad mod d): those are copied into
 // a batch of dense images, the layer computed on them by wino_dense, and the results copied into the output's
 // sub-lattices. The sub-lattices' pads differ by residue; each copy is shifted so that all of them take the least.
-// Returns false, having written nothing, where the copies would outgrow max(64 MiB, the output).
+// Returns false, having written nothing, where the copies and the transformed weights would outgrow max(64 MiB, the
+// output).
 inline bool wino_dilated(const WinogradLayer& l, const float* in, const Strides& si, const float* w, const float* bias,
                          float* out, const Strides& so) {
   WinogradLayer v = l;
@@ -690,7 +694,8 @@ inline bool wino_dilated(const WinogradLayer& l, const float* in, const Strides&
   const int64_t cin = l.groups * l.ci, cout = l.groups * l.co;
   const int64_t in_plane = v.in_ext[0] * v.in_ext[1] * v.in_ext[2];
   const int64_t out_plane = v.out_ext[0] * v.out_ext[1] * v.out_ext[2];
-  const int64_t bytes = v.batch * (cin * in_plane + cout * out_plane) * int64_t(sizeof(float));
+  const int64_t bytes =
+      (v.batch * (cin * in_plane + cout * out_plane) + wino_weight_floats(v)) * int64_t(sizeof(float));
   const int64_t output = l.batch * cout * l.out_ext[0] * l.out_ext[1] * l.out_ext[2] * int64_t(sizeof(float));
   if (bytes > std::max(int64_t(64) << 20, output)) return false;
   std::unique_ptr<float[]> in_fresh, out_fresh;
@@ -764,7 +769,8 @@ inline bool wino_dilated(const WinogradLayer& l, const float* in, const Strides&
 // (the least p_r), and the weights laid out as the residues' taps: one stride-1 layer, F(2, 2) along the split dims,
 // whose GEMMs sum over the residues in their depth (3d: 27 products for 8 outputs over 8 ci channels, 0.42 of the
 // multiply-adds; 2d 0.56). Returns false, having written nothing, where the input's rows are not dense, the copies
-// would outgrow max(64 MiB, the output), or winograd_shape does not take the layer so laid out.
+// and the weights (laid out and transformed) would outgrow max(64 MiB, the output), or winograd_shape does not take
+// the layer so laid out.
 inline bool wino_strided(const WinogradLayer& l, const float* in, const Strides& si, const float* w, const float* bias,
                          float* out, const Strides& so) {
   TORCH_INTERNAL_ASSERT(!l.flip);
@@ -793,8 +799,9 @@ inline bool wino_strided(const WinogradLayer& l, const float* in, const Strides&
   v.ci = lat * l.ci, v.w_ci = T, v.w_co = v.ci * T, v.w_g = l.co * v.w_co;
   if (!winograd_shape(v, 1, so.s[2])) return false;
   const int64_t plane = v.in_ext[0] * v.in_ext[1] * v.in_ext[2], cin = l.groups * v.ci;
-  const int64_t bytes = l.batch * cin * plane * int64_t(sizeof(float));
-  const int64_t output = l.batch * l.groups * l.co * l.out_ext[0] * l.out_ext[1] * l.out_ext[2] * int64_t(sizeof(float));
+  const int64_t bytes = (l.batch * cin * plane + l.groups * v.w_g + wino_weight_floats(v)) * int64_t(sizeof(float));
+  const int64_t output =
+      l.batch * l.groups * l.co * l.out_ext[0] * l.out_ext[1] * l.out_ext[2] * int64_t(sizeof(float));
   if (bytes > std::max(int64_t(64) << 20, output)) return false;
   std::unique_ptr<float[]> in_fresh;
   float* const vin = held_buffer<float, kPlaneSlot>(l.batch * cin * plane, in_fresh);
@@ -806,7 +813,8 @@ inline bool wino_strided(const WinogradLayer& l, const float* in, const Strides&
       const int64_t n = item / (l.groups * l.ci * ryz), gc = item / ryz % (l.groups * l.ci), q0 = item % ryz;
       const int64_t g = gc / l.ci, c = gc % l.ci, rz = q0 / res[1], ry = q0 % res[1];
       float* dst[2];
-      for (int64_t rx = 0; rx < res[2]; ++rx) dst[rx] = vin + n * sv.n + (g * v.ci + (q0 * res[2] + rx) * l.ci + c) * sv.c;
+      for (int64_t rx = 0; rx < res[2]; ++rx)
+        dst[rx] = vin + n * sv.n + (g * v.ci + (q0 * res[2] + rx) * l.ci + c) * sv.c;
       const float* src = in + n * si.n + gc * si.c;
       const int64_t e0 = v.in_ext[0], e1 = v.in_ext[1], e2 = v.in_ext[2];
       for (int64_t j0 = 0; j0 < e0; ++j0)
@@ -859,7 +867,8 @@ inline bool wino_strided(const WinogradLayer& l, const float* in, const Strides&
 inline bool winograd_correlation(const WinogradLayer& l, const float* in, const Strides& si, const float* w,
                                  const float* bias, float* out, const Strides& so) {
 #if TORCH_CONVT_DIRECT_AVX512
-  if (std::any_of(l.split, l.split + kMaxDims, [](bool b) { return b; })) return wino_strided(l, in, si, w, bias, out, so);
+  if (std::any_of(l.split, l.split + kMaxDims, [](bool b) { return b; }))
+    return wino_strided(l, in, si, w, bias, out, so);
   if (std::any_of(l.dilation, l.dilation + kMaxDims, [](int64_t d) { return d != 1; }))
     return wino_dilated(l, in, si, w, bias, out, so);
   return winograd_shape(l, si.s[2], so.s[2]) && wino_dense(l, in, si, w, bias, out, so);
