@@ -1322,37 +1322,45 @@ def test_winograd_random_layers_match_float64():
 @pytest.mark.skipif(not _winograd_available(), reason="no AVX-512: float32 layers take direct summation")
 def test_winograd_same_bits_any_thread_count():
     x, w = torch.randn(2, 32, 7, 9, 13), torch.randn(32, 24, 3, 3, 3)
+    xs, ws = torch.randn(1, 16, 25, 26, 27), torch.randn(32, 16, 4, 4, 4)  # a conv at stride 2 by kernel 4
+    x2, w2 = torch.randn(8, 128, 30, 32), torch.randn(192, 128, 4, 4)  # the same in 2d, blocks of 2 panels
     results = []
     old = torch.get_num_threads()
     try:
         for threads in (1, 2, 3):
             torch.set_num_threads(threads)
             results.append((torch_convt.functional.conv_transpose3d(x, w, padding=1),
-                            torch_convt.functional.conv3d(x, w.transpose(0, 1), padding=1)))
+                            torch_convt.functional.conv3d(x, w.transpose(0, 1), padding=1),
+                            torch_convt.functional.conv3d(xs, ws, stride=2, padding=1),
+                            torch_convt.functional.conv2d(x2, w2, stride=2, padding=1)))
     finally:
         torch.set_num_threads(old)
     for r in results[1:]:
-        assert torch.equal(r[0], results[0][0]) and torch.equal(r[1], results[0][1])
+        assert all(torch.equal(a, b) for a, b in zip(r, results[0]))
 
 
 @pytest.mark.skipif(not _winograd_available(), reason="no AVX-512: float32 layers take direct summation")
-@pytest.mark.parametrize("kind", ["ct", "conv"])
+@pytest.mark.parametrize("kind", ["ct", "conv", "strided conv"])
 @pytest.mark.parametrize("where", ["input", "weight"])
 def test_winograd_non_finite_as_direct(kind, where):
     """A tile mixes its inputs, so a NaN or inf would reach outputs it does not contribute to: such layers are computed
     by direct summation, each non-finite value reaching exactly its own outputs (bit for bit the direct result)."""
     torch.manual_seed(2)
+    strided = kind == "strided conv"
     x, w, b = torch.randn(2, 32, 10, 12, 14), torch.randn(32, 32, 3, 3, 3) / 16, torch.randn(32)
+    if strided:  # (F(2, 2) on the input's sub-lattices)
+        x, w = torch.randn(2, 32, 20, 24, 26), torch.randn(32, 32, 4, 4, 4) / 16
     if where == "input":
         x[0, 3, 2, 3, 4], x[1, 5, 0, 6, 8], x[1, 7, 5, 0, 0] = float("nan"), float("inf"), -float("inf")
     else:
         w[4, 5, 1, 2, 0] = float("inf")
     fn = torch_convt.functional.conv_transpose3d if kind == "ct" else torch_convt.functional.conv3d
+    kw = dict(padding=1, stride=2 if strided else 1)
     was = torch_convt.set_winograd(True)
     try:
-        got = fn(x, w, b, padding=1)
+        got = fn(x, w, b, **kw)
         torch_convt.set_winograd(False)
-        direct = fn(x, w, b, padding=1)
+        direct = fn(x, w, b, **kw)
     finally:
         torch_convt.set_winograd(was)
     assert torch.equal(got.isnan(), direct.isnan()) and torch.equal(got.isfinite(), direct.isfinite())
