@@ -147,8 +147,15 @@ inline WinogradGeometry wino_geometry(const WinogradLayer& l) {
   return geo;
 }
 
-// The transformed weights' floats, all groups (wino_layer's U, its padding rows aside).
-inline int64_t wino_weight_floats(const WinogradLayer& l) { return l.groups * wino_geometry(l).np * l.ci * l.co; }
+// One group's transformed weights (floats; wino_layer's U, its padding rows aside), and a block's transformed inputs
+// and products for one panel of nr tiles (bytes).
+inline int64_t wino_u_floats(const WinogradLayer& l, const WinogradGeometry& geo) { return geo.np * l.ci * l.co; }
+inline int64_t wino_block_bytes(const WinogradLayer& l, const WinogradGeometry& geo, int64_t nr) {
+  return (geo.nv * l.ci + geo.np * l.co) * nr * int64_t(sizeof(float));
+}
+
+// The transformed weights' floats, all groups.
+inline int64_t wino_weight_floats(const WinogradLayer& l) { return l.groups * wino_u_floats(l, wino_geometry(l)); }
 
 // Whether the layer's shape is one the Winograd path takes (values aside: see winograd_correlation). Its dims'
 // schemes one kind but for kernel-1 dims, at least two of them, the innermost not kernel 1. Rows of the input and the
@@ -187,9 +194,9 @@ inline bool winograd_shape(const WinogradLayer& l, int64_t in_inner_stride, int6
   // A block's transformed inputs and products where the scheme saves less than half of the multiply-adds: the
   // stride-2 kernel-3 3d layer of 128 x 64 channels (2 MiB a block) took x1.13 the time, of 64 x 32 channels (1
   // MiB) x0.92, DCGAN's kernel-4 2d layer of 256 x 128 channels (1.4 MiB) x0.75.
-  const int64_t block = (geo.nv * l.ci + geo.np * l.co) * gemm_tile<float>(l.co).nr * int64_t(sizeof(float));
+  const int64_t block = wino_block_bytes(l, geo, gemm_tile<float>(l.co).nr);
   if (2 * geo.np > geo.macs && block > (int64_t(3) << 19)) return false;
-  return geo.np * l.ci * l.co * int64_t(sizeof(float)) <= (int64_t(32) << 20) &&
+  return wino_u_floats(l, geo) * int64_t(sizeof(float)) <= (int64_t(32) << 20) &&
          l.batch * geo.count * (geo.macs - geo.np) >= 256 * geo.np;
 #else
   (void)l, (void)in_inner_stride, (void)out_inner_stride;
@@ -576,9 +583,8 @@ bool wino_layer(const WinogradLayer& l, const WinogradGeometry& geo, const float
   // 2 panels: every GEMM streams its block of U from memory, for twice the columns (DCGAN's kernel-4 2d layer
   // x0.93-0.98 time, its input gradient x0.90-0.97, 256 channels by F(2, 3) in 2d x0.84; kernel 3 or 4 in 3d, whose
   // blocks of V and M are larger than U or as large, x1.05-1.5).
-  const int64_t u_bytes = geo.np * l.ci * l.co * int64_t(sizeof(float));
-  const int64_t vm_bytes = (geo.nv * l.ci + geo.np * l.co) * nr * int64_t(sizeof(float));
-  const int64_t panels = u_bytes >= 3 * vm_bytes && geo.count > nr ? 2 : 1, nb = panels * nr;
+  const int64_t u_bytes = wino_u_floats(l, geo) * int64_t(sizeof(float));
+  const int64_t panels = u_bytes >= 3 * wino_block_bytes(l, geo, nr) && geo.count > nr ? 2 : 1, nb = panels * nr;
   auto plan = std::make_unique<WinogradPlan>();
   wino_plan(l, geo, nb, *plan);
   const int64_t u_size = plan->u_off[geo.nv];
@@ -839,8 +845,8 @@ inline bool wino_strided(const WinogradLayer& l, const float* in, const Strides&
   std::vector<int64_t> tap(lat * T);  // residues q's tap a: its flat tap index t in the conv's kernel
   for (int64_t q = 0; q < lat; ++q)
     for (int64_t a = 0; a < T; ++a) {
-      const int64_t r[kMaxDims] = {q / (res[1] * res[2]), q / res[2] % res[1], q % res[2]};
-      const int64_t a3[kMaxDims] = {a / (v.kernel[1] * v.kernel[2]), a / v.kernel[2] % v.kernel[1], a % v.kernel[2]};
+      int64_t r[kMaxDims], a3[kMaxDims];
+      unflatten3(q, res, r), unflatten3(a, v.kernel, a3);
       int64_t t = 0;
       for (int64_t d = 0; d < kMaxDims; ++d) t = t * l.kernel[d] + (l.split[d] ? tap0[d][r[d]] + 2 * a3[d] : a3[d]);
       tap[q * T + a] = t;
