@@ -1366,3 +1366,80 @@ def test_winograd_non_finite_as_direct(kind, where):
     assert torch.equal(got.isnan(), direct.isnan()) and torch.equal(got.isfinite(), direct.isfinite())
     assert got.isfinite().any() and not got.isfinite().all()
     assert torch.equal(got[got.isfinite()], direct[direct.isfinite()])
+
+
+_REUSE_LAYERS = [  # (function, input, weight, kwargs): Winograd's transformed weights prepared once, then reused
+    (torch_convt.functional.conv_transpose3d, (1, 32, 16, 15, 16), (32, 24, 3, 3, 3),
+     dict(stride=2, padding=1, output_padding=1)),
+    (torch_convt.functional.conv3d, (2, 24, 8, 9, 10), (32, 24, 3, 3, 3), dict(padding=1)),
+    (torch_convt.functional.conv3d, (1, 16, 24, 26, 28), (32, 16, 4, 4, 4), dict(stride=2, padding=1)),
+    (torch_convt.functional.conv_transpose3d, (1, 32, 16, 16, 16), (32, 32, 3, 3, 3), dict(padding=2, dilation=2)),
+]
+
+
+@pytest.mark.skipif(not _winograd_available(), reason="no AVX-512: float32 layers take direct summation")
+@pytest.mark.parametrize("layer", range(len(_REUSE_LAYERS)))
+def test_winograd_reused_weights_follow_every_change(layer):
+    """Transformed weights are kept for later calls with the same weights (compared byte for byte with a copy): every
+    change to the weights, in place and behind autograd's back (.data, one element off the sampled ones, a NaN), gives
+    the output of the changed weights, bit for bit what a first call with them gives; unchanged weights give the same
+    bits again; same-shape layers alternating and more layers than the cache keeps each give their own output."""
+    fn, in_shape, w_shape, kw = _REUSE_LAYERS[layer]
+    torch.manual_seed(5)
+    x, w = torch.randn(in_shape), torch.randn(w_shape) / 16
+    was = torch_convt.set_winograd(True)
+    try:
+        first = fn(x, w.clone(), **kw)
+        torch_convt.set_winograd(False)
+        assert not torch.equal(fn(x, w, **kw), first)  # (the path is taken)
+        torch_convt.set_winograd(True)
+        for _ in range(3):  # (the second call copies the weights, the third reuses)
+            assert torch.equal(fn(x, w, **kw), first)
+        for index in (1, w.numel() - 1, w.numel() // 2 + 7):
+            w.data.view(-1)[index] += 0.25  # (no version counter change)
+            fresh = fn(x, w.clone(), **kw)  # (other weights' address: prepared afresh)
+            got = fn(x, w, **kw)
+            assert torch.equal(got, fresh) and not torch.equal(got, first)
+            assert torch.equal(fn(x, w, **kw), fresh)
+        w.data.view(-1)[3] = float("nan")
+        torch_convt.set_winograd(False)
+        direct = fn(x, w, **kw)
+        torch_convt.set_winograd(True)
+        got = fn(x, w, **kw)
+        assert torch.equal(got.isnan(), direct.isnan()) and torch.equal(got[~got.isnan()], direct[~direct.isnan()])
+        # same-shape layers in turn, more of them than the cache keeps (32 entries, 64 MiB)
+        ws = [torch.randn(w_shape) / 16 for _ in range(3)] + [torch.randn(w_shape) / 16 for _ in range(35)]
+        outs = [fn(x, v.clone(), **kw) for v in ws]
+        for _ in range(2):
+            for v, out in zip(ws[:3], outs[:3]):
+                assert torch.equal(fn(x, v, **kw), out)
+        for _ in range(2):
+            for v, out in zip(ws, outs):
+                assert torch.equal(fn(x, v, **kw), out)
+    finally:
+        torch_convt.set_winograd(was)
+
+
+@pytest.mark.skipif(not _winograd_available(), reason="no AVX-512: float32 layers take direct summation")
+def test_winograd_reused_weights_per_calling_thread():
+    """Python threads calling the same layer shape with their own weights at once: each gets its own output."""
+    import threading
+    fn, in_shape, w_shape, kw = _REUSE_LAYERS[0]
+    torch.manual_seed(6)
+    x = torch.randn(in_shape)
+    ws = [torch.randn(w_shape) / 16 for _ in range(4)]
+    expected = [fn(x, v.clone(), **kw) for v in ws]
+    bad = []
+
+    def work(i):
+        for j in range(12):
+            k = (i + j) % len(ws)
+            if not torch.equal(fn(x, ws[k], **kw), expected[k]):
+                bad.append((i, j))
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not bad

@@ -10,7 +10,10 @@ How the measurement works
   The training step also compares grad_input, grad_weight and grad_bias.
 * Modes: ``fwd`` is one forward under ``torch.no_grad()``; ``train`` is one training step
   (forward + backward w.r.t. input, weight and bias with a fixed output gradient, grads reset
-  to None before each step).
+  to None before each step; the weights are negated in place before each step, so that, as after
+  an optimizer step, no step runs on the weights of the one before: torch_convt keeps weights
+  prepared for a call (Winograd-transformed) for later calls with the same weights, which
+  inference gets and training does not).
 * Both implementations are warmed up, then the number of iterations per sample is calibrated
   (separately for each) so that one sample lasts at least ``--sample-ms`` (100 ms; 30 ms with
   ``--quick``).
@@ -356,6 +359,8 @@ def run_case(tc, case: Case, device: torch.device, modes, samples: int, target_s
                 def step():
                     mod.zero_grad(set_to_none=True)
                     xi.grad = None
+                    with torch.no_grad():  # (new weights each step, as after an optimizer step)
+                        mod.weight.neg_()
                     mod(xi).backward(grad_out)
                 step.x = xi
                 return step

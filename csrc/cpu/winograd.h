@@ -588,9 +588,14 @@ bool wino_layer(const WinogradLayer& l, const WinogradGeometry& geo, const float
   auto plan = std::make_unique<WinogradPlan>();
   wino_plan(l, geo, nb, *plan);
   const int64_t u_size = plan->u_off[geo.nv];
-  std::unique_ptr<float[]> u_fresh;
-  float* const U = held_buffer<float, kWeightSlot>(l.groups * u_size, u_fresh);
-  if (!wino_weights<DZ, DY, DX>(l, geo, *plan, w, U)) return false;
+  // (U's layout: the schemes, the channels and the taps; the weights as read)
+  const Prepared<float> u = prepared_weights<float, kWeightSlot>(
+      {1, l.kind[0], l.kind[1], l.kind[2], l.flip, l.groups, l.ci, l.co, l.kernel[0], l.kernel[1], l.kernel[2],
+       l.w_g, l.w_co, l.w_ci, u_size},
+      w, size_t(l.groups * l.w_g) * sizeof(float), l.groups * u_size,
+      [&](float* U) { return wino_weights<DZ, DY, DX>(l, geo, *plan, w, U); });
+  if (!u.ok) return false;
+  const float* const U = u.data;
   const int64_t blocks = ceil_div(geo.count, nb), v_xi = l.ci * nb + 16;
   std::atomic<bool> finite{true};
   at::parallel_for(0, l.batch * l.groups * blocks, 1, [&](int64_t begin, int64_t end) {
