@@ -1368,6 +1368,24 @@ def test_winograd_non_finite_as_direct(kind, where):
     assert torch.equal(got[got.isfinite()], direct[direct.isfinite()])
 
 
+
+@pytest.mark.skipif(not _winograd_available(), reason="no AVX-512: float32 layers take direct summation")
+def test_winograd_huge_finite_values():
+    """Outputs near float32's largest values, all finite, all positive: finite outputs within 1e-5 of direct
+    summation's (the Winograd path's finiteness check sums a run's outputs, which overflows here, and the layer is then
+    computed by direct summation)."""
+    torch.manual_seed(4)
+    x, w = torch.rand(1, 32, 12, 12, 12) * 6e37, torch.rand(32, 32, 3, 3, 3) / 64
+    was = torch_convt.set_winograd(True)
+    try:
+        got = torch_convt.functional.conv_transpose3d(x, w, padding=1)
+        torch_convt.set_winograd(False)
+        direct = torch_convt.functional.conv_transpose3d(x, w, padding=1)
+    finally:
+        torch_convt.set_winograd(was)
+    assert direct.isfinite().all() and direct.min() > 1e36
+    assert got.isfinite().all() and (got - direct).abs().max() <= 1e-5 * direct.max()
+
 _REUSE_LAYERS = [  # (function, input, weight, kwargs): Winograd's transformed weights prepared once, then reused
     (torch_convt.functional.conv_transpose3d, (1, 32, 16, 15, 16), (32, 24, 3, 3, 3),
      dict(stride=2, padding=1, output_padding=1)),

@@ -385,7 +385,10 @@ TORCH_CONVT_AVX512_TARGET void wino_input_run(const float* in, const Strides& si
 }
 
 // The output transform of a run, output channel c of the group, plus its bias: out's rows of the run's tiles. `M`:
-// the products, product p's channel c at M + prod[p] + c * ld + col. Returns whether every value stored is finite.
+// the products, product p's channel c at M + prod[p] + c * ld + col. Returns whether the sum of the tiles' values
+// (those past the output, computed but not stored, too) is finite: false where any of them is not, and for finite
+// ones only where they sum past 3e38; either way the caller's other path computes the layer. (Summed, not checked
+// store by store: x0.94-0.97 the time of MONAI's and the k=4 3d forward.)
 template <class DZ, class DY, class DX>
 TORCH_CONVT_AVX512_TARGET bool wino_output_run(const float* M, const int64_t* prod, int64_t ld, const float* bias,
                                                const WinogradRun& run, int64_t c, float* out, const Strides& so) {
@@ -415,7 +418,7 @@ TORCH_CONVT_AVX512_TARGET bool wino_output_run(const float* M, const int64_t* pr
     for (int b = 0; b < DY::M; ++b) {
       __m512 e[DX::M], w[DX::M];  // along x: the tiles' points, then interleaved
       DX::out(s[a][b], e);
-      for (int k = 0; k < DX::M; ++k) e[k] = _mm512_add_ps(e[k], bv);
+      for (int k = 0; k < DX::M; ++k) e[k] = _mm512_add_ps(e[k], bv), bad = _mm512_add_ps(bad, e[k]);
       if constexpr (DX::M == 2) {
         wino_merge(e[0], e[1], w[0], w[1]);
       } else {  // (pairs of points merged, then pairs of pairs)
@@ -430,12 +433,10 @@ TORCH_CONVT_AVX512_TARGET bool wino_output_run(const float* M, const int64_t* pr
         const WinogradSegment& sg = run.seg[sgi];
         if (!(sg.out_rows >> (a * DY::M + b) & 1)) continue;
         float* row = o + sg.out_at[a * DY::M + b];
-        for (int k = 0; k < DX::M; ++k) {
-          _mm512_mask_storeu_ps(row + 16 * k, sg.store[k], w[k]);
-          bad = _mm512_add_ps(bad, _mm512_maskz_sub_ps(sg.store[k], w[k], w[k]));
-        }
+        for (int k = 0; k < DX::M; ++k) _mm512_mask_storeu_ps(row + 16 * k, sg.store[k], w[k]);
       }
     }
+  bad = _mm512_sub_ps(bad, bad);  // (0 where finite, else NaN)
   return _mm512_cmp_ps_mask(bad, bad, _CMP_ORD_Q) == 0xFFFF;
 }
 
