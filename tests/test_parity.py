@@ -1438,6 +1438,26 @@ def test_winograd_reused_weights_follow_every_change(layer):
         torch_convt.set_winograd(was)
 
 
+
+@pytest.mark.skipif(not _winograd_available(), reason="no AVX-512: float32 layers take direct summation")
+def test_winograd_reused_weights_released():
+    """empty_cache() releases the kept transformed weights (and says so in its byte count); with set_cache_limit(0)
+    none are kept, and the outputs are the same bits."""
+    fn, in_shape, w_shape, kw = _REUSE_LAYERS[1]  # (an output under 1 MiB: no output memory kept)
+    torch.manual_seed(7)
+    x, w = torch.randn(in_shape), torch.randn(w_shape) / 16
+    torch_convt.empty_cache()
+    first = [fn(x, w, **kw) for _ in range(3)]
+    assert torch_convt.empty_cache() >= w.numel() * 4 * 2  # (the transformed weights and the weights' copy)
+    assert torch_convt.empty_cache() == 0
+    previous = torch_convt.set_cache_limit(0)
+    try:
+        again = [fn(x, w, **kw) for _ in range(3)]
+        assert torch_convt.empty_cache() == 0, "transformed weights kept with a cache limit of 0"
+    finally:
+        torch_convt.set_cache_limit(previous)
+    assert all(torch.equal(a, first[0]) for a in first + again)
+
 @pytest.mark.skipif(not _winograd_available(), reason="no AVX-512: float32 layers take direct summation")
 def test_winograd_reused_weights_per_calling_thread():
     """Python threads calling the same layer shape with their own weights at once: each gets its own output."""

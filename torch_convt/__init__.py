@@ -48,14 +48,17 @@ def empty_cache() -> int:
     """Releases the memory torch_convt keeps for reuse (CPU). An output of 1 MiB or more leaves its memory, when it
     is freed, to the next output that fits (at most 4 blocks, 1 GiB in all by default), so that a layer called again
     does not pay for fresh pages, which the OS zeroes on first touch: a third of a large up-sampling layer's time.
-    Like torch.cuda.empty_cache(), this returns idle memory to the system (and says how many bytes); outputs in use
-    are not affected."""
+    Float32 layers computed by Winograd keep their transformed weights for later calls with the same weights (at most
+    64 MiB per calling thread; a copy of the weights is compared byte for byte), which this releases for the calling
+    thread. Like torch.cuda.empty_cache(), this returns idle memory to the system (and says how many bytes); outputs
+    in use are not affected."""
     return _C.empty_cache()
 
 
 def set_cache_limit(nbytes: int) -> int:
     """Sets the most memory torch_convt keeps for reuse (see empty_cache; 0 keeps none) and returns the previous
-    limit. What is kept beyond the new limit is released at once."""
+    limit (of outputs' memory). What is kept beyond the new limit is released at once; transformed weights are kept
+    up to the limit or 64 MiB per thread, whichever is less (with 0, none from the next call on)."""
     return _C.set_cache_limit(int(nbytes))
 
 

@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -147,7 +148,8 @@ T* held_buffer(int64_t n, std::unique_ptr<T[]>& fresh) {
 // reuses the prepared values: the same bits as preparing them again. Any other call prepares them into the entry of
 // its key and address (reusing its buffer: no fresh pages) or a new one. Training changes the weights every step:
 // their samples differ and no copy is made. Per calling thread at most kPreparedBytes of entries, the least recently
-// used dropped; a preparation above half of that takes held_buffer's buffer.
+// used dropped (at most the cache limit: set_cache_limit; 0 keeps none); a preparation above half of that takes
+// held_buffer's buffer. empty_cache() drops the calling thread's entries.
 struct PreparedEntry {
   std::vector<int64_t> key;
   const void* weights = nullptr;
@@ -158,6 +160,24 @@ struct PreparedEntry {
 };
 constexpr size_t kPreparedBytes = size_t(64) << 20;
 constexpr size_t kPreparedEntries = 32;
+
+// The calling thread's entries, most recently used first; their budget (bytes, all threads alike).
+inline std::vector<std::shared_ptr<PreparedEntry>>& prepared_list() {
+  thread_local std::vector<std::shared_ptr<PreparedEntry>> list;
+  return list;
+}
+inline std::atomic<size_t>& prepared_budget() {
+  static std::atomic<size_t> bytes{kPreparedBytes};
+  return bytes;
+}
+
+// Drops the calling thread's entries; returns their bytes.
+inline size_t drop_prepared() {
+  size_t bytes = 0;
+  for (const auto& e : prepared_list()) bytes += e->data_bytes + e->source_bytes;
+  prepared_list().clear();
+  return bytes;
+}
 
 // The prepared values of the call (n elements of T): `entry` keeps them alive; ok: what `prepare` returned.
 template <typename T>
@@ -186,12 +206,14 @@ template <typename T, int Slot, typename Prepare>
 Prepared<T> prepared_weights(std::vector<int64_t> key, const void* w, size_t w_bytes, int64_t n, Prepare&& prepare) {
   Prepared<T> r;
   const size_t offset = size_t(Slot) * (4096 + 320), bytes = size_t(n) * sizeof(T) + offset;
-  if (bytes + w_bytes > kPreparedBytes / 2) {
+  const size_t budget = prepared_budget().load(std::memory_order_relaxed);
+  auto& list = prepared_list();
+  if (bytes + w_bytes > budget / 2) {
+    if (budget == 0) list.clear();
     r.data = held_buffer<T, Slot>(n, r.fresh);
     r.ok = prepare(r.data);
     return r;
   }
-  thread_local std::vector<std::shared_ptr<PreparedEntry>> list;  // most recently used first
   const auto values = [&](PreparedEntry& e) { return reinterpret_cast<T*>(static_cast<char*>(e.data.get()) + offset); };
   for (auto it = list.begin(); it != list.end(); ++it) {
     PreparedEntry& e = **it;
@@ -227,7 +249,7 @@ Prepared<T> prepared_weights(std::vector<int64_t> key, const void* w, size_t w_b
   size_t total = 0, kept = 0;
   for (; kept < list.size() && kept < kPreparedEntries; ++kept) {
     total += list[kept]->data_bytes + list[kept]->source_bytes;
-    if (total > kPreparedBytes) break;
+    if (total > budget) break;
   }
   list.resize(std::max<size_t>(kept, 1));
   r.data = values(e);

@@ -1722,7 +1722,7 @@ at::Tensor conv_weight_grad_cpu(const at::Tensor& input, const at::Tensor& grad_
 }  // namespace
 
 int64_t empty_cache() {
-  return static_cast<int64_t>(OutputAllocator::get().release());
+  return static_cast<int64_t>(OutputAllocator::get().release() + cpu::drop_prepared());
 }
 
 bool set_winograd(bool on) {
@@ -1735,6 +1735,8 @@ bool set_amx(bool on) {
 
 int64_t set_cache_limit(int64_t bytes) {
   TORCH_CHECK(bytes >= 0, "torch_convt.set_cache_limit: expected a byte count >= 0, but got ", bytes);
+  cpu::prepared_budget().store(std::min(cpu::kPreparedBytes, static_cast<size_t>(bytes)));
+  if (bytes == 0) cpu::drop_prepared();
   return static_cast<int64_t>(OutputAllocator::get().set_limit(static_cast<size_t>(bytes)));
 }
 
