@@ -121,11 +121,13 @@ at::Tensor conv_weight_grad(const at::Tensor& input, const at::Tensor& grad_outp
 
 }  // namespace ops
 
-// The memory kept for reuse. A CPU output of 32 MiB or more leaves its memory, when it is freed, to the next output
+// The memory kept for reuse. A CPU output of 1 MiB or more leaves its memory, when it is freed, to the next output
 // that fits (at most 4 blocks, 1 GiB in all unless set_cache_limit says otherwise), so that a layer called again
-// does not pay for fresh pages, which the OS zeroes on first touch. empty_cache() releases the kept blocks and
-// returns their bytes; set_cache_limit(bytes) sets the most bytes kept (0: nothing is kept) and returns the
-// previous limit. Outputs in use are never affected.
+// does not pay for fresh pages, which the OS zeroes on first touch; float32 layers computed by Winograd keep their
+// transformed weights for later calls with the same weights (compared byte for byte; at most 64 MiB, or the limit if
+// less, per calling thread). empty_cache() releases the kept blocks and the calling thread's transformed weights and
+// returns their bytes; set_cache_limit(bytes) sets the most bytes kept (0: nothing is kept) and returns the previous
+// limit. Outputs in use are never affected.
 int64_t empty_cache();
 int64_t set_cache_limit(int64_t bytes);
 
