@@ -140,7 +140,7 @@ T* held_buffer(int64_t n, std::unique_ptr<T[]>& fresh) {
   return fresh.get();
 }
 
-// Weights prepared for a kernel's GEMMs (Winograd-transformed, packed), kept across calls: inference calls a layer
+// Weights prepared for a kernel's GEMMs (Winograd-transformed), kept across calls: inference calls a layer
 // again and again with the same weights, and preparing them took 6% of MONAI's forward (with its parallel region,
 // x0.86 the time without it). An entry: the preparation's key (what fixes its layout), the address of the weights it
 // was last prepared from, a sample of them (`print`) and, once two calls in a row at that address gave the same
@@ -214,7 +214,9 @@ Prepared<T> prepared_weights(std::vector<int64_t> key, const void* w, size_t w_b
     r.ok = prepare(r.data);
     return r;
   }
-  const auto values = [&](PreparedEntry& e) { return reinterpret_cast<T*>(static_cast<char*>(e.data.get()) + offset); };
+  const auto values = [&](PreparedEntry& e) {
+    return reinterpret_cast<T*>(static_cast<char*>(e.data.get()) + offset);
+  };
   for (auto it = list.begin(); it != list.end(); ++it) {
     PreparedEntry& e = **it;
     if (e.copied && e.key == key && e.source_bytes == w_bytes && std::memcmp(e.source.get(), w, w_bytes) == 0) {
@@ -235,7 +237,8 @@ Prepared<T> prepared_weights(std::vector<int64_t> key, const void* w, size_t w_b
   } else {
     r.entry = std::make_shared<PreparedEntry>();
     r.entry->key = std::move(key), r.entry->weights = w;
-    r.entry->data = new_block(bytes, true), r.entry->data_bytes = bytes;  // (2 MiB aligned: as scratch)
+    // (2 MiB aligned, as scratch's large buffers, and counted as whole 2 MiB pages, which the OS may back them with)
+    r.entry->data = new_block(bytes, true), r.entry->data_bytes = (bytes + (size_t(2) << 20) - 1) >> 21 << 21;
   }
   PreparedEntry& e = *r.entry;
   e.print = print, e.copied = false;
