@@ -1392,7 +1392,19 @@ _REUSE_LAYERS = [  # (function, input, weight, kwargs): Winograd's transformed w
     (torch_convt.functional.conv3d, (2, 24, 8, 9, 10), (32, 24, 3, 3, 3), dict(padding=1)),
     (torch_convt.functional.conv3d, (1, 16, 24, 26, 28), (32, 16, 4, 4, 4), dict(stride=2, padding=1)),
     (torch_convt.functional.conv_transpose3d, (1, 32, 16, 16, 16), (32, 32, 3, 3, 3), dict(padding=2, dilation=2)),
+    (torch_convt.functional.conv_transpose2d, (8, 64, 20, 22), (64, 32, 3, 3),
+     dict(stride=2, padding=1, output_padding=1, groups=2)),  # (a change in the second group's weights is seen)
 ]
+
+
+def _in_new_thread(call):
+    """call() on a thread of its own: kept transformed weights are per calling thread, so it prepares afresh."""
+    import threading
+    out = []
+    t = threading.Thread(target=lambda: out.append(call()))
+    t.start()
+    t.join()
+    return out[0]
 
 
 @pytest.mark.skipif(not _winograd_available(), reason="no AVX-512: float32 layers take direct summation")
@@ -1407,7 +1419,7 @@ def test_winograd_reused_weights_follow_every_change(layer):
     x, w = torch.randn(in_shape), torch.randn(w_shape) / 16
     was = torch_convt.set_winograd(True)
     try:
-        first = fn(x, w.clone(), **kw)
+        first = _in_new_thread(lambda: fn(x, w, **kw))
         torch_convt.set_winograd(False)
         assert not torch.equal(fn(x, w, **kw), first)  # (the path is taken)
         torch_convt.set_winograd(True)
@@ -1415,7 +1427,7 @@ def test_winograd_reused_weights_follow_every_change(layer):
             assert torch.equal(fn(x, w, **kw), first)
         for index in (1, w.numel() - 1, w.numel() // 2 + 7):
             w.data.view(-1)[index] += 0.25  # (no version counter change)
-            fresh = fn(x, w.clone(), **kw)  # (other weights' address: prepared afresh)
+            fresh = _in_new_thread(lambda: fn(x, w, **kw))
             got = fn(x, w, **kw)
             assert torch.equal(got, fresh) and not torch.equal(got, first)
             assert torch.equal(fn(x, w, **kw), fresh)
@@ -1427,7 +1439,7 @@ def test_winograd_reused_weights_follow_every_change(layer):
         assert torch.equal(got.isnan(), direct.isnan()) and torch.equal(got[~got.isnan()], direct[~direct.isnan()])
         # same-shape layers in turn, more of them than the cache keeps (32 entries, 64 MiB)
         ws = [torch.randn(w_shape) / 16 for _ in range(3)] + [torch.randn(w_shape) / 16 for _ in range(35)]
-        outs = [fn(x, v.clone(), **kw) for v in ws]
+        outs = _in_new_thread(lambda: [fn(x, v, **kw) for v in ws])
         for _ in range(2):
             for v, out in zip(ws[:3], outs[:3]):
                 assert torch.equal(fn(x, v, **kw), out)
@@ -1466,7 +1478,7 @@ def test_winograd_reused_weights_per_calling_thread():
     torch.manual_seed(6)
     x = torch.randn(in_shape)
     ws = [torch.randn(w_shape) / 16 for _ in range(4)]
-    expected = [fn(x, v.clone(), **kw) for v in ws]
+    expected = _in_new_thread(lambda: [fn(x, v, **kw) for v in ws])
     bad = []
 
     def work(i):
