@@ -7,6 +7,8 @@ Device-generic tests take the ``device`` fixture (conftest.py): the reference is
 device. Integer dtypes are CPU-only (CUDA has no integer convolutions; see test_errors.py for the CUDA error
 types); the thread-count determinism test is CPU-only (test_cuda.py checks CUDA determinism).
 """
+import threading
+
 import pytest
 import torch
 import torch_convt
@@ -595,7 +597,6 @@ def test_plans_reused_across_calls():
     shapes in turn in two layouts and two dtypes (different plans), cycling through more geometries than it keeps,
     from the main thread and a second one, must each match torch: a plan is only ever reused for its own
     geometry."""
-    import threading
     calls = []
     extra = [Cfg(kernel=2, stride=2, size=4), Cfg(kernel=4, stride=2, padding=1, size=4), Cfg(kernel=3, stride=3)]
     for cfg in list(CT_VARIANTS.values()) + extra:
@@ -1399,7 +1400,6 @@ _REUSE_LAYERS = [  # (function, input, weight, kwargs): Winograd's transformed w
 
 def _in_new_thread(call):
     """call() on a thread of its own: kept transformed weights are per calling thread, so it prepares afresh."""
-    import threading
     out = []
     t = threading.Thread(target=lambda: out.append(call()))
     t.start()
@@ -1473,7 +1473,6 @@ def test_winograd_reused_weights_released():
 @pytest.mark.skipif(not _winograd_available(), reason="no AVX-512: float32 layers take direct summation")
 def test_winograd_reused_weights_per_calling_thread():
     """Python threads calling the same layer shape with their own weights at once: each gets its own output."""
-    import threading
     fn, in_shape, w_shape, kw = _REUSE_LAYERS[0]
     torch.manual_seed(6)
     x = torch.randn(in_shape)
