@@ -1175,6 +1175,12 @@ WINOGRAD_CASES = [
     ("ct", (1, 32, 13, 14, 15), (32, 24, 3, 3, 3), 1, 1, 1, False, dict(stride=2, output_padding=1)),  # MONAI's
     ("ct", (2, 16, 7, 9, 21), (16, 33, 3, 3, 3), 0, 1, 1, False, dict(stride=2)),  # kernel 3, padding 0, 33 rows
     ("ct", (8, 64, 20, 22), (64, 64, 3, 3), 1, 1, 1, False, dict(stride=2, output_padding=1)),  # 2d kernel 3
+    # 1d up-samplers by kernel 2s (vocoders): F(2, 2) on pairs of each phase, 384 channels in or more a group
+    ("ct", (4, 384, 17), (384, 64, 16), 4, 1, 1, False, dict(stride=8)),  # HiFi-GAN's, odd length: edge tiles
+    ("ct", (3, 384, 40), (384, 256, 4), 1, 1, 1, False, dict(stride=2)),  # kernel 4 stride 2
+    ("ct", (3, 400, 23), (400, 120, 10), 7, 1, 1, False, dict(stride=5, output_padding=3)),  # padding past s
+    ("ct", (3, 768, 30), (768, 128, 8), 2, 2, 1, False, dict(stride=4)),  # grouped
+    ("ct", (5, 384, 12), (384, 171, 6), 0, 1, 1, False, dict(stride=3)),  # 513 rows: a ragged panel
 ]
 
 
@@ -1325,6 +1331,7 @@ def test_winograd_same_bits_any_thread_count():
     x, w = torch.randn(2, 32, 7, 9, 13), torch.randn(32, 24, 3, 3, 3)
     xs, ws = torch.randn(1, 16, 25, 26, 27), torch.randn(32, 16, 4, 4, 4)  # a conv at stride 2 by kernel 4
     x2, w2 = torch.randn(8, 128, 30, 32), torch.randn(192, 128, 4, 4)  # the same in 2d, blocks of 2 panels
+    x1, w1 = torch.randn(4, 384, 50), torch.randn(384, 128, 16)  # a 1d up-sampler, blocks of unequal work
     results = []
     old = torch.get_num_threads()
     try:
@@ -1333,7 +1340,8 @@ def test_winograd_same_bits_any_thread_count():
             results.append((torch_convt.functional.conv_transpose3d(x, w, padding=1),
                             torch_convt.functional.conv3d(x, w.transpose(0, 1), padding=1),
                             torch_convt.functional.conv3d(xs, ws, stride=2, padding=1),
-                            torch_convt.functional.conv2d(x2, w2, stride=2, padding=1)))
+                            torch_convt.functional.conv2d(x2, w2, stride=2, padding=1),
+                            torch_convt.functional.conv_transpose1d(x1, w1, stride=8, padding=4)))
     finally:
         torch.set_num_threads(old)
     for r in results[1:]:
@@ -1371,6 +1379,37 @@ def test_winograd_non_finite_as_direct(kind, where):
 
 
 @pytest.mark.skipif(not _winograd_available(), reason="no AVX-512: float32 layers take direct summation")
+@pytest.mark.parametrize("where", ["input", "weight", "huge"])
+def test_winograd_upsample_non_finite_as_direct(where):
+    """The 1d up-sampler by kernel 2s (a tile's transformed inputs mix three input points): NaN and inf inputs or
+    weights give direct summation's output bit for bit; finite values whose products overflow in the transform give
+    finite outputs within 1e-5 of direct summation's."""
+    torch.manual_seed(8)
+    x, w, b = torch.randn(3, 384, 30), torch.randn(384, 64, 16) / 64, torch.randn(64)
+    if where == "input":
+        x[0, 3, 0], x[1, 5, 17], x[2, 7, 29] = float("nan"), float("inf"), -float("inf")
+    elif where == "weight":
+        w[4, 5, 11] = float("inf")
+    else:
+        x, w, b = torch.rand(3, 384, 30) * 6e37, torch.rand(384, 64, 16) / 768, None
+    fn = torch_convt.functional.conv_transpose1d
+    was = torch_convt.set_winograd(True)
+    try:
+        got = fn(x, w, b, stride=8, padding=4)
+        torch_convt.set_winograd(False)
+        direct = fn(x, w, b, stride=8, padding=4)
+    finally:
+        torch_convt.set_winograd(was)
+    if where == "huge":
+        assert direct.isfinite().all() and direct.max() > 1e36
+        assert got.isfinite().all() and (got - direct).abs().max() <= 1e-5 * direct.max()
+        return
+    assert torch.equal(got.isnan(), direct.isnan()) and torch.equal(got.isfinite(), direct.isfinite())
+    assert got.isfinite().any() and not got.isfinite().all()
+    assert torch.equal(got[got.isfinite()], direct[direct.isfinite()])
+
+
+@pytest.mark.skipif(not _winograd_available(), reason="no AVX-512: float32 layers take direct summation")
 def test_winograd_huge_finite_values():
     """Outputs near float32's largest values, all finite, all positive: finite outputs within 1e-5 of direct
     summation's (the Winograd path's finiteness check sums a run's outputs, which overflows here, and the layer is then
@@ -1395,6 +1434,7 @@ _REUSE_LAYERS = [  # (function, input, weight, kwargs): Winograd's transformed w
     (torch_convt.functional.conv_transpose3d, (1, 32, 16, 16, 16), (32, 32, 3, 3, 3), dict(padding=2, dilation=2)),
     (torch_convt.functional.conv_transpose2d, (8, 64, 20, 22), (64, 32, 3, 3),
      dict(stride=2, padding=1, output_padding=1, groups=2)),  # (a change in the second group's weights is seen)
+    (torch_convt.functional.conv_transpose1d, (4, 384, 20), (384, 64, 16), dict(stride=8, padding=4)),  # 1d k = 2s
 ]
 
 

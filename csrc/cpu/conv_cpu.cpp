@@ -984,6 +984,7 @@ void conv_transpose_kernel(const ConvParams& p, const scalar_t* y, const Strides
   if constexpr (std::is_same_v<scalar_t, float>) {
     cpu::WinogradLayer wl;
     if (winograd_layer(p, true, wl) && cpu::winograd_correlation(wl, y, sy, w, bias, x, sx)) return;
+    if (cpu::winograd_upsample(wl, p.stride[2], p.padding[2], y, sy, w, bias, x, sx)) return;
   }
   std::vector<acc_t> b_store;
   const acc_t* ba = bias ? as_acc(bias, p.big_channels, b_store) : nullptr;

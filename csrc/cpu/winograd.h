@@ -36,6 +36,7 @@
 #include <atomic>
 #include <cmath>
 #include <memory>
+#include <numeric>
 
 #include "columns.h"
 #include "direct.h"
@@ -871,6 +872,209 @@ inline bool wino_strided(const WinogradLayer& l, const float* in, const Strides&
   });
   return wino_dense(v, vin, sv, vw.get(), bias, out, so);
 }
+
+// A conv_transpose along one dim (the others of extent 1, kernel 1) at stride s, 2 <= s <= 8, by kernel 2s,
+// undilated: the up-samplers of audio vocoders (HiFi-GAN's and MelGAN's k = 16, s = 8 and k = 4, s = 2). With
+// o + padding = s q + r (0 <= r < s), out[o] = sum_ci w[r] in[q] + w[r + s] in[q - 1]: s 2-tap correlations (phases)
+// of the same input, each by F(2, 2) on pairs of q. Tile T: q = q0 + 2T and q0 + 2T + 1 (q0 = padding / s), its
+// window d = in[q0 + 2T - 1 .. q0 + 2T + 1], transformed once for all phases into (d0 - d1, d1, d2 - d1); phase r's
+// weights into (w[r + s], w[r] + w[r + s], w[r]). Products 0 + 1 are phase r's output at q, 1 + 2 at q + 1: a tile's
+// 2s outputs out[2sT - r0 .. 2sT - r0 + 2s) (r0 = padding mod s) by 3s products instead of 4s multiply-adds. Each
+// transformed input's products for all (co, r) rows are one GEMM: U_v [s co x ci] . V_v [ci x tiles], in blocks of
+// rows whose U stays in the core's L2 while the tiles' V stream past it (all tiles' V transformed first).
+struct WinoUpsample {
+  int64_t s, r0, q0, tiles;  // tiles: of one image
+  int64_t mr, nr, nb, rows;  // GEMM tiling; rows: of a block of U (a multiple of s and mr)
+  int64_t u_size, v_size;    // one transformed input's U (a group's), V (a group's, all images)
+};
+
+// Blocks of 192 rows of U (1.2 MiB of its three transformed weights at 512 channels: in L2 while the tiles' V stream
+// past; 384 rows took x1.10 the time, 96 within noise) and 2 panels of tiles; the 12-row register blocking where it
+// pads s co by 5% or less (the 8-row one took x1.05-1.08 the time).
+inline void wino_upsample_plan(const WinogradLayer& l, int64_t stride, int64_t padding, WinoUpsample& up) {
+  const int64_t s = stride, Lo = l.out_ext[2];
+  up.s = s, up.q0 = padding / s, up.r0 = padding % s;
+  up.tiles = ceil_div((Lo - 1 + padding) / s - up.q0 + 1, int64_t(2));
+  const GemmTile gt = gemm_tile<float>(s * l.co, 0.05);
+  up.mr = gt.mr, up.nr = gt.nr, up.nb = 2 * gt.nr;
+  const int64_t unit = std::lcm(s, up.mr);
+  up.rows = std::max<int64_t>(1, 192 / unit) * unit;
+  up.u_size = packed_size(s * l.co, l.ci, up.mr) + 16;
+  up.v_size = packed_size(l.batch * up.tiles, l.ci, up.nr) + 16;
+}
+
+// Whether a layer (WinogradLayer's fields, the dims before the last of extent 1 and kernel 1) takes this path: dense
+// rows; at least 384 input channels a group and 512 rows (s co) a GEMM, so that the products' work pays for the
+// transforms and the transformed inputs' trips through memory (against the phases' GEMMs of gemm.h, alternated:
+// 512 x 256 channels at s = 8 on 4 x 200 points x0.80-0.86 the time, 384 x 256 x0.86-0.89, 512 x 256 at s = 2
+// x0.77-0.79, 512 x 512 at s = 4 x0.80-0.83; but 256 x 128 at s = 8 on 4 x 1600 points x1.04-1.29, 128 x 64 at
+// s = 2 on 4 x 12800 x2.5); transformed weights of at most 32 MiB; enough tiles for the weights' transform.
+inline bool wino_upsample_shape(const WinogradLayer& l, int64_t stride, int64_t in_inner_stride,
+                                int64_t out_inner_stride) {
+  if (!winograd_flag().load(std::memory_order_relaxed) || !direct_avx512()) return false;
+  for (int64_t d = 0; d < 2; ++d)
+    if (l.in_ext[d] != 1 || l.out_ext[d] != 1 || l.kernel[d] != 1) return false;
+  if (stride < 2 || stride > 8 || l.kernel[2] != 2 * stride || l.dilation[2] != 1) return false;
+  if (in_inner_stride != 1 || out_inner_stride != 1 || l.ci < 384 || stride * l.co < 512) return false;
+  const int64_t tiles = l.batch * ceil_div(l.out_ext[2], 2 * stride);
+  return tiles >= 32 && 3 * stride * l.ci * l.co * int64_t(sizeof(float)) <= (int64_t(32) << 20);
+}
+
+// The transformed weights of group g's panel p (mr rows co s + r of U_v, packed as gemm_packed's A, ci deep).
+// Returns whether all are finite.
+TORCH_CONVT_AVX512_TARGET inline bool wino_upsample_panel(const WinogradLayer& l, const WinoUpsample& up,
+                                                          const float* w, int64_t g, int64_t p, float* U) {
+  const int64_t lanes = std::min(up.mr, up.s * l.co - p * up.mr);
+  alignas(64) int32_t off[16] = {};
+  for (int64_t j = 0; j < lanes; ++j) {
+    const int64_t row = p * up.mr + j;
+    off[j] = static_cast<int32_t>(row / up.s * l.w_co + row % up.s);
+  }
+  const __m512i from = _mm512_load_si512(off);
+  const __mmask16 m = lane_mask(0, 0, lanes), all = lane_mask(0, 0, up.mr);
+  float* u = U + g * 3 * up.u_size + p * l.ci * up.mr;
+  const float* src = w + g * l.w_g;
+  __m512 bad = _mm512_setzero_ps();
+  for (int64_t c = 0; c < l.ci; ++c, u += up.mr, src += l.w_ci) {
+    const __m512 a = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, from, src, 4);         // w[r]
+    const __m512 b = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, from, src + up.s, 4);  // w[r + s]
+    const __m512 ab = _mm512_add_ps(a, b);
+    bad = _mm512_add_ps(bad, _mm512_sub_ps(ab, ab));
+    _mm512_mask_storeu_ps(u, all, b), _mm512_mask_storeu_ps(u + up.u_size, all, ab);
+    _mm512_mask_storeu_ps(u + 2 * up.u_size, all, a);
+  }
+  return _mm512_cmp_ps_mask(bad, bad, _CMP_ORD_Q) == 0xFFFF;
+}
+
+// The products of a block (co0's rows of group g by the tiles from c0: the GEMMs into M) and its outputs. Returns
+// whether the sum of its outputs (bias aside) is finite.
+TORCH_CONVT_AVX512_TARGET inline bool wino_upsample_block(const WinogradLayer& l, const WinoUpsample& up,
+                                                          const float* U, const float* V, const float* bias,
+                                                          int64_t g, int64_t co0, int64_t c0, float* M, float* out,
+                                                          const Strides& so, bool stream) {
+  const int64_t s = up.s, Lo = l.out_ext[2], all_tiles = l.batch * up.tiles;
+  const int64_t cos = std::min(up.rows / s, l.co - co0), rows = cos * s, cols = std::min(up.nb, all_tiles - c0);
+  const int64_t m_size = up.rows * up.nb + 16, ld = s * up.nb;
+  const GemmTile gt{up.mr, up.nr};
+  for (int64_t v = 0; v < 3; ++v)
+    gemm_packed<float>(gt, rows, cols, l.ci, U + (g * 3 + v) * up.u_size + co0 * s * l.ci,
+                       V + (g * 3 + v) * up.v_size + c0 * l.ci, false, M + v * m_size, up.nb);
+  // Phase r's outputs at q (products 0 + 1, into M_0's rows) and at q + 1 (1 + 2, into M_2's).
+  __m512 bad = _mm512_setzero_ps();
+  for (int64_t row = 0; row < rows; ++row) {
+    float* m0 = M + row * up.nb;
+    for (int64_t j = 0; j < cols; j += 16) {
+      const __mmask16 lanes = lane_mask(j, 0, cols);
+      const __m512 p0 = _mm512_maskz_loadu_ps(lanes, m0 + j), p1 = _mm512_maskz_loadu_ps(lanes, m0 + m_size + j),
+                   p2 = _mm512_maskz_loadu_ps(lanes, m0 + 2 * m_size + j);
+      const __m512 a = _mm512_add_ps(p0, p1), b = _mm512_add_ps(p1, p2);
+      bad = _mm512_add_ps(bad, _mm512_add_ps(a, b));
+      _mm512_mask_storeu_ps(m0 + j, lanes, a), _mm512_mask_storeu_ps(m0 + 2 * m_size + j, lanes, b);
+    }
+  }
+  const float* rws[16];
+  for (int64_t r = 0; r < s; ++r) rws[r] = M + r * up.nb, rws[s + r] = M + 2 * m_size + r * up.nb;
+  const float* bias_b = bias ? bias + g * l.co + co0 : nullptr;
+  float* out_b = out + (g * l.co + co0) * so.c;
+  // Interior tiles (their 2s outputs all inside the output) by store_interleaved, a run per image; the others point
+  // by point.
+  const int64_t t_lo = ceil_div(up.r0, 2 * s), t_hi = (Lo + up.r0) / (2 * s);
+  StoreRun runs[2 * 32 + 2];
+  int64_t count = 0;
+  for (int64_t t = c0; t < c0 + cols;) {
+    const int64_t n = t / up.tiles, T0 = t % up.tiles, T1 = std::min(up.tiles, T0 + c0 + cols - t);
+    for (int64_t T = T0; T < T1; ++T) {
+      if (T >= t_lo && T < t_hi) continue;
+      for (int64_t k = 0; k < cos; ++k)
+        for (int64_t r = 0; r < 2 * s; ++r) {
+          const int64_t o = 2 * s * T - up.r0 + r;
+          if (o >= 0 && o < Lo)
+            out_b[n * so.n + k * so.c + o] = rws[r][k * ld + n * up.tiles + T - c0] + (bias_b ? bias_b[k] : 0.0f);
+        }
+    }
+    const int64_t a = std::max(T0, t_lo), b = std::min(T1, t_hi);
+    if (a < b) runs[count++] = StoreRun{n * so.n + 2 * s * a - up.r0, n * up.tiles + a - c0, 0, b - a};
+    t += T1 - T0;
+  }
+  store_interleaved(rws, 2 * s, 2 * s, StoreChannels{cos, ld, so.c, bias_b}, runs, count, out_b, stream);
+  bad = _mm512_sub_ps(bad, bad);
+  return _mm512_cmp_ps_mask(bad, bad, _CMP_ORD_Q) == 0xFFFF;
+}
+
+inline bool wino_upsample(const WinogradLayer& l, int64_t stride, int64_t padding, const float* in, const Strides& si,
+                          const float* w, const float* bias, float* out, const Strides& so) {
+  if (!wino_upsample_shape(l, stride, si.s[2], so.s[2])) return false;
+  WinoUpsample up;
+  wino_upsample_plan(l, stride, padding, up);
+  const int64_t L = l.in_ext[2], all_tiles = l.batch * up.tiles;
+  // (transformed inputs in the calling thread's kept buffer: no fresh pages; within the workspace bound with U)
+  const int64_t v_bytes = 3 * l.groups * up.v_size * int64_t(sizeof(float));
+  const int64_t output = l.batch * l.groups * l.co * l.out_ext[2] * int64_t(sizeof(float));
+  if (v_bytes > kHeldBytes ||
+      v_bytes + 3 * l.groups * up.u_size * int64_t(sizeof(float)) > std::max(int64_t(64) << 20, output))
+    return false;
+  const int64_t panels = ceil_div(up.s * l.co, up.mr);
+  const Prepared<float> u = prepared_weights<float, kWeightSlot>(
+      {2, up.s, l.groups, l.ci, l.co, l.w_g, l.w_co, l.w_ci, up.mr, up.u_size}, w,
+      size_t(l.groups * l.w_g) * sizeof(float), 3 * l.groups * up.u_size, [&](float* U) {
+        std::atomic<bool> finite{true};
+        at::parallel_for(0, l.groups * panels, 1, [&](int64_t begin, int64_t end) {
+          for (int64_t item = begin; item < end; ++item)
+            if (!wino_upsample_panel(l, up, w, item / panels, item % panels, U))
+              finite.store(false, std::memory_order_relaxed);
+        });
+        return finite.load();
+      });
+  if (!u.ok) return false;
+  std::unique_ptr<float[]> v_fresh;
+  float* const V = held_buffer<float, kPlaneSlot>(3 * l.groups * up.v_size, v_fresh);
+  // The transformed inputs of every tile t = n tiles + T (columns past the last tile zero).
+  at::parallel_for(0, l.batch * l.groups * l.ci, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t n = item / (l.groups * l.ci), g = item / l.ci % l.groups, c = item % l.ci;
+      const float* x = in + n * si.n + (g * l.ci + c) * si.c;
+      float* v = V + g * 3 * up.v_size + c * up.nr;
+      const auto at = [&](int64_t i) { return i >= 0 && i < L ? x[i] : 0.0f; };
+      for (int64_t T = 0; T < up.tiles; ++T) {
+        const int64_t t = n * up.tiles + T, q = up.q0 + 2 * T, k = t / up.nr * l.ci * up.nr + t % up.nr;
+        const float d0 = at(q - 1), d1 = at(q), d2 = at(q + 1);
+        v[k] = d0 - d1, v[k + up.v_size] = d1, v[k + 2 * up.v_size] = d2 - d1;
+      }
+      if (n == l.batch - 1)
+        for (int64_t t = all_tiles; t < ceil_div(all_tiles, up.nr) * up.nr; ++t) {
+          const int64_t k = t / up.nr * l.ci * up.nr + t % up.nr;
+          v[k] = v[k + up.v_size] = v[k + 2 * up.v_size] = 0.0f;
+        }
+    }
+  });
+  // Blocks (group, rows, tiles), rows outermost: a thread's blocks of one row block in a row, its U in L2. The
+  // threads take consecutive blocks of equal work (the last row and tile blocks are smaller: split by count, one
+  // thread waited for the other 8% of a HiFi-GAN layer's time).
+  const int64_t cob = up.rows / up.s, rblocks = ceil_div(l.co, cob), tblocks = ceil_div(all_tiles, up.nb);
+  const int64_t items = l.groups * rblocks * tblocks;
+  std::vector<int64_t> work(items + 1, 0);  // the blocks' prefix sums of products
+  for (int64_t item = 0; item < items; ++item) {
+    const int64_t rb = item / tblocks % rblocks, tb = item % tblocks;
+    work[item + 1] = work[item] + std::min(cob, l.co - rb * cob) * std::min(up.nb, all_tiles - tb * up.nb);
+  }
+  const int64_t parts = std::min<int64_t>(at::get_num_threads(), items);
+  // (outputs of 8 MiB or more streamed past the caches, as the other paths do: whole lines, the runs' spans)
+  const bool stream = output >= (int64_t(8) << 20);
+  std::atomic<bool> finite{true};
+  at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
+    float* M = scratch<float, 1>(3 * (up.rows * up.nb + 16));
+    bool ok = true;
+    for (int64_t item = 0; item < items; ++item) {
+      const int64_t part = (work[item] + work[item + 1]) * parts / (2 * work[items]);  // (its middle's part)
+      if (part < begin || part >= end) continue;
+      const int64_t g = item / (rblocks * tblocks), rb = item / tblocks % rblocks, tb = item % tblocks;
+      ok &= wino_upsample_block(l, up, u.data, V, bias, g, rb * cob, tb * up.nb, M, out, so, stream);
+    }
+    if (stream) stream_fence();
+    if (!ok) finite.store(false, std::memory_order_relaxed);
+  });
+  return finite.load();
+}
 #endif
 
 // Computes the layer by its Winograd schemes where winograd_shape holds (dilated layers: for their sub-lattices); false
@@ -886,6 +1090,18 @@ inline bool winograd_correlation(const WinogradLayer& l, const float* in, const 
   return winograd_shape(l, si.s[2], so.s[2]) && wino_dense(l, in, si, w, bias, out, so);
 #else
   (void)l, (void)in, (void)si, (void)w, (void)bias, (void)out, (void)so;
+  return false;
+#endif
+}
+
+// A conv_transpose along its last dim at stride s by kernel 2s (wino_upsample); false where that path does not apply,
+// or where the weights or any output are not finite (the output is then to be computed again by the caller, whole).
+inline bool winograd_upsample(const WinogradLayer& l, int64_t stride, int64_t padding, const float* in,
+                              const Strides& si, const float* w, const float* bias, float* out, const Strides& so) {
+#if TORCH_CONVT_DIRECT_AVX512
+  return wino_upsample(l, stride, padding, in, si, w, bias, out, so);
+#else
+  (void)l, (void)stride, (void)padding, (void)in, (void)si, (void)w, (void)bias, (void)out, (void)so;
   return false;
 #endif
 }
