@@ -18,6 +18,8 @@
 //    (its weight takes the sign), so the input transform gives 5 values.
 //  - conv_transpose at stride 2 with kernel 3 and padding 1 (MONAI's up-sampling) or 0: one phase takes taps 0 and 2
 //    (F(2, 2)), the other tap 1 alone: 5 products a tile of 4 outputs instead of 6, from 4 transformed values.
+//  - 1d conv_transpose at stride s (2 to 8) by kernel 2s (vocoders' up-samplers): F(2, 2) on pairs of each of its s
+//    phases, the input transform shared by all phases (wino_upsample, below).
 // In 3d a tile's products are those of its dims' schemes (F(2, 3): 64 products for 8 outputs instead of 216, 0.30
 // of the multiply-adds; the kernel-4 transposed layer: 216 for 64 outputs instead of 512, 0.42; kernel 3: 125 for
 // 64 instead of 216, 0.58). The products of all tiles are GEMMs [products x co x ci] . [ci x tiles] on the GEMM of
