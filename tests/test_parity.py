@@ -1175,12 +1175,12 @@ WINOGRAD_CASES = [
     ("ct", (1, 32, 13, 14, 15), (32, 24, 3, 3, 3), 1, 1, 1, False, dict(stride=2, output_padding=1)),  # MONAI's
     ("ct", (2, 16, 7, 9, 21), (16, 33, 3, 3, 3), 0, 1, 1, False, dict(stride=2)),  # kernel 3, padding 0, 33 rows
     ("ct", (8, 64, 20, 22), (64, 64, 3, 3), 1, 1, 1, False, dict(stride=2, output_padding=1)),  # 2d kernel 3
-    # 1d up-samplers by kernel 2s (vocoders): F(2, 2) on pairs of each phase, 384 channels in or more a group
-    ("ct", (4, 384, 17), (384, 64, 16), 4, 1, 1, False, dict(stride=8)),  # HiFi-GAN's, odd length: edge tiles
+    # 1d up-samplers by kernel 2s (vocoders): F(3, 2) on triples of each phase, 384 channels in or more a group
+    ("ct", (6, 384, 17), (384, 64, 16), 4, 1, 1, False, dict(stride=8)),  # HiFi-GAN's, odd length: edge tiles
     ("ct", (3, 384, 40), (384, 256, 4), 1, 1, 1, False, dict(stride=2)),  # kernel 4 stride 2
-    ("ct", (3, 400, 23), (400, 120, 10), 7, 1, 1, False, dict(stride=5, output_padding=3)),  # padding past s
-    ("ct", (3, 768, 30), (768, 128, 8), 2, 2, 1, False, dict(stride=4)),  # grouped
-    ("ct", (5, 384, 12), (384, 171, 6), 0, 1, 1, False, dict(stride=3)),  # 513 rows: a ragged panel
+    ("ct", (5, 400, 23), (400, 120, 10), 7, 1, 1, False, dict(stride=5, output_padding=3)),  # padding past s
+    ("ct", (4, 768, 30), (768, 128, 8), 2, 2, 1, False, dict(stride=4)),  # grouped
+    ("ct", (7, 384, 12), (384, 171, 6), 0, 1, 1, False, dict(stride=3)),  # 513 rows: a ragged panel
 ]
 
 
@@ -1385,13 +1385,13 @@ def test_winograd_upsample_non_finite_as_direct(where):
     weights give direct summation's output bit for bit; finite values whose products overflow in the transform give
     finite outputs within 1e-5 of direct summation's."""
     torch.manual_seed(8)
-    x, w, b = torch.randn(3, 384, 30), torch.randn(384, 64, 16) / 64, torch.randn(64)
+    x, w, b = torch.randn(4, 384, 30), torch.randn(384, 64, 16) / 64, torch.randn(64)
     if where == "input":
-        x[0, 3, 0], x[1, 5, 17], x[2, 7, 29] = float("nan"), float("inf"), -float("inf")
+        x[0, 3, 0], x[1, 5, 17], x[3, 7, 29] = float("nan"), float("inf"), -float("inf")
     elif where == "weight":
         w[4, 5, 11] = float("inf")
     else:
-        x, w, b = torch.rand(3, 384, 30) * 6e37, torch.rand(384, 64, 16) / 768, None
+        x, w, b = torch.rand(4, 384, 30) * 6e37, torch.rand(384, 64, 16) / 768, None
     fn = torch_convt.functional.conv_transpose1d
     was = torch_convt.set_winograd(True)
     try:
@@ -1434,7 +1434,7 @@ _REUSE_LAYERS = [  # (function, input, weight, kwargs): Winograd's transformed w
     (torch_convt.functional.conv_transpose3d, (1, 32, 16, 16, 16), (32, 32, 3, 3, 3), dict(padding=2, dilation=2)),
     (torch_convt.functional.conv_transpose2d, (8, 64, 20, 22), (64, 32, 3, 3),
      dict(stride=2, padding=1, output_padding=1, groups=2)),  # (a change in the second group's weights is seen)
-    (torch_convt.functional.conv_transpose1d, (4, 384, 20), (384, 64, 16), dict(stride=8, padding=4)),  # 1d k = 2s
+    (torch_convt.functional.conv_transpose1d, (5, 384, 20), (384, 64, 16), dict(stride=8, padding=4)),  # 1d k = 2s
 ]
 
 

@@ -77,7 +77,7 @@ def set_winograd(on: bool) -> bool:
     their even and odd output points, convolutions at stride 2 with kernel 4 (GAN discriminators, and the input
     gradients of kernel-4 transposed layers) by F(2, 2) on the two sub-lattices of their input, and kernel 2 at stride 1
     by F(2, 2), and 1d transposed layers at stride s by kernel 2s (vocoders' up-samplers: HiFi-GAN's, MelGAN's) by
-    F(2, 2) on pairs of each phase's points (0.75 of the multiply-adds; 384 input channels a group or more), on CPUs
+    F(3, 2) on triples of each phase's points (0.67 of the multiply-adds; 384 input channels a group or more), on CPUs
     with AVX-512, where they have 16 channels a group or more and enough points to pay for transforming the weights: 0.30 of the multiply-adds of direct summation for 3x3x3 kernels (0.44 for 3x3), 0.42 for
     kernel 4 at stride 2 in 3d (0.56 in 2d), 0.58 for the kernel-3 transposed one, with errors of the same size
     (a 32-channel 3d layer: 3e-7 of the largest output, direct summation 5e-7, both against float64), deterministic as

@@ -18,8 +18,8 @@
 //    (its weight takes the sign), so the input transform gives 5 values.
 //  - conv_transpose at stride 2 with kernel 3 and padding 1 (MONAI's up-sampling) or 0: one phase takes taps 0 and 2
 //    (F(2, 2)), the other tap 1 alone: 5 products a tile of 4 outputs instead of 6, from 4 transformed values.
-//  - 1d conv_transpose at stride s (2 to 8) by kernel 2s (vocoders' up-samplers): F(2, 2) on pairs of each of its s
-//    phases, the input transform shared by all phases (wino_upsample, below).
+//  - 1d conv_transpose at stride s (2 to 8) by kernel 2s (vocoders' up-samplers): F(3, 2) on triples of each of its
+//    s phases, the input transform shared by all phases (wino_upsample, below).
 // In 3d a tile's products are those of its dims' schemes (F(2, 3): 64 products for 8 outputs instead of 216, 0.30
 // of the multiply-adds; the kernel-4 transposed layer: 216 for 64 outputs instead of 512, 0.42; kernel 3: 125 for
 // 64 instead of 216, 0.58). The products of all tiles are GEMMs [products x co x ci] . [ci x tiles] on the GEMM of
@@ -878,10 +878,12 @@ inline bool wino_strided(const WinogradLayer& l, const float* in, const Strides&
 // A conv_transpose along one dim (the others of extent 1, kernel 1) at stride s, 2 <= s <= 8, by kernel 2s,
 // undilated: the up-samplers of audio vocoders (HiFi-GAN's and MelGAN's k = 16, s = 8 and k = 4, s = 2). With
 // o + padding = s q + r (0 <= r < s), out[o] = sum_ci w[r] in[q] + w[r + s] in[q - 1]: s 2-tap correlations (phases)
-// of the same input, each by F(2, 2) on pairs of q. Tile T: q = q0 + 2T and q0 + 2T + 1 (q0 = padding / s), its
-// window d = in[q0 + 2T - 1 .. q0 + 2T + 1], transformed once for all phases into (d0 - d1, d1, d2 - d1); phase r's
-// weights into (w[r + s], w[r] + w[r + s], w[r]). Products 0 + 1 are phase r's output at q, 1 + 2 at q + 1: a tile's
-// 2s outputs out[2sT - r0 .. 2sT - r0 + 2s) (r0 = padding mod s) by 3s products instead of 4s multiply-adds. Each
+// of the same input, each by F(3, 2) on triples of q (the K3 scheme's tables transposed: y_i = g0 d_i + g1 d_i+1,
+// i < 3, from d0 .. d3 by 4 products). Tile T: q = q0 + 3T .. q0 + 3T + 2 (q0 = padding / s), its window d =
+// in[q0 + 3T - 1 .. q0 + 3T + 2], transformed once for all phases into (d0 - d2, d1 + d2, d2 - d1, d3 - d1); phase
+// r's weights (g0, g1) = (w[r + s], w[r]) into (g0, (g0 + g1) / 2, (g0 - g1) / 2, g1). Its outputs at q, q + 1, q + 2:
+// p0 + p1 + p2, p1 - p2, p1 + p2 + p3: a tile's 3s outputs out[3sT - r0 .. 3sT - r0 + 3s) (r0 = padding mod s) by 4s
+// products instead of 6s multiply-adds (0.67; F(2, 2), 0.75, took x1.04 the time of HiFi-GAN's forward). Each
 // transformed input's products for all (co, r) rows are one GEMM: U_v [s co x ci] . V_v [ci x tiles], in blocks of
 // rows whose U stays in the core's L2 while the tiles' V stream past it (all tiles' V transformed first).
 struct WinoUpsample {
@@ -890,17 +892,17 @@ struct WinoUpsample {
   int64_t u_size, v_size;    // one transformed input's U (a group's), V (a group's, all images)
 };
 
-// Blocks of 192 rows of U (1.2 MiB of its three transformed weights at 512 channels: in L2 while the tiles' V stream
-// past; 384 rows took x1.10 the time, 96 within noise) and 2 panels of tiles; the 12-row register blocking where it
+// Blocks of 144 rows of U (1.2 MiB of its four transformed weights at 512 channels: in L2 while the tiles' V stream
+// past; 192 rows took x1.07 the time, 96 within noise) and 2 panels of tiles; the 12-row register blocking where it
 // pads s co by 5% or less (the 8-row one took x1.05-1.08 the time).
 inline void wino_upsample_plan(const WinogradLayer& l, int64_t stride, int64_t padding, WinoUpsample& up) {
   const int64_t s = stride, Lo = l.out_ext[2];
   up.s = s, up.q0 = padding / s, up.r0 = padding % s;
-  up.tiles = ceil_div((Lo - 1 + padding) / s - up.q0 + 1, int64_t(2));
+  up.tiles = ceil_div((Lo - 1 + padding) / s - up.q0 + 1, int64_t(3));
   const GemmTile gt = gemm_tile<float>(s * l.co, 0.05);
   up.mr = gt.mr, up.nr = gt.nr, up.nb = 2 * gt.nr;
   const int64_t unit = std::lcm(s, up.mr);
-  up.rows = std::max<int64_t>(1, 192 / unit) * unit;
+  up.rows = std::max<int64_t>(1, 144 / unit) * unit;
   up.u_size = packed_size(s * l.co, l.ci, up.mr) + 16;
   up.v_size = packed_size(l.batch * up.tiles, l.ci, up.nr) + 16;
 }
@@ -908,9 +910,9 @@ inline void wino_upsample_plan(const WinogradLayer& l, int64_t stride, int64_t p
 // Whether a layer (WinogradLayer's fields, the dims before the last of extent 1 and kernel 1) takes this path: dense
 // rows; at least 384 input channels a group and 512 rows (s co) a GEMM, so that the products' work pays for the
 // transforms and the transformed inputs' trips through memory (against the phases' GEMMs of gemm.h, alternated:
-// 512 x 256 channels at s = 8 on 4 x 200 points x0.80-0.86 the time, 384 x 256 x0.86-0.89, 512 x 256 at s = 2
-// x0.77-0.79, 512 x 512 at s = 4 x0.80-0.83; but 256 x 128 at s = 8 on 4 x 1600 points x1.04-1.29, 128 x 64 at
-// s = 2 on 4 x 12800 x2.5); transformed weights of at most 32 MiB; enough tiles for the weights' transform.
+// 512 x 256 channels at s = 8 on 4 x 200 points x0.81 the time, on 4 x 400 with 128 out x0.77, 384 x 256 x0.84,
+// 512 x 256 at s = 2 x0.73-0.81, 512 x 512 at s = 4 x0.87-0.89; by F(2, 2), 256 x 128 at s = 8 on 4 x 1600 points
+// took x1.04-1.29 and 128 x 64 at s = 2 on 4 x 12800 x2.5); transformed weights of at most 32 MiB; enough tiles.
 inline bool wino_upsample_shape(const WinogradLayer& l, int64_t stride, int64_t in_inner_stride,
                                 int64_t out_inner_stride) {
   if (!winograd_flag().load(std::memory_order_relaxed) || !direct_avx512()) return false;
@@ -918,8 +920,8 @@ inline bool wino_upsample_shape(const WinogradLayer& l, int64_t stride, int64_t 
     if (l.in_ext[d] != 1 || l.out_ext[d] != 1 || l.kernel[d] != 1) return false;
   if (stride < 2 || stride > 8 || l.kernel[2] != 2 * stride || l.dilation[2] != 1) return false;
   if (in_inner_stride != 1 || out_inner_stride != 1 || l.ci < 384 || stride * l.co < 512) return false;
-  const int64_t tiles = l.batch * ceil_div(l.out_ext[2], 2 * stride);
-  return tiles >= 32 && 3 * stride * l.ci * l.co * int64_t(sizeof(float)) <= (int64_t(32) << 20);
+  const int64_t tiles = l.batch * ceil_div(l.out_ext[2], 3 * stride);
+  return tiles >= 32 && 4 * stride * l.ci * l.co * int64_t(sizeof(float)) <= (int64_t(32) << 20);
 }
 
 // The transformed weights of group g's panel p (mr rows co s + r of U_v, packed as gemm_packed's A, ci deep).
@@ -934,16 +936,17 @@ TORCH_CONVT_AVX512_TARGET inline bool wino_upsample_panel(const WinogradLayer& l
   }
   const __m512i from = _mm512_load_si512(off);
   const __mmask16 m = lane_mask(0, 0, lanes), all = lane_mask(0, 0, up.mr);
-  float* u = U + g * 3 * up.u_size + p * l.ci * up.mr;
+  float* u = U + g * 4 * up.u_size + p * l.ci * up.mr;
+  const __m512 half = _mm512_set1_ps(0.5f);
   const float* src = w + g * l.w_g;
   __m512 bad = _mm512_setzero_ps();
   for (int64_t c = 0; c < l.ci; ++c, u += up.mr, src += l.w_ci) {
     const __m512 a = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, from, src, 4);         // w[r]
     const __m512 b = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, from, src + up.s, 4);  // w[r + s]
-    const __m512 ab = _mm512_add_ps(a, b);
-    bad = _mm512_add_ps(bad, _mm512_sub_ps(ab, ab));
-    _mm512_mask_storeu_ps(u, all, b), _mm512_mask_storeu_ps(u + up.u_size, all, ab);
-    _mm512_mask_storeu_ps(u + 2 * up.u_size, all, a);
+    const __m512 sum = _mm512_mul_ps(_mm512_add_ps(b, a), half), dif = _mm512_mul_ps(_mm512_sub_ps(b, a), half);
+    bad = _mm512_add_ps(bad, _mm512_sub_ps(_mm512_add_ps(sum, dif), _mm512_add_ps(sum, dif)));
+    _mm512_mask_storeu_ps(u, all, b), _mm512_mask_storeu_ps(u + up.u_size, all, sum);
+    _mm512_mask_storeu_ps(u + 2 * up.u_size, all, dif), _mm512_mask_storeu_ps(u + 3 * up.u_size, all, a);
   }
   return _mm512_cmp_ps_mask(bad, bad, _CMP_ORD_Q) == 0xFFFF;
 }
@@ -958,29 +961,33 @@ TORCH_CONVT_AVX512_TARGET inline bool wino_upsample_block(const WinogradLayer& l
   const int64_t cos = std::min(up.rows / s, l.co - co0), rows = cos * s, cols = std::min(up.nb, all_tiles - c0);
   const int64_t m_size = up.rows * up.nb + 16, ld = s * up.nb;
   const GemmTile gt{up.mr, up.nr};
-  for (int64_t v = 0; v < 3; ++v)
-    gemm_packed<float>(gt, rows, cols, l.ci, U + (g * 3 + v) * up.u_size + co0 * s * l.ci,
-                       V + (g * 3 + v) * up.v_size + c0 * l.ci, false, M + v * m_size, up.nb);
-  // Phase r's outputs at q (products 0 + 1, into M_0's rows) and at q + 1 (1 + 2, into M_2's).
+  for (int64_t v = 0; v < 4; ++v)
+    gemm_packed<float>(gt, rows, cols, l.ci, U + (g * 4 + v) * up.u_size + co0 * s * l.ci,
+                       V + (g * 4 + v) * up.v_size + c0 * l.ci, false, M + v * m_size, up.nb);
+  // Phase r's outputs at q (into M_0's rows), q + 1 (into M_1's) and q + 2 (into M_3's).
   __m512 bad = _mm512_setzero_ps();
   for (int64_t row = 0; row < rows; ++row) {
     float* m0 = M + row * up.nb;
     for (int64_t j = 0; j < cols; j += 16) {
       const __mmask16 lanes = lane_mask(j, 0, cols);
       const __m512 p0 = _mm512_maskz_loadu_ps(lanes, m0 + j), p1 = _mm512_maskz_loadu_ps(lanes, m0 + m_size + j),
-                   p2 = _mm512_maskz_loadu_ps(lanes, m0 + 2 * m_size + j);
-      const __m512 a = _mm512_add_ps(p0, p1), b = _mm512_add_ps(p1, p2);
-      bad = _mm512_add_ps(bad, _mm512_add_ps(a, b));
-      _mm512_mask_storeu_ps(m0 + j, lanes, a), _mm512_mask_storeu_ps(m0 + 2 * m_size + j, lanes, b);
+                   p2 = _mm512_maskz_loadu_ps(lanes, m0 + 2 * m_size + j),
+                   p3 = _mm512_maskz_loadu_ps(lanes, m0 + 3 * m_size + j);
+      const __m512 mid = _mm512_add_ps(p1, p2), y0 = _mm512_add_ps(p0, mid), y1 = _mm512_sub_ps(p1, p2),
+                   y2 = _mm512_add_ps(mid, p3);
+      bad = _mm512_add_ps(bad, _mm512_add_ps(_mm512_add_ps(y0, y1), y2));
+      _mm512_mask_storeu_ps(m0 + j, lanes, y0), _mm512_mask_storeu_ps(m0 + m_size + j, lanes, y1);
+      _mm512_mask_storeu_ps(m0 + 3 * m_size + j, lanes, y2);
     }
   }
-  const float* rws[16];
-  for (int64_t r = 0; r < s; ++r) rws[r] = M + r * up.nb, rws[s + r] = M + 2 * m_size + r * up.nb;
+  const float* rws[24];
+  for (int64_t r = 0; r < s; ++r)
+    rws[r] = M + r * up.nb, rws[s + r] = M + m_size + r * up.nb, rws[2 * s + r] = M + 3 * m_size + r * up.nb;
   const float* bias_b = bias ? bias + g * l.co + co0 : nullptr;
   float* out_b = out + (g * l.co + co0) * so.c;
   // Interior tiles (their 2s outputs all inside the output) by store_interleaved, a run per image; the others point
   // by point.
-  const int64_t t_lo = ceil_div(up.r0, 2 * s), t_hi = (Lo + up.r0) / (2 * s);
+  const int64_t t_lo = ceil_div(up.r0, 3 * s), t_hi = (Lo + up.r0) / (3 * s);
   StoreRun runs[2 * 32 + 2];
   int64_t count = 0;
   for (int64_t t = c0; t < c0 + cols;) {
@@ -988,17 +995,19 @@ TORCH_CONVT_AVX512_TARGET inline bool wino_upsample_block(const WinogradLayer& l
     for (int64_t T = T0; T < T1; ++T) {
       if (T >= t_lo && T < t_hi) continue;
       for (int64_t k = 0; k < cos; ++k)
-        for (int64_t r = 0; r < 2 * s; ++r) {
-          const int64_t o = 2 * s * T - up.r0 + r;
+        for (int64_t r = 0; r < 3 * s; ++r) {
+          const int64_t o = 3 * s * T - up.r0 + r;
           if (o >= 0 && o < Lo)
             out_b[n * so.n + k * so.c + o] = rws[r][k * ld + n * up.tiles + T - c0] + (bias_b ? bias_b[k] : 0.0f);
         }
     }
     const int64_t a = std::max(T0, t_lo), b = std::min(T1, t_hi);
-    if (a < b) runs[count++] = StoreRun{n * so.n + 2 * s * a - up.r0, n * up.tiles + a - c0, 0, b - a};
+    if (a < b) runs[count++] = StoreRun{n * so.n + 3 * s * a - up.r0, n * up.tiles + a - c0, 0, b - a};
     t += T1 - T0;
   }
-  store_interleaved(rws, 2 * s, 2 * s, StoreChannels{cos, ld, so.c, bias_b}, runs, count, out_b, stream);
+  for (int64_t j = 0; j < 3; ++j)  // (the outputs at q, q + 1, q + 2: s phases each)
+    store_interleaved(rws + j * s, s, 3 * s, StoreChannels{cos, ld, so.c, bias_b}, runs, count, out_b + j * s,
+                      false);
   bad = _mm512_sub_ps(bad, bad);
   return _mm512_cmp_ps_mask(bad, bad, _CMP_ORD_Q) == 0xFFFF;
 }
@@ -1010,15 +1019,15 @@ inline bool wino_upsample(const WinogradLayer& l, int64_t stride, int64_t paddin
   wino_upsample_plan(l, stride, padding, up);
   const int64_t L = l.in_ext[2], all_tiles = l.batch * up.tiles;
   // (transformed inputs in the calling thread's kept buffer: no fresh pages; within the workspace bound with U)
-  const int64_t v_bytes = 3 * l.groups * up.v_size * int64_t(sizeof(float));
+  const int64_t v_bytes = 4 * l.groups * up.v_size * int64_t(sizeof(float));
   const int64_t output = l.batch * l.groups * l.co * l.out_ext[2] * int64_t(sizeof(float));
   if (v_bytes > kHeldBytes ||
-      v_bytes + 3 * l.groups * up.u_size * int64_t(sizeof(float)) > std::max(int64_t(64) << 20, output))
+      v_bytes + 4 * l.groups * up.u_size * int64_t(sizeof(float)) > std::max(int64_t(64) << 20, output))
     return false;
   const int64_t panels = ceil_div(up.s * l.co, up.mr);
   const Prepared<float> u = prepared_weights<float, kWeightSlot>(
       {2, up.s, l.groups, l.ci, l.co, l.w_g, l.w_co, l.w_ci, up.mr, up.u_size}, w,
-      size_t(l.groups * l.w_g) * sizeof(float), 3 * l.groups * up.u_size, [&](float* U) {
+      size_t(l.groups * l.w_g) * sizeof(float), 4 * l.groups * up.u_size, [&](float* U) {
         std::atomic<bool> finite{true};
         at::parallel_for(0, l.groups * panels, 1, [&](int64_t begin, int64_t end) {
           for (int64_t item = begin; item < end; ++item)
@@ -1029,23 +1038,24 @@ inline bool wino_upsample(const WinogradLayer& l, int64_t stride, int64_t paddin
       });
   if (!u.ok) return false;
   std::unique_ptr<float[]> v_fresh;
-  float* const V = held_buffer<float, kPlaneSlot>(3 * l.groups * up.v_size, v_fresh);
+  float* const V = held_buffer<float, kPlaneSlot>(4 * l.groups * up.v_size, v_fresh);
   // The transformed inputs of every tile t = n tiles + T (columns past the last tile zero).
   at::parallel_for(0, l.batch * l.groups * l.ci, 16, [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
       const int64_t n = item / (l.groups * l.ci), g = item / l.ci % l.groups, c = item % l.ci;
       const float* x = in + n * si.n + (g * l.ci + c) * si.c;
-      float* v = V + g * 3 * up.v_size + c * up.nr;
+      float* v = V + g * 4 * up.v_size + c * up.nr;
+      const int64_t vs = up.v_size;
       const auto at = [&](int64_t i) { return i >= 0 && i < L ? x[i] : 0.0f; };
       for (int64_t T = 0; T < up.tiles; ++T) {
-        const int64_t t = n * up.tiles + T, q = up.q0 + 2 * T, k = t / up.nr * l.ci * up.nr + t % up.nr;
-        const float d0 = at(q - 1), d1 = at(q), d2 = at(q + 1);
-        v[k] = d0 - d1, v[k + up.v_size] = d1, v[k + 2 * up.v_size] = d2 - d1;
+        const int64_t t = n * up.tiles + T, q = up.q0 + 3 * T, k = t / up.nr * l.ci * up.nr + t % up.nr;
+        const float d0 = at(q - 1), d1 = at(q), d2 = at(q + 1), d3 = at(q + 2);
+        v[k] = d0 - d2, v[k + vs] = d1 + d2, v[k + 2 * vs] = d2 - d1, v[k + 3 * vs] = d3 - d1;
       }
       if (n == l.batch - 1)
         for (int64_t t = all_tiles; t < ceil_div(all_tiles, up.nr) * up.nr; ++t) {
           const int64_t k = t / up.nr * l.ci * up.nr + t % up.nr;
-          v[k] = v[k + up.v_size] = v[k + 2 * up.v_size] = 0.0f;
+          v[k] = v[k + vs] = v[k + 2 * vs] = v[k + 3 * vs] = 0.0f;
         }
     }
   });
@@ -1064,7 +1074,7 @@ inline bool wino_upsample(const WinogradLayer& l, int64_t stride, int64_t paddin
   const bool stream = output >= (int64_t(8) << 20);
   std::atomic<bool> finite{true};
   at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
-    float* M = scratch<float, 1>(3 * (up.rows * up.nb + 16));
+    float* M = scratch<float, 1>(4 * (up.rows * up.nb + 16));
     bool ok = true;
     for (int64_t item = 0; item < items; ++item) {
       const int64_t part = (work[item] + work[item + 1]) * parts / (2 * work[items]);  // (its middle's part)

@@ -139,7 +139,7 @@ bool set_amx(bool on);
 // float32 layers at stride 1 with 3x3 or 3x3x3 kernels (any dilation) compute by Winograd F(2, 3), transposed ones
 // at stride 2 with kernel 4 padding 1 or kernel 3 padding 0 or 1 by F(2, 2) on their phases, convolutions at stride 2
 // with kernel 4 by F(2, 2) on their input's sub-lattices, kernel 2 at stride 1 by F(2, 2), and 1d transposed layers at
-// stride s by kernel 2s (384 or more input channels a group) by F(2, 2) on pairs of each phase, on AVX-512 CPUs where
+// stride s by kernel 2s (384 or more input channels a group) by F(3, 2) on triples of each phase, on AVX-512 CPUs where
 // they have 16 channels a group or more and enough points (0.30 of the multiply-adds for 3x3x3, 0.42 for kernel 4 at
 // stride 2 in 3d), errors as those of direct summation. set_winograd(false) turns that off for later
 // calls (direct summation, as every other layer); returns whether it was on.
