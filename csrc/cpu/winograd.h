@@ -956,7 +956,7 @@ TORCH_CONVT_AVX512_TARGET inline bool wino_upsample_panel(const WinogradLayer& l
 TORCH_CONVT_AVX512_TARGET inline bool wino_upsample_block(const WinogradLayer& l, const WinoUpsample& up,
                                                           const float* U, const float* V, const float* bias,
                                                           int64_t g, int64_t co0, int64_t c0, float* M, float* out,
-                                                          const Strides& so, bool stream) {
+                                                          const Strides& so) {
   const int64_t s = up.s, Lo = l.out_ext[2], all_tiles = l.batch * up.tiles;
   const int64_t cos = std::min(up.rows / s, l.co - co0), rows = cos * s, cols = std::min(up.nb, all_tiles - c0);
   const int64_t m_size = up.rows * up.nb + 16, ld = s * up.nb;
@@ -1070,8 +1070,6 @@ inline bool wino_upsample(const WinogradLayer& l, int64_t stride, int64_t paddin
     work[item + 1] = work[item] + std::min(cob, l.co - rb * cob) * std::min(up.nb, all_tiles - tb * up.nb);
   }
   const int64_t parts = std::min<int64_t>(at::get_num_threads(), items);
-  // (outputs of 8 MiB or more streamed past the caches, as the other paths do: whole lines, the runs' spans)
-  const bool stream = output >= (int64_t(8) << 20);
   std::atomic<bool> finite{true};
   at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
     float* M = scratch<float, 1>(4 * (up.rows * up.nb + 16));
@@ -1080,9 +1078,8 @@ inline bool wino_upsample(const WinogradLayer& l, int64_t stride, int64_t paddin
       const int64_t part = (work[item] + work[item + 1]) * parts / (2 * work[items]);  // (its middle's part)
       if (part < begin || part >= end) continue;
       const int64_t g = item / (rblocks * tblocks), rb = item / tblocks % rblocks, tb = item % tblocks;
-      ok &= wino_upsample_block(l, up, u.data, V, bias, g, rb * cob, tb * up.nb, M, out, so, stream);
+      ok &= wino_upsample_block(l, up, u.data, V, bias, g, rb * cob, tb * up.nb, M, out, so);
     }
-    if (stream) stream_fence();
     if (!ok) finite.store(false, std::memory_order_relaxed);
   });
   return finite.load();
