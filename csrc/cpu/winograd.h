@@ -985,8 +985,8 @@ TORCH_CONVT_AVX512_TARGET inline bool wino_upsample_block(const WinogradLayer& l
     rws[r] = M + r * up.nb, rws[s + r] = M + m_size + r * up.nb, rws[2 * s + r] = M + 3 * m_size + r * up.nb;
   const float* bias_b = bias ? bias + g * l.co + co0 : nullptr;
   float* out_b = out + (g * l.co + co0) * so.c;
-  // Interior tiles (their 2s outputs all inside the output) by store_interleaved, a run per image; the others point
-  // by point.
+  // Interior tiles (their 3s outputs all inside the output) by store_interleaved, a run per image (at most one per
+  // tile of the block: nb <= 64); the others point by point.
   const int64_t t_lo = ceil_div(up.r0, 3 * s), t_hi = (Lo + up.r0) / (3 * s);
   StoreRun runs[2 * 32 + 2];
   int64_t count = 0;
