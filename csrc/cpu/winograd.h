@@ -894,7 +894,7 @@ struct WinoUpsample {
 
 // Blocks of 144 rows of U (1.2 MiB of its four transformed weights at 512 channels: in L2 while the tiles' V stream
 // past; 192 rows took x1.07 the time, 96 within noise) and 2 panels of tiles; the 12-row register blocking where it
-// pads s co by 5% or less (the 8-row one took x1.05-1.08 the time).
+// pads s co by 5% or less (the 8-row one took x1.04-1.07 the time).
 inline void wino_upsample_plan(const WinogradLayer& l, int64_t stride, int64_t padding, WinoUpsample& up) {
   const int64_t s = stride, Lo = l.out_ext[2];
   up.s = s, up.q0 = padding / s, up.r0 = padding % s;
