@@ -89,18 +89,19 @@ inline void advise_huge_pages(void* data, size_t bytes, size_t least) {
 
 // Per-thread scratch that persists across calls, so small calls pay no allocation or zeroing. Its size is
 // bounded by one tile (kColumnBytes-ish), whatever the problem size. Slot tells buffers apart. Contents undefined
-// (zeros when it grows). Buffers of 2 MiB or more lie on huge pages (aligned to them, then advised): GEMMs read
-// their rows and write their partial sums a page or more apart, and with 4 KiB pages every such access needs its own
-// TLB entry (measured, alternated builds: weight gradient DCGAN x0.92 time, HiFi-GAN x0.90, stride-1 and k=4 3d
-// x0.95-0.96). Each slot starts Slot x (4 KiB + 320 B) into its block, so that buffers that are all huge-page aligned
+// (zeros when it grows). Buffers of 256 KiB or more lie on huge pages (aligned to them, then advised; so at most
+// 1.75 MiB more than asked a buffer): GEMMs read their rows and write their partial sums a page or more apart, and
+// with 4 KiB pages every such access needs its own TLB entry (measured, alternated builds, from 2 MiB: weight gradient
+// DCGAN x0.92 time, HiFi-GAN x0.90, stride-1 and k=4 3d x0.95-0.96; then from 256 KiB, where the Winograd blocks'
+// transformed inputs and products of 0.5 MiB each came onto them: MONAI forward x0.97, k=4 3d x0.98-0.99). Each slot starts Slot x (4 KiB + 320 B) into its block, so that buffers that are all huge-page aligned
 // do not map their starts to the same cache sets (without: MONAI and k=4 3d forward x1.04-1.05 time).
 struct FreeBlock {
   void operator()(void* block) const { std::free(block); }
 };
 using Block = std::unique_ptr<void, FreeBlock>;
 
-// A block of at least `bytes` (contents undefined), 64-byte aligned; from 2 MiB on (or where `huge`) aligned to 2 MiB
-// and advised onto huge pages (scratch).
+// A block of at least `bytes` (contents undefined), 64-byte aligned; from 2 MiB on (or where `huge`) aligned to 2 MiB,
+// rounded up to a multiple of it and advised onto huge pages (scratch).
 inline Block new_block(size_t bytes, bool huge = false) {
   constexpr size_t kHuge = size_t(2) << 20;
   const size_t align = bytes >= kHuge || huge ? kHuge : 64, total = (bytes + align - 1) / align * align;
@@ -121,7 +122,7 @@ T* scratch(int64_t n) {
   if (buffer.size < n) {
     const size_t offset = size_t(Slot) * (4096 + 320), bytes = size_t(n) * sizeof(T) + offset;
     buffer = Buffer{};  // (empty until the new block is in place: an allocation failure leaves no dangling block)
-    Block block = new_block(bytes);
+    Block block = new_block(bytes, bytes >= (size_t(256) << 10));
     std::memset(block.get(), 0, bytes);
     buffer.data = reinterpret_cast<T*>(static_cast<char*>(block.get()) + offset);
     buffer.block = std::move(block);
