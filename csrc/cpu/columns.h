@@ -11,6 +11,7 @@
 #include <array>
 #include <atomic>
 #include <cstdint>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
@@ -84,6 +85,29 @@ inline void advise_huge_pages(void* data, size_t bytes, size_t least) {
   const uintptr_t p = reinterpret_cast<uintptr_t>(data);
   const uintptr_t first = (p + kHuge - 1) & ~(kHuge - 1), last = (p + bytes) & ~(kHuge - 1);
   if (bytes >= least && last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
+#endif
+}
+
+// Takes back advise_huge_pages' advice for the same arguments, before the memory is freed, where the OS backs memory
+// with huge pages only on request (Linux's THP "madvise" mode; there MADV_NOHUGEPAGE acts as no advice): a freed
+// range would otherwise keep it, and a later allocation that ends part-way into one of its 2 MiB pages would get the
+// whole page, most of it unused (measured: 1.8 MiB more resident memory for a 6.25 MiB output).
+inline void unadvise_huge_pages(void* data, size_t bytes, size_t least) {
+#if defined(__linux__) && defined(MADV_NOHUGEPAGE)
+  static const bool on_request = [] {
+    char mode[128] = {};
+    if (FILE* f = std::fopen("/sys/kernel/mm/transparent_hugepage/enabled", "r")) {
+      const size_t got = std::fread(mode, 1, sizeof(mode) - 1, f);
+      mode[got] = 0;
+      std::fclose(f);
+    }
+    return std::strstr(mode, "[madvise]") != nullptr;
+  }();
+  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
+  const uintptr_t p = reinterpret_cast<uintptr_t>(data);
+  const uintptr_t first = (p + kHuge - 1) & ~(kHuge - 1), last = (p + bytes) & ~(kHuge - 1);
+  if (on_request && bytes >= least && last > first)
+    madvise(reinterpret_cast<void*>(first), last - first, MADV_NOHUGEPAGE);
 #endif
 }
 

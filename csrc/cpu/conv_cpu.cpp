@@ -50,9 +50,12 @@ constexpr int64_t kJobsPerThread = 4;  // grid tiles: at least this many jobs pe
 constexpr int64_t kMinGridTile = 512;  // grid tiles: not shorter than this, to have more jobs
 constexpr int64_t kGridWindowBytes = int64_t(512) << 10;  // conv grid tiles: a tile's windows, where A is small
 constexpr int64_t kKeptOutputBytes = int64_t(1) << 20;  // outputs this large: OutputAllocator
-// Outputs this large are backed by huge pages where the OS offers them on request (advise_huge_pages): the first
-// touch of fresh memory then costs about a third of what 4 KiB page faults cost.
-constexpr size_t kAdviseOutputBytes = size_t(8) << 20;
+// Outputs this large are aligned to 2 MiB and backed by huge pages where the OS offers them on request
+// (advise_huge_pages, taken back when freed: the huge pages wholly inside the output, so it takes no more memory): the
+// first touch of fresh memory then costs about a third of what 4 KiB page faults cost, and rows a page or more apart
+// need fewer TLB entries (from 8 MiB, unaligned, down to these, alternated: MONAI forward x0.95-0.98 time, HiFi-GAN
+// forward x0.96-0.98, its weight gradient x0.95-0.97, k=4 3d forward x0.98).
+constexpr size_t kAdviseOutputBytes = size_t(1) << 20;
 constexpr size_t kKeptOutputs = 4, kCacheLimit = size_t(1) << 30;  // what OutputAllocator keeps, by default
 constexpr int64_t kStreamBytes = int64_t(8) << 20;  // conv_transpose outputs this large: streaming stores
 constexpr int64_t kMinExtendedGrid = 64;  // conv_transpose: innermost grids this long are extended by a point
@@ -1555,7 +1558,7 @@ class OutputAllocator final : public c10::Allocator {
   c10::DataPtr allocate(size_t n) override {
     Block* block = take(n);
     if (!block) {
-      void* data = c10::alloc_cpu(n);  // (throws c10::Error, a RuntimeError, when out of memory: as at::empty)
+      void* data = new_memory(n);
       advise_huge_pages(data, n, kAdviseOutputBytes);
       block = new Block{data, n};
     }
@@ -1595,8 +1598,25 @@ class OutputAllocator final : public c10::Allocator {
     pthread_atfork([] { get().mutex_.lock(); }, [] { get().mutex_.unlock(); }, [] { get().mutex_.unlock(); });
 #endif
   }
+  // n bytes, aligned to huge pages where posix_memalign exists (torch.OutOfMemoryError, a RuntimeError as at::empty's
+  // c10::Error, when out of memory); freed by destroy.
+  static void* new_memory(size_t n) {
+#if defined(__linux__)
+    void* data = nullptr;
+    TORCH_CHECK_WITH(OutOfMemoryError, posix_memalign(&data, size_t(2) << 20, n) == 0,
+                     "torch_convt: out of memory while allocating an output of ", n, " bytes");
+    return data;
+#else
+    return c10::alloc_cpu(n);
+#endif
+  }
   static void destroy(Block* b) {
+    unadvise_huge_pages(b->data, b->bytes, kAdviseOutputBytes);
+#if defined(__linux__)
+    std::free(b->data);
+#else
     c10::free_cpu(b->data);
+#endif
     delete b;
   }
   static size_t destroy_all(const std::vector<Block*>& blocks) {  // (outside the lock); returns their bytes
