@@ -117,10 +117,15 @@ inline void unadvise_huge_pages(void* data, size_t bytes, size_t least) {
 // 1.75 MiB more than asked a buffer): GEMMs read their rows and write their partial sums a page or more apart, and
 // with 4 KiB pages every such access needs its own TLB entry (measured, alternated builds, from 2 MiB: weight gradient
 // DCGAN x0.92 time, HiFi-GAN x0.90, stride-1 and k=4 3d x0.95-0.96; then from 256 KiB, where the Winograd blocks'
-// transformed inputs and products of 0.5 MiB each came onto them: MONAI forward x0.97, k=4 3d x0.98-0.99). Each slot starts Slot x (4 KiB + 320 B) into its block, so that buffers that are all huge-page aligned
-// do not map their starts to the same cache sets (without: MONAI and k=4 3d forward x1.04-1.05 time).
+// transformed inputs and products of 0.5 MiB each came onto them: MONAI forward x0.97, k=4 3d x0.98-0.99). Each slot
+// starts Slot x (4 KiB + 320 B) into its block, so that buffers that are all huge-page aligned do not map their
+// starts to the same cache sets (without: MONAI and k=4 3d forward x1.04-1.05 time).
 struct FreeBlock {
-  void operator()(void* block) const { std::free(block); }
+  size_t advised = 0;  // the bytes advised onto huge pages (from the block's start), whose advice is taken back
+  void operator()(void* block) const {
+    if (advised) unadvise_huge_pages(block, advised, 0);
+    std::free(block);
+  }
 };
 using Block = std::unique_ptr<void, FreeBlock>;
 
@@ -131,7 +136,7 @@ inline Block new_block(size_t bytes, bool huge = false) {
   const size_t align = bytes >= kHuge || huge ? kHuge : 64, total = (bytes + align - 1) / align * align;
   Block block(std::aligned_alloc(align, total));
   if (!block) throw std::bad_alloc();
-  if (align == kHuge) advise_huge_pages(block.get(), total, kHuge);
+  if (align == kHuge) advise_huge_pages(block.get(), total, kHuge), block.get_deleter().advised = total;
   return block;
 }
 
