@@ -77,14 +77,21 @@ inline int64_t tile_size(int64_t rows, int64_t positions, int64_t elem_size, int
   return std::max<int64_t>(1, std::min(t, positions));
 }
 
-// Asks the OS to back [data, data + bytes) with transparent huge pages where it offers them on request (Linux's
-// THP "madvise" mode, common); the 2 MiB pages wholly inside the range, from `least` bytes on. Advisory only.
-inline void advise_huge_pages(void* data, size_t bytes, size_t least) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
+#if defined(__linux__) && defined(MADV_HUGEPAGE) && defined(MADV_NOHUGEPAGE)
+// madvise(advice) over the 2 MiB pages wholly inside [data, data + bytes), for ranges of `least` bytes or more.
+inline void advise_huge_range(void* data, size_t bytes, size_t least, int advice) {
   constexpr uintptr_t kHuge = uintptr_t(2) << 20;
   const uintptr_t p = reinterpret_cast<uintptr_t>(data);
   const uintptr_t first = (p + kHuge - 1) & ~(kHuge - 1), last = (p + bytes) & ~(kHuge - 1);
-  if (bytes >= least && last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
+  if (bytes >= least && last > first) madvise(reinterpret_cast<void*>(first), last - first, advice);
+}
+#endif
+
+// Asks the OS to back [data, data + bytes) with transparent huge pages where it offers them on request (Linux's
+// THP "madvise" mode, common); the 2 MiB pages wholly inside the range, from `least` bytes on. Advisory only.
+inline void advise_huge_pages(void* data, size_t bytes, size_t least) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE) && defined(MADV_NOHUGEPAGE)
+  advise_huge_range(data, bytes, least, MADV_HUGEPAGE);
 #endif
 }
 
@@ -93,7 +100,7 @@ inline void advise_huge_pages(void* data, size_t bytes, size_t least) {
 // range would otherwise keep it, and a later allocation that ends part-way into one of its 2 MiB pages would get the
 // whole page, most of it unused (measured: 1.8 MiB more resident memory for a 6.25 MiB output).
 inline void unadvise_huge_pages(void* data, size_t bytes, size_t least) {
-#if defined(__linux__) && defined(MADV_NOHUGEPAGE)
+#if defined(__linux__) && defined(MADV_HUGEPAGE) && defined(MADV_NOHUGEPAGE)
   static const bool on_request = [] {
     char mode[128] = {};
     if (FILE* f = std::fopen("/sys/kernel/mm/transparent_hugepage/enabled", "r")) {
@@ -103,11 +110,7 @@ inline void unadvise_huge_pages(void* data, size_t bytes, size_t least) {
     }
     return std::strstr(mode, "[madvise]") != nullptr;
   }();
-  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
-  const uintptr_t p = reinterpret_cast<uintptr_t>(data);
-  const uintptr_t first = (p + kHuge - 1) & ~(kHuge - 1), last = (p + bytes) & ~(kHuge - 1);
-  if (on_request && bytes >= least && last > first)
-    madvise(reinterpret_cast<void*>(first), last - first, MADV_NOHUGEPAGE);
+  if (on_request) advise_huge_range(data, bytes, least, MADV_NOHUGEPAGE);
 #endif
 }
 
