@@ -58,14 +58,41 @@ def _check_devices(op, input, **others):
                          f"input ({input.device}), but got {name} on {t.device}")
 
 
-def _empty_output(input, weight, shape):
-    """The output in the memory format the CPU kernels (and torch.nn) give it: channels_last (3d) when the input or
-    the weight is, for 2d and 3d layers; contiguous otherwise."""
+def _mkldnn_supports(name):
+    op = getattr(torch.ops.mkldnn, name, None)
+    try:
+        return bool(op()) if op is not None else False
+    except RuntimeError:
+        return False
+
+
+def _channels_last_3d_kept(input, weight, stride, dilation, output_padding, groups):
+    """Whether torch.nn takes its oneDNN backend for a 3d layer (use_mkldnn), whose output keeps channels_last; its
+    slow 3d kernels write contiguous outputs. As the CPU kernels' output_format decides it."""
+    if not torch._C._get_mkldnn_enabled() or any(o >= s for o, s in zip(output_padding, stride)):
+        return False
+    if input.dtype == torch.bfloat16 and _mkldnn_supports("_is_mkldnn_bf16_supported"):
+        return True
+    if input.dtype == torch.float16 and _mkldnn_supports("_is_mkldnn_fp16_supported"):
+        return True
+    if input.dtype != torch.float32:
+        return False
+    n, kw, kh = input.shape[0], weight.shape[-1], weight.shape[-2]
+    return ((any(s != 1 for s in stride) or any(d != 1 for d in dilation) or n >= 16 or kw != 1 or kh != 1
+             or torch.get_num_threads() > 1)
+            and (groups > 1 or (kw > 3 and kh > 3) or n > 1
+                 or n * input.shape[1] * input.shape[2] * input.shape[3] > 20480))
+
+
+def _empty_output(input, weight, shape, stride, dilation, output_padding, groups):
+    """The output in the memory format the CPU kernels (and torch.nn) give it: channels_last when the input or the
+    weight is, for 2d layers, and for 3d layers where torch.nn would take oneDNN; contiguous otherwise."""
     out = input.new_empty(shape)
     if input.device.type != "cpu":
         return out  # the CUDA kernels write contiguous outputs
     for fmt in ((torch.channels_last,) if input.dim() == 4 else (torch.channels_last_3d,) if input.dim() == 5 else ()):
-        if fmt in (suggest_memory_format(input), suggest_memory_format(weight)):
+        if fmt in (suggest_memory_format(input), suggest_memory_format(weight)) and (
+                input.dim() == 4 or _channels_last_3d_kept(input, weight, stride, dilation, output_padding, groups)):
             return out.contiguous(memory_format=fmt)
     return out
 
@@ -75,7 +102,8 @@ def _conv_transpose_fake(input, weight, bias, stride, padding, output_padding, d
     _check_devices("torch_convt.conv_transpose", input, weight=weight, bias=bias)
     spatial = [conv_transpose_out_size(input.shape[2 + j], weight.shape[2 + j], stride[j], padding[j], dilation[j],
                                        output_padding[j]) for j in range(input.dim() - 2)]
-    return _empty_output(input, weight, [input.shape[0], weight.shape[1] * groups] + spatial)
+    return _empty_output(input, weight, [input.shape[0], weight.shape[1] * groups] + spatial, stride, dilation,
+                         output_padding, groups)
 
 
 @torch.library.register_fake("torch_convt::conv")
@@ -83,7 +111,7 @@ def _conv_fake(input, weight, bias, stride, padding, dilation, groups):
     _check_devices("torch_convt.conv", input, weight=weight, bias=bias)
     spatial = [conv_out_size(input.shape[2 + j], weight.shape[2 + j], stride[j], padding[j], dilation[j])
                for j in range(input.dim() - 2)]
-    return _empty_output(input, weight, [input.shape[0], weight.shape[0]] + spatial)
+    return _empty_output(input, weight, [input.shape[0], weight.shape[0]] + spatial, stride, dilation, [], groups)
 
 
 @torch.library.register_fake("torch_convt::conv_weight_grad")

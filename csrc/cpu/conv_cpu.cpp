@@ -45,6 +45,7 @@ namespace {
 using namespace cpu;  // columns.h, direct.h
 
 constexpr int64_t kPackAhead = 4;  // weight packing prefetches this many input channels ahead
+constexpr int64_t kPackChunkBytes = int64_t(128) << 10;  // weight packing: the weights of a chunk of input channels
 constexpr int64_t kTeamTile = 128;  // grid tiles: a team's results fit kColumnBytes for tiles this long
 constexpr int64_t kJobsPerThread = 4;  // grid tiles: at least this many jobs per thread, where tiles allow
 constexpr int64_t kMinGridTile = 512;  // grid tiles: not shorter than this, to have more jobs
@@ -1036,37 +1037,68 @@ void conv_transpose_kernel(const ConvParams& p, const scalar_t* y, const Strides
   // input channels in order, so every panel is written front to back and each weight line is read once per set.
   // (Items of one input channel, writing 64 bytes to every panel 32 KiB apart, thrashed the caches.) The same
   // pass checks that the weights in use are finite (v - v is 0 for a finite v, else NaN).
+  // Items cover `chunk` input channels at a time, every item of a chunk in turn:
+  // a thread reads the chunk's weights (contiguous, within kPackChunkBytes) from memory once and from L2 for the
+  // rest, and the panels take runs of chunk x taps x MR values. (Walking all input channels a panel, every read of
+  // HiFi-GAN's 8 MiB of weights was 16 KiB past the last, a page a read: 13% of its AVX2 forward.) AMX panels are
+  // rewritten as tiles once whole, so there an item walks all input channels.
   std::atomic<bool> finite{true};
   const int64_t items = plan.first_item.back();
+  const bool any_amx = std::any_of(sets.begin(), sets.end(), [](const PhaseSet& set) { return set.gt.amx; });
+  const int64_t chunk =
+      any_amx ? Cyg : std::clamp<int64_t>(kPackChunkBytes / (Cxg * K * int64_t(sizeof(scalar_t))), 1, Cyg);
+  const int64_t chunks = ceil_div(Cyg, chunk);
   // (a task packs at least kMinTaskFlops / 128 weights, ~16K, about as long as kMinTaskFlops of GEMM: the grain
   // was once the whole weight's size per item, which left MONAI's 55K weights to one thread)
-  const int64_t per_item = ceil_div(Cyg * Cxg * K, std::max<int64_t>(1, items));
-  at::parallel_for(0, G * items, grain(128 * per_item), [&](int64_t begin, int64_t end) {
+  const int64_t per_item = ceil_div(Cyg * Cxg * K, std::max<int64_t>(1, items * chunks));
+  at::parallel_for(0, G * chunks * items, grain(128 * per_item), [&](int64_t begin, int64_t end) {
     bool ok = true;
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t g = item / items, i = item % items;
+      const int64_t g = item / (chunks * items), c0 = item / items % chunks * chunk, i = item % items;
+      const int64_t c1 = std::min(Cyg, c0 + chunk);
+      if (chunk < Cyg && (item == begin || i == 0)) {  // (the chunk's weights, in order: the items read them from L2)
+        const char* from = reinterpret_cast<const char*>(w + (g * Cyg + c0) * Cxg * K);
+        const int64_t bytes = (c1 - c0) * Cxg * K * int64_t(sizeof(scalar_t));
+        for (int64_t byte = 0; byte < bytes; byte += 64) __builtin_prefetch(from + byte);
+      }
       const int64_t si = std::upper_bound(plan.first_item.begin(), plan.first_item.end(), i) - plan.first_item.begin() - 1;
       const PhaseSet& set = sets[si];
       const int64_t MR = set.gt.mr, T = set.taps, rows = ceil_div(set.out_rows, MR) * MR, q = i - plan.first_item[si];
       const bool by_channels = Cxg % MR == 0;
       const int64_t panels = by_channels ? static_cast<int64_t>(set.members.size()) : 1;
-      // float by channels: the MR rows of a panel's tap t are weights K apart, from first[j*T + t] on (so a pass of
-      // gathers: x0.78 time of the packing, which was 8% of HiFi-GAN's forward)
+      // The item's panels as segments of rows of one member, consecutive output channels (by channels: a whole panel
+      // each; else a panel that crosses members, as AVX2's MR = 6 rows do on 256 channels, in up to MR pieces): a
+      // segment's row l of tap t is the weight K after its row l - 1's, from first[segment*T + t] on (so a pass of
+      // gathers: x0.78 time of the packing, which was 8% of HiFi-GAN's forward; its AVX2 panels, 6 rows over 4
+      // members of 256 channels, packed element by element took 13% of it)
       constexpr int64_t kMaxFirst = 1024;
-      int64_t first[kMaxFirst];
+      struct Segment {
+        int64_t r0, width;  // the segment's rows [r0, r0 + width) of the set's
+      };
+      Segment segments[kMaxFirst];
+      int64_t first[kMaxFirst], n_segments = 0;
       constexpr bool kWide = is_float16<scalar_t, acc_t>;  // (16-bit weights, widened first: x0.3 time)
-      const bool gather = (std::is_same_v<scalar_t, float> || kWide) && std::is_same_v<acc_t, float> && by_channels &&
-                          panels * T <= kMaxFirst;
-      // (16-bit: the item's MR x K weights of each input channel, widened into `wide`, from which first[] counts)
+      // (16-bit: by channels only, the item's MR x K weights of each input channel, widened into `wide`, from which
+      // first[] counts)
+      bool gather = (std::is_same_v<scalar_t, float> || (kWide && by_channels)) && std::is_same_v<acc_t, float> &&
+                    panels * T <= kMaxFirst && MR * T <= kMaxFirst;
+      for (int64_t j = 0; gather && j < panels; ++j) {
+        const int64_t p0 = by_channels ? j * Cxg + q * MR : q * MR, p1 = std::min(p0 + MR, set.out_rows);
+        for (int64_t r = p0, e; r < p1; r = e) {
+          e = std::min(p1, (r / Cxg + 1) * Cxg);
+          segments[n_segments++] = {r, e - r};
+        }
+      }
       const int64_t wide_from = kWide ? q * MR * K : 0, wide_size = ceil_div(MR * K, 16) * 16;
       acc_t* const wide = kWide && gather ? scratch<acc_t, 0>(wide_size) : nullptr;
-      for (int64_t j = 0; gather && j < panels; ++j)
-        for (int64_t t = 0; t < T; ++t) first[j * T + t] = plan.source[si][t * rows + j * Cxg + q * MR] - wide_from;
-      for (int64_t cy = 0; cy < Cyg; ++cy) {
-        const int64_t bi = cy / set.block, depth = std::min(set.block, Cyg - bi * set.block) * T;
+      for (int64_t v = 0; v < n_segments; ++v)
+        for (int64_t t = 0; t < T; ++t) first[v * T + t] = plan.source[si][t * rows + segments[v].r0] - wide_from;
+      for (int64_t cy = c0, bi = c0 / set.block; cy < c1; ++cy) {
+        if (cy == (bi + 1) * set.block) ++bi;
+        const int64_t depth = std::min(set.block, Cyg - bi * set.block) * T;
         const scalar_t* src = w + (g * Cyg + cy) * Cxg * K;
         acc_t* base = operand(set, g, bi) + (cy - bi * set.block) * T * MR;
-        if (by_channels && cy + kPackAhead < Cyg) {
+        if (chunk == Cyg && by_channels && cy + kPackAhead < c1) {
           // The item's weights of input channel cy + kPackAhead (MR x K, contiguous): too far apart for the
           // hardware prefetcher, so each channel's lines would arrive one cache miss at a time.
           const char* next = reinterpret_cast<const char*>(src + kPackAhead * Cxg * K + q * MR * K);
@@ -1078,16 +1110,33 @@ void conv_transpose_kernel(const ConvParams& p, const scalar_t* y, const Strides
             cpu::widen16_panels(reinterpret_cast<const uint16_t*>(src) + wide_from, 0, 1, MR * K, wide_size, wide,
                                 std::is_same_v<scalar_t, c10::BFloat16>);
         }
+        if constexpr (std::is_same_v<acc_t, float> && (std::is_same_v<scalar_t, float> || kWide)) {
+          if (gather) {
+            const float* from = kWide ? wide : reinterpret_cast<const float*>(src);
+            uint32_t bad = 0;  // exponent bits all ones (inf or NaN) in any value; (a float sum of v - v, a chain of
+                               // dependent adds, took 3 times as long)
+            for (int64_t v = 0; v < n_segments; ++v) {
+              const int64_t r = segments[v].r0, width = segments[v].width;
+              float* dst = base + (r - r % MR) * depth + r % MR;
+              for (int64_t t = 0; t < T; ++t, dst += MR)
+                for (int64_t l = 0, at = first[v * T + t]; l < width; ++l, at += K) {
+                  const float e = from[at];
+                  dst[l] = e;
+                  uint32_t u;
+                  std::memcpy(&u, &e, sizeof(u));
+                  bad |= (u & 0x7f800000u) == 0x7f800000u;
+                }
+            }
+            ok &= bad == 0;
+            // (rows past the set's: zeros)
+            for (int64_t r = std::max(q * MR, set.out_rows); !by_channels && r < (q + 1) * MR; ++r)
+              for (int64_t t = 0; t < T; ++t) base[(q * MR) * depth + t * MR + r - q * MR] = acc_t(0);
+            continue;
+          }
+        }
         for (int64_t j = 0; j < panels; ++j) {
           const int64_t r0 = by_channels ? j * Cxg + q * MR : q * MR;
           acc_t* dst = base + r0 * depth;
-          if constexpr (std::is_same_v<acc_t, float> && (std::is_same_v<scalar_t, float> || kWide)) {
-            if (gather) {
-              ok &= cpu::gather_strided_rows(kWide ? wide : reinterpret_cast<const float*>(src), first + j * T, T, K,
-                                             MR, dst);
-              continue;
-            }
-          }
           for (int64_t t = 0; t < T; ++t, dst += MR) {
             const int64_t* at = plan.source[si].data() + t * rows + r0;
             for (int64_t l = 0; l < MR; ++l) {
@@ -1529,14 +1578,44 @@ at::Tensor readable(const at::Tensor& t) {
   return t.resolve_conj().resolve_neg();
 }
 
-// The output's memory format, as torch.nn's CPU convolutions choose it: channels_last (3d) when the input or the
-// weight is, for 2d and 3d layers.
-at::MemoryFormat output_format(const at::Tensor& input, const at::Tensor& weight) {
+// Whether torch's oneDNN build handles a 16-bit type on this CPU (its mkldnn::_is_mkldnn_bf16_supported and
+// _is_mkldnn_fp16_supported: AVX-512 (or AVX2-VNNI-2) for bfloat16, AVX-512-FP16 for half).
+bool mkldnn_supports(const char* op) {
+  try {
+    return c10::Dispatcher::singleton().findSchemaOrThrow(op, "").typed<bool()>().call();
+  } catch (const c10::Error&) {
+    return false;
+  }
+}
+
+// The output's memory format, as torch.nn's CPU convolutions choose it (its backend's memory format): channels_last
+// when the input or the weight is, for 2d layers (oneDNN and the slow 2d kernels keep it); for 3d layers only where
+// torch takes oneDNN (its use_mkldnn: float layers past some sizes, 16-bit ones where oneDNN supports the type on
+// this CPU), as its slow 3d kernels write contiguous outputs (bfloat16 3d layers on an AVX2 CPU, an image of a few
+// small planes).
+at::MemoryFormat output_format(const at::Tensor& input, const at::Tensor& weight, at::IntArrayRef stride,
+                               at::IntArrayRef dilation, at::IntArrayRef output_padding, int64_t groups) {
   const auto cl = input.dim() == 4 ? at::MemoryFormat::ChannelsLast
                   : input.dim() == 5 ? at::MemoryFormat::ChannelsLast3d : at::MemoryFormat::Contiguous;
-  const bool channels_last = cl != at::MemoryFormat::Contiguous &&
-                             (input.suggest_memory_format() == cl || weight.suggest_memory_format() == cl);
-  return channels_last ? cl : at::MemoryFormat::Contiguous;
+  if (cl == at::MemoryFormat::Contiguous ||
+      (input.suggest_memory_format() != cl && weight.suggest_memory_format() != cl))
+    return at::MemoryFormat::Contiguous;
+  if (input.dim() == 4) return cl;
+  const auto any = [](at::IntArrayRef v, auto&& pred) { return std::any_of(v.begin(), v.end(), pred); };
+  if (!at::globalContext().userEnabledMkldnn()) return at::MemoryFormat::Contiguous;
+  for (size_t j = 0; j < output_padding.size(); ++j)  // (transposed layers with output_padding >= stride: slow)
+    if (output_padding[j] >= stride[j]) return at::MemoryFormat::Contiguous;
+  static const bool bf16 = mkldnn_supports("mkldnn::_is_mkldnn_bf16_supported");
+  static const bool fp16 = mkldnn_supports("mkldnn::_is_mkldnn_fp16_supported");
+  const auto type = input.scalar_type();
+  if ((type == at::kBFloat16 && bf16) || (type == at::kHalf && fp16)) return cl;
+  if (type != at::kFloat) return at::MemoryFormat::Contiguous;
+  const int64_t n = input.size(0), kw = weight.size(-1), kh = weight.size(-2);
+  const bool mkldnn = (any(stride, [](int64_t v) { return v != 1; }) || any(dilation, [](int64_t v) { return v != 1; }) ||
+                       n >= 16 || kw != 1 || kh != 1 || at::get_num_threads() > 1) &&
+                      (groups > 1 || (kw > 3 && kh > 3) || n > 1 ||
+                       n * input.size(1) * input.size(2) * input.size(3) > 20480);
+  return mkldnn ? cl : at::MemoryFormat::Contiguous;
 }
 
 // Outputs of kKeptOutputBytes or more come from OutputAllocator, which keeps the memory of such an output when it is
@@ -1688,7 +1767,9 @@ at::Tensor conv_transpose_cpu(const at::Tensor& input, const at::Tensor& weight,
                               at::IntArrayRef dilation, int64_t groups) {
   const ConvParams p = check_conv_args(ConvKind::ConvTranspose, input, weight, weight.sizes(), bias, stride,
                                        padding, output_padding, dilation, groups);
-  at::Tensor out = new_output(p.big_shape(), input.options().memory_format(output_format(input, weight)));
+  at::Tensor out = new_output(
+      p.big_shape(),
+      input.options().memory_format(output_format(input, weight, stride, dilation, output_padding, groups)));
   if (out.numel() == 0) return out;
   const at::Tensor y = readable(input), w = dense(weight);
   const at::Tensor b = dense(bias);
@@ -1707,7 +1788,8 @@ at::Tensor conv_cpu(const at::Tensor& input, const at::Tensor& weight, const std
                     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
   const ConvParams p =
       check_conv_args(ConvKind::Conv, input, weight, weight.sizes(), bias, stride, padding, {}, dilation, groups);
-  at::Tensor out = new_output(p.small_shape(), input.options().memory_format(output_format(input, weight)));
+  at::Tensor out = new_output(p.small_shape(),
+                              input.options().memory_format(output_format(input, weight, stride, dilation, {}, groups)));
   if (out.numel() == 0) return out;
   const at::Tensor x = readable(input), w = dense(weight);
   const at::Tensor b = dense(bias);

@@ -120,12 +120,6 @@ void pack_panels(const Src* src, int64_t row_stride, int64_t depth_stride, int64
   }
 }
 
-// dst[t*width + l] = src[offsets[t] + l*stride] for t < taps, l < width: rows of `width` strided elements, packed
-// one after another (a transposed layer's weights, packed into a panel). Returns whether every value is finite.
-// AVX2 gathers where the CPU has them.
-bool gather_strided_rows(const float* src, const int64_t* offsets, int64_t taps, int64_t stride, int64_t width,
-                         float* dst);
-
 // A run of one output channel's points: dst[dst + step*j + w] = rows[w][src + j] for j in [first, stop), w < ways
 // (store_interleaved).
 struct StoreRun {
