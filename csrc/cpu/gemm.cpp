@@ -1774,6 +1774,28 @@ __attribute__((target("avx512f"))) void widen16_panels_avx512(const uint16_t* sr
   }
 }
 #pragma GCC diagnostic pop
+
+// widen16_panels on AVX2 (+ F16C for half), 8 values a vector.
+template <bool BF16>
+__attribute__((target("avx2,f16c"), always_inline)) inline __m256 widen8_avx2(const uint16_t* s) {
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(s));
+  return BF16 ? _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16)) : _mm256_cvtph_ps(h);
+}
+
+template <bool BF16>
+__attribute__((target("avx2,f16c"))) void widen16_panels_avx2(const uint16_t* src, int64_t channel_stride,
+                                                              int64_t channels, int64_t count, int64_t nr, float* dst) {
+  for (int64_t j0 = 0; j0 < count; j0 += nr) {
+    const int64_t n = std::min(nr, count - j0);
+    const uint16_t* s = src + j0;
+    for (int64_t c = 0; c < channels; ++c, dst += nr, s += channel_stride) {
+      int64_t j = 0;
+      for (; j + 8 <= n; j += 8) _mm256_storeu_ps(dst + j, widen8_avx2<BF16>(s + j));
+      for (; j < n; ++j) dst[j] = widen16_portable(s[j], BF16);
+      for (; j < nr; ++j) dst[j] = 0.0f;
+    }
+  }
+}
 #endif
 }  // namespace
 
@@ -1784,6 +1806,10 @@ void widen16_panels(const uint16_t* src, int64_t channel_stride, int64_t channel
   if (avx512 && nr % 16 == 0)
     return bf16 ? widen16_panels_avx512<true>(src, channel_stride, channels, count, nr, dst)
                 : widen16_panels_avx512<false>(src, channel_stride, channels, count, nr, dst);
+  static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
+  if (avx2)
+    return bf16 ? widen16_panels_avx2<true>(src, channel_stride, channels, count, nr, dst)
+                : widen16_panels_avx2<false>(src, channel_stride, channels, count, nr, dst);
 #endif
   widen16_panels_portable(src, channel_stride, channels, count, nr, dst, bf16);
 }
