@@ -1816,31 +1816,55 @@ void widen16_panels(const uint16_t* src, int64_t channel_stride, int64_t channel
 
 namespace {
 // copy_segments (and copy_segments16) on any CPU: dst = convert(src) on a segment's copy part, zero on the rest.
-template <typename Src, typename Out, typename Convert>
-void copy_segments_portable(const Src* src, int64_t src_channel_stride, int64_t channels, const Segment* segments,
-                            int64_t count, int64_t step, Out* dst, int64_t dst_channel_stride, Convert convert) {
+// (STEP: the source step where it is 1 or 2, which the compiler vectorises as copies and de-interleaving; 0: the
+// runtime `step`. On AVX2 CPUs this is the path: the runtime step alone kept every copy scalar.)
+template <int STEP, typename Src, typename Out, typename Convert>
+void copy_segments_step(const Src* src, int64_t src_channel_stride, int64_t channels, const Segment* segments,
+                        int64_t count, int64_t step, Out* dst, int64_t dst_channel_stride, Convert convert) {
+  if constexpr (STEP > 0) step = STEP;
   for (int64_t c = 0; c < channels; ++c) {
     const Src* in = src + c * src_channel_stride;
     Out* out = dst + c * dst_channel_stride;
     for (const Segment* sg = segments; sg != segments + count; ++sg) {
       std::fill(out + sg->j0, out + sg->a, Out(0));
-      for (int64_t j = sg->a; j < sg->b; ++j) out[j] = convert(in[sg->offset + j * step]);
+      const Src* from = in + sg->offset;
+      for (int64_t j = sg->a; j < sg->b; ++j) out[j] = convert(from[j * step]);
       std::fill(out + sg->b, out + sg->j1, Out(0));
     }
   }
 }
 
-// copy_segments into the packed layout [c / mr][j][c % mr] (rows of `len`), lanes past `channels` zero.
+template <typename Src, typename Out, typename Convert>
+void copy_segments_portable(const Src* src, int64_t src_channel_stride, int64_t channels, const Segment* segments,
+                            int64_t count, int64_t step, Out* dst, int64_t dst_channel_stride, Convert convert) {
+  if (step == 1)
+    return copy_segments_step<1>(src, src_channel_stride, channels, segments, count, step, dst, dst_channel_stride,
+                                 convert);
+  if (step == 2)
+    return copy_segments_step<2>(src, src_channel_stride, channels, segments, count, step, dst, dst_channel_stride,
+                                 convert);
+  copy_segments_step<0>(src, src_channel_stride, channels, segments, count, step, dst, dst_channel_stride, convert);
+}
+
+// copy_segments into the packed layout [c / mr][j][c % mr] (rows of `len`), lanes past `channels` zero: a point's
+// mr values from mr channel rows, each read in order. (An element loop that tested every lane for the channel
+// count and the segment's copy part was 15% of the 3d U-Net k=2 training step on an AVX2 CPU.)
 void copy_segments_packed_portable(const float* src, int64_t src_channel_stride, int64_t channels,
                                    const Segment* segments, int64_t count, int64_t step, int64_t mr, int64_t len,
                                    float* dst) {
   for (int64_t c0 = 0; c0 < channels; c0 += mr, dst += mr * len) {
-    for (const Segment* sg = segments; sg != segments + count; ++sg)
-      for (int64_t j = sg->j0; j < sg->j1; ++j)
-        for (int64_t i = 0; i < mr; ++i)
-          dst[j * mr + i] = c0 + i < channels && j >= sg->a && j < sg->b
-                                ? src[(c0 + i) * src_channel_stride + sg->offset + j * step]
-                                : 0.0f;
+    const int64_t n = std::min(mr, channels - c0);
+    for (const Segment* sg = segments; sg != segments + count; ++sg) {
+      std::fill(dst + sg->j0 * mr, dst + sg->a * mr, 0.0f);
+      const float* in = src + c0 * src_channel_stride + sg->offset;
+      for (int64_t j = sg->a; j < sg->b; ++j) {
+        float* d = dst + j * mr;
+        const float* from = in + j * step;
+        for (int64_t i = 0; i < n; ++i) d[i] = from[i * src_channel_stride];
+        for (int64_t i = n; i < mr; ++i) d[i] = 0.0f;
+      }
+      std::fill(dst + sg->b * mr, dst + sg->j1 * mr, 0.0f);
+    }
   }
 }
 
