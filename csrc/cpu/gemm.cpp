@@ -642,12 +642,20 @@ inline MappedPanel map_panel(const int64_t* cols, int64_t nr, int64_t NR) {
   return {MappedPanel::kAssembled, 0, 0};
 }
 
-// panel[k][j] = rows[k][cols[j]] for j < nr, 0 for nr <= j < NR: a mapped panel copied (aligned) for the micro-kernel.
+// panel[k][j] = rows[k][cols[j]] for j < nr, 0 for nr <= j < NR: a mapped panel copied (aligned) for the micro-kernel,
+// run by run (columns of consecutive points: a frame line's). (Element by element through the map, this was 15% of
+// the dilated 3d training step on an AVX2 CPU, whose kernels read no panel by runs.)
 template <typename T>
 void assemble_panel(const T* const* rows, int64_t kc, const int64_t* cols, int64_t nr, int64_t NR, T* panel) {
+  int64_t first[32], length[32], from[32], runs = 0;  // (NR <= 32)
+  for (int64_t j = 0, e; j < nr; j = e) {
+    for (e = j + 1; e < nr && cols[e] == cols[e - 1] + 1;) ++e;
+    first[runs] = j, length[runs] = e - j, from[runs++] = cols[j];
+  }
   for (int64_t k = 0; k < kc; ++k, panel += NR) {
     const T* row = rows[k];
-    for (int64_t j = 0; j < nr; ++j) panel[j] = row[cols[j]];
+    for (int64_t r = 0; r < runs; ++r)
+      for (int64_t j = 0; j < length[r]; ++j) panel[first[r] + j] = row[from[r] + j];
     for (int64_t j = nr; j < NR; ++j) panel[j] = T(0);
   }
 }
