@@ -43,6 +43,14 @@ inline bool direct_avx512() {
                           __builtin_cpu_supports("fma") && __builtin_cpu_supports("bmi2");
   return yes;
 }
+// The generic loops compiled for AVX2 + FMA as well, for CPUs without AVX-512 (built for the baseline x86-64, they
+// ran on SSE2: the depthwise 3d training step's channel rows and weight gradient took over half of its time on an
+// AVX2 CPU).
+#define TORCH_CONVT_AVX2_TARGET __attribute__((target("avx2,fma")))
+inline bool direct_avx2() {
+  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return yes;
+}
 #else
 #define TORCH_CONVT_DIRECT_AVX512 0
 #endif
@@ -83,6 +91,14 @@ TORCH_CONVT_AVX512_TARGET void channel_rows_avx512(const scalar_t* src, const in
                                                    const std::vector<std::pair<int64_t, int64_t>>& ranges,
                                                    const int64_t* step, int64_t grid1, int64_t r0, int64_t r1,
                                                    int64_t count, acc_t* acc) {
+  channel_rows_body(src, extent, st, taps, w, ranges, step, grid1, r0, r1, count, acc);
+}
+template <typename scalar_t, typename acc_t>
+TORCH_CONVT_AVX2_TARGET void channel_rows_avx2(const scalar_t* src, const int64_t* extent, const Strides& st,
+                                               const std::vector<Tap>& taps, const acc_t* w,
+                                               const std::vector<std::pair<int64_t, int64_t>>& ranges,
+                                               const int64_t* step, int64_t grid1, int64_t r0, int64_t r1,
+                                               int64_t count, acc_t* acc) {
   channel_rows_body(src, extent, st, taps, w, ranges, step, grid1, r0, r1, count, acc);
 }
 
@@ -146,6 +162,7 @@ void channel_rows(const scalar_t* src, const int64_t* extent, const Strides& st,
     }
     return channel_rows_avx512(src, extent, st, taps, w, ranges, step, grid1, r0, r1, count, acc);
   }
+  if (direct_avx2()) return channel_rows_avx2(src, extent, st, taps, w, ranges, step, grid1, r0, r1, count, acc);
 #endif
   channel_rows_body(src, extent, st, taps, w, ranges, step, grid1, r0, r1, count, acc);
 }
@@ -238,6 +255,14 @@ TORCH_CONVT_AVX512_TARGET void weight_grad_channel_avx512(const ConvParams& p, c
                                                           int64_t c, scalar_t* dw) {
   weight_grad_channel_body<scalar_t, acc_t>(p, x, sx, y, sy, taps, ranges, c, dw);
 }
+template <typename scalar_t, typename acc_t>
+TORCH_CONVT_AVX2_TARGET void weight_grad_channel_avx2(const ConvParams& p, const scalar_t* x, const Strides& sx,
+                                                      const scalar_t* y, const Strides& sy,
+                                                      const std::vector<Tap>& taps,
+                                                      const std::vector<std::pair<int64_t, int64_t>>& ranges,
+                                                      int64_t c, scalar_t* dw) {
+  weight_grad_channel_body<scalar_t, acc_t>(p, x, sx, y, sy, taps, ranges, c, dw);
+}
 
 // weight_grad_channel_body for float with unit innermost strides in Y and a step of 1 or 2 in X: the same lanes
 // (point j of a row adds to lane (j - lo) % 16) and order, 16 lanes a vector.
@@ -292,6 +317,10 @@ void conv_weight_grad_depthwise(const ConvParams& p, const scalar_t* x, const St
           }
         }
         weight_grad_channel_avx512<scalar_t, acc_t>(p, x, sx, y, sy, taps, ranges, c, dw);
+        continue;
+      }
+      if (direct_avx2()) {
+        weight_grad_channel_avx2<scalar_t, acc_t>(p, x, sx, y, sy, taps, ranges, c, dw);
         continue;
       }
 #endif
