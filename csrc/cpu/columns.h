@@ -412,6 +412,9 @@ void gather_columns(const scalar_t* src, int64_t channels, const int64_t* extent
           for (int64_t j = sg.j0; j < sg.a; ++j) o[j] = acc_t(0);
           if (inner == 1) {
             for (int64_t j = sg.a; j < sg.b; ++j) o[j] = static_cast<acc_t>(in[j]);
+          } else if (inner == 2) {  // (a constant step: vectorised as de-interleaving, where AVX-512 has no
+                                    // kernel of its own for it; the seed k=3, s=2 layer's input gradient on AVX2)
+            for (int64_t j = sg.a; j < sg.b; ++j) o[j] = static_cast<acc_t>(in[2 * j]);
           } else {
             for (int64_t j = sg.a; j < sg.b; ++j) o[j] = static_cast<acc_t>(in[j * inner]);
           }
