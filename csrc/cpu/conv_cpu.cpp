@@ -1074,25 +1074,30 @@ void conv_transpose_kernel(const ConvParams& p, const scalar_t* y, const Strides
       constexpr int64_t kMaxFirst = 1024;
       struct Segment {
         int64_t r0, width;  // the segment's rows [r0, r0 + width) of the set's
+        int64_t at;  // 16-bit weights: where the rows' weights (width x K) start in `wide`
       };
       Segment segments[kMaxFirst];
       int64_t first[kMaxFirst], n_segments = 0;
       constexpr bool kWide = is_float16<scalar_t, acc_t>;  // (16-bit weights, widened first: x0.3 time)
-      // (16-bit: by channels only, the item's MR x K weights of each input channel, widened into `wide`, from which
-      // first[] counts)
-      bool gather = (std::is_same_v<scalar_t, float> || (kWide && by_channels)) && std::is_same_v<acc_t, float> &&
-                    panels * T <= kMaxFirst && MR * T <= kMaxFirst;
+      // (16-bit: the item's weights of each input channel are widened into `wide` first, from which first[] counts:
+      // by channels one MR x K block for all panels, else each segment's rows; the bfloat16 DCGAN layer's 128
+      // channels in AVX2's panels of 6 rows were packed value by value through the table)
+      const bool gather = (std::is_same_v<scalar_t, float> || kWide) && std::is_same_v<acc_t, float> &&
+                          panels * T <= kMaxFirst && MR * T <= kMaxFirst;
+      int64_t wide_size = kWide && by_channels ? ceil_div(MR * K, 16) * 16 : 0;
       for (int64_t j = 0; gather && j < panels; ++j) {
         const int64_t p0 = by_channels ? j * Cxg + q * MR : q * MR, p1 = std::min(p0 + MR, set.out_rows);
         for (int64_t r = p0, e; r < p1; r = e) {
           e = std::min(p1, (r / Cxg + 1) * Cxg);
-          segments[n_segments++] = {r, e - r};
+          segments[n_segments++] = {r, e - r, by_channels ? 0 : wide_size};
+          if (kWide && !by_channels) wide_size += ceil_div((e - r) * K, 16) * 16;
         }
       }
-      const int64_t wide_from = kWide ? q * MR * K : 0, wide_size = ceil_div(MR * K, 16) * 16;
       acc_t* const wide = kWide && gather ? scratch<acc_t, 0>(wide_size) : nullptr;
-      for (int64_t v = 0; v < n_segments; ++v)
-        for (int64_t t = 0; t < T; ++t) first[v * T + t] = plan.source[si][t * rows + segments[v].r0] - wide_from;
+      for (int64_t v = 0; v < n_segments; ++v) {
+        const int64_t shift = kWide ? segments[v].r0 % Cxg * K - segments[v].at : 0;
+        for (int64_t t = 0; t < T; ++t) first[v * T + t] = plan.source[si][t * rows + segments[v].r0] - shift;
+      }
       for (int64_t cy = c0, bi = c0 / set.block; cy < c1; ++cy) {
         if (cy == (bi + 1) * set.block) ++bi;
         const int64_t depth = std::min(set.block, Cyg - bi * set.block) * T;
@@ -1106,9 +1111,14 @@ void conv_transpose_kernel(const ConvParams& p, const scalar_t* y, const Strides
           for (int64_t byte = 0; byte < bytes; byte += 64) __builtin_prefetch(next + byte);
         }
         if constexpr (kWide) {
-          if (gather)  // (one panel of one row: the weights in order)
-            cpu::widen16_panels(reinterpret_cast<const uint16_t*>(src) + wide_from, 0, 1, MR * K, wide_size, wide,
-                                std::is_same_v<scalar_t, c10::BFloat16>);
+          // (one panel of one row: the weights in order)
+          const auto widen = [&](int64_t from, int64_t count, int64_t at) {
+            cpu::widen16_panels(reinterpret_cast<const uint16_t*>(src) + from, 0, 1, count,
+                                ceil_div(count, 16) * 16, wide + at, std::is_same_v<scalar_t, c10::BFloat16>);
+          };
+          if (gather && by_channels) widen(q * MR * K, MR * K, 0);
+          for (int64_t v = 0; gather && !by_channels && v < n_segments; ++v)
+            widen(segments[v].r0 % Cxg * K, segments[v].width * K, segments[v].at);
         }
         if constexpr (std::is_same_v<acc_t, float> && (std::is_same_v<scalar_t, float> || kWide)) {
           if (gather) {
