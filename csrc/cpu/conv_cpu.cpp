@@ -1068,9 +1068,9 @@ void conv_transpose_kernel(const ConvParams& p, const scalar_t* y, const Strides
       const int64_t panels = by_channels ? static_cast<int64_t>(set.members.size()) : 1;
       // The item's panels as segments of rows of one member, consecutive output channels (by channels: a whole panel
       // each; else a panel that crosses members, as AVX2's MR = 6 rows do on 256 channels, in up to MR pieces): a
-      // segment's row l of tap t is the weight K after its row l - 1's, from first[segment*T + t] on (so a pass of
-      // gathers: x0.78 time of the packing, which was 8% of HiFi-GAN's forward; its AVX2 panels, 6 rows over 4
-      // members of 256 channels, packed element by element took 13% of it)
+      // segment's row l of tap t is the weight K after its row l - 1's, from first[segment*T + t] on, so one loop of
+      // a fixed stride copies it (HiFi-GAN's AVX2 panels, 6 rows over 4 members of 256 channels, packed element by
+      // element through the table below took 13% of its forward)
       constexpr int64_t kMaxFirst = 1024;
       struct Segment {
         int64_t r0, width;  // the segment's rows [r0, r0 + width) of the set's
@@ -1611,7 +1611,9 @@ at::MemoryFormat output_format(const at::Tensor& input, const at::Tensor& weight
       (input.suggest_memory_format() != cl && weight.suggest_memory_format() != cl))
     return at::MemoryFormat::Contiguous;
   if (input.dim() == 4) return cl;
-  const auto any = [](at::IntArrayRef v, auto&& pred) { return std::any_of(v.begin(), v.end(), pred); };
+  const auto not_one = [](at::IntArrayRef v) {
+    return std::any_of(v.begin(), v.end(), [](int64_t e) { return e != 1; });
+  };
   if (!at::globalContext().userEnabledMkldnn()) return at::MemoryFormat::Contiguous;
   for (size_t j = 0; j < output_padding.size(); ++j)  // (transposed layers with output_padding >= stride: slow)
     if (output_padding[j] >= stride[j]) return at::MemoryFormat::Contiguous;
@@ -1621,8 +1623,8 @@ at::MemoryFormat output_format(const at::Tensor& input, const at::Tensor& weight
   if ((type == at::kBFloat16 && bf16) || (type == at::kHalf && fp16)) return cl;
   if (type != at::kFloat) return at::MemoryFormat::Contiguous;
   const int64_t n = input.size(0), kw = weight.size(-1), kh = weight.size(-2);
-  const bool mkldnn = (any(stride, [](int64_t v) { return v != 1; }) || any(dilation, [](int64_t v) { return v != 1; }) ||
-                       n >= 16 || kw != 1 || kh != 1 || at::get_num_threads() > 1) &&
+  const bool mkldnn = (not_one(stride) || not_one(dilation) || n >= 16 || kw != 1 || kh != 1 ||
+                       at::get_num_threads() > 1) &&
                       (groups > 1 || (kw > 3 && kh > 3) || n > 1 ||
                        n * input.size(1) * input.size(2) * input.size(3) > 20480);
   return mkldnn ? cl : at::MemoryFormat::Contiguous;
@@ -1798,8 +1800,8 @@ at::Tensor conv_cpu(const at::Tensor& input, const at::Tensor& weight, const std
                     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
   const ConvParams p =
       check_conv_args(ConvKind::Conv, input, weight, weight.sizes(), bias, stride, padding, {}, dilation, groups);
-  at::Tensor out = new_output(p.small_shape(),
-                              input.options().memory_format(output_format(input, weight, stride, dilation, {}, groups)));
+  at::Tensor out = new_output(
+      p.small_shape(), input.options().memory_format(output_format(input, weight, stride, dilation, {}, groups)));
   if (out.numel() == 0) return out;
   const at::Tensor x = readable(input), w = dense(weight);
   const at::Tensor b = dense(bias);

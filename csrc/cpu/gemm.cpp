@@ -1744,38 +1744,31 @@ void store_runs_any(const float* const* rows, int64_t ways, int64_t step, const 
                     const StoreRun* runs, int64_t count, D* dst, bool bf16, bool stream) {
 #if TORCH_CONVT_X86
   static const bool avx512 = __builtin_cpu_supports("avx512f");
-  if (avx512) {
-    const bool dense = step == ways;
-#define TORCH_CONVT_STORE_RUNS(W)                                                                     \
-  case W:                                                                                            \
-    return dense ? store_runs_avx512<W, true>(rows, step, ch, runs, count, dst, bf16, stream)        \
-                 : store_runs_avx512<W, false>(rows, step, ch, runs, count, dst, bf16, stream);
-    switch (ways) {
-      TORCH_CONVT_STORE_RUNS(1)
-      TORCH_CONVT_STORE_RUNS(2)
-      TORCH_CONVT_STORE_RUNS(4)
-      TORCH_CONVT_STORE_RUNS(8)
-      TORCH_CONVT_STORE_RUNS(16)
-      default: break;
-    }
-#undef TORCH_CONVT_STORE_RUNS
-  }
   static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
-  if (avx2) {
-    const bool dense = step == ways;
-#define TORCH_CONVT_STORE_RUNS(W)                                                                   \
-  case W:                                                                                          \
-    return dense ? store_runs_avx2<W, true>(rows, step, ch, runs, count, dst, bf16, stream)        \
-                 : store_runs_avx2<W, false>(rows, step, ch, runs, count, dst, bf16, stream);
+  const bool dense = step == ways;
+#define TORCH_CONVT_STORE_RUNS(ISA, W)                                                                \
+  case W:                                                                                            \
+    return dense ? store_runs_##ISA<W, true>(rows, step, ch, runs, count, dst, bf16, stream)         \
+                 : store_runs_##ISA<W, false>(rows, step, ch, runs, count, dst, bf16, stream);
+  if (avx512) {
     switch (ways) {
-      TORCH_CONVT_STORE_RUNS(1)
-      TORCH_CONVT_STORE_RUNS(2)
-      TORCH_CONVT_STORE_RUNS(4)
-      TORCH_CONVT_STORE_RUNS(8)
+      TORCH_CONVT_STORE_RUNS(avx512, 1)
+      TORCH_CONVT_STORE_RUNS(avx512, 2)
+      TORCH_CONVT_STORE_RUNS(avx512, 4)
+      TORCH_CONVT_STORE_RUNS(avx512, 8)
+      TORCH_CONVT_STORE_RUNS(avx512, 16)
       default: break;
     }
-#undef TORCH_CONVT_STORE_RUNS
+  } else if (avx2) {
+    switch (ways) {
+      TORCH_CONVT_STORE_RUNS(avx2, 1)
+      TORCH_CONVT_STORE_RUNS(avx2, 2)
+      TORCH_CONVT_STORE_RUNS(avx2, 4)
+      TORCH_CONVT_STORE_RUNS(avx2, 8)
+      default: break;
+    }
   }
+#undef TORCH_CONVT_STORE_RUNS
 #endif
   store_runs_portable(rows, ways, step, ch, runs, count, dst, bf16);
 }
