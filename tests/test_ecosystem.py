@@ -260,6 +260,28 @@ def test_channels_last_output_format_matches_torch(dtype, dims, which, transpose
     assert fake.stride() == out.stride()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("transposed", [True, False])
+@pytest.mark.parametrize("batch", [2, 1])
+def test_channels_last_3d_gradient_format_matches_torch(dtype, transposed, batch):
+    """3d modules on a channels_last_3d input: the output and the input's gradient in the memory formats torch.nn
+    gives them (its backend's choice, which depends on the dtype, the CPU and the layer's size)."""
+    fmt = torch.channels_last_3d
+    x = randn((batch, 6, 7, 7, 7), dtype=dtype).contiguous(memory_format=fmt).requires_grad_()
+    if transposed:
+        ref = torch.nn.ConvTranspose3d(6, 4, 3, stride=2, padding=1, output_padding=1).to(dtype)
+        ours = torch_convt.ConvTranspose3d(6, 4, 3, stride=2, padding=1, output_padding=1).to(dtype)
+    else:
+        ref = torch.nn.Conv3d(6, 4, 3, stride=2, padding=1).to(dtype)
+        ours = torch_convt.Conv3d(6, 4, 3, stride=2, padding=1).to(dtype)
+    ours.load_state_dict(ref.state_dict())
+    y_ref, y = ref(x), ours(x)
+    g = torch.randn_like(y_ref)
+    (gx_ref,), (gx,) = torch.autograd.grad(y_ref, x, g), torch.autograd.grad(y, x, g)
+    assert _memory_format(y) == _memory_format(y_ref)
+    assert _memory_format(gx) == _memory_format(gx_ref)
+
+
 @pytest.mark.parametrize("dims", [2, 3])
 def test_channels_last_input_is_read_in_place(dims):
     """Forward, input gradient and weight gradient read a channels_last input (and grad_output) through its
