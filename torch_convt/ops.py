@@ -8,6 +8,8 @@ The ops are closed under differentiation (X big, Y small, W weight; see csrc/com
 so double (and higher) backward works by construction. For complex tensors the adjoint conjugates the other
 operand (torch's conjugate-Wirtinger convention).
 """
+import functools
+
 import torch
 from torch._prims_common import suggest_memory_format
 
@@ -58,6 +60,7 @@ def _check_devices(op, input, **others):
                          f"input ({input.device}), but got {name} on {t.device}")
 
 
+@functools.lru_cache(maxsize=None)  # (a property of the CPU and the torch build: asked once, as the C++ side does)
 def _mkldnn_supports(name):
     op = getattr(torch.ops.mkldnn, name, None)
     try:

@@ -338,14 +338,18 @@ void dot_block_portable(int64_t K, const T* a, int64_t lda, const T* b, int64_t 
 // GCC 12 warns about its own _mm*_undefined_* placeholders inside the AVX-512 intrinsic headers.
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wuninitialized"
-// Sum of the 16 lanes, halving in a fixed order.
-__attribute__((target("avx512f"))) inline float hsum_avx512(__m512 v) {
-  const __m512i swap_halves = _mm512_setr_epi32(8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
-  const __m256 s8 = _mm512_castps512_ps256(_mm512_add_ps(v, _mm512_permutexvar_ps(swap_halves, v)));
-  __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps(s8, 1));
+// Sum of the 8 lanes, halving in a fixed order.
+__attribute__((target("avx2"))) inline float hsum_avx2(__m256 v) {
+  __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s4 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
   s4 = _mm_add_ss(s4, _mm_shuffle_ps(s4, s4, 1));
   return _mm_cvtss_f32(s4);
+}
+
+// Sum of the 16 lanes, halving in a fixed order: the two halves added, then as hsum_avx2.
+__attribute__((target("avx512f"))) inline float hsum_avx512(__m512 v) {
+  const __m512i swap_halves = _mm512_setr_epi32(8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
+  return hsum_avx2(_mm512_castps512_ps256(_mm512_add_ps(v, _mm512_permutexvar_ps(swap_halves, v))));
 }
 
 template <int MB, int NB>
@@ -378,12 +382,6 @@ __attribute__((target("avx512f,fma"))) void dot_block_avx512(int64_t K, const fl
 // ---- the same on AVX2: 8 lanes of partial sums per element; a block of up to 4 x 3 elements keeps its 12 sums, 3
 // B vectors and an A vector in the 16 registers (wider blocks run as parts of 3 columns). (The portable loop was a
 // quarter of the pointwise 3d training step on an AVX2 CPU.)
-__attribute__((target("avx2"))) inline float hsum_avx2(__m256 v) {
-  __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s4 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
-  s4 = _mm_add_ss(s4, _mm_shuffle_ps(s4, s4, 1));
-  return _mm_cvtss_f32(s4);
-}
 
 // One step of 8 values along K (FULL), or of the lanes in `mask`.
 template <int MB, int NB, bool FULL>
