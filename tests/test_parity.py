@@ -1132,17 +1132,17 @@ def test_bf16_amx_stride1_copies_by_chunks_of_images(cl):
 # ----------------------------------------------------------------------------------------------------------
 # Winograd: float32 layers at stride 1 with kernels of 3 along the innermost dim and one more (F(2, 3); dilated ones
 # by sub-lattices), conv_transpose at stride 2 with kernel 4 padding 1 or kernel 3 padding 0 or 1 (F(2, 2) phases);
-# 16 channels a group or more, AVX-512 CPUs. (kind, input shape, weight shape, padding, groups)
+# 16 channels a group or more, AVX-512 or AVX2 CPUs. (kind, input shape, weight shape, padding, groups)
 # ----------------------------------------------------------------------------------------------------------
 def _winograd_available():
-    """Whether this CPU has what the Winograd path needs (AVX-512 F/BW/VL/DQ, FMA, BMI2): from the CPU's flags, not
-    from the path's results, so that a broken path fails the tests below instead of skipping them."""
+    """Whether this CPU has what the Winograd path needs (AVX-512 F/BW/VL/DQ, FMA, BMI2; or AVX2 and FMA): from the
+    CPU's flags, not from the path's results, so that a broken path fails the tests below instead of skipping them."""
     try:
         with open("/proc/cpuinfo") as f:
             flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
     except OSError:
         return False
-    return {"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma", "bmi2"} <= set(flags)
+    return {"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma", "bmi2"} <= set(flags) or {"avx2", "fma"} <= set(flags)
 
 
 WINOGRAD_CASES = [
@@ -1207,7 +1207,7 @@ def _winograd_and_direct(kind, x, w, b, kw):
     return expected, wino, direct
 
 
-@pytest.mark.skipif(not _winograd_available(), reason="no AVX-512: float32 layers take direct summation")
+@pytest.mark.skipif(not _winograd_available(), reason="no AVX-512 or AVX2: float32 layers take direct summation")
 @pytest.mark.parametrize("case", WINOGRAD_CASES, ids=[f"case{i}" for i in range(len(WINOGRAD_CASES))])
 def test_winograd_matches_float64(case):
     """Output, input and weight gradients in float32 by Winograd (the forward and, through conv / conv_transpose, the
@@ -1253,7 +1253,7 @@ WINOGRAD_STRIDED_CASES = [
 ]
 
 
-@pytest.mark.skipif(not _winograd_available(), reason="no AVX-512: float32 layers take direct summation")
+@pytest.mark.skipif(not _winograd_available(), reason="no AVX-512 or AVX2: float32 layers take direct summation")
 @pytest.mark.parametrize("case", WINOGRAD_STRIDED_CASES, ids=[f"case{i}" for i in range(len(WINOGRAD_STRIDED_CASES))])
 def test_winograd_strided_conv_matches_float64(case):
     """Output, input and weight gradients within 1e-5 of the largest float64 value, and the output (the layer's
@@ -1308,7 +1308,7 @@ def _winograd_random_cases(count, seed=11):
     return cases
 
 
-@pytest.mark.skipif(not _winograd_available(), reason="no AVX-512: float32 layers take direct summation")
+@pytest.mark.skipif(not _winograd_available(), reason="no AVX-512 or AVX2: float32 layers take direct summation")
 def test_winograd_random_layers_match_float64():
     """40 random layers of the Winograd schemes: output and both gradients within 1e-5 of float64 whichever path
     they take, and the Winograd path taken by at least a quarter of them (its bits differ from direct summation's)."""
@@ -1326,7 +1326,7 @@ def test_winograd_random_layers_match_float64():
     assert taken >= 10, taken
 
 
-@pytest.mark.skipif(not _winograd_available(), reason="no AVX-512: float32 layers take direct summation")
+@pytest.mark.skipif(not _winograd_available(), reason="no AVX-512 or AVX2: float32 layers take direct summation")
 def test_winograd_same_bits_any_thread_count():
     x, w = torch.randn(2, 32, 7, 9, 13), torch.randn(32, 24, 3, 3, 3)
     xs, ws = torch.randn(1, 16, 25, 26, 27), torch.randn(32, 16, 4, 4, 4)  # a conv at stride 2 by kernel 4
@@ -1348,7 +1348,7 @@ def test_winograd_same_bits_any_thread_count():
         assert all(torch.equal(a, b) for a, b in zip(r, results[0]))
 
 
-@pytest.mark.skipif(not _winograd_available(), reason="no AVX-512: float32 layers take direct summation")
+@pytest.mark.skipif(not _winograd_available(), reason="no AVX-512 or AVX2: float32 layers take direct summation")
 @pytest.mark.parametrize("kind", ["ct", "conv", "strided conv"])
 @pytest.mark.parametrize("where", ["input", "weight"])
 def test_winograd_non_finite_as_direct(kind, where):
@@ -1378,7 +1378,7 @@ def test_winograd_non_finite_as_direct(kind, where):
 
 
 
-@pytest.mark.skipif(not _winograd_available(), reason="no AVX-512: float32 layers take direct summation")
+@pytest.mark.skipif(not _winograd_available(), reason="no AVX-512 or AVX2: float32 layers take direct summation")
 @pytest.mark.parametrize("where", ["input", "weight", "huge"])
 def test_winograd_upsample_non_finite_as_direct(where):
     """The 1d up-sampler by kernel 2s (a tile's transformed inputs mix three input points): NaN and inf inputs or
@@ -1409,7 +1409,7 @@ def test_winograd_upsample_non_finite_as_direct(where):
     assert torch.equal(got[got.isfinite()], direct[direct.isfinite()])
 
 
-@pytest.mark.skipif(not _winograd_available(), reason="no AVX-512: float32 layers take direct summation")
+@pytest.mark.skipif(not _winograd_available(), reason="no AVX-512 or AVX2: float32 layers take direct summation")
 def test_winograd_huge_finite_values():
     """Outputs near float32's largest values, all finite, all positive: finite outputs within 1e-5 of direct
     summation's (the Winograd path's finiteness check sums a run's outputs, which overflows here, and the layer is then
@@ -1447,7 +1447,7 @@ def _in_new_thread(call):
     return out[0]
 
 
-@pytest.mark.skipif(not _winograd_available(), reason="no AVX-512: float32 layers take direct summation")
+@pytest.mark.skipif(not _winograd_available(), reason="no AVX-512 or AVX2: float32 layers take direct summation")
 @pytest.mark.parametrize("layer", range(len(_REUSE_LAYERS)))
 def test_winograd_reused_weights_follow_every_change(layer):
     """Transformed weights are kept for later calls with the same weights (compared byte for byte with a copy): every
@@ -1491,7 +1491,7 @@ def test_winograd_reused_weights_follow_every_change(layer):
 
 
 
-@pytest.mark.skipif(not _winograd_available(), reason="no AVX-512: float32 layers take direct summation")
+@pytest.mark.skipif(not _winograd_available(), reason="no AVX-512 or AVX2: float32 layers take direct summation")
 def test_winograd_reused_weights_released():
     """empty_cache() releases the kept transformed weights (and says so in its byte count); with set_cache_limit(0)
     none are kept, and the outputs are the same bits."""
@@ -1510,7 +1510,7 @@ def test_winograd_reused_weights_released():
         torch_convt.set_cache_limit(previous)
     assert all(torch.equal(a, first[0]) for a in first + again)
 
-@pytest.mark.skipif(not _winograd_available(), reason="no AVX-512: float32 layers take direct summation")
+@pytest.mark.skipif(not _winograd_available(), reason="no AVX-512 or AVX2: float32 layers take direct summation")
 def test_winograd_reused_weights_per_calling_thread():
     """Python threads calling the same layer shape with their own weights at once: each gets its own output."""
     fn, in_shape, w_shape, kw = _REUSE_LAYERS[0]
