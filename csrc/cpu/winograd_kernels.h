@@ -69,7 +69,9 @@ WINO_INLINE Vf vset1(float x) { return {_mm256_set1_ps(x), _mm256_set1_ps(x)}; }
 WINO_INLINE Vf vadd(Vf a, Vf b) { return {_mm256_add_ps(a.lo, b.lo), _mm256_add_ps(a.hi, b.hi)}; }
 WINO_INLINE Vf vsub(Vf a, Vf b) { return {_mm256_sub_ps(a.lo, b.lo), _mm256_sub_ps(a.hi, b.hi)}; }
 WINO_INLINE Vf vmul(Vf a, Vf b) { return {_mm256_mul_ps(a.lo, b.lo), _mm256_mul_ps(a.hi, b.hi)}; }
-WINO_INLINE Vf vfmadd(Vf a, Vf b, Vf c) { return {_mm256_fmadd_ps(a.lo, b.lo, c.lo), _mm256_fmadd_ps(a.hi, b.hi, c.hi)}; }
+WINO_INLINE Vf vfmadd(Vf a, Vf b, Vf c) {
+  return {_mm256_fmadd_ps(a.lo, b.lo, c.lo), _mm256_fmadd_ps(a.hi, b.hi, c.hi)};
+}
 // The 8 lanes of mask bits m as a vector mask (all ones where set).
 WINO_INLINE __m256i vmask8(unsigned m) {
   const __m256i bits = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
@@ -93,7 +95,9 @@ WINO_INLINE Vf vloadz(__mmask16 m, const float* p) { return {vloadz8(m & 0xFFu, 
 WINO_INLINE Vf vload_merge(Vf old, __mmask16 m, const float* p) {
   return {vload_merge8(old.lo, m & 0xFFu, p), vload_merge8(old.hi, unsigned(m) >> 8, p + 8)};
 }
-WINO_INLINE void vstore_mask(float* p, __mmask16 m, Vf v) { vstore8(p, m & 0xFFu, v.lo), vstore8(p + 8, unsigned(m) >> 8, v.hi); }
+WINO_INLINE void vstore_mask(float* p, __mmask16 m, Vf v) {
+  vstore8(p, m & 0xFFu, v.lo), vstore8(p + 8, unsigned(m) >> 8, v.hi);
+}
 WINO_INLINE Vf vload_aligned(const float* p) { return {_mm256_load_ps(p), _mm256_load_ps(p + 8)}; }
 WINO_INLINE void vstore_aligned(float* p, Vf v) { _mm256_store_ps(p, v.lo), _mm256_store_ps(p + 8, v.hi); }
 WINO_INLINE Vf vgather(const float* base, const int32_t* off, __mmask16 m) {
