@@ -27,10 +27,9 @@
 // vectorised over 16 consecutive tiles (one AVX-512 vector, or two AVX2 ones), the weights' also halvings. The errors
 // stay at those of direct summation (a 32-channel 3x3x3 layer: 3.0e-7 of the largest output in float32, direct
 // 4.6e-7, both against float64). Every output is one fixed sequence of operations: results do not depend on the
-// thread count or the instruction set. Non-finite values: a tile mixes its inputs, so an inf or NaN input would reach
-// outputs that it does not contribute to; where any output comes out non-finite the caller computes the layer again
-// on its own path, which gives each non-finite input exactly its own outputs (and weights that are not finite never
-// take this path).
+// thread count. Non-finite values: a tile mixes its inputs, so an inf or NaN input would reach outputs that it does
+// not contribute to; where any output comes out non-finite the caller computes the layer again on its own path, which
+// gives each non-finite input exactly its own outputs (and weights that are not finite never take this path).
 #pragma once
 
 #include <ATen/Parallel.h>

@@ -1,8 +1,7 @@
 // The Winograd kernels of winograd.h, included there once per instruction set inside its own namespace: with
 // WINO_AVX512 1 on AVX-512 (a vector is one __m512), with WINO_AVX512 0 on AVX2 + FMA (a vector is a pair of __m256
-// holding the same 16 lanes), WINO_TARGET the functions' target. Every value is computed by the same operations in
-// the same order on both, so results do not depend on the CPU. No include guard: this file is meant to be included
-// twice.
+// holding the same 16 lanes), WINO_TARGET the functions' target. The transforms compute every value by the same
+// operations in the same order on both. No include guard: this file is meant to be included twice.
 
 #define WINO_INLINE WINO_TARGET inline __attribute__((always_inline))
 
