@@ -1426,6 +1426,48 @@ def test_winograd_huge_finite_values():
     assert direct.isfinite().all() and direct.min() > 1e36
     assert got.isfinite().all() and (got - direct).abs().max() <= 1e-5 * direct.max()
 
+_WIDENED_LAYERS = [  # (function, input, weight, kwargs, channels_last): 16-bit layers that the Winograd path takes
+    (torch_convt.functional.conv_transpose2d, (4, 32, 20, 24), (32, 24, 4, 4), dict(stride=2, padding=1), False),
+    (torch_convt.functional.conv_transpose2d, (4, 32, 20, 23), (32, 24, 4, 4), dict(stride=2, padding=1), True),
+    (torch_convt.functional.conv_transpose3d, (2, 16, 8, 9, 10), (16, 16, 3, 3, 3), dict(padding=1), False),
+    (torch_convt.functional.conv_transpose3d, (2, 24, 13, 12, 10), (24, 16, 3, 3, 3),
+     dict(stride=2, padding=1, output_padding=1), True),
+    (torch_convt.functional.conv2d, (2, 24, 30, 31), (16, 24, 3, 3), dict(padding=1), False),
+    (torch_convt.functional.conv_transpose1d, (2, 384, 60), (384, 64, 16), dict(stride=8, padding=4), False),
+]
+
+
+@pytest.mark.skipif(not _winograd_available(), reason="no AVX-512 or AVX2: float32 layers take direct summation")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("layer", range(len(_WIDENED_LAYERS)))
+def test_winograd_16bit_is_float_rounded_once(layer, dtype):
+    """A 16-bit layer that the float32 Winograd path takes (without AMX) computes in float on its widened values: its
+    output is, bit for bit, the float32 layer's on those values rounded to the 16-bit type (and within the 16-bit
+    type's rounding of float64's); channels_last inputs too. Set_winograd(False) gives the 16-bit path's own sums."""
+    fn, xs, ws, kw, cl = _WIDENED_LAYERS[layer]
+    torch.manual_seed(layer)
+    x, w, b = torch.randn(xs).to(dtype), (torch.randn(ws) / 8).to(dtype), torch.randn(ws[1 if "transpose" in
+                                                                                        fn.__name__ else 0]).to(dtype)
+    if cl:
+        x = x.to(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
+    x0 = x.clone()
+    was, amx = torch_convt.set_winograd(True), torch_convt.set_amx(False)
+    try:
+        got = fn(x, w, b, **kw)
+        wide = fn(x.float().contiguous(), w.float(), b.float(), **kw)
+        torch_convt.set_winograd(False)
+        direct = fn(x, w, b, **kw)
+    finally:
+        torch_convt.set_winograd(was), torch_convt.set_amx(amx)
+    assert torch.equal(x, x0)
+    assert got.dtype == dtype and got.shape == direct.shape and got.stride() == direct.stride()
+    assert torch.equal(got, wide.to(dtype)), (got.float() - wide).abs().max()
+    ref = getattr(torch.nn.functional, fn.__name__)(x.double(), w.double(), b.double(), **kw)
+    eps = 2.0 ** -8 if dtype == torch.bfloat16 else 2.0 ** -11
+    assert ((got.double() - ref).abs() <= eps * ref.abs() + 1e-3 * ref.abs().max()).all()
+    assert not torch.equal(got, direct)
+
+
 _REUSE_LAYERS = [  # (function, input, weight, kwargs): Winograd's transformed weights prepared once, then reused
     (torch_convt.functional.conv_transpose3d, (1, 32, 16, 15, 16), (32, 24, 3, 3, 3),
      dict(stride=2, padding=1, output_padding=1)),

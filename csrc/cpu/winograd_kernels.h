@@ -752,23 +752,6 @@ inline void wino_upsample_plan(const WinogradLayer& l, int64_t stride, int64_t p
   up.v_size = packed_size(l.batch * up.tiles, l.ci, up.nr) + 16;
 }
 
-// Whether a layer (WinogradLayer's fields, the dims before the last of extent 1 and kernel 1) takes this path: dense
-// rows; at least 384 input channels a group and 512 rows (s co) a GEMM, so that the products' work pays for the
-// transforms and the transformed inputs' trips through memory (against the phases' GEMMs of gemm.h, alternated:
-// 512 x 256 channels at s = 8 on 4 x 200 points x0.81 the time, on 4 x 400 with 128 out x0.77, 384 x 256 x0.84,
-// 512 x 256 at s = 2 x0.73-0.81, 512 x 512 at s = 4 x0.87-0.89; by F(2, 2), 256 x 128 at s = 8 on 4 x 1600 points
-// took x1.04-1.29 and 128 x 64 at s = 2 on 4 x 12800 x2.5); transformed weights of at most 32 MiB; enough tiles.
-inline bool wino_upsample_shape(const WinogradLayer& l, int64_t stride, int64_t in_inner_stride,
-                                int64_t out_inner_stride) {
-  if (!winograd_isa()) return false;
-  for (int64_t d = 0; d < 2; ++d)
-    if (l.in_ext[d] != 1 || l.out_ext[d] != 1 || l.kernel[d] != 1) return false;
-  if (stride < 2 || stride > 8 || l.kernel[2] != 2 * stride || l.dilation[2] != 1) return false;
-  if (in_inner_stride != 1 || out_inner_stride != 1 || l.ci < 384 || stride * l.co < 512) return false;
-  const int64_t tiles = l.batch * ceil_div(l.out_ext[2], 3 * stride);
-  return tiles >= 32 && 4 * stride * l.ci * l.co * int64_t(sizeof(float)) <= (int64_t(32) << 20);
-}
-
 // The transformed weights of group g's panel p (mr rows co s + r of U_v, packed as gemm_packed's A, ci deep).
 // Returns whether all are finite.
 WINO_TARGET inline bool wino_upsample_panel(const WinogradLayer& l, const WinoUpsample& up,
