@@ -406,101 +406,40 @@ inline bool winograd_layer(const ConvParams& p, bool transposed, cpu::WinogradLa
   return cpu::wino_kinds(transposed, p.kernel, p.stride, p.padding, p.dilation, wl.kind, wl.pad);
 }
 
-// A 16-bit layer (bfloat16 or half) by the float32 Winograd path (winograd_takes; not for bfloat16 where the CPU has
-// AMX, whose tiles take its values as they are): its input and weights widened into float buffers (exact), the
-// output computed in float and rounded back once, as the 16-bit GEMMs' float sums are (so the 16-bit forward is not
-// slower than the float one: DCGAN's kernel-4 layer in bfloat16 took x2.0 the time of float32 on an AVX2 CPU, its
-// float by Winograd). `in`, `out`: the layer's input and output (conv_transpose: y and x). False, having written
-// nothing, where the path does not take the layer, the buffers would outgrow max(64 MiB, the output), or any output
-// is not finite (the caller's path then computes the layer).
+// A 16-bit layer (bfloat16 or half) by the Winograd path (winograd_takes; not for bfloat16 where the CPU has AMX,
+// whose tiles take its values as they are): its input widened to float as the input transform loads it, the output
+// rounded once as the output transform stores it (as the 16-bit GEMMs' float sums are), its weights and bias widened
+// here. The result is the float32 layer's on the widened values, rounded. (DCGAN's kernel-4 layer in bfloat16 took
+// x2.0 the time of float32 on an AVX2 CPU once float32 had Winograd; widening the input and rounding the output in
+// passes of their own left it at x1.035-1.045, in the transforms x1.00-1.02.) `in`, `out`: the layer's input and output (conv_transpose: y and x).
+// False where the path does not take the layer or any output is not finite (the caller's path then computes it).
 template <typename scalar_t>
 bool winograd_widened(const ConvParams& p, bool transposed, const scalar_t* in, const Strides& si, const scalar_t* w,
                       const scalar_t* bias, scalar_t* out, const Strides& so) {
   cpu::WinogradLayer wl;
   winograd_layer(p, transposed, wl);
   if ((std::is_same_v<scalar_t, c10::BFloat16> && cpu::amx_bf16()) ||
-      !cpu::winograd_takes(wl, transposed, p.stride[2]))
+      !cpu::winograd_takes(wl, transposed, p.stride[2], si.s[2], so.s[2]))
     return false;
-  const int64_t* in_ext = transposed ? p.small : p.big;
-  const int64_t* out_ext = transposed ? p.big : p.small;
-  const int64_t cin = transposed ? p.small_channels : p.big_channels;
   const int64_t cout = transposed ? p.big_channels : p.small_channels;
-  const int64_t in_plane = in_ext[0] * in_ext[1] * in_ext[2], out_plane = out_ext[0] * out_ext[1] * out_ext[2];
-  const int64_t weights = p.groups * p.small_group() * p.big_group() * p.kernel_numel();
-  const int64_t floats = p.batch * (cin * in_plane + cout * out_plane) + weights;
-  if (floats * int64_t(sizeof(float)) >
-      std::max(int64_t(64) << 20, p.batch * cout * out_plane * int64_t(sizeof(scalar_t))))
-    return false;
-  std::unique_ptr<float[]> in_fresh, out_fresh, w_fresh;
-  float* const fin = cpu::held_buffer<float, 8>(p.batch * cin * in_plane, in_fresh);
-  float* const fout = cpu::held_buffer<float, 9>(p.batch * cout * out_plane, out_fresh);
+  const int64_t weights = p.small_channels * p.big_group() * p.kernel_numel();  // ([small][big group][taps])
   // (the weights in a kept buffer: the same address call after call, so their transform is kept like a float
   // layer's)
-  float* const fw = cpu::held_buffer<float, 10>(weights, w_fresh);
-  const Strides fsi{cin * in_plane, in_plane, {in_ext[1] * in_ext[2], in_ext[2], 1}};
-  const Strides fso{cout * out_plane, out_plane, {out_ext[1] * out_ext[2], out_ext[2], 1}};
-  std::vector<float> b_store;
-  const float* fb = bias ? as_acc(bias, cout, b_store) : nullptr;
-  constexpr bool bf16 = std::is_same_v<scalar_t, c10::BFloat16>;
-  const auto bits = [](const scalar_t* v) { return reinterpret_cast<const uint16_t*>(v); };
-  // Widened: dense rows a channel's plane at a time (copy_segments16, vectorised), others point by point. Items:
-  // (image, block of channels).
-  const auto widen = [&](int64_t images, const scalar_t* src, const Strides& ss, int64_t channels,
-                         const int64_t* ext, float* dst, const Strides& ds) {
-    const int64_t plane = ext[0] * ext[1] * ext[2], cb = std::max<int64_t>(1, std::min(channels, 16384 / plane));
-    const int64_t blocks = ceil_div(channels, cb);
-    const bool dense = ss.dense_rows(ext);
-    at::parallel_for(0, images * blocks, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t item = begin; item < end; ++item) {
-        const int64_t n = item / blocks, c0 = item % blocks * cb, c1 = std::min(channels, c0 + cb);
-        const scalar_t* sn = src + n * ss.n;
-        float* dn = dst + n * ds.n;
-        if (dense) {
-          const cpu::Segment seg{0, 0, plane, plane, 0};
-          cpu::copy_segments16(bits(sn + c0 * ss.c), ss.c, c1 - c0, &seg, 1, 1, bf16, dn + c0 * ds.c, ds.c);
-          continue;
-        }
-        for (int64_t c = c0; c < c1; ++c)
-          for (int64_t i0 = 0; i0 < ext[0]; ++i0)
-            for (int64_t i1 = 0; i1 < ext[1]; ++i1) {
-              const scalar_t* r = sn + c * ss.c + ss.at(i0, i1, 0);
-              float* o = dn + c * ds.c + ds.at(i0, i1, 0);
-              for (int64_t j = 0; j < ext[2]; ++j) o[j] = static_cast<float>(r[j * ss.s[2]]);
-            }
-      }
-    });
-  };
-  const int64_t row = p.big_group() * p.kernel_numel(), w_ext[kMaxDims] = {1, 1, row};  // (weights: [small][row])
-  const Strides ws{weights, row, {row, row, 1}};
-  widen(1, w, ws, weights / row, w_ext, fw, ws);
-  widen(p.batch, in, si, cin, in_ext, fin, fsi);
-  const bool ok = cpu::winograd_correlation(wl, fin, fsi, fw, fb, fout, fso) ||
-                  (transposed && cpu::winograd_upsample(wl, p.stride[2], p.padding[2], fin, fsi, fw, fb, fout, fso));
-  if (!ok) return false;
-  // Narrowed (rounded to nearest even): dense rows by store_interleaved16 a channel's plane at a time.
-  const int64_t cb = std::max<int64_t>(1, std::min(cout, 16384 / out_plane)), blocks = ceil_div(cout, cb);
-  const bool dense = so.dense_rows(out_ext);
-  at::parallel_for(0, p.batch * blocks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t n = item / blocks, c0 = item % blocks * cb, c1 = std::min(cout, c0 + cb);
-      const float* src = fout + n * fso.n + c0 * fso.c;
-      scalar_t* dst = out + n * so.n + c0 * so.c;
-      if (dense) {
-        const cpu::StoreRun run{0, 0, 0, out_plane};
-        cpu::store_interleaved16(&src, 1, 1, cpu::StoreChannels{c1 - c0, fso.c, so.c, nullptr}, &run, 1,
-                                 reinterpret_cast<uint16_t*>(dst), bf16, false);
-        continue;
-      }
-      for (int64_t c = 0; c < c1 - c0; ++c)
-        for (int64_t i0 = 0; i0 < out_ext[0]; ++i0)
-          for (int64_t i1 = 0; i1 < out_ext[1]; ++i1) {
-            const float* r = src + c * fso.c + fso.at(i0, i1, 0);
-            scalar_t* o = dst + c * so.c + so.at(i0, i1, 0);
-            for (int64_t j = 0; j < out_ext[2]; ++j) o[j * so.s[2]] = static_cast<scalar_t>(r[j]);
-          }
+  std::unique_ptr<float[]> w_fresh;
+  float* const fw = cpu::held_buffer<float, 8>(weights, w_fresh);
+  const int64_t chunk = 16384, chunks = ceil_div(weights, chunk);
+  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      const int64_t j0 = c * chunk, n = std::min(chunk, weights - j0);
+      const cpu::Segment seg{0, 0, n, n, 0};
+      cpu::copy_segments16(reinterpret_cast<const uint16_t*>(w + j0), 0, 1, &seg, 1, 1,
+                           std::is_same_v<scalar_t, c10::BFloat16>, fw + j0, 0);
     }
   });
-  return true;
+  std::vector<float> b_store;
+  const float* fb = bias ? as_acc(bias, cout, b_store) : nullptr;
+  return cpu::winograd_correlation(wl, in, si, fw, fb, out, so) ||
+         (transposed && cpu::winograd_upsample(wl, p.stride[2], p.padding[2], in, si, fw, fb, out, so));
 }
 
 template <typename scalar_t>

@@ -33,12 +33,15 @@
 #pragma once
 
 #include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 
 #include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <memory>
 #include <numeric>
+#include <type_traits>
 
 #include "columns.h"
 #include "direct.h"
@@ -52,10 +55,17 @@ inline std::atomic<bool>& winograd_flag() {
   return on;
 }
 
-// Winograd in use and the CPU's kernels there: AVX-512 or AVX2 + FMA (winograd_kernels.h).
+// Winograd in use and the CPU's kernels there: AVX-512 or AVX2 + FMA + F16C (winograd_kernels.h).
+#if TORCH_CONVT_DIRECT_AVX512
+#define TORCH_CONVT_WINO_AVX2_TARGET __attribute__((target("avx2,fma,f16c")))
+inline bool wino_avx2_cpu() {
+  static const bool yes = direct_avx2() && __builtin_cpu_supports("f16c");
+  return yes;
+}
+#endif
 inline bool winograd_isa() {
 #if TORCH_CONVT_DIRECT_AVX512
-  return winograd_flag().load(std::memory_order_relaxed) && (direct_avx512() || direct_avx2());
+  return winograd_flag().load(std::memory_order_relaxed) && (direct_avx512() || wino_avx2_cpu());
 #else
   return false;
 #endif
@@ -233,13 +243,15 @@ inline bool wino_upsample_shape(const WinogradLayer& l, int64_t stride, int64_t 
   return tiles >= 32 && 4 * stride * l.ci * l.co * int64_t(sizeof(float)) <= (int64_t(32) << 20);
 }
 
-// Whether the layer, its rows dense, takes winograd_correlation's dense path (no dilation; conv: no stride-2 dims) or
-// winograd_upsample (conv_transpose at `stride`, the other dims of extent 1): a 16-bit layer computed in float by it
-// (conv_cpu.cpp) asks before widening.
-inline bool winograd_takes(const WinogradLayer& l, bool transposed, int64_t stride) {
+// Whether the layer takes winograd_correlation's dense path (no dilation; conv: no stride-2 dims) or
+// winograd_upsample (conv_transpose at `stride`, the other dims of extent 1), given its rows' innermost strides: a
+// 16-bit layer (conv_cpu.cpp) asks before widening its weights.
+inline bool winograd_takes(const WinogradLayer& l, bool transposed, int64_t stride, int64_t in_inner_stride,
+                           int64_t out_inner_stride) {
   if (std::any_of(l.split, l.split + kMaxDims, [](bool b) { return b; })) return false;
   if (std::any_of(l.dilation, l.dilation + kMaxDims, [](int64_t d) { return d != 1; })) return false;
-  return winograd_shape(l, 1, 1) || (transposed && wino_upsample_shape(l, stride, 1, 1));
+  return winograd_shape(l, in_inner_stride, out_inner_stride) ||
+         (transposed && wino_upsample_shape(l, stride, in_inner_stride, out_inner_stride));
 }
 
 #if TORCH_CONVT_DIRECT_AVX512
@@ -313,7 +325,7 @@ namespace wino_avx512 {
 }  // namespace wino_avx512
 namespace wino_avx2 {
 #define WINO_AVX512 0
-#define WINO_TARGET TORCH_CONVT_AVX2_TARGET
+#define WINO_TARGET TORCH_CONVT_WINO_AVX2_TARGET
 #include "winograd_kernels.h"
 #undef WINO_TARGET
 #undef WINO_AVX512
@@ -322,18 +334,26 @@ namespace wino_avx2 {
 
 // Computes the layer by its Winograd schemes where winograd_shape holds (dilated layers: for their sub-lattices); false
 // where it does not apply, or where the weights or any output are not finite (the output is then to be computed
-// again by the caller, whole).
-inline bool winograd_correlation(const WinogradLayer& l, const float* in, const Strides& si, const float* w,
-                                 const float* bias, float* out, const Strides& so) {
+// again by the caller, whole). T: the input's and output's elements; 16-bit floats (c10::BFloat16, c10::Half) only for
+// the dense path (no dilation, no stride-2 conv dims), widened and rounded by the transforms, weights and bias float.
+template <typename T>
+bool winograd_correlation(const WinogradLayer& l, const T* in, const Strides& si, const float* w, const float* bias,
+                          T* out, const Strides& so) {
 #if TORCH_CONVT_DIRECT_AVX512
   if (!winograd_isa()) return false;
   const bool avx512 = direct_avx512();
-  if (std::any_of(l.split, l.split + kMaxDims, [](bool b) { return b; }))
-    return avx512 ? wino_avx512::wino_strided(l, in, si, w, bias, out, so)
-                  : wino_avx2::wino_strided(l, in, si, w, bias, out, so);
-  if (std::any_of(l.dilation, l.dilation + kMaxDims, [](int64_t d) { return d != 1; }))
-    return avx512 ? wino_avx512::wino_dilated(l, in, si, w, bias, out, so)
-                  : wino_avx2::wino_dilated(l, in, si, w, bias, out, so);
+  const bool split = std::any_of(l.split, l.split + kMaxDims, [](bool b) { return b; });
+  const bool dilated = std::any_of(l.dilation, l.dilation + kMaxDims, [](int64_t d) { return d != 1; });
+  if constexpr (std::is_same_v<T, float>) {
+    if (split)
+      return avx512 ? wino_avx512::wino_strided(l, in, si, w, bias, out, so)
+                    : wino_avx2::wino_strided(l, in, si, w, bias, out, so);
+    if (dilated)
+      return avx512 ? wino_avx512::wino_dilated(l, in, si, w, bias, out, so)
+                    : wino_avx2::wino_dilated(l, in, si, w, bias, out, so);
+  } else if (split || dilated) {
+    return false;
+  }
   return winograd_shape(l, si.s[2], so.s[2]) && (avx512 ? wino_avx512::wino_dense(l, in, si, w, bias, out, so)
                                                         : wino_avx2::wino_dense(l, in, si, w, bias, out, so));
 #else
@@ -344,8 +364,10 @@ inline bool winograd_correlation(const WinogradLayer& l, const float* in, const 
 
 // A conv_transpose along its last dim at stride s by kernel 2s (wino_upsample); false where that path does not apply,
 // or where the weights or any output are not finite (the output is then to be computed again by the caller, whole).
-inline bool winograd_upsample(const WinogradLayer& l, int64_t stride, int64_t padding, const float* in,
-                              const Strides& si, const float* w, const float* bias, float* out, const Strides& so) {
+// T as winograd_correlation's.
+template <typename T>
+bool winograd_upsample(const WinogradLayer& l, int64_t stride, int64_t padding, const T* in, const Strides& si,
+                       const float* w, const float* bias, T* out, const Strides& so) {
 #if TORCH_CONVT_DIRECT_AVX512
   if (!winograd_isa()) return false;
   return direct_avx512() ? wino_avx512::wino_upsample(l, stride, padding, in, si, w, bias, out, so)

@@ -7,6 +7,8 @@
 
 // The vectors of 16 float lanes, and the operations the kernels use. Masks: bit l for lane l (lane_mask).
 #if WINO_AVX512
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // (GCC 12, inside its own intrinsics' placeholders)
 using Vf = __m512;
 WINO_INLINE Vf vzero() { return _mm512_setzero_ps(); }
 WINO_INLINE Vf vset1(float x) { return _mm512_set1_ps(x); }
@@ -26,8 +28,6 @@ WINO_INLINE Vf vgather(const float* base, const int32_t* off, __mmask16 m) {
 }
 // dst[0 .. j1 - j) = lanes [j, j1) of v: the lanes moved down and stored from their first one (a store whose 64
 // bytes reach back before it, masked or not, splits cache lines, which took a fifth of the weight transform).
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // (GCC 12, inside its own intrinsics' placeholders)
 WINO_INLINE void vstore_lanes(float* dst, Vf v, int64_t j, int64_t j1) {
   const Vf rows = _mm512_maskz_compress_ps(lane_mask(0, j, j1), v);
   if (j1 - j <= 8)
@@ -35,11 +35,32 @@ WINO_INLINE void vstore_lanes(float* dst, Vf v, int64_t j, int64_t j1) {
   else
     _mm512_mask_storeu_ps(dst, lane_mask(0, 0, j1 - j), rows);
 }
-#pragma GCC diagnostic pop
 // Whether every lane is finite, given v = the lanes' sum (x - x: 0 where finite, else NaN).
 WINO_INLINE bool vfinite(Vf v) {
   v = _mm512_sub_ps(v, v);
   return _mm512_cmp_ps_mask(v, v, _CMP_ORD_Q) == 0xFFFF;
+}
+// 16-bit floats (bfloat16 where BF16, else IEEE half) of the lanes in m from p, widened, the other lanes old's;
+// and v's lanes in m rounded to nearest even (as c10's conversions; bfloat16 NaN -> 0x7fc0) and stored at p.
+template <bool BF16>
+WINO_INLINE Vf vload16_merge(Vf old, __mmask16 m, const uint16_t* p) {
+  const __m256i h = _mm256_maskz_loadu_epi16(m, p);
+  const Vf v = BF16 ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)) : _mm512_cvtph_ps(h);
+  return _mm512_mask_mov_ps(old, m, v);
+}
+template <bool BF16>
+WINO_INLINE void vstore16_mask(uint16_t* p, __mmask16 m, Vf v) {
+  __m256i h;
+  if constexpr (BF16) {
+    const __m512i bits = _mm512_castps_si512(v);
+    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+    __m512i r = _mm512_add_epi32(_mm512_add_epi32(bits, _mm512_set1_epi32(0x7FFF)), odd);
+    r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC00000));
+    h = _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16));
+  } else {
+    h = _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  }
+  _mm256_mask_storeu_epi16(p, m, h);
 }
 // The (de-)interleaving of a tile's two points along x: a tile's point pairs (2l, 2l + 1) in a pair of vectors (a,
 // b: 32 points) split into their first and second points, 16 tiles each; and back.
@@ -59,6 +80,7 @@ WINO_INLINE void wino_merge64(Vf first, Vf second, Vf& a, Vf& b) {
   const __m512d f = _mm512_castps_pd(first), s = _mm512_castps_pd(second);
   a = _mm512_castpd_ps(_mm512_permutex2var_pd(f, lo, s)), b = _mm512_castpd_ps(_mm512_permutex2var_pd(f, hi, s));
 }
+#pragma GCC diagnostic pop
 #else
 struct Vf {
   __m256 lo, hi;  // lanes 0 .. 7, 8 .. 15
@@ -116,6 +138,65 @@ WINO_INLINE bool vfinite(Vf v) {
   const __m256 a = _mm256_sub_ps(v.lo, v.lo), b = _mm256_sub_ps(v.hi, v.hi);
   return _mm256_movemask_ps(_mm256_cmp_ps(a, b, _CMP_UNORD_Q)) == 0;
 }
+// 8 16-bit floats widened (lanes outside m zero; nothing outside m read), and 8 values rounded and stored (lanes in
+// m).
+template <bool BF16>
+WINO_INLINE __m256 vload16x8(unsigned m, const uint16_t* p) {
+  __m128i h;
+  if (m == 0xFF) {
+    h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  } else if ((reinterpret_cast<uintptr_t>(p) & 4095) <= 4096 - 16) {
+    // (the 16 bytes lie in one page, which holds a lane in m, so the whole load cannot fault; the lanes outside m
+    // are cleared. AVX2 has no 16-bit masked loads: lane by lane, DCGAN's bfloat16 input transform took x1.2 the
+    // time.)
+    const __m128i bits = _mm_setr_epi16(1, 2, 4, 8, 16, 32, 64, 128);
+    const __m128i keep = _mm_cmpeq_epi16(_mm_and_si128(_mm_set1_epi16(static_cast<int16_t>(m)), bits), bits);
+    h = _mm_and_si128(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)), keep);
+  } else {
+    alignas(16) uint16_t t[8] = {};
+    for (int l = 0; l < 8; ++l)
+      if (m >> l & 1) t[l] = p[l];
+    h = _mm_load_si128(reinterpret_cast<const __m128i*>(t));
+  }
+  return BF16 ? _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16)) : _mm256_cvtph_ps(h);
+}
+template <bool BF16>
+WINO_INLINE void vstore16x8(uint16_t* p, unsigned m, __m256 v) {
+  if (m == 0) return;
+  __m128i h;
+  if constexpr (BF16) {
+    const __m256i bits = _mm256_castps_si256(v);
+    const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+    const __m256i r = _mm256_add_epi32(_mm256_add_epi32(bits, _mm256_set1_epi32(0x7FFF)), odd);
+    const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    const __m256i lo = _mm256_srli_epi32(_mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC00000), nan), 16);
+    h = _mm_packus_epi32(_mm256_castsi256_si128(lo), _mm256_extracti128_si256(lo, 1));  // (lanes under 0x10000)
+  } else {
+    h = _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  }
+  if (m == 0xFF) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), h);
+    return;
+  }
+  alignas(16) uint16_t t[8];
+  _mm_store_si128(reinterpret_cast<__m128i*>(t), h);
+  for (int l = 0; l < 8; ++l)
+    if (m >> l & 1) p[l] = t[l];
+}
+template <bool BF16>
+WINO_INLINE __m256 vload16x8_merge(__m256 old, unsigned m, const uint16_t* p) {
+  if (m == 0) return old;
+  const __m256 v = vload16x8<BF16>(m, p);
+  return m == 0xFF ? v : _mm256_blendv_ps(old, v, _mm256_castsi256_ps(vmask8(m)));
+}
+template <bool BF16>
+WINO_INLINE Vf vload16_merge(Vf old, __mmask16 m, const uint16_t* p) {
+  return {vload16x8_merge<BF16>(old.lo, m & 0xFFu, p), vload16x8_merge<BF16>(old.hi, unsigned(m) >> 8, p + 8)};
+}
+template <bool BF16>
+WINO_INLINE void vstore16_mask(uint16_t* p, __mmask16 m, Vf v) {
+  vstore16x8<BF16>(p, m & 0xFFu, v.lo), vstore16x8<BF16>(p + 8, unsigned(m) >> 8, v.hi);
+}
 // Lanes of a 256-bit vector as 64-bit pairs in the order (0, 2, 1, 3).
 WINO_INLINE __m256 vswap_mid(__m256 x) {
   return _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(x), 0xD8));
@@ -141,6 +222,18 @@ WINO_INLINE void wino_merge64(Vf first, Vf second, Vf& a, Vf& b) {
   vzip4x64(first.lo, second.lo, a.lo, a.hi), vzip4x64(first.hi, second.hi, b.lo, b.hi);
 }
 #endif
+
+// Rows of T: float, or 16-bit floats (c10::BFloat16, c10::Half) widened as they load and rounded as they store.
+template <typename T>
+WINO_INLINE Vf vload_row(Vf old, __mmask16 m, const T* p) {
+  if constexpr (std::is_same_v<T, float>) return vload_merge(old, m, p);
+  else return vload16_merge<std::is_same_v<T, c10::BFloat16>>(old, m, reinterpret_cast<const uint16_t*>(p));
+}
+template <typename T>
+WINO_INLINE void vstore_row(T* p, __mmask16 m, Vf v) {
+  if constexpr (std::is_same_v<T, float>) vstore_mask(p, m, v);
+  else vstore16_mask<std::is_same_v<T, c10::BFloat16>>(reinterpret_cast<uint16_t*>(p), m, v);
+}
 
 // The schemes' 1d transforms on 16 tiles at once: in, the window d -> the transformed inputs v (kWinoSchemes' nv);
 // out, the products p -> the tile's outputs o. Their sizes are the table's.
@@ -199,15 +292,15 @@ struct WinoT3 : WinoSizes<ODD ? kWinoT3Odd : kWinoT3Even> {
 
 // The input transform of a run, input channel c of the group: V[v][c][col + l] for the run's tiles l and the tile's
 // transformed inputs v (V: nv blocks of `v_xi` elements, each gemm_packed's B: panels of nr columns ci deep).
-// `in`: the image's group's first channel.
-template <class DZ, class DY, class DX>
-WINO_TARGET void wino_input_run(const float* in, const Strides& si, const WinogradRun& run, int64_t c,
-                                              int64_t nr, int64_t ci, int64_t v_xi, float* V) {
+// `in`: the image's group's first channel (T: wino_layer's).
+template <class DZ, class DY, class DX, typename T>
+WINO_TARGET void wino_input_run(const T* in, const Strides& si, const WinogradRun& run, int64_t c, int64_t nr,
+                                int64_t ci, int64_t v_xi, float* V) {
   constexpr int NYX = DY::NV * DX::NV;
   const __mmask16 store = lane_mask(0, 0, run.lanes);
   float* v = V + run.col / nr * ci * nr + run.col % nr + c * nr;
   alignas(64) float tz[DZ::W][NYX][16];  // the windows transformed along x and y, plane by plane
-  const float* src = in + c * si.c;
+  const T* src = in + c * si.c;
   for (int iz = 0; iz < DZ::W; ++iz) {
     Vf t[DY::W][DX::NV];
     for (int iy = 0; iy < DY::W; ++iy) {
@@ -215,9 +308,9 @@ WINO_TARGET void wino_input_run(const float* in, const Strides& si, const Winogr
       for (int64_t s = 0; s < run.segments; ++s) {
         const WinogradSegment& sg = run.seg[s];
         if (!(sg.in_rows >> (iz * DY::W + iy) & 1)) continue;
-        const float* r = src + sg.in_at[iz * DY::W + iy];
-        a0 = vload_merge(a0, sg.load[0], r), a1 = vload_merge(a1, sg.load[1], r + 16);
-        b0 = vload_merge(b0, sg.load[2], r + 2), b1 = vload_merge(b1, sg.load[3], r + 18);
+        const T* r = src + sg.in_at[iz * DY::W + iy];
+        a0 = vload_row(a0, sg.load[0], r), a1 = vload_row(a1, sg.load[1], r + 16);
+        b0 = vload_row(b0, sg.load[2], r + 2), b1 = vload_row(b1, sg.load[3], r + 18);
       }
       Vf d[4];
       wino_split(a0, a1, d[0], d[1]);  // d0 = r[2l], d1 = r[2l + 1]
@@ -248,9 +341,9 @@ WINO_TARGET void wino_input_run(const float* in, const Strides& si, const Winogr
 // (those past the output, computed but not stored, too) is finite: false where any of them is not, and for finite
 // ones only where they sum past 3e38; either way the caller's other path computes the layer. (Summed, not checked
 // store by store: x0.94-0.97 the time of MONAI's and the k=4 3d forward.)
-template <class DZ, class DY, class DX>
+template <class DZ, class DY, class DX, typename T>
 WINO_TARGET bool wino_output_run(const float* M, const int64_t* prod, int64_t ld, const float* bias,
-                                               const WinogradRun& run, int64_t c, float* out, const Strides& so) {
+                                 const WinogradRun& run, int64_t c, T* out, const Strides& so) {
   constexpr int PYX = DY::NP * DX::NP;
   const __mmask16 lanes = lane_mask(0, 0, run.lanes);
   Vf bad = vzero();
@@ -272,7 +365,7 @@ WINO_TARGET bool wino_output_run(const float* M, const int64_t* prod, int64_t ld
       for (int b = 0; b < DY::M; ++b) s[a][b][k] = o[b];
     }
   const Vf bv = vset1(bias ? bias[c] : 0.0f);
-  float* o = out + c * so.c;
+  T* o = out + c * so.c;
   for (int a = 0; a < DZ::M; ++a)
     for (int b = 0; b < DY::M; ++b) {
       Vf e[DX::M], w[DX::M];  // along x: the tiles' points, then interleaved
@@ -288,8 +381,8 @@ WINO_TARGET bool wino_output_run(const float* M, const int64_t* prod, int64_t ld
       for (int64_t sgi = 0; sgi < run.segments; ++sgi) {
         const WinogradSegment& sg = run.seg[sgi];
         if (!(sg.out_rows >> (a * DY::M + b) & 1)) continue;
-        float* row = o + sg.out_at[a * DY::M + b];
-        for (int k = 0; k < DX::M; ++k) vstore_mask(row + 16 * k, sg.store[k], w[k]);
+        T* row = o + sg.out_at[a * DY::M + b];
+        for (int k = 0; k < DX::M; ++k) vstore_row(row + 16 * k, sg.store[k], w[k]);
       }
     }
   return vfinite(bad);
@@ -420,9 +513,11 @@ bool wino_weights(const WinogradLayer& l, const WinogradGeometry& geo, const Win
   return finite.load();
 }
 
-template <class DZ, class DY, class DX>
-bool wino_layer(const WinogradLayer& l, const WinogradGeometry& geo, const float* in, const Strides& si,
-                const float* w, const float* bias, float* out, const Strides& so) {
+// T: the input's and output's elements (float, or 16-bit floats widened and rounded by the transforms); the weights
+// and bias are float.
+template <class DZ, class DY, class DX, typename T>
+bool wino_layer(const WinogradLayer& l, const WinogradGeometry& geo, const T* in, const Strides& si, const float* w,
+                const float* bias, T* out, const Strides& so) {
   // Blocks of one panel of the GEMM's B (nb tiles): a block's transformed inputs and products (for 32 channels and
   // F(2, 3) in 3d, 2 x 64 x 32 x 32 floats) stay in the core's L2 from the transform through the GEMMs to the back
   // transform (blocks of 2 panels: x1.02 time on a 32-channel 3d layer), but for wide layers (below).
@@ -454,8 +549,8 @@ bool wino_layer(const WinogradLayer& l, const WinogradGeometry& geo, const float
     for (int64_t item = begin; item < end; ++item) {
       const int64_t n = item / (l.groups * blocks), g = item / blocks % l.groups, b = item % blocks;
       const int64_t c0 = b * nb, c1 = std::min(geo.count, c0 + nb);
-      const float* in_g = in + n * si.n + g * l.ci * si.c;
-      float* out_g = out + n * so.n + g * l.co * so.c;
+      const T* in_g = in + n * si.n + g * l.ci * si.c;
+      T* out_g = out + n * so.n + g * l.co * so.c;
       // The block's runs: 16 tiles each (nb is a multiple of 16), the last one what is left.
       WinogradRun runs[4];
       const int64_t count = ceil_div(c1 - c0, int64_t(16));
@@ -478,16 +573,17 @@ bool wino_layer(const WinogradLayer& l, const WinogradGeometry& geo, const float
 
 // The layer (dilation 1) on the tiles of its output: the instance of its dims' schemes (winograd_shape: the
 // innermost dim's, each other dim's the same or kernel 1).
-template <class DX>
-bool wino_dense_as(const WinogradLayer& l, const WinogradGeometry& geo, const float* in, const Strides& si,
-                   const float* w, const float* bias, float* out, const Strides& so) {
+template <class DX, typename T>
+bool wino_dense_as(const WinogradLayer& l, const WinogradGeometry& geo, const T* in, const Strides& si, const float* w,
+                   const float* bias, T* out, const Strides& so) {
   if (l.kind[0] != kWinoK1 && l.kind[1] != kWinoK1) return wino_layer<DX, DX, DX>(l, geo, in, si, w, bias, out, so);
   if (l.kind[0] != kWinoK1) return wino_layer<DX, WinoK1, DX>(l, geo, in, si, w, bias, out, so);
   return wino_layer<WinoK1, DX, DX>(l, geo, in, si, w, bias, out, so);
 }
 
-inline bool wino_dense(const WinogradLayer& l, const float* in, const Strides& si, const float* w, const float* bias,
-                       float* out, const Strides& so) {
+template <typename T>
+bool wino_dense(const WinogradLayer& l, const T* in, const Strides& si, const float* w, const float* bias, T* out,
+                const Strides& so) {
   const WinogradGeometry geo = wino_geometry(l);
   switch (l.kind[2]) {
     case kWinoK3: return wino_dense_as<WinoK3>(l, geo, in, si, w, bias, out, so);
@@ -779,11 +875,11 @@ WINO_TARGET inline bool wino_upsample_panel(const WinogradLayer& l, const WinoUp
 }
 
 // The products of a block (co0's rows of group g by the tiles from c0: the GEMMs into M) and its outputs. Returns
-// whether the sum of its outputs (bias aside) is finite.
-WINO_TARGET inline bool wino_upsample_block(const WinogradLayer& l, const WinoUpsample& up,
-                                                          const float* U, const float* V, const float* bias,
-                                                          int64_t g, int64_t co0, int64_t c0, float* M, float* out,
-                                                          const Strides& so) {
+// whether the sum of its outputs (bias aside) is finite. E: the output's elements (float, or 16-bit floats rounded).
+template <typename E>
+WINO_TARGET inline bool wino_upsample_block(const WinogradLayer& l, const WinoUpsample& up, const float* U,
+                                            const float* V, const float* bias, int64_t g, int64_t co0, int64_t c0,
+                                            float* M, E* out, const Strides& so) {
   const int64_t s = up.s, Lo = l.out_ext[2], all_tiles = l.batch * up.tiles;
   const int64_t cos = std::min(up.rows / s, l.co - co0), rows = cos * s, cols = std::min(up.nb, all_tiles - c0);
   const int64_t m_size = up.rows * up.nb + 16, ld = s * up.nb;
@@ -811,7 +907,7 @@ WINO_TARGET inline bool wino_upsample_block(const WinogradLayer& l, const WinoUp
   for (int64_t r = 0; r < s; ++r)
     rws[r] = M + r * up.nb, rws[s + r] = M + m_size + r * up.nb, rws[2 * s + r] = M + 3 * m_size + r * up.nb;
   const float* bias_b = bias ? bias + g * l.co + co0 : nullptr;
-  float* out_b = out + (g * l.co + co0) * so.c;
+  E* out_b = out + (g * l.co + co0) * so.c;
   // Interior tiles (their 3s outputs all inside the output) by store_interleaved, a run per image (at most one per
   // tile of the block: nb <= 64); the others point by point.
   const int64_t t_lo = ceil_div(up.r0, 3 * s), t_hi = (Lo + up.r0) / (3 * s);
@@ -825,21 +921,28 @@ WINO_TARGET inline bool wino_upsample_block(const WinogradLayer& l, const WinoUp
         for (int64_t r = 0; r < 3 * s; ++r) {
           const int64_t o = 3 * s * T - up.r0 + r;
           if (o >= 0 && o < Lo)
-            out_b[n * so.n + k * so.c + o] = rws[r][k * ld + n * up.tiles + T - c0] + (bias_b ? bias_b[k] : 0.0f);
+            out_b[n * so.n + k * so.c + o] =
+                static_cast<E>(rws[r][k * ld + n * up.tiles + T - c0] + (bias_b ? bias_b[k] : 0.0f));
         }
     }
     const int64_t a = std::max(T0, t_lo), b = std::min(T1, t_hi);
     if (a < b) runs[count++] = StoreRun{n * so.n + 3 * s * a - up.r0, n * up.tiles + a - c0, 0, b - a};
     t += T1 - T0;
   }
-  for (int64_t j = 0; j < 3; ++j)  // (the outputs at q, q + 1, q + 2: s phases each)
-    store_interleaved(rws + j * s, s, 3 * s, StoreChannels{cos, ld, so.c, bias_b}, runs, count, out_b + j * s,
-                      false);
+  for (int64_t j = 0; j < 3; ++j) {  // (the outputs at q, q + 1, q + 2: s phases each)
+    const StoreChannels ch{cos, ld, so.c, bias_b};
+    if constexpr (std::is_same_v<E, float>)
+      store_interleaved(rws + j * s, s, 3 * s, ch, runs, count, out_b + j * s, false);
+    else
+      store_interleaved16(rws + j * s, s, 3 * s, ch, runs, count, reinterpret_cast<uint16_t*>(out_b + j * s),
+                          std::is_same_v<E, c10::BFloat16>, false);
+  }
   return vfinite(bad);
 }
 
-inline bool wino_upsample(const WinogradLayer& l, int64_t stride, int64_t padding, const float* in, const Strides& si,
-                          const float* w, const float* bias, float* out, const Strides& so) {
+template <typename E>
+bool wino_upsample(const WinogradLayer& l, int64_t stride, int64_t padding, const E* in, const Strides& si,
+                   const float* w, const float* bias, E* out, const Strides& so) {
   if (!wino_upsample_shape(l, stride, si.s[2], so.s[2])) return false;
   WinoUpsample up;
   wino_upsample_plan(l, stride, padding, up);
@@ -869,10 +972,10 @@ inline bool wino_upsample(const WinogradLayer& l, int64_t stride, int64_t paddin
   at::parallel_for(0, l.batch * l.groups * l.ci, 16, [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
       const int64_t n = item / (l.groups * l.ci), g = item / l.ci % l.groups, c = item % l.ci;
-      const float* x = in + n * si.n + (g * l.ci + c) * si.c;
+      const E* x = in + n * si.n + (g * l.ci + c) * si.c;
       float* v = V + g * 4 * up.v_size + c * up.nr;
       const int64_t vs = up.v_size;
-      const auto at = [&](int64_t i) { return i >= 0 && i < L ? x[i] : 0.0f; };
+      const auto at = [&](int64_t i) { return i >= 0 && i < L ? static_cast<float>(x[i]) : 0.0f; };
       for (int64_t T = 0; T < up.tiles; ++T) {
         const int64_t t = n * up.tiles + T, q = up.q0 + 3 * T, k = t / up.nr * l.ci * up.nr + t % up.nr;
         const float d0 = at(q - 1), d1 = at(q), d2 = at(q + 1), d3 = at(q + 2);
