@@ -82,9 +82,9 @@ def set_winograd(on: bool) -> bool:
     the weights: 0.30 of the multiply-adds of direct summation for 3x3x3 kernels (0.44 for 3x3), 0.42 for kernel 4 at
     stride 2 in 3d (0.56 in 2d), 0.58 for the kernel-3 transposed one, with errors of the same size (a 32-channel 3d
     layer: 3e-7 of the largest output, direct summation 5e-7, both against float64), deterministic as every other
-    path, and non-finite inputs handled as direct summation does. bfloat16 and float16 layers of these kinds (not
-    dilated, not strided convolutions; bfloat16 only on CPUs without AMX) compute the same way on their values
-    widened to float32, the output rounded once. set_winograd(False) computes them by direct summation instead,
+    path, and non-finite inputs handled as direct summation does. bfloat16 and float16 layers of these kinds (dense
+    rows; not dilated, not strided convolutions; bfloat16 only on CPUs without AMX) compute the same way on their
+    values widened to float32, the output rounded once. set_winograd(False) computes them by direct summation instead,
     set_winograd(True) goes back; returns whether Winograd was on before."""
     return _C.set_winograd(bool(on))
 
