@@ -37,6 +37,7 @@ constexpr int64_t kSplitBytes = int64_t(32) << 20;   // a whole-frame copy of th
 constexpr int kWindowSlot = 4;                       // their scratch slot (0-3: the kernels' own buffers)
 constexpr int64_t kHeldBytes = int64_t(32) << 20;    // call-wide buffers kept across calls up to this size
 constexpr int kWeightSlot = 5, kPlaneSlot = 6, kPartialSlot = 7;  // theirs: packed weights, frame copy, partials
+constexpr int kWidenSlot = 8;  // 16-bit Winograd layers' weights widened to float (conv_cpu.cpp)
 constexpr int64_t kMaxChunks = 8;                     // weight-gradient reduction chunks (fixed: determinism)
 constexpr int64_t kMinTaskFlops = int64_t(1) << 21;   // below this a task is not worth a thread
 constexpr int64_t kPackedWeightGradRows = 128;        // weight gradient: packed GEMM from this many rows of Y

@@ -411,11 +411,12 @@ inline bool winograd_layer(const ConvParams& p, bool transposed, cpu::WinogradLa
 // rounded once as the output transform stores it (as the 16-bit GEMMs' float sums are), its weights and bias widened
 // here. The result is the float32 layer's on the widened values, rounded. (DCGAN's kernel-4 layer in bfloat16 took
 // x2.0 the time of float32 on an AVX2 CPU once float32 had Winograd; widening the input and rounding the output in
-// passes of their own left it at x1.035-1.045, in the transforms x1.00-1.02.) `in`, `out`: the layer's input and output (conv_transpose: y and x).
-// False where the path does not take the layer or any output is not finite (the caller's path then computes it).
+// passes of their own left it at x1.035-1.045, in the transforms x1.00-1.02.) `in`, `out`: the layer's input and
+// output (conv_transpose: y and x). False where the path does not take the layer or any output is not finite (the
+// caller's path then computes it).
 template <typename scalar_t>
-bool winograd_widened(const ConvParams& p, bool transposed, const scalar_t* in, const Strides& si, const scalar_t* w,
-                      const scalar_t* bias, scalar_t* out, const Strides& so) {
+bool winograd16(const ConvParams& p, bool transposed, const scalar_t* in, const Strides& si, const scalar_t* w,
+                const scalar_t* bias, scalar_t* out, const Strides& so) {
   cpu::WinogradLayer wl;
   winograd_layer(p, transposed, wl);
   if ((std::is_same_v<scalar_t, c10::BFloat16> && cpu::amx_bf16()) ||
@@ -426,7 +427,7 @@ bool winograd_widened(const ConvParams& p, bool transposed, const scalar_t* in, 
   // (the weights in a kept buffer: the same address call after call, so their transform is kept like a float
   // layer's)
   std::unique_ptr<float[]> w_fresh;
-  float* const fw = cpu::held_buffer<float, 8>(weights, w_fresh);
+  float* const fw = cpu::held_buffer<float, cpu::kWidenSlot>(weights, w_fresh);
   const int64_t chunk = 16384, chunks = ceil_div(weights, chunk);
   at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t c = begin; c < end; ++c) {
@@ -453,7 +454,7 @@ void conv_kernel(const ConvParams& p, const scalar_t* x, const Strides& sx, cons
     cpu::WinogradLayer wl;
     if (winograd_layer(p, false, wl) && cpu::winograd_correlation(wl, x, sx, w, bias, y, sy)) return;
   } else if constexpr (sizeof(scalar_t) == 2) {
-    if (winograd_widened(p, false, x, sx, w, bias, y, sy)) return;
+    if (winograd16(p, false, x, sx, w, bias, y, sy)) return;
   }
   if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
     if (cpu::amx_bf16()) {  // (any stride: a frame plane per phase of x)
@@ -1028,7 +1029,7 @@ void conv_transpose_kernel(const ConvParams& p, const scalar_t* y, const Strides
     if (winograd_layer(p, true, wl) && cpu::winograd_correlation(wl, y, sy, w, bias, x, sx)) return;
     if (cpu::winograd_upsample(wl, p.stride[2], p.padding[2], y, sy, w, bias, x, sx)) return;
   } else if constexpr (sizeof(scalar_t) == 2) {
-    if (winograd_widened(p, true, y, sy, w, bias, x, sx)) return;
+    if (winograd16(p, true, y, sy, w, bias, x, sx)) return;
   }
   std::vector<acc_t> b_store;
   const acc_t* ba = bias ? as_acc(bias, p.big_channels, b_store) : nullptr;
