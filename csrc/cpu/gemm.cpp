@@ -1392,21 +1392,6 @@ void store_runs_portable(const float* const* rows, int64_t ways, int64_t step, c
 // (GCC 12 warns inside its own AVX-512 intrinsics, whose "undefined" pass-through operands it takes for uninitialised)
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-// bfloat16 of v (rounded to nearest even, NaN -> 0x7fc0) in the high 16 bits of each 32-bit lane; the low bits
-// are garbage.
-__attribute__((target("avx512f"))) inline __m512i bf16_high_avx512(__m512 v) {
-  const __m512i bits = _mm512_castps_si512(v);
-  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-  const __m512i r = _mm512_add_epi32(_mm512_add_epi32(bits, _mm512_set1_epi32(0x7FFF)), odd);
-  return _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC00000));
-}
-
-// The 16 values of v as 16-bit floats: bfloat16 (`bf16`) or IEEE half.
-__attribute__((target("avx512f"))) inline __m256i narrow16_avx512(__m512 v, bool bf16) {
-  if (!bf16) return _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  return _mm512_cvtepi32_epi16(_mm512_srli_epi32(bf16_high_avx512(v), 16));
-}
-
 // The 16 pairs (a_j, c_j) as 32 16-bit floats, interleaved: each pair is one 32-bit lane (a low, c high), so no
 // permutes.
 __attribute__((target("avx512f"))) inline __m512i pairs16_avx512(__m512 va, __m512 vc, bool bf16) {
@@ -1650,14 +1635,6 @@ __attribute__((target("avx512f"))) void store_runs_avx512(const float* const* ro
 // ---- store_interleaved on AVX2 (+ F16C for half): 8 points of W rows a block, interleaved in registers; the
 // points past a run's last whole block, and 16-bit values, as store_runs_portable rounds them. (The portable loop
 // was 42% of the bfloat16 3d U-Net k=2 forward on an AVX2 CPU, where it made bfloat16 x1.35 the float time.)
-// bfloat16 of 8 values (rounded to nearest even, NaN -> 0x7fc0), in the low 16 bits of each 32-bit lane.
-__attribute__((target("avx2"))) inline __m256i bf16_low_avx2(__m256 v) {
-  const __m256i bits = _mm256_castps_si256(v);
-  const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
-  const __m256i r = _mm256_add_epi32(_mm256_add_epi32(bits, _mm256_set1_epi32(0x7FFF)), odd);
-  const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
-  return _mm256_srli_epi32(_mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC00000), nan), 16);
-}
 
 // 8 values at dst: floats, or 16-bit floats (bfloat16 where `bf16`, else IEEE half).
 __attribute__((target("avx2"))) inline void put8_avx2(__m256 v, float* dst, bool, bool stream) {
@@ -1668,14 +1645,7 @@ __attribute__((target("avx2"))) inline void put8_avx2(__m256 v, float* dst, bool
   }
 }
 __attribute__((target("avx2,f16c"))) inline void put8_avx2(__m256 v, uint16_t* dst, bool bf16, bool) {
-  __m128i h;
-  if (bf16) {
-    const __m256i lo = bf16_low_avx2(v);  // (32-bit lanes under 0x10000: packus keeps them)
-    h = _mm_packus_epi32(_mm256_castsi256_si128(lo), _mm256_extracti128_si256(lo, 1));
-  } else {
-    h = _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  }
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), h);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), narrow8_avx2(v, bf16));
 }
 
 // Points [j, j + 8) of W rows (a power of two) plus the bias, interleaved into W vectors in output order (as
@@ -1836,12 +1806,6 @@ __attribute__((target("avx512f"))) void widen16_panels_avx512(const uint16_t* sr
 
 // widen16_panels on AVX2 (+ F16C for half), 8 values a vector.
 template <bool BF16>
-__attribute__((target("avx2,f16c"), always_inline)) inline __m256 widen8_avx2(const uint16_t* s) {
-  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(s));
-  return BF16 ? _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16)) : _mm256_cvtph_ps(h);
-}
-
-template <bool BF16>
 __attribute__((target("avx2,f16c"))) void widen16_panels_avx2(const uint16_t* src, int64_t channel_stride,
                                                               int64_t channels, int64_t count, int64_t nr, float* dst) {
   for (int64_t j0 = 0; j0 < count; j0 += nr) {
@@ -1849,7 +1813,8 @@ __attribute__((target("avx2,f16c"))) void widen16_panels_avx2(const uint16_t* sr
     const uint16_t* s = src + j0;
     for (int64_t c = 0; c < channels; ++c, dst += nr, s += channel_stride) {
       int64_t j = 0;
-      for (; j + 8 <= n; j += 8) _mm256_storeu_ps(dst + j, widen8_avx2<BF16>(s + j));
+      for (; j + 8 <= n; j += 8)
+        _mm256_storeu_ps(dst + j, widen8_avx2(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s + j)), BF16));
       for (; j < n; ++j) dst[j] = widen16_portable(s[j], BF16);
       for (; j < nr; ++j) dst[j] = 0.0f;
     }

@@ -1,6 +1,6 @@
 // SIMD helpers shared by the CPU translation units (gemm.cpp, and conv_cpu.cpp through direct.h). Each is always
 // inlined into its caller, which must carry at least its target features (avx512f, bmi2; for 16-bit rows also
-// avx512bw, avx512vl) and be called only after a run-time check of the CPU.
+// avx512bw, avx512vl; the AVX2 ones avx2, and f16c for half) and be called only after a run-time check of the CPU.
 #pragma once
 
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -41,6 +41,48 @@ __attribute__((target("avx512f,avx512bw,avx512vl,bmi2"), always_inline)) inline 
   const __m256i h = step == 1 ? _mm256_maskz_loadu_epi16(m, row + j0)
                               : _mm512_cvtepi32_epi16(load_step16_raw_avx512(row + 2 * j0, 2, m));
   return _mm512_cvtph_ps(h);
+}
+
+// 16-bit floats to and from float, rounded to nearest even as c10's conversions (bfloat16: NaN -> 0x7fc0): the
+// stores of 16-bit outputs (gemm.cpp) and the Winograd transforms (winograd_kernels.h).
+// (GCC 12 warns inside its own AVX-512 intrinsics, whose "undefined" pass-through operands it takes for uninitialised)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
+// bfloat16 of v in the high 16 bits of each 32-bit lane; the low bits are garbage.
+__attribute__((target("avx512f"), always_inline)) inline __m512i bf16_high_avx512(__m512 v) {
+  const __m512i bits = _mm512_castps_si512(v);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  const __m512i r = _mm512_add_epi32(_mm512_add_epi32(bits, _mm512_set1_epi32(0x7FFF)), odd);
+  return _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC00000));
+}
+
+// The 16 values of v as 16-bit floats: bfloat16 (`bf16`) or IEEE half.
+__attribute__((target("avx512f"), always_inline)) inline __m256i narrow16_avx512(__m512 v, bool bf16) {
+  if (!bf16) return _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  return _mm512_cvtepi32_epi16(_mm512_srli_epi32(bf16_high_avx512(v), 16));
+}
+#pragma GCC diagnostic pop
+
+// bfloat16 of 8 values in the low 16 bits of each 32-bit lane.
+__attribute__((target("avx2"), always_inline)) inline __m256i bf16_low_avx2(__m256 v) {
+  const __m256i bits = _mm256_castps_si256(v);
+  const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+  const __m256i r = _mm256_add_epi32(_mm256_add_epi32(bits, _mm256_set1_epi32(0x7FFF)), odd);
+  const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+  return _mm256_srli_epi32(_mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC00000), nan), 16);
+}
+
+// The 8 values of v as 16-bit floats: bfloat16 (`bf16`) or IEEE half.
+__attribute__((target("avx2,f16c"), always_inline)) inline __m128i narrow8_avx2(__m256 v, bool bf16) {
+  if (!bf16) return _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m256i lo = bf16_low_avx2(v);  // (32-bit lanes under 0x10000: packus keeps them)
+  return _mm_packus_epi32(_mm256_castsi256_si128(lo), _mm256_extracti128_si256(lo, 1));
+}
+
+// 8 16-bit floats (bfloat16 where `bf16`, else IEEE half) widened to float.
+__attribute__((target("avx2,f16c"), always_inline)) inline __m256 widen8_avx2(__m128i h, bool bf16) {
+  return bf16 ? _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16)) : _mm256_cvtph_ps(h);
 }
 
 }  // namespace torch_convt::cpu

@@ -44,23 +44,11 @@ WINO_INLINE bool vfinite(Vf v) {
 // and v's lanes in m rounded to nearest even (as c10's conversions; bfloat16 NaN -> 0x7fc0) and stored at p.
 template <bool BF16>
 WINO_INLINE Vf vload16_merge(Vf old, __mmask16 m, const uint16_t* p) {
-  const __m256i h = _mm256_maskz_loadu_epi16(m, p);
-  const Vf v = BF16 ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)) : _mm512_cvtph_ps(h);
-  return _mm512_mask_mov_ps(old, m, v);
+  return _mm512_mask_mov_ps(old, m, load_step16_avx512(p, 0, 1, m, BF16));
 }
 template <bool BF16>
 WINO_INLINE void vstore16_mask(uint16_t* p, __mmask16 m, Vf v) {
-  __m256i h;
-  if constexpr (BF16) {
-    const __m512i bits = _mm512_castps_si512(v);
-    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-    __m512i r = _mm512_add_epi32(_mm512_add_epi32(bits, _mm512_set1_epi32(0x7FFF)), odd);
-    r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC00000));
-    h = _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16));
-  } else {
-    h = _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  }
-  _mm256_mask_storeu_epi16(p, m, h);
+  _mm256_mask_storeu_epi16(p, m, narrow16_avx512(v, BF16));
 }
 // The (de-)interleaving of a tile's two points along x: a tile's point pairs (2l, 2l + 1) in a pair of vectors (a,
 // b: 32 points) split into their first and second points, 16 tiles each; and back.
@@ -158,22 +146,12 @@ WINO_INLINE __m256 vload16x8(unsigned m, const uint16_t* p) {
       if (m >> l & 1) t[l] = p[l];
     h = _mm_load_si128(reinterpret_cast<const __m128i*>(t));
   }
-  return BF16 ? _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16)) : _mm256_cvtph_ps(h);
+  return widen8_avx2(h, BF16);
 }
 template <bool BF16>
 WINO_INLINE void vstore16x8(uint16_t* p, unsigned m, __m256 v) {
   if (m == 0) return;
-  __m128i h;
-  if constexpr (BF16) {
-    const __m256i bits = _mm256_castps_si256(v);
-    const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
-    const __m256i r = _mm256_add_epi32(_mm256_add_epi32(bits, _mm256_set1_epi32(0x7FFF)), odd);
-    const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
-    const __m256i lo = _mm256_srli_epi32(_mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC00000), nan), 16);
-    h = _mm_packus_epi32(_mm256_castsi256_si128(lo), _mm256_extracti128_si256(lo, 1));  // (lanes under 0x10000)
-  } else {
-    h = _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  }
+  const __m128i h = narrow8_avx2(v, BF16);
   if (m == 0xFF) {
     _mm_storeu_si128(reinterpret_cast<__m128i*>(p), h);
     return;
