@@ -1184,6 +1184,34 @@ WINOGRAD_CASES = [
 ]
 
 
+# (transformed inputs, products, direct multiply-adds) of a tile along a dim, per scheme (winograd.h's table)
+_WINO_SIZES = {"k1": (1, 1, 1), "k3": (4, 4, 6), "k2": (3, 3, 4), "t4": (5, 6, 8), "t3": (4, 5, 6)}
+
+
+def _weight_grad_takes_winograd(w_shape, padding, groups, stride):
+    """Whether a layer's weight gradient (undilated, dense rows) takes the Winograd path, by winograd_weight_grad's
+    bound: seen as conv at stride 1 (input channels those of conv's input, i.e. of conv_transpose's output) or as
+    conv_transpose's phases at stride 2, its products save at least 32 multiply-adds per value the transforms write."""
+    nd = len(w_shape) - 2
+    k = w_shape[2:]
+    st = (stride,) * nd if isinstance(stride, int) else tuple(stride)
+    pd = (padding,) * nd if isinstance(padding, int) else tuple(padding)
+    cx, cy = w_shape[1], w_shape[0] // groups  # conv_weight_grad's X (the big side) and Y channels, a group
+    if all(s == 1 for s in st):
+        kinds, ci, co = [{1: "k1", 2: "k2", 3: "k3"}.get(kk) for kk in k], cx, cy
+    else:
+        kinds = ["k1" if (s, kk) == (1, 1) else "t4" if (s, kk, p) == (2, 4, 1) else
+                 "t3" if s == 2 and kk == 3 and p in (0, 1) else None for s, kk, p in zip(st, k, pd)]
+        ci, co = cy, cx
+    if None in kinds:
+        return False
+    nv = np_ = macs = 1
+    for kind in kinds:
+        a, b, c = _WINO_SIZES[kind]
+        nv, np_, macs = nv * a, np_ * b, macs * c
+    return (macs - np_) * ci * co >= 32 * (nv * ci + np_ * co)
+
+
 def _winograd_and_direct(kind, x, w, b, kw):
     """Output, input gradient and weight gradient (as float64) of conv ("conv") or conv_transpose ("ct"): torch's in
     float64, ours in float32 with Winograd on, and ours with it off (set_winograd(False)), all on the same values."""
@@ -1232,6 +1260,10 @@ def test_winograd_matches_float64(case):
     strided = extra.get("stride", 1) != 1
     assert (strided and kind == "conv") or not torch.equal(wino[0], direct[0])
     assert (strided and kind == "ct") or not torch.equal(wino[1], direct[1])
+    # the weight gradient by the transposed transforms: undilated layers with dense rows where its products save enough
+    if dilation == 1 and not cl and x.dim() > 3:
+        takes = _weight_grad_takes_winograd(w_shape, padding, groups, extra.get("stride", 1))
+        assert torch.equal(wino[2], direct[2]) != takes
 
 
 # A conv at stride 2 by kernel 4 (GAN discriminators; the input gradient of kernel-4 stride-2 transposed layers):
@@ -1269,6 +1301,8 @@ def test_winograd_strided_conv_matches_float64(case):
         assert (got - e).abs().max().item() <= 1e-5 * scale, name
         assert (d - e).abs().max().item() <= 1e-5 * scale, name
     assert not torch.equal(wino[0], direct[0])
+    # the weight gradient: a conv at stride 2 by kernel 4 as its transpose's phases (padding 1 only)
+    assert torch.equal(wino[2], direct[2]) != _weight_grad_takes_winograd(w_shape, padding, groups, stride)
 
 
 def _winograd_random_cases(count, seed=11):
@@ -1346,6 +1380,71 @@ def test_winograd_same_bits_any_thread_count():
         torch.set_num_threads(old)
     for r in results[1:]:
         assert all(torch.equal(a, b) for a, b in zip(r, results[0]))
+
+
+@pytest.mark.skipif(not _winograd_available(), reason="no AVX-512 or AVX2: float32 layers take direct summation")
+def test_winograd_weight_grad_same_bits_any_thread_count():
+    """The weight gradient by the transposed transforms sums its tiles in chunks fixed by the layer, not by the
+    threads: the same bits with 1, 2 and 3 threads (stride-1 kernel 3 in 3d and 2d, DCGAN's kernel 4 at stride 2), and
+    not direct summation's (the path was taken)."""
+    wg = torch.ops.torch_convt.conv_weight_grad
+    layers = [(torch.randn(2, 32, 9, 10, 11), torch.randn(2, 24, 9, 10, 11), (24, 32, 3, 3, 3), [1] * 3, [1] * 3),
+              (torch.randn(6, 128, 32, 34), torch.randn(6, 96, 16, 17), (96, 128, 4, 4), [2] * 2, [1] * 2),
+              (torch.randn(4, 64, 30, 31), torch.randn(4, 48, 30, 31), (48, 64, 3, 3), [1] * 2, [1] * 2)]
+    results = []
+    old = torch.get_num_threads()
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            results.append([wg(x, y, list(s), st, pd, [1] * len(st), 1) for x, y, s, st, pd in layers])
+        was = torch_convt.set_winograd(False)
+        try:
+            direct = [wg(x, y, list(s), st, pd, [1] * len(st), 1) for x, y, s, st, pd in layers]
+        finally:
+            torch_convt.set_winograd(was)
+    finally:
+        torch.set_num_threads(old)
+    for r in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(r, results[0]))
+    for got, d in zip(results[0], direct):
+        assert not torch.equal(got, d) and (got - d).abs().max() <= 1e-5 * d.abs().max()
+
+
+@pytest.mark.skipif(not _winograd_available(), reason="no AVX-512 or AVX2: float32 layers take direct summation")
+@pytest.mark.parametrize("where", ["input", "grad_output", "huge"])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_winograd_weight_grad_non_finite_as_direct(where, stride):
+    """The weight gradient's tiles mix their points too: NaN and inf inputs or output gradients give direct summation's
+    weight gradient bit for bit (the layer is computed again by it); sums near float32's largest values, finite, give
+    finite values within 1e-5 of direct summation's."""
+    torch.manual_seed(6)
+    wg = torch.ops.torch_convt.conv_weight_grad
+    if stride == 1:  # (3d kernel 3; 2d kernel 4 at stride 2, DCGAN's)
+        x, y, args = torch.randn(2, 32, 12, 13, 14), torch.randn(2, 24, 12, 13, 14), ([24, 32, 3, 3, 3], [1] * 3)
+    else:
+        x, y, args = torch.randn(2, 128, 24, 26), torch.randn(2, 96, 12, 13), ([96, 128, 4, 4], [2] * 2)
+    if where == "input":
+        x[0, 3, 2, 3], x[1, 5, 0, 6] = float("nan"), float("inf")
+    elif where == "grad_output":
+        y[1, 7, 5, 0] = -float("inf")
+    else:  # (sums of 4368 or 312 products near 1e37)
+        x, y = torch.rand(x.shape) * 6e35, torch.rand(y.shape) / (64 if stride == 1 else 4)
+    args += ([1] * (x.dim() - 2), [1] * (x.dim() - 2), 1)
+    was = torch_convt.set_winograd(True)
+    try:
+        got = wg(x, y, *args)
+        torch_convt.set_winograd(False)
+        direct = wg(x, y, *args)
+    finally:
+        torch_convt.set_winograd(was)
+    if where == "huge":
+        assert direct.isfinite().all() and direct.max() > 1e36
+        assert got.isfinite().all() and (got - direct).abs().max() <= 1e-5 * direct.max()
+        return
+    assert not direct.isfinite().all()
+    assert torch.equal(got.isnan(), direct.isnan()) and torch.equal(got.isfinite(), direct.isfinite())
+    assert torch.equal(got[got.isfinite()], direct[direct.isfinite()])
+    assert torch.equal(got[got.isinf()], direct[direct.isinf()])
 
 
 @pytest.mark.skipif(not _winograd_available(), reason="no AVX-512 or AVX2: float32 layers take direct summation")

@@ -406,6 +406,17 @@ inline bool winograd_layer(const ConvParams& p, bool transposed, cpu::WinogradLa
   return cpu::wino_kinds(transposed, p.kernel, p.stride, p.padding, p.dilation, wl.kind, wl.pad);
 }
 
+// The weight gradient by winograd.h's transposed transforms (winograd_weight_grad), the layer seen as the
+// correlation that takes a scheme: conv's (x -> y) at stride 1, conv_transpose's (y -> x, its phases) at stride 2.
+// False where neither takes one, or where the path does not take the layer (the caller's path then computes dw).
+inline bool winograd_weight_grad(const ConvParams& p, const float* x, const Strides& sx, const float* y,
+                                 const Strides& sy, float* dw) {
+  cpu::WinogradLayer wl;
+  if (winograd_layer(p, false, wl) && std::none_of(wl.split, wl.split + kMaxDims, [](bool b) { return b; }))
+    return cpu::winograd_weight_grad(wl, x, sx, y, sy, dw);
+  return winograd_layer(p, true, wl) && cpu::winograd_weight_grad(wl, y, sy, x, sx, dw);
+}
+
 // A 16-bit layer (bfloat16 or half) by the Winograd path (winograd_takes; not for bfloat16 where the CPU has AMX,
 // whose tiles take its values as they are): its input widened to float as the input transform loads it, the output
 // rounded once as the output transform stores it (as the 16-bit GEMMs' float sums are), its weights and bias widened
@@ -1314,6 +1325,9 @@ void conv_weight_grad_kernel(const ConvParams& p, const scalar_t* x, const Strid
   const int64_t G = p.groups, Cxg = p.big_group(), Cyg = p.small_group(), T = p.kernel_numel();
   const int64_t KK = Cxg * T, M = p.small_spatial();
   if (Cxg == 1 && Cyg == 1) return conv_weight_grad_depthwise(p, x, sx, y, sy, dw);
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (winograd_weight_grad(p, x, sx, y, sy, dw)) return;
+  }
   const int64_t dw_numel = p.small_channels * KK;
   const std::vector<Tap> taps = conv_taps(p);
   // The GEMM is dW_g[Cyg x KK] += Y_tile[Cyg x positions] . columns[KK x positions]^T (gemm_nt): positions are

@@ -493,6 +493,59 @@ __attribute__((target("avx512f"))) void pack_rows_avx512(const float* src, int64
     }
   }
 }
+
+// The same by 8 x 8 transposes on AVX2 (any width): r[c] = column c of the 8 x 8 matrix whose rows r held.
+__attribute__((target("avx2"), always_inline)) inline void transpose8_avx2(__m256 r[8]) {
+  __m256 t[8], s[8];
+#pragma GCC unroll 4
+  for (int i = 0; i < 4; ++i) {
+    t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+#pragma GCC unroll 2
+  for (int i = 0; i < 2; ++i) {
+    s[4 * i] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], 0x44);
+    s[4 * i + 1] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], 0xEE);
+    s[4 * i + 2] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
+    s[4 * i + 3] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xEE);
+  }
+#pragma GCC unroll 4
+  for (int j = 0; j < 4; ++j) {
+    r[j] = _mm256_permute2f128_ps(s[j], s[4 + j], 0x20);
+    r[j + 4] = _mm256_permute2f128_ps(s[j], s[4 + j], 0x31);
+  }
+}
+
+__attribute__((target("avx2"))) void pack_rows_avx2(const float* src, int64_t row_stride, int64_t rows, int64_t depth,
+                                                    int64_t width, float* dst) {
+  const __m256i iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  for (int64_t r0 = 0; r0 < rows; r0 += width, dst += depth * width) {
+    // 8-row groups of the panel, the last first: a group of fewer than 8 lanes stores 8 floats, the ones past its
+    // lanes into the next k's row, which is stored after it (the panel's last row: a masked store)
+    for (int64_t h = (width - 1) / 8 * 8; h >= 0; h -= 8) {
+      const int64_t valid = std::clamp<int64_t>(rows - r0 - h, 0, 8), lanes = std::min<int64_t>(8, width - h);
+      const __m256i lane_in = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(lanes)), iota);
+      const float* row[8];
+      for (int i = 0; i < 8; ++i) row[i] = src + std::min<int64_t>(r0 + h + i, rows - 1) * row_stride;
+      for (int64_t k = 0; k < depth; k += 8) {
+        const int64_t kc = std::min<int64_t>(8, depth - k);
+        const __m256i kmask = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(kc)), iota);
+        __m256 r[8];
+#pragma GCC unroll 8
+        for (int i = 0; i < 8; ++i)
+          r[i] = i >= valid ? _mm256_setzero_ps()
+                 : kc == 8  ? _mm256_loadu_ps(row[i] + k)
+                            : _mm256_maskload_ps(row[i] + k, kmask);
+        transpose8_avx2(r);  // r[c] = column c: k + c over the 8 rows
+        float* d = dst + k * width + h;
+        for (int64_t c = 0; c < kc; ++c) {
+          if (lanes == 8 || k + c + 1 < depth) _mm256_storeu_ps(d + c * width, r[c]);
+          else _mm256_maskstore_ps(d + c * width, lane_in, r[c]);
+        }
+      }
+    }
+  }
+}
 #pragma GCC diagnostic pop
 #endif
 
@@ -1348,6 +1401,11 @@ bool pack_rows_simd(const float* src, int64_t row_stride, int64_t rows, int64_t 
   static const bool avx512 = __builtin_cpu_supports("avx512f");
   if (avx512 && width <= 32) {
     pack_rows_avx512(src, row_stride, rows, depth, width, dst);
+    return true;
+  }
+  static const bool avx2 = __builtin_cpu_supports("avx2");
+  if (avx2) {
+    pack_rows_avx2(src, row_stride, rows, depth, width, dst);
     return true;
   }
 #endif

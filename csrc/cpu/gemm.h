@@ -99,7 +99,7 @@ inline int64_t packed_index(int64_t row, int64_t k, int64_t depth, int64_t width
 }
 
 // pack_panels for float rows contiguous along k (depth_stride 1), by 16 x 16 in-register transposes where the
-// CPU has AVX-512 (width <= 32); false (nothing done) elsewhere.
+// CPU has AVX-512 (width <= 32), else by 8 x 8 ones where it has AVX2; false (nothing done) elsewhere.
 bool pack_rows_simd(const float* src, int64_t row_stride, int64_t rows, int64_t depth, int64_t width, float* dst);
 
 // Packs src(row, k) = src[row*row_stride + k*depth_stride] into that layout (converting to T), zero-padding

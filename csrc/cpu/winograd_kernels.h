@@ -68,6 +68,13 @@ WINO_INLINE void wino_merge64(Vf first, Vf second, Vf& a, Vf& b) {
   const __m512d f = _mm512_castps_pd(first), s = _mm512_castps_pd(second);
   a = _mm512_castpd_ps(_mm512_permutex2var_pd(f, lo, s)), b = _mm512_castpd_ps(_mm512_permutex2var_pd(f, hi, s));
 }
+// Its inverse: first = the even 64-bit pairs of (a, b), second = the odd ones.
+WINO_INLINE void wino_split64(Vf a, Vf b, Vf& first, Vf& second) {
+  const __m512i even = _mm512_setr_epi64(0, 2, 4, 6, 8, 10, 12, 14), odd = _mm512_setr_epi64(1, 3, 5, 7, 9, 11, 13, 15);
+  const __m512d x = _mm512_castps_pd(a), y = _mm512_castps_pd(b);
+  first = _mm512_castpd_ps(_mm512_permutex2var_pd(x, even, y));
+  second = _mm512_castpd_ps(_mm512_permutex2var_pd(x, odd, y));
+}
 #pragma GCC diagnostic pop
 #else
 struct Vf {
@@ -199,6 +206,15 @@ WINO_INLINE void vzip4x64(__m256 x, __m256 y, __m256& lo, __m256& hi) {
 WINO_INLINE void wino_merge64(Vf first, Vf second, Vf& a, Vf& b) {
   vzip4x64(first.lo, second.lo, a.lo, a.hi), vzip4x64(first.hi, second.hi, b.lo, b.hi);
 }
+// (x, y) -> the even 64-bit pairs of x then y's (even), the odd ones (odd): vzip4x64's inverse.
+WINO_INLINE void vunzip4x64(__m256 x, __m256 y, __m256& even, __m256& odd) {
+  const __m256d xd = _mm256_castps_pd(x), yd = _mm256_castps_pd(y);
+  even = vswap_mid(_mm256_castpd_ps(_mm256_unpacklo_pd(xd, yd)));
+  odd = vswap_mid(_mm256_castpd_ps(_mm256_unpackhi_pd(xd, yd)));
+}
+WINO_INLINE void wino_split64(Vf a, Vf b, Vf& first, Vf& second) {
+  vunzip4x64(a.lo, a.hi, first.lo, second.lo), vunzip4x64(b.lo, b.hi, first.hi, second.hi);
+}
 #endif
 
 // Rows of T: float, or 16-bit floats (c10::BFloat16, c10::Half) widened as they load and rounded as they store.
@@ -214,7 +230,8 @@ WINO_INLINE void vstore_row(T* p, __mmask16 m, Vf v) {
 }
 
 // The schemes' 1d transforms on 16 tiles at once: in, the window d -> the transformed inputs v (kWinoSchemes' nv);
-// out, the products p -> the tile's outputs o. Their sizes are the table's.
+// out, the products p -> the tile's outputs o; adj, out's adjoint (its transpose: the weight gradient's products'
+// gradients p from the outputs' gradients o). Their sizes are the table's.
 template <WinoKind K>
 struct WinoSizes {
   static constexpr WinoKind KIND = K;
@@ -223,6 +240,7 @@ struct WinoSizes {
 struct WinoK1 : WinoSizes<kWinoK1> {
   WINO_TARGET static void in(const Vf* d, Vf* v) { v[0] = d[0]; }
   WINO_TARGET static void out(const Vf* p, Vf* o) { o[0] = p[0]; }
+  WINO_TARGET static void adj(const Vf* o, Vf* p) { p[0] = o[0]; }
 };
 // K3: B^T d = (d0 - d2, d1 + d2, d2 - d1, d1 - d3); A^T m = (m0 + m1 + m2, m1 - m2 - m3).
 struct WinoK3 : WinoSizes<kWinoK3> {
@@ -233,6 +251,9 @@ struct WinoK3 : WinoSizes<kWinoK3> {
   WINO_TARGET static void out(const Vf* p, Vf* o) {
     o[0] = vadd(vadd(p[0], p[1]), p[2]);
     o[1] = vsub(vsub(p[1], p[2]), p[3]);
+  }
+  WINO_TARGET static void adj(const Vf* o, Vf* p) {
+    p[0] = o[0], p[1] = vadd(o[0], o[1]), p[2] = vsub(o[0], o[1]), p[3] = vsub(vzero(), o[1]);
   }
 };
 // T4: v = (d0 - d1, d1, d2 - d1, d2, d3 - d2); outputs (p0 + p1, p3 + p4, p1 + p2, p4 + p5).
@@ -245,6 +266,9 @@ struct WinoT4 : WinoSizes<kWinoT4> {
     o[0] = vadd(p[0], p[1]), o[1] = vadd(p[3], p[4]), o[2] = vadd(p[1], p[2]);
     o[3] = vadd(p[4], p[5]);
   }
+  WINO_TARGET static void adj(const Vf* o, Vf* p) {
+    p[0] = o[0], p[1] = vadd(o[0], o[2]), p[2] = o[2], p[3] = o[1], p[4] = vadd(o[1], o[3]), p[5] = o[3];
+  }
 };
 // K2 (F(2, 2)): v = (d0 - d1, d1, d2 - d1); outputs (p0 + p1, p1 + p2).
 struct WinoK2 : WinoSizes<kWinoK2> {
@@ -254,6 +278,7 @@ struct WinoK2 : WinoSizes<kWinoK2> {
   WINO_TARGET static void out(const Vf* p, Vf* o) {
     o[0] = vadd(p[0], p[1]), o[1] = vadd(p[1], p[2]);
   }
+  WINO_TARGET static void adj(const Vf* o, Vf* p) { p[0] = o[0], p[1] = vadd(o[0], o[1]), p[2] = o[1]; }
 };
 // T3: v = (d0 - d1, d1, d2 - d1, d0 (ODD) or d2); F(2, 2)'s outputs p0 + p1, p1 + p2, tap 1's p3, p4: the odd outputs
 // (ODD: padding 1) or the even ones.
@@ -265,6 +290,10 @@ struct WinoT3 : WinoSizes<ODD ? kWinoT3Odd : kWinoT3Even> {
   WINO_TARGET static void out(const Vf* p, Vf* o) {
     const Vf y0 = vadd(p[0], p[1]), y1 = vadd(p[1], p[2]);
     o[ODD ? 1 : 0] = y0, o[ODD ? 3 : 2] = y1, o[ODD ? 0 : 1] = p[3], o[ODD ? 2 : 3] = p[4];
+  }
+  WINO_TARGET static void adj(const Vf* o, Vf* p) {
+    const Vf y0 = o[ODD ? 1 : 0], y1 = o[ODD ? 3 : 2];
+    p[0] = y0, p[1] = vadd(y0, y1), p[2] = y1, p[3] = o[ODD ? 0 : 1], p[4] = o[ODD ? 2 : 3];
   }
 };
 
@@ -569,6 +598,193 @@ bool wino_dense(const WinogradLayer& l, const T* in, const Strides& si, const fl
     case kWinoT4: return wino_dense_as<WinoT4>(l, geo, in, si, w, bias, out, so);
     case kWinoT3Odd: return wino_dense_as<WinoT3<true>>(l, geo, in, si, w, bias, out, so);
     case kWinoT3Even: return wino_dense_as<WinoT3<false>>(l, geo, in, si, w, bias, out, so);
+    default: return false;
+  }
+}
+
+// The weight gradient's adjoint of wino_output_run: the output gradients of the run's tiles, channel c of `gout`
+// (zero past the output), de-interleaved along x and taken back through the schemes' adj: product p's gradients of
+// the tiles at P + prod[p] + c * ld + run.col (all 16 lanes, zero past the run's).
+template <class DZ, class DY, class DX>
+WINO_TARGET void wino_grad_run(const float* gout, const Strides& so, const WinogradRun& run, int64_t c,
+                               const int64_t* prod, int64_t ld, float* P) {
+  constexpr int PYX = DY::NP * DX::NP;
+  const float* g = gout + c * so.c;
+  Vf s[DZ::M][DY::M][DX::NP];  // along x
+  for (int a = 0; a < DZ::M; ++a)
+    for (int b = 0; b < DY::M; ++b) {
+      Vf w[DX::M], e[DX::M];
+      for (int k = 0; k < DX::M; ++k) w[k] = vzero();
+      for (int64_t sgi = 0; sgi < run.segments; ++sgi) {
+        const WinogradSegment& sg = run.seg[sgi];
+        if (!(sg.out_rows >> (a * DY::M + b) & 1)) continue;
+        const float* row = g + sg.out_at[a * DY::M + b];
+        for (int k = 0; k < DX::M; ++k) w[k] = vload_merge(w[k], sg.store[k], row + 16 * k);
+      }
+      if constexpr (DX::M == 2) {
+        wino_split(w[0], w[1], e[0], e[1]);
+      } else {  // (wino_output_run's merges undone: pairs of pairs, then pairs)
+        Vf p0, p1, q0, q1;
+        wino_split64(w[0], w[1], p0, q0), wino_split64(w[2], w[3], p1, q1);
+        wino_split(p0, p1, e[0], e[1]), wino_split(q0, q1, e[2], e[3]);
+      }
+      DX::adj(e, s[a][b]);
+    }
+  Vf u[DZ::M][PYX];  // along y
+  for (int a = 0; a < DZ::M; ++a)
+    for (int k = 0; k < DX::NP; ++k) {
+      Vf col[DY::M], q[DY::NP];
+      for (int b = 0; b < DY::M; ++b) col[b] = s[a][b][k];
+      DY::adj(col, q);
+      for (int j = 0; j < DY::NP; ++j) u[a][j * DX::NP + k] = q[j];
+    }
+  float* const m = P + run.col + c * ld;
+  for (int j = 0; j < PYX; ++j) {  // along z
+    Vf col[DZ::M], q[DZ::NP];
+    for (int a = 0; a < DZ::M; ++a) col[a] = u[a][j];
+    DZ::adj(col, q);
+    for (int k = 0; k < DZ::NP; ++k) vstore_mask(m + prod[k * PYX + j], 0xFFFF, q[k]);
+  }
+}
+
+// The layer's weight gradient (wino_layer's layer; dilation 1): dw(g, co, ci, t) = the sum over the batch and the
+// output of gout(co, o) in(ci, window point t of o), written where wino_layer reads wc(g, co, ci, t), by the transposes
+// of its transforms: dU_p [co x ci] = sum over the tiles of P_p(co) V_vi[p](ci) (P: the products' gradients,
+// wino_grad_run; V: the transformed inputs, wino_input_run), then dw(t) = sum_p g[p][t] dU_p (the schemes' g of its
+// dims, transposed). The tiles are blocks of kWgradTiles, the depth of GEMMs dU_v += P_v . V_v^T (products of one
+// transformed input stacked, as wino_layer's), both operands transposed into panels (pack_panels): V's as the input
+// transform leaves them, NR channels at a time, P's as the GEMMs take them.
+// The blocks are summed in fixed chunks (by count, not by thread), each into partial sums of its own, the chunks'
+// sums added in order: the result does not depend on the thread count. Returns false (dw then written in part, or
+// not at all) where any value of dw is not finite (the caller's path then computes it, as for wino_layer's outputs).
+// (Blocks of 32 tiles: their transformed inputs and products' gradients stay nearer in cache (of 64 tiles, packing
+// them took 18% of the kernel-4 3d layer's time); in single runs blocks of 64 took x1.0-1.2 the time.)
+constexpr int64_t kWgradTiles = 32;
+template <class DZ, class DY, class DX>
+bool wino_wgrad_layer(const WinogradLayer& l, const WinogradGeometry& geo, const float* in, const Strides& si,
+                      const float* gout, const Strides& so, float* dw) {
+  constexpr int64_t nb = kWgradTiles;
+  auto plan = std::make_unique<WinogradPlan>();
+  wino_plan(l, geo, nb, *plan);
+  // dU: per transformed input v, its stacked products' rows (slot co + co) by ci, row-major; du floats a group
+  std::vector<int64_t> du_off(geo.nv + 1, 0);
+  int64_t a_max = 0;
+  for (int64_t v = 0; v < geo.nv; ++v) {
+    const int64_t rows = plan->mult[v] * l.co;
+    du_off[v + 1] = du_off[v] + rows * l.ci;
+    a_max = std::max(a_max, packed_size(rows, nb, plan->gt[v].mr));
+  }
+  const int64_t NR = plan->gt[0].nr, b_size = packed_size(l.ci, nb, NR);  // (every GemmTile's nr is the kernel's)
+  const int64_t du = du_off[geo.nv], all = l.groups * du;
+  const int64_t blocks = ceil_div(geo.count, nb), items = l.batch * l.groups * blocks;  // (n, g, block)
+  const int64_t target = std::clamp<int64_t>(kPartialBytes / (all * int64_t(sizeof(float))), 1, kMaxChunks);
+  const int64_t chunks = std::min(items, target);
+  std::unique_ptr<float[]> fresh;
+  float* const partial = held_buffer<float, kPartialSlot>(chunks * all, fresh);
+  const int64_t v_xi = NR * nb + 16;
+  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+    float* V = scratch<float, 0>(geo.nv * v_xi);
+    float* P = scratch<float, 1>(plan->m_off[geo.nv]);
+    float* A = scratch<float, 2>(a_max);
+    float* B = scratch<float, 3>(geo.nv * b_size);
+    for (int64_t chunk = begin; chunk < end; ++chunk) {
+      float* const sum = partial + chunk * all;
+      std::fill(sum, sum + all, 0.0f);
+      for (int64_t item = items * chunk / chunks; item < items * (chunk + 1) / chunks; ++item) {
+        const int64_t n = item / (l.groups * blocks), g = item / blocks % l.groups, b = item % blocks;
+        const int64_t c0 = b * nb, c1 = std::min(geo.count, c0 + nb), K = c1 - c0;
+        const float* in_g = in + n * si.n + g * l.ci * si.c;
+        const float* gout_g = gout + n * so.n + g * l.co * so.c;
+        WinogradRun runs[nb / 16];
+        const int64_t count = ceil_div(K, int64_t(16));
+        for (int64_t r = 0; r < count; ++r)
+          wino_make_run(l, geo, si, so, c0 + 16 * r, std::min(c1, c0 + 16 * r + 16), 16 * r, runs[r]);
+        // The transformed inputs of NR channels at a time (rows of the block's tiles), into their panel of each B.
+        for (int64_t c0 = 0; c0 < l.ci; c0 += NR) {
+          const int64_t cn = std::min(NR, l.ci - c0);
+          for (int64_t c = 0; c < cn; ++c)
+            for (int64_t r = 0; r < count; ++r)
+              wino_input_run<DZ, DY, DX>(in_g + c0 * si.c, si, runs[r], c, nb, NR, v_xi, V);
+          for (int64_t v = 0; v < geo.nv; ++v) pack_panels(V + v * v_xi, nb, 1, cn, K, NR, B + v * b_size + c0 * K);
+        }
+        for (int64_t c = 0; c < l.co; ++c)
+          for (int64_t r = 0; r < count; ++r) wino_grad_run<DZ, DY, DX>(gout_g, so, runs[r], c, plan->prod_m, nb, P);
+        for (int64_t v = 0; v < geo.nv; ++v) {
+          const GemmTile gt = plan->gt[v];
+          const int64_t rows = plan->mult[v] * l.co;
+          pack_panels(P + plan->m_off[v], nb, 1, rows, K, gt.mr, A);
+          gemm_packed<float>(gt, rows, l.ci, K, A, B + v * b_size, true, sum + g * du + du_off[v], l.ci);
+        }
+      }
+    }
+  });
+  // The chunks' sums in order, and dw = g^T dU one dim at a time ([pz][py][px] -> [pz][py][kx] -> [pz][ky][kx] ->
+  // [kz][ky][kx]), the taps of stride-1 dims reversed where flip (as wino_weights_part reads them).
+  const WinoScheme &sz = kWinoSchemes[l.kind[0]], &sy = kWinoSchemes[l.kind[1]], &sx = kWinoSchemes[l.kind[2]];
+  const bool fz = l.flip && wino_stride1(l.kind[0]), fy = l.flip && wino_stride1(l.kind[1]),
+             fx = l.flip && wino_stride1(l.kind[2]);
+  // (a row of ci values at a time: the sums of a product's row of dU, then each dim's taps of the rows)
+  const auto along = [&](const float* src, float* dst, int64_t outer, const WinoScheme& s, bool flip, int64_t inner) {
+    for (int64_t o = 0; o < outer; ++o)
+      for (int t = 0; t < s.k; ++t) {
+        float* const out = dst + (o * s.k + t) * inner;
+        std::fill(out, out + inner, 0.0f);
+        for (int p = 0; p < s.np; ++p) {
+          const float c = s.g[p][flip ? s.k - 1 - t : t];
+          const float* const x = src + (o * s.np + p) * inner;
+          if (c != 0.0f)
+            for (int64_t i = 0; i < inner; ++i) out[i] += c * x[i];
+        }
+      }
+  };
+  const int64_t taps = int64_t(sz.k) * sy.k * sx.k;
+  std::atomic<bool> finite{true};
+  at::parallel_for(0, l.groups * l.co, 1, [&](int64_t begin, int64_t end) {
+    float* const d = scratch<float, 0>(2 * geo.np * l.ci);  // [pz][py][px][ci], then [pz][py][kx][ci], ...
+    float* const e = d + geo.np * l.ci;
+    bool ok = true;
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t g = item / l.co, co = item % l.co;
+      for (int64_t p = 0; p < geo.np; ++p) {
+        const float* const src = partial + g * du + du_off[plan->vi[p]] + (plan->slot[p] * l.co + co) * l.ci;
+        float* const row = d + p * l.ci;
+        std::copy(src, src + l.ci, row);
+        for (int64_t chunk = 1; chunk < chunks; ++chunk)
+          for (int64_t i = 0; i < l.ci; ++i) row[i] += src[chunk * all + i];
+      }
+      along(d, e, int64_t(sz.np) * sy.np, sx, fx, l.ci);       // -> [pz][py][kx][ci]
+      along(e, d, sz.np, sy, fy, int64_t(sx.k) * l.ci);        // -> [pz][ky][kx][ci]
+      along(d, e, 1, sz, fz, int64_t(sy.k) * sx.k * l.ci);     // -> [kz][ky][kx][ci]
+      float* const dst = dw + g * l.w_g + co * l.w_co;
+      for (int64_t t = 0; t < taps; ++t)
+        for (int64_t ci = 0; ci < l.ci; ++ci) {
+          const float v = e[t * l.ci + ci];
+          ok &= std::isfinite(v);
+          dst[ci * l.w_ci + t] = v;
+        }
+    }
+    if (!ok) finite.store(false, std::memory_order_relaxed);
+  });
+  return finite.load();
+}
+
+template <class DX>
+bool wino_wgrad_as(const WinogradLayer& l, const WinogradGeometry& geo, const float* in, const Strides& si,
+                   const float* gout, const Strides& so, float* dw) {
+  if (l.kind[0] != kWinoK1 && l.kind[1] != kWinoK1) return wino_wgrad_layer<DX, DX, DX>(l, geo, in, si, gout, so, dw);
+  if (l.kind[0] != kWinoK1) return wino_wgrad_layer<DX, WinoK1, DX>(l, geo, in, si, gout, so, dw);
+  return wino_wgrad_layer<WinoK1, DX, DX>(l, geo, in, si, gout, so, dw);
+}
+
+inline bool wino_wgrad(const WinogradLayer& l, const float* in, const Strides& si, const float* gout,
+                       const Strides& so, float* dw) {
+  const WinogradGeometry geo = wino_geometry(l);
+  switch (l.kind[2]) {
+    case kWinoK3: return wino_wgrad_as<WinoK3>(l, geo, in, si, gout, so, dw);
+    case kWinoK2: return wino_wgrad_as<WinoK2>(l, geo, in, si, gout, so, dw);
+    case kWinoT4: return wino_wgrad_as<WinoT4>(l, geo, in, si, gout, so, dw);
+    case kWinoT3Odd: return wino_wgrad_as<WinoT3<true>>(l, geo, in, si, gout, so, dw);
+    case kWinoT3Even: return wino_wgrad_as<WinoT3<false>>(l, geo, in, si, gout, so, dw);
     default: return false;
   }
 }
