@@ -1224,15 +1224,31 @@ def _winograd_and_direct(kind, x, w, b, kw):
         out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(3)).to(dtype))
         return [t.detach().double() for t in (out, xx.grad, ww.grad)]
 
-    expected = run(ref, torch.float64)
+    return (run(ref, torch.float64),) + _with_and_without_winograd(run, ours, torch.float32)
+
+
+def _with_and_without_winograd(fn, *args, **kw):
+    """fn(*args, **kw) with the Winograd path on, then off (set_winograd(False))."""
     was = torch_convt.set_winograd(True)
     try:
-        wino = run(ours, torch.float32)
+        got = fn(*args, **kw)
         torch_convt.set_winograd(False)
-        direct = run(ours, torch.float32)
+        return got, fn(*args, **kw)
     finally:
         torch_convt.set_winograd(was)
-    return expected, wino, direct
+
+
+def _assert_as_direct(got, direct, huge=False):
+    """Results with non-finite values: direct summation's, bit for bit (NaN where it has NaN); with finite values near
+    float32's largest (huge): finite, within 1e-5 of direct summation's."""
+    if huge:
+        assert direct.isfinite().all() and direct.max() > 1e36
+        assert got.isfinite().all() and (got - direct).abs().max() <= 1e-5 * direct.max()
+        return
+    assert torch.equal(got.isnan(), direct.isnan()) and torch.equal(got.isfinite(), direct.isfinite())
+    assert got.isfinite().any() and not got.isfinite().all()
+    assert torch.equal(got[got.isfinite()], direct[direct.isfinite()])
+    assert torch.equal(got[got.isinf()], direct[direct.isinf()])
 
 
 @pytest.mark.skipif(not _winograd_available(), reason="no AVX-512 or AVX2: float32 layers take direct summation")
@@ -1430,21 +1446,7 @@ def test_winograd_weight_grad_non_finite_as_direct(where, stride):
     else:  # (sums of 4368 or 312 products near 1e37)
         x, y = torch.rand(x.shape) * 6e35, torch.rand(y.shape) / (64 if stride == 1 else 4)
     args += ([1] * (x.dim() - 2), [1] * (x.dim() - 2), 1)
-    was = torch_convt.set_winograd(True)
-    try:
-        got = wg(x, y, *args)
-        torch_convt.set_winograd(False)
-        direct = wg(x, y, *args)
-    finally:
-        torch_convt.set_winograd(was)
-    if where == "huge":
-        assert direct.isfinite().all() and direct.max() > 1e36
-        assert got.isfinite().all() and (got - direct).abs().max() <= 1e-5 * direct.max()
-        return
-    assert not direct.isfinite().all()
-    assert torch.equal(got.isnan(), direct.isnan()) and torch.equal(got.isfinite(), direct.isfinite())
-    assert torch.equal(got[got.isfinite()], direct[direct.isfinite()])
-    assert torch.equal(got[got.isinf()], direct[direct.isinf()])
+    _assert_as_direct(*_with_and_without_winograd(wg, x, y, *args), huge=where == "huge")
 
 
 @pytest.mark.skipif(not _winograd_available(), reason="no AVX-512 or AVX2: float32 layers take direct summation")
@@ -1463,17 +1465,7 @@ def test_winograd_non_finite_as_direct(kind, where):
     else:
         w[4, 5, 1, 2, 0] = float("inf")
     fn = torch_convt.functional.conv_transpose3d if kind == "ct" else torch_convt.functional.conv3d
-    kw = dict(padding=1, stride=2 if strided else 1)
-    was = torch_convt.set_winograd(True)
-    try:
-        got = fn(x, w, b, **kw)
-        torch_convt.set_winograd(False)
-        direct = fn(x, w, b, **kw)
-    finally:
-        torch_convt.set_winograd(was)
-    assert torch.equal(got.isnan(), direct.isnan()) and torch.equal(got.isfinite(), direct.isfinite())
-    assert got.isfinite().any() and not got.isfinite().all()
-    assert torch.equal(got[got.isfinite()], direct[direct.isfinite()])
+    _assert_as_direct(*_with_and_without_winograd(fn, x, w, b, padding=1, stride=2 if strided else 1))
 
 
 
@@ -1492,20 +1484,7 @@ def test_winograd_upsample_non_finite_as_direct(where):
     else:
         x, w, b = torch.rand(4, 384, 30) * 6e37, torch.rand(384, 64, 16) / 768, None
     fn = torch_convt.functional.conv_transpose1d
-    was = torch_convt.set_winograd(True)
-    try:
-        got = fn(x, w, b, stride=8, padding=4)
-        torch_convt.set_winograd(False)
-        direct = fn(x, w, b, stride=8, padding=4)
-    finally:
-        torch_convt.set_winograd(was)
-    if where == "huge":
-        assert direct.isfinite().all() and direct.max() > 1e36
-        assert got.isfinite().all() and (got - direct).abs().max() <= 1e-5 * direct.max()
-        return
-    assert torch.equal(got.isnan(), direct.isnan()) and torch.equal(got.isfinite(), direct.isfinite())
-    assert got.isfinite().any() and not got.isfinite().all()
-    assert torch.equal(got[got.isfinite()], direct[direct.isfinite()])
+    _assert_as_direct(*_with_and_without_winograd(fn, x, w, b, stride=8, padding=4), huge=where == "huge")
 
 
 @pytest.mark.skipif(not _winograd_available(), reason="no AVX-512 or AVX2: float32 layers take direct summation")
@@ -1515,15 +1494,9 @@ def test_winograd_huge_finite_values():
     computed by direct summation)."""
     torch.manual_seed(4)
     x, w = torch.rand(1, 32, 12, 12, 12) * 6e37, torch.rand(32, 32, 3, 3, 3) / 64
-    was = torch_convt.set_winograd(True)
-    try:
-        got = torch_convt.functional.conv_transpose3d(x, w, padding=1)
-        torch_convt.set_winograd(False)
-        direct = torch_convt.functional.conv_transpose3d(x, w, padding=1)
-    finally:
-        torch_convt.set_winograd(was)
-    assert direct.isfinite().all() and direct.min() > 1e36
-    assert got.isfinite().all() and (got - direct).abs().max() <= 1e-5 * direct.max()
+    got, direct = _with_and_without_winograd(torch_convt.functional.conv_transpose3d, x, w, padding=1)
+    assert direct.min() > 1e36
+    _assert_as_direct(got, direct, huge=True)
 
 _WIDENED_LAYERS = [  # (function, input, weight, kwargs): 16-bit layers that the Winograd path takes
     (torch_convt.functional.conv_transpose2d, (4, 32, 20, 24), (32, 24, 4, 4), dict(stride=2, padding=1)),
