@@ -368,11 +368,11 @@ bool winograd_correlation(const WinogradLayer& l, const T* in, const Strides& si
 // float layers of winograd_correlation's dense path whose gradients' sums fit kPartialBytes and whose products save
 // at least 32 multiply-adds per value the transforms write (the transformed inputs' and the products' gradients,
 // which then go through a transposing pack besides, where the forward's GEMMs take them as they are). Measured
-// against direct summation's weight gradient (20 alternated pairs, median and quartiles of the time ratio): DCGAN's
-// kernel-4 2d layer (83 saved per value) x0.91 (0.81-0.96), the stride-1 kernel-3 3d layer of 32 channels (38) x0.79
-// (0.77-0.85), a 2d kernel-3 conv of 64 x 48 channels (34) x0.87 (0.82-0.89); below the bound (single runs) the
-// kernel-4 3d layer of 32 x 16 channels (20) x0.8-1.2, MONAI's kernel 3 (23) x0.9-1.3, kernel 2 in 3d (19) x1.3-1.6, a
-// kernel-3 stride-2 layer of 16 x 33 channels (9) x1.5. False where it does not apply or any
+// against direct summation's weight gradient (20 alternated pairs, median time ratio, two series): DCGAN's kernel-4
+// 2d layer (83 saved per value) x0.75-0.77, the stride-1 kernel-3 3d layer of 32 channels (38) x0.68-0.82, a 2d
+// kernel-3 conv of 64 x 48 channels (34) x0.70; below the bound the kernel-4 3d layer of 32 x 16 channels (20)
+// x1.10-1.18, MONAI's kernel 3 (23) x1.14-1.16, kernel 2 in 3d (19) x1.35-1.47, a conv at stride 2 by kernel 4 of 32
+// channels (15) x1.19-1.34. False where it does not apply or any
 // value of dw is not finite (dw is then to be computed by the caller, whole).
 inline bool winograd_weight_grad(const WinogradLayer& l, const float* in, const Strides& si, const float* gout,
                                  const Strides& so, float* dw) {

@@ -651,55 +651,60 @@ WINO_TARGET void wino_grad_run(const float* gout, const Strides& so, const Winog
 // output of gout(co, o) in(ci, window point t of o), written where wino_layer reads wc(g, co, ci, t), by the transposes
 // of its transforms: dU_p [co x ci] = sum over the tiles of P_p(co) V_vi[p](ci) (P: the products' gradients,
 // wino_grad_run; V: the transformed inputs, wino_input_run), then dw(t) = sum_p g[p][t] dU_p (the schemes' g of its
-// dims, transposed). The tiles are blocks of kWgradTiles, the depth of GEMMs dU_v += P_v . V_v^T (products of one
-// transformed input stacked, as wino_layer's), both operands transposed into panels (pack_panels): V's as the input
-// transform leaves them, NR channels at a time, P's as the GEMMs take them.
+// dims, transposed). The tiles are blocks (below), the depth of GEMMs dU_p += P_p . V_vi[p]^T, both operands
+// transposed into panels (pack_panels) as the transforms leave them, a panel's channels at a time.
 // The blocks are summed in fixed chunks (by count, not by thread), each into partial sums of its own, the chunks'
 // sums added in order: the result does not depend on the thread count. Returns false (dw then written in part, or
 // not at all) where any value of dw is not finite (the caller's path then computes it, as for wino_layer's outputs).
-// (Blocks of 32 tiles: their transformed inputs and products' gradients stay nearer in cache (of 64 tiles, packing
-// them took 18% of the kernel-4 3d layer's time); in single runs blocks of 64 took x1.0-1.2 the time.)
-constexpr int64_t kWgradTiles = 32;
+// Blocks of up to kWgradTiles tiles, as many (a multiple of 16) as keep the rows that the transforms write for one
+// panel of channels (NR input channels' transformed inputs, MR output channels' products' gradients) within
+// kWgradRowBytes: half of a 512 KiB L2, so they are still there when packed. Deeper blocks load and store each block
+// of the GEMMs' C (the partial sums, which for DCGAN's layer are 4.7 MB) fewer times. (Against direct summation, 20
+// alternated pairs, median time ratio: blocks of 32 tiles, DCGAN x0.91-0.93, stride-1 3d x0.72-0.79, a 2d kernel-3 conv
+// x0.87; with this bound (96, 32 and 128 tiles) x0.75-0.77, x0.68-0.82 and x0.70; with a 512 KiB bound x0.82-0.85,
+// x0.65-0.78, x0.72.)
+constexpr int64_t kWgradRowBytes = int64_t(256) << 10;
+constexpr int64_t kWgradTiles = 128;
 template <class DZ, class DY, class DX>
 bool wino_wgrad_layer(const WinogradLayer& l, const WinogradGeometry& geo, const float* in, const Strides& si,
                       const float* gout, const Strides& so, float* dw) {
-  constexpr int64_t nb = kWgradTiles;
+  const GemmTile gt = gemm_tile<float>(l.co);
+  const int64_t MR = gt.mr, NR = gt.nr;
+  const int64_t row_bytes = (geo.nv * NR + geo.np * MR) * int64_t(sizeof(float));  // a tile's, one panel of channels
+  const int64_t nb = std::clamp<int64_t>(kWgradRowBytes / row_bytes / 16 * 16, 16, kWgradTiles);
   auto plan = std::make_unique<WinogradPlan>();
-  wino_plan(l, geo, nb, *plan);
-  // dU: per transformed input v, its stacked products' rows (slot co + co) by ci, row-major; du floats a group
-  std::vector<int64_t> du_off(geo.nv + 1, 0);
-  int64_t a_max = 0;
-  for (int64_t v = 0; v < geo.nv; ++v) {
-    const int64_t rows = plan->mult[v] * l.co;
-    du_off[v + 1] = du_off[v] + rows * l.ci;
-    a_max = std::max(a_max, packed_size(rows, nb, plan->gt[v].mr));
-  }
-  const int64_t NR = plan->gt[0].nr, b_size = packed_size(l.ci, nb, NR);  // (every GemmTile's nr is the kernel's)
-  const int64_t du = du_off[geo.nv], all = l.groups * du;
+  wino_plan(l, geo, nb, *plan);  // (its vi: each product's transformed input)
+  // dU: per product, co x ci row-major (du floats a group). The GEMMs' operands: per product its gradients P_p as A
+  // (mr-row panels, K = the block's tiles deep), per transformed input V_v as B (NR-column panels), both transposed
+  // into their panels a few channels at a time, from rows that the transforms just wrote (in L1 or L2).
+  const int64_t a_size = packed_size(l.co, nb, MR), b_size = packed_size(l.ci, nb, NR);
+  const int64_t du = geo.np * l.co * l.ci, all = l.groups * du;
   const int64_t blocks = ceil_div(geo.count, nb), items = l.batch * l.groups * blocks;  // (n, g, block)
   const int64_t target = std::clamp<int64_t>(kPartialBytes / (all * int64_t(sizeof(float))), 1, kMaxChunks);
   const int64_t chunks = std::min(items, target);
   std::unique_ptr<float[]> fresh;
   float* const partial = held_buffer<float, kPartialSlot>(chunks * all, fresh);
-  const int64_t v_xi = NR * nb + 16;
+  // rows of the transforms: NR input channels' V (v_xi apart per v), MR output channels' P (p_xi apart per p)
+  const int64_t v_xi = NR * nb + 16, p_xi = MR * nb + 16;
+  std::vector<int64_t> prod(geo.np);
+  for (int64_t p = 0; p < geo.np; ++p) prod[p] = p * p_xi;
   at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
     float* V = scratch<float, 0>(geo.nv * v_xi);
-    float* P = scratch<float, 1>(plan->m_off[geo.nv]);
-    float* A = scratch<float, 2>(a_max);
+    float* P = scratch<float, 1>(geo.np * p_xi);
+    float* A = scratch<float, 2>(geo.np * a_size);
     float* B = scratch<float, 3>(geo.nv * b_size);
     for (int64_t chunk = begin; chunk < end; ++chunk) {
       float* const sum = partial + chunk * all;
       std::fill(sum, sum + all, 0.0f);
       for (int64_t item = items * chunk / chunks; item < items * (chunk + 1) / chunks; ++item) {
         const int64_t n = item / (l.groups * blocks), g = item / blocks % l.groups, b = item % blocks;
-        const int64_t c0 = b * nb, c1 = std::min(geo.count, c0 + nb), K = c1 - c0;
+        const int64_t t0 = b * nb, t1 = std::min(geo.count, t0 + nb), K = t1 - t0;
         const float* in_g = in + n * si.n + g * l.ci * si.c;
         const float* gout_g = gout + n * so.n + g * l.co * so.c;
-        WinogradRun runs[nb / 16];
+        WinogradRun runs[kWgradTiles / 16];
         const int64_t count = ceil_div(K, int64_t(16));
         for (int64_t r = 0; r < count; ++r)
-          wino_make_run(l, geo, si, so, c0 + 16 * r, std::min(c1, c0 + 16 * r + 16), 16 * r, runs[r]);
-        // The transformed inputs of NR channels at a time (rows of the block's tiles), into their panel of each B.
+          wino_make_run(l, geo, si, so, t0 + 16 * r, std::min(t1, t0 + 16 * r + 16), 16 * r, runs[r]);
         for (int64_t c0 = 0; c0 < l.ci; c0 += NR) {
           const int64_t cn = std::min(NR, l.ci - c0);
           for (int64_t c = 0; c < cn; ++c)
@@ -707,14 +712,16 @@ bool wino_wgrad_layer(const WinogradLayer& l, const WinogradGeometry& geo, const
               wino_input_run<DZ, DY, DX>(in_g + c0 * si.c, si, runs[r], c, nb, NR, v_xi, V);
           for (int64_t v = 0; v < geo.nv; ++v) pack_panels(V + v * v_xi, nb, 1, cn, K, NR, B + v * b_size + c0 * K);
         }
-        for (int64_t c = 0; c < l.co; ++c)
-          for (int64_t r = 0; r < count; ++r) wino_grad_run<DZ, DY, DX>(gout_g, so, runs[r], c, plan->prod_m, nb, P);
-        for (int64_t v = 0; v < geo.nv; ++v) {
-          const GemmTile gt = plan->gt[v];
-          const int64_t rows = plan->mult[v] * l.co;
-          pack_panels(P + plan->m_off[v], nb, 1, rows, K, gt.mr, A);
-          gemm_packed<float>(gt, rows, l.ci, K, A, B + v * b_size, true, sum + g * du + du_off[v], l.ci);
+        for (int64_t c0 = 0; c0 < l.co; c0 += MR) {
+          const int64_t cn = std::min(MR, l.co - c0);
+          for (int64_t c = 0; c < cn; ++c)
+            for (int64_t r = 0; r < count; ++r)
+              wino_grad_run<DZ, DY, DX>(gout_g + c0 * so.c, so, runs[r], c, prod.data(), nb, P);
+          for (int64_t p = 0; p < geo.np; ++p) pack_panels(P + prod[p], nb, 1, cn, K, MR, A + p * a_size + c0 * K);
         }
+        for (int64_t p = 0; p < geo.np; ++p)
+          gemm_packed<float>(gt, l.co, l.ci, K, A + p * a_size, B + plan->vi[p] * b_size, true,
+                             sum + g * du + p * l.co * l.ci, l.ci);
       }
     }
   });
@@ -746,7 +753,7 @@ bool wino_wgrad_layer(const WinogradLayer& l, const WinogradGeometry& geo, const
     for (int64_t item = begin; item < end; ++item) {
       const int64_t g = item / l.co, co = item % l.co;
       for (int64_t p = 0; p < geo.np; ++p) {
-        const float* const src = partial + g * du + du_off[plan->vi[p]] + (plan->slot[p] * l.co + co) * l.ci;
+        const float* const src = partial + g * du + (p * l.co + co) * l.ci;
         float* const row = d + p * l.ci;
         std::copy(src, src + l.ci, row);
         for (int64_t chunk = 1; chunk < chunks; ++chunk)
