@@ -578,28 +578,34 @@ bool wino_layer(const WinogradLayer& l, const WinogradGeometry& geo, const T* in
   return finite.load();
 }
 
-// The layer (dilation 1) on the tiles of its output: the instance of its dims' schemes (winograd_shape: the
-// innermost dim's, each other dim's the same or kernel 1).
-template <class DX, typename T>
-bool wino_dense_as(const WinogradLayer& l, const WinogradGeometry& geo, const T* in, const Strides& si, const float* w,
-                   const float* bias, T* out, const Strides& so) {
-  if (l.kind[0] != kWinoK1 && l.kind[1] != kWinoK1) return wino_layer<DX, DX, DX>(l, geo, in, si, w, bias, out, so);
-  if (l.kind[0] != kWinoK1) return wino_layer<DX, WinoK1, DX>(l, geo, in, si, w, bias, out, so);
-  return wino_layer<WinoK1, DX, DX>(l, geo, in, si, w, bias, out, so);
+// The instance of a layer's dims' schemes (dilation 1; winograd_shape: the innermost dim's, each other dim's the same
+// or kernel 1): f.template operator()<DZ, DY, DX>() (false for a layer of no instance).
+template <class DX, class F>
+bool wino_instance_as(const WinogradLayer& l, F&& f) {
+  if (l.kind[0] != kWinoK1 && l.kind[1] != kWinoK1) return f.template operator()<DX, DX, DX>();
+  if (l.kind[0] != kWinoK1) return f.template operator()<DX, WinoK1, DX>();
+  return f.template operator()<WinoK1, DX, DX>();
+}
+template <class F>
+bool wino_instance(const WinogradLayer& l, F&& f) {
+  switch (l.kind[2]) {
+    case kWinoK3: return wino_instance_as<WinoK3>(l, f);
+    case kWinoK2: return wino_instance_as<WinoK2>(l, f);
+    case kWinoT4: return wino_instance_as<WinoT4>(l, f);
+    case kWinoT3Odd: return wino_instance_as<WinoT3<true>>(l, f);
+    case kWinoT3Even: return wino_instance_as<WinoT3<false>>(l, f);
+    default: return false;
+  }
 }
 
+// The layer (dilation 1) on the tiles of its output.
 template <typename T>
 bool wino_dense(const WinogradLayer& l, const T* in, const Strides& si, const float* w, const float* bias, T* out,
                 const Strides& so) {
   const WinogradGeometry geo = wino_geometry(l);
-  switch (l.kind[2]) {
-    case kWinoK3: return wino_dense_as<WinoK3>(l, geo, in, si, w, bias, out, so);
-    case kWinoK2: return wino_dense_as<WinoK2>(l, geo, in, si, w, bias, out, so);
-    case kWinoT4: return wino_dense_as<WinoT4>(l, geo, in, si, w, bias, out, so);
-    case kWinoT3Odd: return wino_dense_as<WinoT3<true>>(l, geo, in, si, w, bias, out, so);
-    case kWinoT3Even: return wino_dense_as<WinoT3<false>>(l, geo, in, si, w, bias, out, so);
-    default: return false;
-  }
+  return wino_instance(l, [&]<class DZ, class DY, class DX>() {
+    return wino_layer<DZ, DY, DX>(l, geo, in, si, w, bias, out, so);
+  });
 }
 
 // The weight gradient's adjoint of wino_output_run: the output gradients of the run's tiles, channel c of `gout`
@@ -775,25 +781,12 @@ bool wino_wgrad_layer(const WinogradLayer& l, const WinogradGeometry& geo, const
   return finite.load();
 }
 
-template <class DX>
-bool wino_wgrad_as(const WinogradLayer& l, const WinogradGeometry& geo, const float* in, const Strides& si,
-                   const float* gout, const Strides& so, float* dw) {
-  if (l.kind[0] != kWinoK1 && l.kind[1] != kWinoK1) return wino_wgrad_layer<DX, DX, DX>(l, geo, in, si, gout, so, dw);
-  if (l.kind[0] != kWinoK1) return wino_wgrad_layer<DX, WinoK1, DX>(l, geo, in, si, gout, so, dw);
-  return wino_wgrad_layer<WinoK1, DX, DX>(l, geo, in, si, gout, so, dw);
-}
-
 inline bool wino_wgrad(const WinogradLayer& l, const float* in, const Strides& si, const float* gout,
                        const Strides& so, float* dw) {
   const WinogradGeometry geo = wino_geometry(l);
-  switch (l.kind[2]) {
-    case kWinoK3: return wino_wgrad_as<WinoK3>(l, geo, in, si, gout, so, dw);
-    case kWinoK2: return wino_wgrad_as<WinoK2>(l, geo, in, si, gout, so, dw);
-    case kWinoT4: return wino_wgrad_as<WinoT4>(l, geo, in, si, gout, so, dw);
-    case kWinoT3Odd: return wino_wgrad_as<WinoT3<true>>(l, geo, in, si, gout, so, dw);
-    case kWinoT3Even: return wino_wgrad_as<WinoT3<false>>(l, geo, in, si, gout, so, dw);
-    default: return false;
-  }
+  return wino_instance(l, [&]<class DZ, class DY, class DX>() {
+    return wino_wgrad_layer<DZ, DY, DX>(l, geo, in, si, gout, so, dw);
+  });
 }
 
 // even[i] = src[2i] (2i < n), odd[i] = src[2i + 1] (2i + 1 < n): a row split into its two sub-lattices.
