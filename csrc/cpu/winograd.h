@@ -372,8 +372,8 @@ bool winograd_correlation(const WinogradLayer& l, const T* in, const Strides& si
 // 2d layer (83 saved per value) x0.75-0.77, the stride-1 kernel-3 3d layer of 32 channels (38) x0.68-0.82, a 2d
 // kernel-3 conv of 64 x 48 channels (34) x0.70; below the bound the kernel-4 3d layer of 32 x 16 channels (20)
 // x1.10-1.18, MONAI's kernel 3 (23) x1.14-1.16, kernel 2 in 3d (19) x1.35-1.47, a conv at stride 2 by kernel 4 of 32
-// channels (15) x1.19-1.34. False where it does not apply or any
-// value of dw is not finite (dw is then to be computed by the caller, whole).
+// channels (15) x1.19-1.34. False where it does not apply or any value of dw is not finite (dw is then to be
+// computed by the caller, whole).
 inline bool winograd_weight_grad(const WinogradLayer& l, const float* in, const Strides& si, const float* gout,
                                  const Strides& so, float* dw) {
 #if TORCH_CONVT_DIRECT_AVX512
