@@ -303,11 +303,15 @@ def test_grid_tiles(case, dtype):
 def test_register_blockings(channels):
     """Every row count of the micro-kernels' blockings (float32: 4 to 12 rows on AVX-512, chosen by the channel
     count), through each GEMM: a k=4, s=2 layer whose 16-point lines make two-run panels read in place (the forward),
-    the input gradient (a conv with `channels` rows) and the weight gradient."""
+    the input gradient (a conv with `channels` rows) and the weight gradient. On AVX2 (6-row panels) the rows past
+    the last whole panel take the tail kernels (1 to 5 rows; under 4 their K steps alternate between two sets of
+    sums): also at odd depths (k=3 1d, channels x 3 deep)."""
     torch.manual_seed(channels)
     y = torch.randn(2, channels, 16, 16)
     w, b = torch.randn(channels, channels, 4, 4), torch.randn(channels)
     check_parity(ours_ct(2), torch_ct(2), (y, w, b), dict(stride=2, padding=1))
+    y1, w1 = torch.randn(2, channels, 50), torch.randn(channels, channels, 3)
+    check_parity(ours_ct(1), torch_ct(1), (y1, w1, b), dict(padding=1))
 
 
 ODD_LINES = [

@@ -119,11 +119,18 @@ using GatherFn = void (*)(int64_t kc, const T* a, const T* const* rows, const Pa
 // computed 36, and 8-row ones 40). `mr` is the tallest (most FMAs per load), `small_mr` the smallest.
 // halves[MR]: the same for panels of two runs (AVX-512 only; elsewhere null: such panels are assembled first).
 constexpr int kMaxMR = 16;
+// A MicroFn for fewer rows than its A panel has (a K step of the panel is a_stride floats).
+template <typename T>
+using TailFn = void (*)(int64_t kc, int64_t a_stride, const T* a, const T* b, const T* const* rows, int64_t at,
+                        int64_t pf, T* c, int64_t ldc, bool accumulate);
 template <typename T>
 struct MicroKernel {
   int64_t mr, small_mr, nr;
   const char* isa;
   MicroFn<T> fn[kMaxMR + 1] = {};
+  // tail[r]: the last r rows of an operand (r < MR) from its zero-padded panel of any MR (a_stride floats a K step),
+  // so the padding rows are not computed (AVX2 only; elsewhere null: the panel is computed whole).
+  TailFn<T> tail[kMaxMR + 1] = {};
   HalvesFn<T> halves[kMaxMR + 1] = {};
   HalvesFn<T> halves_pack[kMaxMR + 1] = {};
   GatherFn<T> gather[kMaxMR + 1] = {};
@@ -302,6 +309,56 @@ __attribute__((target("avx2,fma"))) void micro_avx2(int64_t kc, const float* a, 
     }
     _mm256_storeu_ps(ci, c0[i]);
     _mm256_storeu_ps(ci + 8, c1[i]);
+  }
+}
+
+// The last R rows of an operand whose panels are taller (MicroKernel::tail): R x 16 floats of C from A panels of
+// a_stride floats a K step. Under 4 rows, even and odd K steps sum into two sets of accumulators (added at the end,
+// a fixed order), so that at least 8 independent FMA chains keep both FMA units busy. (Operands of 16 and 32 rows
+// took 18 and 36 rows' work in 6-row panels.)
+template <int R>
+__attribute__((target("avx2,fma"))) void micro_avx2_tail(int64_t kc, int64_t a_stride, const float* a,
+                                                         const float* b, const float* const* rows, int64_t at,
+                                                         int64_t pf, float* c, int64_t ldc, bool accumulate) {
+  constexpr int S = R < 4 ? 2 : 1;
+  __m256 c0[S][R], c1[S][R];
+#pragma GCC unroll 6
+  for (int i = 0; i < R; ++i)
+    for (int s = 0; s < S; ++s) c0[s][i] = c1[s][i] = _mm256_setzero_ps();
+#define TORCH_CONVT_AVX2_TAIL_STEP(s, ak, bk)                              \
+  {                                                                        \
+    const __m256 b0 = _mm256_loadu_ps(bk), b1 = _mm256_loadu_ps((bk) + 8); \
+    _Pragma("GCC unroll 6") for (int i = 0; i < R; ++i) {                  \
+      const __m256 ai = _mm256_broadcast_ss((ak) + i);                     \
+      c0[s][i] = _mm256_fmadd_ps(ai, b0, c0[s][i]);                        \
+      c1[s][i] = _mm256_fmadd_ps(ai, b1, c1[s][i]);                        \
+    }                                                                      \
+  }
+  int64_t k = 0;
+  if (rows) {
+    for (; k + S <= kc; k += S)
+      for (int s = 0; s < S; ++s) {
+        __builtin_prefetch(rows[k + s] + pf, 0, 3);
+        TORCH_CONVT_AVX2_TAIL_STEP(s, a + (k + s) * a_stride, rows[k + s] + at)
+      }
+    for (; k < kc; ++k) {
+      __builtin_prefetch(rows[k] + pf, 0, 3);
+      TORCH_CONVT_AVX2_TAIL_STEP(0, a + k * a_stride, rows[k] + at)
+    }
+  } else {
+    for (; k + S <= kc; k += S)
+      for (int s = 0; s < S; ++s) TORCH_CONVT_AVX2_TAIL_STEP(s, a + (k + s) * a_stride, b + 16 * (k + s))
+    for (; k < kc; ++k) TORCH_CONVT_AVX2_TAIL_STEP(0, a + k * a_stride, b + 16 * k)
+  }
+#undef TORCH_CONVT_AVX2_TAIL_STEP
+#pragma GCC unroll 6
+  for (int i = 0; i < R; ++i) {
+    float* ci = c + i * ldc;
+    __m256 v0 = c0[0][i], v1 = c1[0][i];
+    if constexpr (S == 2) v0 = _mm256_add_ps(v0, c0[1][i]), v1 = _mm256_add_ps(v1, c1[1][i]);
+    if (accumulate) v0 = _mm256_add_ps(v0, _mm256_loadu_ps(ci)), v1 = _mm256_add_ps(v1, _mm256_loadu_ps(ci + 8));
+    _mm256_storeu_ps(ci, v0);
+    _mm256_storeu_ps(ci + 8, v1);
   }
 }
 #endif
@@ -636,6 +693,11 @@ MicroKernel<float> select_kernel<float>() {
     k.fn[4] = &micro_avx2<4>;
     k.fn[5] = &micro_avx2<5>;
     k.fn[6] = &micro_avx2<6>;
+    k.tail[1] = &micro_avx2_tail<1>;
+    k.tail[2] = &micro_avx2_tail<2>;
+    k.tail[3] = &micro_avx2_tail<3>;
+    k.tail[4] = &micro_avx2_tail<4>;
+    k.tail[5] = &micro_avx2_tail<5>;
     return k;
   }
 #endif
@@ -835,6 +897,16 @@ void gemm_driver(GemmTile tile, int64_t M, int64_t N, int64_t K, const T* a_pack
             else if (pack) halves_pack_fn(kc, ap, b_rows + pc, mp.at0, at1, pf, panel, c, ldc, acc);
             else if (halves) halves_fn(kc, ap, rp, mp.at0, mp.at1, pf, nullptr, c, ldc, acc);
             else fn(kc, ap, bp, rp, mp.at0, pf, c, ldc, acc);
+          } else if (mr < MR && mk.tail[mr] && !gather && !pack && !halves) {
+            // (the last rows of A: only those computed)
+            if (nr == NR) {
+              mk.tail[mr](kc, MR, ap, bp, rp, mp.at0, pf, c, ldc, acc);
+            } else {
+              mk.tail[mr](kc, MR, ap, bp, rp, mp.at0, pf, edge, NR, false);
+              for (int64_t i = 0; i < mr; ++i)
+                for (int64_t j = 0; j < nr; ++j)
+                  c[i * ldc + j] = acc ? c[i * ldc + j] + edge[i * NR + j] : edge[i * NR + j];
+            }
           } else {
             if (gather) gather_fn(kc, ap, b_rows + pc, *runs, pf, panel, edge, NR, false);
             else if (pack) halves_pack_fn(kc, ap, b_rows + pc, mp.at0, at1, pf, panel, edge, NR, false);
