@@ -525,9 +525,9 @@ def test_weight_grad_chunk_regions(case, dtype):
                          ids=["k4s2_3d", "part_panel", "stride1_2d", "conv1d_12ch", "mixed_3d"])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_weight_grad_packed_windows(case, layout):
-    """Tap-by-tap float weight gradients whose windows are gathered straight into packed panels (8 channels a panel,
-    transposed in registers; other panel heights by a plain loop): stride-1 and stride-2 planes, part panels, runs
-    with odd tails and pads. They match torch's and are bitwise the same on 1 and 2 threads."""
+    """Tap-by-tap float weight gradients whose windows are gathered straight into packed panels (transposed in
+    registers: 8 channels a panel on AVX-512, panels of up to 8 on AVX2; others by a plain loop): stride-1 and
+    stride-2 planes, part panels, runs with odd tails and pads. They match torch's and are bitwise the same on 1 and 2 threads."""
     in_shape, w_shape, stride, padding = case
     nd = len(in_shape) - 2
     torch.manual_seed(11)
