@@ -527,7 +527,8 @@ def test_weight_grad_chunk_regions(case, dtype):
 def test_weight_grad_packed_windows(case, layout):
     """Tap-by-tap float weight gradients whose windows are gathered straight into packed panels (transposed in
     registers: 8 channels a panel on AVX-512, panels of up to 8 on AVX2; others by a plain loop): stride-1 and
-    stride-2 planes, part panels, runs with odd tails and pads. They match torch's and are bitwise the same on 1 and 2 threads."""
+    stride-2 planes, part panels, runs with odd tails and pads. They match torch's and are bitwise the same on 1 and
+    2 threads."""
     in_shape, w_shape, stride, padding = case
     nd = len(in_shape) - 2
     torch.manual_seed(11)

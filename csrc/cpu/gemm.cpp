@@ -633,9 +633,9 @@ __attribute__((target("avx2"))) void copy_segments_packed_avx2(const float* src,
           }
         } else {
           // (the values 2j .. 2j + 2m - 2: the first 8 and the next 2m - 9, masked where fewer than 16)
-          const int64_t v = 2 * m - 1;
-          const __m256i mlo = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(std::min<int64_t>(8, v))), iota);
-          const __m256i mhi = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(std::max<int64_t>(0, v - 8))), iota);
+          const int v = static_cast<int>(2 * m - 1);
+          const __m256i mlo = _mm256_cmpgt_epi32(_mm256_set1_epi32(std::min(8, v)), iota);
+          const __m256i mhi = _mm256_cmpgt_epi32(_mm256_set1_epi32(std::max(0, v - 8)), iota);
 #pragma GCC unroll 8
           for (int i = 0; i < 8; ++i) {
             if (i >= n) {
