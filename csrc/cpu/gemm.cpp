@@ -941,6 +941,8 @@ void gemm_driver(GemmTile tile, int64_t M, int64_t N, int64_t K, const T* a_pack
           T* c = C + ir * ldc + jr;
           const int64_t pf = ir == ic ? next : mp.at0;
           const bool gather = gathered && ir == ic, pack = pack_first && ir == ic;
+          // (the last rows of A, fewer than MR: only those computed, where the ISA has a tail kernel)
+          const bool tail = mr < MR && mk.tail[mr] && !gather && !pack && !halves;
           if (deep && ir + MR < ic + mc) {
             // (deep K blocks: C is far from cache (the weight gradient's partial sums), so the next A panel's block
             // of C is fetched into L2 while this one's kc steps run; with the equal row blocks above, weight gradient
@@ -955,20 +957,13 @@ void gemm_driver(GemmTile tile, int64_t M, int64_t N, int64_t K, const T* a_pack
             else if (pack) halves_pack_fn(kc, ap, b_rows + pc, mp.at0, at1, pf, panel, c, ldc, acc);
             else if (halves) halves_fn(kc, ap, rp, mp.at0, mp.at1, pf, nullptr, c, ldc, acc);
             else fn(kc, ap, bp, rp, mp.at0, pf, c, ldc, acc);
-          } else if (mr < MR && mk.tail[mr] && !gather && !pack && !halves) {
-            // (the last rows of A: only those computed)
-            if (nr == NR) {
-              mk.tail[mr](kc, MR, ap, bp, rp, mp.at0, pf, c, ldc, acc);
-            } else {
-              mk.tail[mr](kc, MR, ap, bp, rp, mp.at0, pf, edge, NR, false);
-              for (int64_t i = 0; i < mr; ++i)
-                for (int64_t j = 0; j < nr; ++j)
-                  c[i * ldc + j] = acc ? c[i * ldc + j] + edge[i * NR + j] : edge[i * NR + j];
-            }
+          } else if (tail && nr == NR) {
+            mk.tail[mr](kc, MR, ap, bp, rp, mp.at0, pf, c, ldc, acc);
           } else {
             if (gather) gather_fn(kc, ap, b_rows + pc, *runs, pf, panel, edge, NR, false);
             else if (pack) halves_pack_fn(kc, ap, b_rows + pc, mp.at0, at1, pf, panel, edge, NR, false);
             else if (halves) halves_fn(kc, ap, rp, mp.at0, mp.at1, pf, nullptr, edge, NR, false);
+            else if (tail) mk.tail[mr](kc, MR, ap, bp, rp, mp.at0, pf, edge, NR, false);
             else fn(kc, ap, bp, rp, mp.at0, pf, edge, NR, false);
             for (int64_t i = 0; i < mr; ++i)
               for (int64_t j = 0; j < nr; ++j)
