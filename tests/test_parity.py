@@ -352,14 +352,16 @@ def test_odd_lines_extended_grids(case, dtype, layout):
 
 @pytest.mark.parametrize("case", [((1, 32, 32, 32, 32), (32, 16, 2, 2, 2), 2, 0), ((1, 8, 255, 257), (8, 16, 4, 4), 2, 1),
                                   ((1, 8, 256, 257), (8, 16, 3, 3), 2, 0), ((1, 4, 128, 255), (4, 16, 5, 5), 4, 0),
-                                  ((1, 8, 255, 509), (8, 16, 3, 3), (2, 1), 0)],
+                                  ((1, 8, 255, 509), (8, 16, 3, 3), (2, 1), 0), ((1, 8, 1024, 3), (8, 16, 8, 8), 8, 0),
+                                  ((1, 8, 40000, 1), (8, 16, 3, 3), 2, 0), ((1, 8, 16384, 9), (8, 16, 3, 1), 1, 0)],
                          ids=["k2s2_3d", "k4s2p1_2d_odd_lines", "k3s2_2d_odd_width", "k5s4_2d_odd_width",
-                              "stride1_inner_rows"])
+                              "stride1_inner_rows", "k8s8_short_lines", "k3s2_lines_of_3", "stride1_lines_of_9"])
 def test_large_outputs_streamed(case):
     """Float32 outputs of 8 MiB and more are written with non-temporal stores, whole 64-byte lines at a time, where
     phases interleave (stride 2 or 4): aligned lines; lines of 514 floats that start anywhere (a pair starts a
     line); and lines of 515 and 1021 floats, in which every other line no pair (or group of 4) starts a line, so
-    each line is put together from two vectors. And rows of one phase (stride 1 innermost), 511 floats long."""
+    each line is put together from two vectors. And rows of one phase (stride 1 innermost), 511 floats long; and
+    lines shorter than a 64-byte line (24, 3 and 9 floats: no whole line, only part lines stored plainly)."""
     in_shape, w_shape, stride, padding = case
     nd = len(in_shape) - 2
     torch.manual_seed(7)
@@ -367,6 +369,20 @@ def test_large_outputs_streamed(case):
     b = torch.randn(w_shape[1])
     out = check_parity(ours_ct(nd), torch_ct(nd), (y, w, b), dict(stride=stride, padding=padding), grad=False)
     assert out.numel() * 4 >= 8 << 20
+
+
+@pytest.mark.parametrize("case", [((2, 24, 16, 16, 16), (24, 32, 1, 1, 1), 1),  # pointwise, planes of 16 KiB
+                                  ((1, 40, 8, 16, 32), (40, 20, 1, 1, 1), 1),  # 20 output channels
+                                  ((1, 24, 8, 8, 8), (24, 20, 2, 2, 2), 2)],  # k=2: its input gradient's rows
+                         ids=["pointwise_32", "pointwise_20", "k2s2_input_grad"])
+def test_rows_4k_apart(case):
+    """GEMMs reading the channels of an input in place whose planes are multiples of 4 KiB (the rows of B fall into
+    one set of L1 lines), with 3 to 7 panels of A: B's blocks are copied into a panel first. Parity, gradients
+    included."""
+    in_shape, w_shape, stride = case
+    torch.manual_seed(13)
+    x, w, b = torch.randn(in_shape), torch.randn(w_shape), torch.randn(w_shape[1])
+    check_parity(ours_ct(3), torch_ct(3), (x, w, b), dict(stride=stride))
 
 
 STORE_CASES = [
