@@ -832,6 +832,35 @@ void assemble_panel(const T* const* rows, int64_t kc, const int64_t* cols, int64
 }
 
 
+#if TORCH_CONVT_X86
+// gemm_driver's copy of a block of B rows (16 columns from `at`, `kc` rows) into a panel on AVX2, fetching the
+// next panel's columns (from `next`) as it goes.
+__attribute__((target("avx2"))) void copy_panel16_avx2(const float* const* rows, int64_t kc, int64_t at, int64_t next,
+                                                       float* panel) {
+  for (int64_t k = 0; k < kc; ++k) {
+    const float* row = rows[k];
+    __builtin_prefetch(row + next, 0, 3);
+    __builtin_prefetch(row + next + 15, 0, 3);
+    _mm256_store_ps(panel + 16 * k, _mm256_loadu_ps(row + at));
+    _mm256_store_ps(panel + 16 * k + 8, _mm256_loadu_ps(row + at + 8));
+  }
+}
+#endif
+template <typename T>
+void copy_panel16(const T* const* rows, int64_t kc, int64_t at, int64_t next, T* panel) {
+#if TORCH_CONVT_X86
+  static const bool avx2 = __builtin_cpu_supports("avx2");
+  if constexpr (std::is_same_v<T, float>) {
+    if (avx2) return copy_panel16_avx2(rows, kc, at, next, panel);
+  }
+#endif
+  for (int64_t k = 0; k < kc; ++k) {
+    __builtin_prefetch(rows[k] + next, 0, 3);
+    __builtin_prefetch(rows[k] + next + 16, 0, 3);
+    std::copy(rows[k] + at, rows[k] + at + 16, panel + 16 * k);
+  }
+}
+
 // Whether `count` rows lie evenly spaced a multiple of 4 KiB apart (the same L1 set at any column).
 template <typename T>
 bool same_set_rows(const T* const* rows, int64_t count) {
@@ -935,15 +964,21 @@ void gemm_driver(GemmTile tile, int64_t M, int64_t N, int64_t K, const T* a_pack
           // panels the copy costs more than it saves (measured with 4-7 panels of 8 rows, i.e. 32-56 output
           // channels: x0.86-0.94 time without it on the stride-1 3d, k=4 3d, MONAI and grouped layers).
           // (32 columns a fixed-length loop: std::copy became a call of memmove per row, 4% of the U-Net k=2
-          // input gradient's time)
-          for (int64_t k = 0; k < kc; ++k) {
-            const T* row = b_rows[pc + k];
-            __builtin_prefetch(row + next, 0, 3);
-            __builtin_prefetch(row + next + 16, 0, 3);
-            if (NR == 32) {
-              for (int64_t j = 0; j < 32; ++j) panel[k * 32 + j] = row[mp.at0 + j];
-            } else {
-              std::copy(row + mp.at0, row + mp.at0 + NR, panel + k * NR);
+          // input gradient's time. 16 columns (AVX2): copy_panel16, a block in one AVX2 call, x0.90 the time of
+          // memmove per row on the pointwise 3d forward, 12 alternated pairs; a plain 16-value loop, which compiles
+          // to SSE moves here, took x1.08)
+          if (NR == 16) {
+            copy_panel16(b_rows + pc, kc, mp.at0, next, panel);
+          } else {
+            for (int64_t k = 0; k < kc; ++k) {
+              const T* row = b_rows[pc + k];
+              __builtin_prefetch(row + next, 0, 3);
+              __builtin_prefetch(row + next + 16, 0, 3);
+              if (NR == 32) {
+                for (int64_t j = 0; j < 32; ++j) panel[k * 32 + j] = row[mp.at0 + j];
+              } else {
+                std::copy(row + mp.at0, row + mp.at0 + NR, panel + k * NR);
+              }
             }
           }
           bp = panel;
