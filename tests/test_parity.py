@@ -361,7 +361,7 @@ def test_large_outputs_streamed(case):
     phases interleave (stride 2 or 4): aligned lines; lines of 514 floats that start anywhere (a pair starts a
     line); and lines of 515 and 1021 floats, in which every other line no pair (or group of 4) starts a line, so
     each line is put together from two vectors. And rows of one phase (stride 1 innermost), 511 floats long; and
-    lines shorter than a 64-byte line (24, 3 and 9 floats: no whole line, only part lines stored plainly)."""
+    output lines shorter than a 64-byte line (24, 3 and 9 floats), which hold no whole line."""
     in_shape, w_shape, stride, padding = case
     nd = len(in_shape) - 2
     torch.manual_seed(7)
@@ -373,12 +373,12 @@ def test_large_outputs_streamed(case):
 
 @pytest.mark.parametrize("case", [((2, 24, 16, 16, 16), (24, 32, 1, 1, 1), 1),  # pointwise, planes of 16 KiB
                                   ((1, 40, 8, 16, 32), (40, 20, 1, 1, 1), 1),  # 20 output channels
-                                  ((1, 24, 8, 8, 8), (24, 20, 2, 2, 2), 2)],  # k=2: its input gradient's rows
+                                  ((1, 24, 8, 8, 8), (24, 20, 2, 2, 2), 2)],  # k=2: input gradient, 20 channels read
                          ids=["pointwise_32", "pointwise_20", "k2s2_input_grad"])
 def test_rows_4k_apart(case):
     """GEMMs reading the channels of an input in place whose planes are multiples of 4 KiB (the rows of B fall into
-    one set of L1 lines), with 3 to 7 panels of A: B's blocks are copied into a panel first. Parity, gradients
-    included."""
+    one set of L1 lines), with 3 to 7 panels of A: B's blocks are copied into a panel first (AVX2; AVX-512's kernel
+    packs them as it multiplies). Parity, gradients included."""
     in_shape, w_shape, stride = case
     torch.manual_seed(13)
     x, w, b = torch.randn(in_shape), torch.randn(w_shape), torch.randn(w_shape[1])
