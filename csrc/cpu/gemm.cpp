@@ -833,8 +833,6 @@ void assemble_panel(const T* const* rows, int64_t kc, const int64_t* cols, int64
 
 
 #if TORCH_CONVT_X86
-// gemm_driver's copy of a block of B rows (16 columns from `at`, `kc` rows) into a panel on AVX2, fetching the
-// next panel's columns (from `next`) as it goes.
 __attribute__((target("avx2"))) void copy_panel16_avx2(const float* const* rows, int64_t kc, int64_t at, int64_t next,
                                                        float* panel) {
   for (int64_t k = 0; k < kc; ++k) {
@@ -846,19 +844,23 @@ __attribute__((target("avx2"))) void copy_panel16_avx2(const float* const* rows,
   }
 }
 #endif
+
+// gemm_driver's copy of a block of B rows (`nr` columns from `at`, `kc` rows) into a panel, fetching the next
+// panel's columns (from `next`) as it goes, in one AVX2 call where the panel is 16 floats wide; false where it is
+// not (or the CPU lacks AVX2): the caller's row loop copies it then.
 template <typename T>
-void copy_panel16(const T* const* rows, int64_t kc, int64_t at, int64_t next, T* panel) {
+bool copy_panel_avx2(const T* const* rows, int64_t kc, int64_t nr, int64_t at, int64_t next, T* panel) {
 #if TORCH_CONVT_X86
   static const bool avx2 = __builtin_cpu_supports("avx2");
   if constexpr (std::is_same_v<T, float>) {
-    if (avx2) return copy_panel16_avx2(rows, kc, at, next, panel);
+    if (avx2 && nr == 16) {
+      copy_panel16_avx2(rows, kc, at, next, panel);
+      return true;
+    }
   }
 #endif
-  for (int64_t k = 0; k < kc; ++k) {
-    __builtin_prefetch(rows[k] + next, 0, 3);
-    __builtin_prefetch(rows[k] + next + 16, 0, 3);
-    std::copy(rows[k] + at, rows[k] + at + 16, panel + 16 * k);
-  }
+  (void)rows, (void)kc, (void)nr, (void)at, (void)next, (void)panel;
+  return false;
 }
 
 // Whether `count` rows lie evenly spaced a multiple of 4 KiB apart (the same L1 set at any column).
@@ -964,12 +966,10 @@ void gemm_driver(GemmTile tile, int64_t M, int64_t N, int64_t K, const T* a_pack
           // panels the copy costs more than it saves (measured with 4-7 panels of 8 rows, i.e. 32-56 output
           // channels: x0.86-0.94 time without it on the stride-1 3d, k=4 3d, MONAI and grouped layers).
           // (32 columns a fixed-length loop: std::copy became a call of memmove per row, 4% of the U-Net k=2
-          // input gradient's time. 16 columns (AVX2): copy_panel16, a block in one AVX2 call, x0.90 the time of
+          // input gradient's time. 16 columns (AVX2): copy_panel_avx2, a block in one AVX2 call, x0.90 the time of
           // memmove per row on the pointwise 3d forward, 12 alternated pairs; a plain 16-value loop, which compiles
           // to SSE moves here, took x1.08)
-          if (NR == 16) {
-            copy_panel16(b_rows + pc, kc, mp.at0, next, panel);
-          } else {
+          if (!copy_panel_avx2(b_rows + pc, kc, NR, mp.at0, next, panel)) {
             for (int64_t k = 0; k < kc; ++k) {
               const T* row = b_rows[pc + k];
               __builtin_prefetch(row + next, 0, 3);
