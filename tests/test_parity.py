@@ -591,6 +591,41 @@ def test_depthwise_long_rows(case, dtype):
     check_parity(ours, ref, (x, w, b), kw, ref_dtype=torch.float32 if dtype in LOW_PRECISION else None)
 
 
+DEPTHWISE_FLOAT_ROWS = [
+    # (kind, input shape, kernel, stride, padding, output_padding): float32 per-channel layers, whose rows the vector
+    # kernels keep in registers across the taps, 8 or 16 points a block, masking the lanes outside a tap's range
+    # (AVX-512; on AVX2 the rows read at step 2: the conv's, and the transposed layers' gradients)
+    ("ct", (2, 3, 4, 5, 16), 3, 2, 1, 1),   # the bench's depthwise layer in small: phase rows of 17 and 16 points
+    ("ct", (1, 2, 3, 6), 3, 2, 1, 0),       # rows of 6 and 5 points: one part block
+    ("ct", (1, 2, 40), 5, 1, 2, 0),         # stride 1, a row of 40: a block of 32 points, then one of 8
+    ("conv", (2, 3, 5, 4, 33), 3, 2, 1, 0),  # stride-2 reads whose last row ends the tensor
+    ("conv", (1, 2, 9), 4, 1, 2, 0),        # unit-stride reads, taps inside a short row
+]
+
+
+@pytest.mark.parametrize("case", DEPTHWISE_FLOAT_ROWS, ids=[f"case{i}" for i in range(len(DEPTHWISE_FLOAT_ROWS))])
+def test_depthwise_float_rows(case):
+    """Parity with gradients; the weight gradient the same on 1 and 2 threads; and, for transposed layers, a non-finite
+    weight adds to no point outside its tap's range (against torch in float64)."""
+    kind, in_shape, kernel, stride, padding, output_padding = case
+    nd = len(in_shape) - 2
+    C = in_shape[1]
+    torch.manual_seed(12)
+    x, w, b = torch.randn(in_shape), torch.randn((C, 1) + (kernel,) * nd), torch.randn(C)
+    kw = dict(stride=stride, padding=padding, groups=C)
+    if kind == "ct":
+        kw["output_padding"] = output_padding
+    ours, ref = fn_pair(kind, nd)
+    check_parity(ours, ref, (x, w, b), kw)
+    grads = _weight_grads_on_1_and_2_threads(ours, x, w, kw, torch.ones_like)
+    assert torch.equal(grads[0], grads[1])
+    if kind == "ct":
+        w_inf = w.clone()
+        w_inf[1].view(-1)[0] = float("inf")
+        expected = ref(x.double(), w_inf.double(), b.double(), **kw).float()
+        torch.testing.assert_close(ours(x, w_inf, b, **kw), expected, equal_nan=True, rtol=1e-4, atol=1e-4)
+
+
 WIDE_TILES = [
     # (input shape, weight shape, stride, padding, dilation): convolutions whose packed weights (output channels x
     # input channels x taps) outgrow L2, so the CPU conv takes position tiles several times its column tile, and

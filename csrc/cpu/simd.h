@@ -85,5 +85,24 @@ __attribute__((target("avx2,f16c"), always_inline)) inline __m256 widen8_avx2(__
   return bf16 ? _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16)) : _mm256_cvtph_ps(h);
 }
 
+// Lanes [lo, hi) of 8 (0 <= lo, hi <= 8) of index vector `idx` as an AVX2 mask: lane l is set where lo <= idx[l] < hi
+// (an index of -1 is never set).
+__attribute__((target("avx2"), always_inline)) inline __m256i lane_mask_avx2(__m256i idx, int64_t lo, int64_t hi) {
+  return _mm256_and_si256(_mm256_cmpgt_epi32(idx, _mm256_set1_epi32(static_cast<int>(lo) - 1)),
+                          _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(hi)), idx));
+}
+
+// v[l] = row[(j0 + l) * step] for the lanes l in [lo, hi) (step 1 or 2; 0 <= lo, hi <= 8), zero elsewhere; no other
+// element is read (at step 2 not even the odd one after the last: p[0, 8) and p[7, 15) load its evens). Masked loads
+// whatever the lanes, without a branch on them.
+__attribute__((target("avx2"), always_inline)) inline __m256 load_step_avx2(const float* row, int64_t j0, int64_t step,
+                                                                            int64_t lo, int64_t hi) {
+  if (step == 1) return _mm256_maskload_ps(row + j0, lane_mask_avx2(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), lo, hi));
+  const float* p = row + 2 * j0;
+  const __m256 a = _mm256_maskload_ps(p, lane_mask_avx2(_mm256_setr_epi32(0, -1, 1, -1, 2, -1, 3, -1), lo, hi));
+  const __m256 b = _mm256_maskload_ps(p + 7, lane_mask_avx2(_mm256_setr_epi32(-1, 4, -1, 5, -1, 6, -1, 7), lo, hi));
+  return _mm256_permutevar8x32_ps(_mm256_blend_ps(a, b, 0xAA), _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7));
+}
+
 }  // namespace torch_convt::cpu
 #endif
