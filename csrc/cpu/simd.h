@@ -92,6 +92,12 @@ __attribute__((target("avx2"), always_inline)) inline __m256i lane_mask_avx2(__m
                           _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(hi)), idx));
 }
 
+// v[l] = p[2l] for l < 8, reading p[0, 15) (not the odd element after the last).
+__attribute__((target("avx2"), always_inline)) inline __m256 load_even_avx2(const float* p) {
+  return _mm256_permutevar8x32_ps(_mm256_blend_ps(_mm256_loadu_ps(p), _mm256_loadu_ps(p + 7), 0xAA),
+                                  _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7));
+}
+
 // v[l] = row[(j0 + l) * step] for the lanes l in [lo, hi) (step 1 or 2; 0 <= lo, hi <= 8), zero elsewhere; no other
 // element is read (at step 2 not even the odd one after the last: p[0, 8) and p[7, 15) load its evens). Masked loads
 // whatever the lanes, without a branch on them.
