@@ -145,9 +145,9 @@ TORCH_CONVT_AVX512_TARGET inline void channel_rows_f32_avx512(const S* src, cons
 }
 #pragma GCC diagnostic pop
 
-// channel_rows_f32_avx512 on AVX2 for float rows read at step 2 (channel_rows_f32_avx2): NB blocks of 8 points of a row from j0 (the last may end at
-// `count`) stay in registers across all taps; a tap's lanes outside its range keep their sums (blended back, so
-// nothing is added, not even 0 * inf). The same sums in the same order.
+// channel_rows_f32_avx512 on AVX2 for float rows read at step 2 (channel_rows_f32_avx2): NB blocks of 8 points of a
+// row from j0 (the last may end at `count`) stay in registers across all taps; a tap's lanes outside its range keep
+// their sums (blended back, so nothing is added, not even 0 * inf). The same sums in the same order.
 template <int NB>
 TORCH_CONVT_AVX2_TARGET inline void channel_block_f32_avx2(const float* src, const int64_t* extent, const Strides& st,
                                                           const std::vector<Tap>& taps, const float* w,
@@ -156,9 +156,10 @@ TORCH_CONVT_AVX2_TARGET inline void channel_block_f32_avx2(const float* src, con
                                                           int64_t count, float* out) {
   const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
   const int64_t last = std::min<int64_t>(8, count - j0 - 8 * (NB - 1)), end = j0 + 8 * (NB - 1) + last;
+  const auto lanes_of = [last](int b) -> int64_t { return b < NB - 1 ? 8 : last; };  // (block b's points in `count`)
   __m256 a[NB];
 #pragma GCC unroll 4
-  for (int b = 0; b < NB; ++b) a[b] = load_step_avx2(out, j0 + 8 * b, 1, 0, b < NB - 1 ? 8 : last);
+  for (int b = 0; b < NB; ++b) a[b] = load_step_avx2(out, j0 + 8 * b, 1, 0, lanes_of(b));
   for (size_t t = 0; t < taps.size(); ++t) {
     const int64_t p0 = i0 + taps[t].offset[0], p1 = i1 + taps[t].offset[1];
     if (p0 < 0 || p0 >= extent[0] || p1 < 0 || p1 >= extent[1]) continue;
@@ -168,16 +169,13 @@ TORCH_CONVT_AVX2_TARGET inline void channel_block_f32_avx2(const float* src, con
       // (the tap reaches every point of the blocks: plain loads, no blend; the lanes of the last block past `count`
       // load zeros and are never stored. The depthwise 3d input gradient x0.69 time, 14 alternated rounds.)
 #pragma GCC unroll 4
-      for (int b = 0; b < NB - 1; ++b) {
+      for (int b = 0; b < NB; ++b) {
         const int64_t at = j0 + 8 * b;
-        a[b] = _mm256_fmadd_ps(wt, s2 == 1 ? _mm256_loadu_ps(row + at) : load_even_avx2(row + 2 * at), a[b]);
+        const __m256 v = lanes_of(b) < 8  ? load_step_avx2(row, at, s2, 0, lanes_of(b))
+                         : s2 == 1        ? _mm256_loadu_ps(row + at)
+                                          : load_even_avx2(row + 2 * at);
+        a[b] = _mm256_fmadd_ps(wt, v, a[b]);
       }
-      const int64_t at = j0 + 8 * (NB - 1);
-      a[NB - 1] = _mm256_fmadd_ps(
-          wt,
-          last < 8 ? load_step_avx2(row, at, s2, 0, last)
-                   : s2 == 1 ? _mm256_loadu_ps(row + at) : load_even_avx2(row + 2 * at),
-          a[NB - 1]);
       continue;
     }
 #pragma GCC unroll 4
@@ -192,17 +190,16 @@ TORCH_CONVT_AVX2_TARGET inline void channel_block_f32_avx2(const float* src, con
   }
 #pragma GCC unroll 4
   for (int b = 0; b < NB; ++b) {
-    const int64_t n = std::min<int64_t>(8, count - j0 - 8 * b);
-    if (n == 8) _mm256_storeu_ps(out + j0 + 8 * b, a[b]);
-    else _mm256_maskstore_ps(out + j0 + 8 * b, lane_mask_avx2(lanes, 0, n), a[b]);
+    if (lanes_of(b) == 8) _mm256_storeu_ps(out + j0 + 8 * b, a[b]);
+    else _mm256_maskstore_ps(out + j0 + 8 * b, lane_mask_avx2(lanes, 0, lanes_of(b)), a[b]);
   }
 }
 
 // Rows of up to 32 points (the depthwise 3d layer's 16) in one call of channel_block_f32_avx2, longer ones 32 points
 // at a time. Taken for stride-2 reads, which the loops compiled from channel_rows_body gathered point by point: the
 // bench's depthwise 3d input gradient x0.71 time with masked loads throughout, and x0.69 of that with plain loads
-// for the taps that cover a row (alternated rounds in one process). Unit-stride rows keep those loops, which were faster here:
-// this kernel made the forward x1.10 the time.
+// for the taps that cover a row (alternated rounds in one process). Unit-stride rows keep those loops, which were
+// faster here: this kernel made the forward x1.10 the time.
 TORCH_CONVT_AVX2_TARGET inline void channel_rows_f32_avx2(const float* src, const int64_t* extent, const Strides& st,
                                                          const std::vector<Tap>& taps, const float* w,
                                                          const std::vector<std::pair<int64_t, int64_t>>& ranges,
