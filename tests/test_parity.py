@@ -402,8 +402,8 @@ STORE_CASES = [
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16],
                          ids=["float32", "bfloat16", "float16"])
-@pytest.mark.parametrize("case", STORE_CASES, ids=["interleaved", "rows", "streamed", "streamed_odd", "ways4", "ways8", "ways16",
-                                                   "ways4_step8", "conv"])
+@pytest.mark.parametrize("case", STORE_CASES, ids=["interleaved", "rows", "streamed", "streamed_odd", "ways4", "ways8",
+                                                   "ways16", "ways4_step8", "conv"])
 def test_stores_exact_and_round_to_nearest_even(case, dtype):
     """Outputs are stored exactly, and bfloat16 and float16 ones rounded from the float sums as torch rounds (to
     nearest, ties to even; NaN stays NaN). Small integers make every sum exact in float whatever its order, and for
