@@ -392,6 +392,8 @@ STORE_CASES = [
     ("ct", (2, 48, 7, 37), (48, 8, 3, 2), (2, 1), 0),     # stride 1 innermost: plain rows, runs of 38
     ("ct", (1, 16, 128, 1024), (16, 16, 2, 2), 2, 0),     # 8 MiB or more of output: streamed lines
     ("ct", (1, 16, 128, 1021), (16, 16, 2, 2), 2, 0),     # the same, lines of 2042 values starting anywhere
+    ("ct", (1, 16, 128, 1021), (16, 16, 2, 3), 2, 0),     # lines of 2043: pairs split at a 64-byte boundary
+    ("ct", (1, 16, 128, 1021), (16, 16, 2, 3), (2, 1), 0),  # streamed plain rows of 1023 starting anywhere
     ("ct", (1, 16, 5, 21), (16, 8, 4, 4), 4, 0),          # four phases interleaved
     ("ct", (1, 8, 3, 19), (8, 4, 8, 8), 8, 0),            # eight
     ("ct", (1, 4, 2, 17), (4, 4, 1, 16), (1, 16), 0),     # sixteen
@@ -402,8 +404,8 @@ STORE_CASES = [
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16],
                          ids=["float32", "bfloat16", "float16"])
-@pytest.mark.parametrize("case", STORE_CASES, ids=["interleaved", "rows", "streamed", "streamed_odd", "ways4", "ways8",
-                                                   "ways16", "ways4_step8", "conv"])
+@pytest.mark.parametrize("case", STORE_CASES, ids=["interleaved", "rows", "streamed", "streamed_odd", "streamed_split",
+                                                   "streamed_rows", "ways4", "ways8", "ways16", "ways4_step8", "conv"])
 def test_stores_exact_and_round_to_nearest_even(case, dtype):
     """Outputs are stored exactly, and bfloat16 and float16 ones rounded from the float sums as torch rounds (to
     nearest, ties to even; NaN stays NaN). Small integers make every sum exact in float whatever its order, and for

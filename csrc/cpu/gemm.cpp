@@ -1917,8 +1917,31 @@ __attribute__((target("avx2"), always_inline)) inline void interleave_avx2(const
   }
 }
 
+// Points [j, n) of two interleaved float rows (dst[2i + w] = r[w][i] + bias) whose first 64-byte boundary falls on
+// an odd float, 2j + 1 + 2h: points [j, j + h) and the first value of point j + h stored plainly, then vectors that
+// pair r[1][i] with r[0][i + 1] (the points split at the boundary) written as whole lines by non-temporal stores, the
+// rest plainly.
+__attribute__((target("avx2"))) void store_pair_rotated_avx2(const float* const* r, __m256 vb, float bias, int64_t j,
+                                                             int64_t n, float* d) {
+  const int64_t h = int64_t((64 - reinterpret_cast<uintptr_t>(d + 2 * j) % 64) % 64 / sizeof(float)) / 2;
+  store_points_portable(r, 2, 2, bias, j, j + h, d, false);
+  j += h;
+  d[2 * j] = r[0][j] + bias;
+  const float* rot[2] = {r[1], r[0] + 1};
+  for (; j + 9 <= n; j += 8) {
+    __m256 v[2];
+    interleave_avx2<2>(rot, vb, j, v);
+    _mm256_stream_ps(d + 2 * j + 1, v[0]);
+    _mm256_stream_ps(d + 2 * j + 9, v[1]);
+  }
+  for (; j < n; ++j) {
+    d[2 * j + 1] = r[1][j] + bias;
+    if (j + 1 < n) d[2 * j + 2] = r[0][j + 1] + bias;
+  }
+}
+
 // The runs of every channel, 8 points at a time; Dense: step == W. With `stream` (dense: floats, or 16-bit values of
-// two or more rows), blocks whose first value starts a 32-byte line are written with non-temporal stores. (16-bit, on
+// two or more rows), the blocks that make up whole 64-byte lines are written with non-temporal stores. (16-bit, on
 // an AVX2 CPU: two vectors a 32-byte store, the small bfloat16 3d U-Net k=2 forward x0.99 time; streamed, 16 MiB of
 // its output x0.96.)
 template <int W, bool Dense, typename D>
@@ -1936,11 +1959,41 @@ __attribute__((target("avx2,f16c"))) void store_runs_avx2(const float* const* ro
       for (int w = 0; w < W; ++w) r[w] = rows[w] + k * ch.ld + run->src;
       D* d = dk + run->dst;
       int64_t j = run->first;
+      if constexpr (Dense && std::is_same_v<D, float>) {
+        // (a run that starts inside a 64-byte line: plain stores up to the first line boundary, then whole lines;
+        // where the boundary falls inside a point of two rows, of rotated pairs)
+        if (stream && run->stop - j >= 16) {
+          const int64_t skip = int64_t((64 - reinterpret_cast<uintptr_t>(d + W * j) % 64) % 64 / sizeof(float));
+          if (W == 2 && skip % 2 == 1) {
+            store_pair_rotated_avx2(r, vb, bias, j, run->stop, d);
+            continue;
+          }
+          if (skip % W == 0) {
+            store_points_portable(r, W, W, bias, j, j + skip / W, d, false);
+            j += skip / W;
+          }
+        }
+      }
+      // Non-temporal stores write whole 64-byte lines only, the blocks [nt0, nt1): a line written partly by them and
+      // partly by plain stores costs far more than plain stores. (Measured on an AVX2 CPU, alternated in one process:
+      // bfloat16 pairs streamed in the first half of every line only, x8.5 the time; the k=3, s=2 seed layer, whose
+      // lines of 201 floats start anywhere, streamed by whole lines after a plain head instead of where a block
+      // happened to start a 32-byte line, x0.83-0.87 the time of its forward.)
+      int64_t nt0 = j, nt1 = j;
+      if (stream) {
+        constexpr uintptr_t kBlock = 8 * W * sizeof(D);  // bytes a block stores: 32, or a multiple of 64
+        const uintptr_t at = reinterpret_cast<uintptr_t>(d + W * j);
+        if (at % std::min<uintptr_t>(kBlock, 64) == 0) {
+          nt0 = j + (at % 64 == 0 ? 0 : 8);
+          const int64_t unit = kBlock < 64 ? 16 : 8;  // points of whole lines
+          nt1 = nt0 + std::max<int64_t>(0, run->stop - nt0) / unit * unit;
+        }
+      }
       for (; j + 8 <= run->stop; j += 8) {
         __m256 v[W];
         interleave_avx2<W>(r, vb, j, v);
         if constexpr (Dense) {
-          const bool nt = stream && (reinterpret_cast<uintptr_t>(d + W * j) & 31) == 0;
+          const bool nt = j >= nt0 && j < nt1;
           if constexpr (std::is_same_v<D, float> || W == 1) {
 #pragma GCC unroll 16
             for (int i = 0; i < W; ++i) put8_avx2(v[i], d + W * j + 8 * i, bf16, nt);
