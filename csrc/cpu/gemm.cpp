@@ -1918,12 +1918,11 @@ __attribute__((target("avx2"), always_inline)) inline void interleave_avx2(const
 }
 
 // Points [j, n) of two interleaved float rows (dst[2i + w] = r[w][i] + bias) whose first 64-byte boundary falls on
-// an odd float, 2j + 1 + 2h: points [j, j + h) and the first value of point j + h stored plainly, then vectors that
-// pair r[1][i] with r[0][i + 1] (the points split at the boundary) written as whole lines by non-temporal stores, the
-// rest plainly.
+// an odd float, 2j + 1 + 2h (h whole points before it): points [j, j + h) and the first value of point j + h stored
+// plainly, then vectors that pair r[1][i] with r[0][i + 1] (the points split at the boundary) written as whole lines
+// by non-temporal stores, the rest plainly.
 __attribute__((target("avx2"))) void store_pair_rotated_avx2(const float* const* r, __m256 vb, float bias, int64_t j,
-                                                             int64_t n, float* d) {
-  const int64_t h = int64_t((64 - reinterpret_cast<uintptr_t>(d + 2 * j) % 64) % 64 / sizeof(float)) / 2;
+                                                             int64_t h, int64_t n, float* d) {
   store_points_portable(r, 2, 2, bias, j, j + h, d, false);
   j += h;
   d[2 * j] = r[0][j] + bias;
@@ -1965,7 +1964,7 @@ __attribute__((target("avx2,f16c"))) void store_runs_avx2(const float* const* ro
         if (stream && run->stop - j >= 16) {
           const int64_t skip = int64_t((64 - reinterpret_cast<uintptr_t>(d + W * j) % 64) % 64 / sizeof(float));
           if (W == 2 && skip % 2 == 1) {
-            store_pair_rotated_avx2(r, vb, bias, j, run->stop, d);
+            store_pair_rotated_avx2(r, vb, bias, j, skip / 2, run->stop, d);
             continue;
           }
           if (skip % W == 0) {
