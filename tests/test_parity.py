@@ -631,6 +631,29 @@ def test_depthwise_float_rows(case):
     torch.testing.assert_close(got, expected, equal_nan=True, rtol=1e-4, atol=1e-4)
 
 
+COLUMN_GATHERS = [
+    # (kind, input shape, weight shape, stride, padding): layers whose CPU kernel gathers GEMM columns piece by piece
+    # (AVX2, float: 8 points a vector, each piece's next channel fetched ahead): frame windows would span a source
+    # plane per tile (the 33-channel stride-2 convs) or cost more than the columns (few channels)
+    ("conv", (1, 33, 3, 41, 83), (16, 33, 3, 3, 3), 2, 0),          # the seed k=3, s=2 input gradient in small: step 2
+    ("conv", (1, 33, 3, 41, 83), (16, 33, 3, 3, 3), 2, (0, 0, 1)),  # padded rows: zero heads and tails in the pieces
+    ("ct", (2, 5, 4, 4, 5), (5, 3, 3, 3, 3), 2, 1),                 # a transposed layer's phases: step-1 pieces
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16],
+                         ids=["float32", "float64", "bfloat16"])
+@pytest.mark.parametrize("case", COLUMN_GATHERS, ids=[f"case{i}" for i in range(len(COLUMN_GATHERS))])
+def test_column_gathers(case, dtype):
+    kind, in_shape, w_shape, stride, padding = case
+    torch.manual_seed(14)
+    x, w = torch.randn(in_shape, dtype=dtype), torch.randn(w_shape, dtype=dtype)
+    b = torch.randn(w_shape[1 if kind == "ct" else 0], dtype=dtype)
+    ours, ref = fn_pair(kind, 3)
+    check_parity(ours, ref, (x, w, b), dict(stride=stride, padding=padding),
+                 ref_dtype=torch.float32 if dtype in LOW_PRECISION else None)
+
+
 WIDE_TILES = [
     # (input shape, weight shape, stride, padding, dilation): convolutions whose packed weights (output channels x
     # input channels x taps) outgrow L2, so the CPU conv takes position tiles several times its column tile, and

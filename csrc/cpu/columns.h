@@ -411,6 +411,23 @@ void gather_columns(const scalar_t* src, int64_t channels, const int64_t* extent
     }
     tap_first.push_back(static_cast<int64_t>(segments.size()));
   }
+  if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<acc_t, float>) {
+    // Every channel's pieces in one gather_segments call: a piece's positions shifted to its place among the
+    // channel's T rows, its source offset to match. (The element loop below was half of the seed k=3, s=2 layer's
+    // input gradient on an AVX2 CPU.)
+    thread_local std::vector<Segment> flat;
+    flat.resize(segments.size());
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t i = tap_first[t]; i < tap_first[t + 1]; ++i) {
+        const Segment& sg = segments[i];
+        const int64_t d = layout.row_part(t) + sg.offset;
+        flat[i] = {sg.j0 + d, sg.a + d, sg.b + d, sg.j1 + d, lines[i] - inner * d};
+      }
+    const int64_t count = static_cast<int64_t>(flat.size());
+    gather_segments(src, st.c, channels, flat.data(), count, inner, col, layout.row_part(T));
+    layout.zero_padding(col, channels * T, m_end - m_begin);
+    return;
+  }
   for (int64_t c = 0; c < channels; ++c) {
     const scalar_t* in_c = src + c * st.c;
     for (int64_t t = 0; t < T; ++t) {
@@ -422,8 +439,7 @@ void gather_columns(const scalar_t* src, int64_t channels, const int64_t* extent
         for (int64_t j = sg.j0; j < sg.a; ++j) o[j] = acc_t(0);
         if (inner == 1) {
           for (int64_t j = sg.a; j < sg.b; ++j) o[j] = static_cast<acc_t>(in[j]);
-        } else if (inner == 2) {  // (a constant step: vectorised as de-interleaving, where AVX-512 has no
-                                  // kernel of its own for it; the seed k=3, s=2 layer's input gradient on AVX2)
+        } else if (inner == 2) {  // (a constant step: vectorised as de-interleaving)
           for (int64_t j = sg.a; j < sg.b; ++j) o[j] = static_cast<acc_t>(in[2 * j]);
         } else {
           for (int64_t j = sg.a; j < sg.b; ++j) o[j] = static_cast<acc_t>(in[j * inner]);

@@ -662,6 +662,64 @@ __attribute__((target("avx2"))) void copy_segments_packed_avx2(const float* src,
   }
 }
 #pragma GCC diagnostic pop
+
+// The mask of the first min(n, 8) lanes of a vector (n >= 0), for AVX2's masked loads and stores.
+__attribute__((target("avx2"), always_inline)) inline __m256i first_lanes_avx2(int64_t n) {
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(std::min<int64_t>(8, n))),
+                            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
+// Values s[j * STEP] for the `m` points j in [0, m) (m >= 1) into a vector (at most 8; lanes past m zero), STEP 1 or
+// 2 (the even values of 16, de-interleaved); no value past the last one needed, s[(m - 1) * STEP], is read.
+template <int STEP>
+__attribute__((target("avx2"), always_inline)) inline __m256 load_step_avx2(const float* s, int64_t m) {
+  if constexpr (STEP == 1) {
+    return m >= 8 ? _mm256_loadu_ps(s) : _mm256_maskload_ps(s, first_lanes_avx2(m));
+  } else {
+    __m256 ev;
+    if (m > 8) {  // (s[15] is s[2m - 2] or before it)
+      ev = _mm256_shuffle_ps(_mm256_loadu_ps(s), _mm256_loadu_ps(s + 8), 0x88);  // s0 s2 s8 s10 | s4 s6 s12 s14
+    } else if (m == 8) {  // (s[15] is not read: the second load is s[7, 15), whose odd values are wanted)
+      ev = _mm256_shuffle_ps(_mm256_loadu_ps(s), _mm256_loadu_ps(s + 7), 0xD8);
+    } else {  // (values s[0, 2m - 1))
+      ev = _mm256_shuffle_ps(_mm256_maskload_ps(s, first_lanes_avx2(2 * m - 1)),
+                             _mm256_maskload_ps(s + 8, first_lanes_avx2(std::max<int64_t>(0, 2 * m - 9))), 0x88);
+    }
+    return _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(ev), 0xD8));  // s0 s2 s4 s6 s8 s10 s12 s14
+  }
+}
+
+// out[j0, j1) = 0 (a few points: masked stores, not a call of memset)
+__attribute__((target("avx2"), always_inline)) inline void zero_avx2(float* out, int64_t j0, int64_t j1) {
+  for (int64_t j = j0; j < j1; j += 8) _mm256_maskstore_ps(out + j, first_lanes_avx2(j1 - j), _mm256_setzero_ps());
+}
+
+// gather_segments for step 1 or 2 (STEP) on AVX2: 8 points a vector (load_step_avx2); each piece's source in the
+// next channel is fetched into L1 as this channel's is copied.
+template <int STEP>
+__attribute__((target("avx2"))) void gather_segments_avx2(const float* src, int64_t src_channel_stride,
+                                                          int64_t channels, const Segment* segments, int64_t count,
+                                                          float* dst, int64_t dst_channel_stride) {
+  for (int64_t c = 0; c < channels; ++c) {
+    const float* in = src + c * src_channel_stride;
+    float* out = dst + c * dst_channel_stride;
+    for (const Segment* sg = segments; sg != segments + count; ++sg) {
+      zero_avx2(out, sg->j0, sg->a);
+      const float* s = in + sg->offset;
+      if (c + 1 < channels) {  // (the piece's 2 or 3 lines)
+        const float* next = s + src_channel_stride;
+        _mm_prefetch(reinterpret_cast<const char*>(next + sg->a * STEP), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(next + sg->a * STEP + 16), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(next + (sg->b - 1) * STEP), _MM_HINT_T0);
+      }
+      int64_t j = sg->a;
+      for (; j + 8 <= sg->b; j += 8) _mm256_storeu_ps(out + j, load_step_avx2<STEP>(s + j * STEP, sg->b - j));
+      if (j < sg->b)
+        _mm256_maskstore_ps(out + j, first_lanes_avx2(sg->b - j), load_step_avx2<STEP>(s + j * STEP, sg->b - j));
+      zero_avx2(out, sg->b, sg->j1);
+    }
+  }
+}
 #endif
 
 // Table of block kernels by (rows, columns) of the block, so ragged edges get exact-size kernels too.
@@ -2347,6 +2405,18 @@ void copy_segments(const float* src, int64_t src_channel_stride, int64_t channel
 #endif
   copy_segments_portable(src, src_channel_stride, channels, segments, count, step, dst, dst_channel_stride,
                          [](float v) { return v; });
+}
+
+void gather_segments(const float* src, int64_t src_channel_stride, int64_t channels, const Segment* segments,
+                     int64_t count, int64_t step, float* dst, int64_t dst_channel_stride) {
+#if TORCH_CONVT_X86
+  static const bool avx2 = __builtin_cpu_supports("avx2") && !__builtin_cpu_supports("avx512f");
+  if (avx2 && step == 1)
+    return gather_segments_avx2<1>(src, src_channel_stride, channels, segments, count, dst, dst_channel_stride);
+  if (avx2 && step == 2)
+    return gather_segments_avx2<2>(src, src_channel_stride, channels, segments, count, dst, dst_channel_stride);
+#endif
+  copy_segments(src, src_channel_stride, channels, segments, count, step, dst, dst_channel_stride);
 }
 
 namespace {
