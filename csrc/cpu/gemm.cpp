@@ -604,65 +604,6 @@ __attribute__((target("avx2"))) void pack_rows_avx2(const float* src, int64_t ro
   }
 }
 
-// copy_segments_packed for mr <= 8 and step 1 or 2: 8 points of each of the panel's channels loaded (step 2: 16
-// values de-interleaved; masked loads at a copy part's end) and transposed in registers into 8 vectors of a point's
-// channels (lanes past the panel's channels zero), each stored mr floats wide: 8 floats where that stays within the
-// block's points (what it writes past its own point is stored after it), else a masked store.
-// (The portable loop, a load per value, was 39% of the seed k=3, s=2 layer's weight gradient on an AVX2 CPU.)
-__attribute__((target("avx2"))) void copy_segments_packed_avx2(const float* src, int64_t src_channel_stride,
-                                                               int64_t channels, const Segment* segments,
-                                                               int64_t count, int64_t step, int64_t mr, int64_t len,
-                                                               float* dst) {
-  const __m256i iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-  const __m256i lane_in = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(mr)), iota);
-  for (int64_t c0 = 0; c0 < channels; c0 += mr, dst += mr * len) {
-    const int n = static_cast<int>(std::min(mr, channels - c0));
-    const float* row[8];
-    for (int i = 0; i < 8; ++i) row[i] = src + (c0 + std::min(i, n - 1)) * src_channel_stride;
-    for (const Segment* sg = segments; sg != segments + count; ++sg) {
-      std::fill(dst + sg->j0 * mr, dst + sg->a * mr, 0.0f);
-      for (int64_t j = sg->a; j < sg->b; j += 8) {
-        const int64_t m = std::min<int64_t>(8, sg->b - j);  // points of this block
-        __m256 r[8];
-        if (step == 1) {
-          const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(m)), iota);
-#pragma GCC unroll 8
-          for (int i = 0; i < 8; ++i) {
-            const float* from = row[i] + sg->offset + j;
-            r[i] = i >= n ? _mm256_setzero_ps() : m == 8 ? _mm256_loadu_ps(from) : _mm256_maskload_ps(from, mask);
-          }
-        } else {
-          // (the values 2j .. 2j + 2m - 2: the first 8 and the next 2m - 9, masked where fewer than 16)
-          const int v = static_cast<int>(2 * m - 1);
-          const __m256i mlo = _mm256_cmpgt_epi32(_mm256_set1_epi32(std::min(8, v)), iota);
-          const __m256i mhi = _mm256_cmpgt_epi32(_mm256_set1_epi32(std::max(0, v - 8)), iota);
-#pragma GCC unroll 8
-          for (int i = 0; i < 8; ++i) {
-            if (i >= n) {
-              r[i] = _mm256_setzero_ps();
-              continue;
-            }
-            const float* from = row[i] + sg->offset + 2 * j;
-            const __m256 lo = m == 8 ? _mm256_loadu_ps(from) : _mm256_maskload_ps(from, mlo);
-            const __m256 hi = _mm256_maskload_ps(from + 8, mhi);
-            // even elements: lo's 0 2 4 6 and hi's 0 2 4 6, in 128-bit lanes, then ordered
-            const __m256 ev = _mm256_shuffle_ps(lo, hi, 0x88);  // lo0 lo2 hi0 hi2 | lo4 lo6 hi4 hi6
-            r[i] = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(ev), 0xD8));
-          }
-        }
-        transpose8_avx2(r);  // r[q] = point j + q over the 8 channels
-        float* d = dst + j * mr;
-        for (int64_t q = 0; q < m; ++q) {
-          if (q * mr + 8 <= m * mr) _mm256_storeu_ps(d + q * mr, r[q]);
-          else _mm256_maskstore_ps(d + q * mr, lane_in, r[q]);
-        }
-      }
-      std::fill(dst + sg->b * mr, dst + sg->j1 * mr, 0.0f);
-    }
-  }
-}
-#pragma GCC diagnostic pop
-
 // The mask of the first min(n, 8) lanes of a vector (n >= 0), for AVX2's masked loads and stores.
 __attribute__((target("avx2"), always_inline)) inline __m256i first_lanes_avx2(int64_t n) {
   return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(std::min<int64_t>(8, n))),
@@ -688,6 +629,47 @@ __attribute__((target("avx2"), always_inline)) inline __m256 load_step_avx2(cons
     return _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(ev), 0xD8));  // s0 s2 s4 s6 s8 s10 s12 s14
   }
 }
+
+// copy_segments_packed for mr <= 8 and step 1 or 2: 8 points of each of the panel's channels loaded (load_step_avx2:
+// step 2 de-interleaved, masked loads at a copy part's end) and transposed in registers into 8 vectors of a point's
+// channels (lanes past the panel's channels zero), each stored mr floats wide: 8 floats where that stays within the
+// block's points (what it writes past its own point is stored after it), else a masked store.
+// (The portable loop, a load per value, was 39% of the seed k=3, s=2 layer's weight gradient on an AVX2 CPU.)
+__attribute__((target("avx2"))) void copy_segments_packed_avx2(const float* src, int64_t src_channel_stride,
+                                                               int64_t channels, const Segment* segments,
+                                                               int64_t count, int64_t step, int64_t mr, int64_t len,
+                                                               float* dst) {
+  const __m256i lane_in = first_lanes_avx2(mr);
+  for (int64_t c0 = 0; c0 < channels; c0 += mr, dst += mr * len) {
+    const int n = static_cast<int>(std::min(mr, channels - c0));
+    const float* row[8];
+    for (int i = 0; i < 8; ++i) row[i] = src + (c0 + std::min(i, n - 1)) * src_channel_stride;
+    for (const Segment* sg = segments; sg != segments + count; ++sg) {
+      std::fill(dst + sg->j0 * mr, dst + sg->a * mr, 0.0f);
+      for (int64_t j = sg->a; j < sg->b; j += 8) {
+        const int64_t m = std::min<int64_t>(8, sg->b - j);  // points of this block
+        __m256 r[8];
+        if (step == 1) {
+#pragma GCC unroll 8
+          for (int i = 0; i < 8; ++i)
+            r[i] = i >= n ? _mm256_setzero_ps() : load_step_avx2<1>(row[i] + sg->offset + j, m);
+        } else {
+#pragma GCC unroll 8
+          for (int i = 0; i < 8; ++i)
+            r[i] = i >= n ? _mm256_setzero_ps() : load_step_avx2<2>(row[i] + sg->offset + 2 * j, m);
+        }
+        transpose8_avx2(r);  // r[q] = point j + q over the 8 channels
+        float* d = dst + j * mr;
+        for (int64_t q = 0; q < m; ++q) {
+          if (q * mr + 8 <= m * mr) _mm256_storeu_ps(d + q * mr, r[q]);
+          else _mm256_maskstore_ps(d + q * mr, lane_in, r[q]);
+        }
+      }
+      std::fill(dst + sg->b * mr, dst + sg->j1 * mr, 0.0f);
+    }
+  }
+}
+#pragma GCC diagnostic pop
 
 // out[j0, j1) = 0 (a few points: masked stores, not a call of memset)
 __attribute__((target("avx2"), always_inline)) inline void zero_avx2(float* out, int64_t j0, int64_t j1) {
