@@ -1116,6 +1116,10 @@ AMX_CASES = [
     ((2, 16, 3, 6, 11), (16, 33, 3, 5, 2), (2, 1, 1), (0, 4, 2), 0, 1, False),  # the seed's anisotropic layer
     ((1, 64, 13), (64, 24, 12), 3, 2, 1, 2, False),               # 1d, stride 3, grouped, output_padding
     ((1, 20, 4, 5, 6), (20, 18, 5, 5, 4), 2, 2, 1, 1, False, (1, 1, 2)),  # phases of 4 to 12 taps, dilated
+    # AVX512-BF16 dot products (8-row blocks of 16-row panels): rows 16 + 3, 16 + 8 + 5, 7; 5 positions a row
+    ((2, 32, 5, 7), (32, 19, 3, 3), 2, 1, 0, 1, False),
+    ((1, 48, 3, 5), (48, 29, 4, 4), 2, 1, 0, 1, False),
+    ((3, 16, 5), (16, 7, 4), 2, 1, 0, 1, False),
 ]
 
 

@@ -64,9 +64,10 @@ def set_cache_limit(nbytes: int) -> int:
 
 def set_amx(on: bool) -> bool:
     """bfloat16 layers run their GEMMs on the CPU's AMX tile unit where it has one (Intel Sapphire Rapids and later,
-    on Linux): the products of bfloat16 values are exact and summed in float, as on the FMA units, in another order,
-    and float subnormals are flushed to zero (as torch.nn's bfloat16 convolutions on that unit do). set_amx(False)
-    computes them on the FMA units instead, set_amx(True) goes back; returns whether AMX was in use before."""
+    on Linux), else on its AVX512-BF16 dot products where it has those (AMD Zen 4 and later, Intel Cooper Lake): the
+    products of bfloat16 values are exact and summed in float, as on the FMA units, in another order, and float
+    subnormals are flushed to zero (as torch.nn's bfloat16 convolutions on those units do). set_amx(False) computes
+    them on the FMA units instead, set_amx(True) goes back; returns whether either unit was in use before."""
     return _C.set_amx(bool(on))
 
 

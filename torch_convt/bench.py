@@ -30,8 +30,9 @@ How the measurement works
   is the rate of the direct convolution that gives the same result in the same time. % of peak is relative
   to the machine's fp32 FMA peak, measured at start on all threads by our own register-only FMA loop
   (``torch.ops.torch_convt.cpu_fma_peak_gflops``; on CUDA, a large ``torch.mm``); a large ``torch.mm``
-  (sgemm) is printed beside it for reference. Where bfloat16 layers run on AMX tiles, bfloat16 cases are
-  relative to the tiles' bfloat16 peak instead, measured the same way (``cpu_amx_peak_gflops``).
+  (sgemm) is printed beside it for reference. Where bfloat16 layers run on AMX tiles or on
+  AVX512-BF16 dot products, bfloat16 cases are relative to that unit's bfloat16 peak instead, measured the same way
+  (``cpu_amx_peak_gflops``).
 * GB/s counts the bytes a call must move at least: input + output + weight for a forward, three times
   input + output plus the weight and its gradient for a training step. %bw is relative to the copy
   bandwidth (``Tensor.copy_`` of 256 MiB on all threads: read + write bytes) measured at start: the
@@ -180,7 +181,7 @@ def compare_abba(fa: Callable[[], None], fb: Callable[[], None], device: torch.d
 
 def measure_cpu_peak(unit: str = "fma", seconds: float = 0.5) -> Optional[float]:
     """The CPU's peak (GFLOP/s, all torch threads) by our register-only loop: fp32 on the FMA units ("fma"), or
-    bfloat16 on AMX tiles ("amx") where bfloat16 layers use them; None where the op is missing or reports 0."""
+    bfloat16 on AMX tiles or AVX512-BF16 dot products ("amx") where bfloat16 layers use them; None where the op is missing or reports 0."""
     op = getattr(torch.ops.torch_convt, f"cpu_{unit}_peak_gflops", None)
     return (float(op(seconds)) or None) if op is not None else None
 
@@ -536,8 +537,8 @@ def main(argv=None) -> int:
     else:
         print(f"peak (torch.mm fp32): {sgemm:.1f} GFLOP/s = 100% (also for {others})", flush=True)
     if amx:
-        print(f"bfloat16 peak (our AMX tile loop, {torch.get_num_threads()} threads): {amx:.1f} GFLOP/s = 100% "
-              f"for bfloat16", flush=True)
+        print(f"bfloat16 peak (our loop on the unit bfloat16 GEMMs use, AMX tiles or AVX512-BF16 dot products, "
+              f"{torch.get_num_threads()} threads): {amx:.1f} GFLOP/s = 100% for bfloat16", flush=True)
     print(f"copy bandwidth (copy_ of 256 MiB, read + write): {bandwidth:.1f} GB/s = 100% bw", flush=True)
 
     results, t_start, load = [], time.perf_counter(), CpuLoad()

@@ -67,7 +67,7 @@ constexpr int64_t kMinExtendedGrid = 64;  // conv_transpose: innermost grids thi
 // panels' VNNI builds outweigh the products: 8-channel 2d layers (k=3, s=2) took x1.5-2.1 the time on tiles.
 template <typename scalar_t>
 bool use_amx(int64_t channels, int64_t depth) {
-  return std::is_same_v<scalar_t, c10::BFloat16> && channels >= 16 && cpu::amx_depth_fits(depth) && cpu::amx_bf16();
+  return std::is_same_v<scalar_t, c10::BFloat16> && channels >= 16 && cpu::amx_depth_fits(depth) && cpu::bf16_dot();
 }
 
 // cpu::amx_pack_a for float operands (the accumulation type of bfloat16 layers); nothing for others.
@@ -430,7 +430,7 @@ bool winograd16(const ConvParams& p, bool transposed, const scalar_t* in, const 
                 const scalar_t* bias, scalar_t* out, const Strides& so) {
   cpu::WinogradLayer wl;
   winograd_layer(p, transposed, wl);
-  if ((std::is_same_v<scalar_t, c10::BFloat16> && cpu::amx_bf16()) ||
+  if ((std::is_same_v<scalar_t, c10::BFloat16> && cpu::bf16_dot()) ||
       !cpu::winograd_takes(wl, transposed, p.stride[2], si.s[2], so.s[2]))
     return false;
   const int64_t cout = transposed ? p.big_channels : p.small_channels;
@@ -946,7 +946,7 @@ constexpr size_t kPlanCache = 32;
 template <typename scalar_t>
 std::shared_ptr<const TransposePlan> transpose_plan(const ConvParams& p, const Strides& sy, const Strides& sx) {
   using Key = std::array<int64_t, 10 + 8 * kMaxDims>;
-  Key key{p.dims, 2 * at::get_num_threads() + cpu::amx_bf16(), p.batch, p.groups, p.big_channels,
+  Key key{p.dims, 2 * at::get_num_threads() + cpu::bf16_dot(), p.batch, p.groups, p.big_channels,
           p.small_channels, sy.n, sy.c, sx.n, sx.c};
   int64_t* k = key.data() + 10;
   for (int d = 0; d < kMaxDims; ++d) {
@@ -1130,11 +1130,13 @@ void conv_transpose_kernel(const ConvParams& p, const scalar_t* y, const Strides
       };
       Segment segments[kMaxFirst];
       int64_t first[kMaxFirst], n_segments = 0;
-      constexpr bool kWide = is_float16<scalar_t, acc_t>;  // (16-bit weights, widened first: x0.3 time)
-      // (16-bit: the item's weights of each input channel are widened into `wide` first, from which first[] counts:
-      // by channels one MR x K block for all panels, else each segment's rows; the bfloat16 DCGAN layer's 128
-      // channels in AVX2's panels of 6 rows were packed value by value through the table)
-      const bool gather = (std::is_same_v<scalar_t, float> || kWide) && std::is_same_v<acc_t, float> &&
+      // (half weights: the item's weights of each input channel are widened into `wide` first, from which first[]
+      // counts: by channels one MR x K block for all panels, else each segment's rows; x0.3 time against value by
+      // value through the table. bfloat16 weights are read as they are, a float being its bits shifted up: widening
+      // all K taps for a set of T of them took 5-7% of the DCGAN bfloat16 forward on AVX512-BF16)
+      constexpr bool kWide = is_float16<scalar_t, acc_t> && std::is_same_v<scalar_t, c10::Half>;
+      constexpr bool kBf16 = is_float16<scalar_t, acc_t> && std::is_same_v<scalar_t, c10::BFloat16>;
+      const bool gather = (std::is_same_v<scalar_t, float> || kWide || kBf16) && std::is_same_v<acc_t, float> &&
                           panels * T <= kMaxFirst && MR * T <= kMaxFirst;
       int64_t wide_size = kWide && by_channels ? ceil_div(MR * K, 16) * 16 : 0;
       for (int64_t j = 0; gather && j < panels; ++j) {
@@ -1172,9 +1174,19 @@ void conv_transpose_kernel(const ConvParams& p, const scalar_t* y, const Strides
           for (int64_t v = 0; gather && !by_channels && v < n_segments; ++v)
             widen(segments[v].r0 % Cxg * K, segments[v].width * K, segments[v].at);
         }
-        if constexpr (std::is_same_v<acc_t, float> && (std::is_same_v<scalar_t, float> || kWide)) {
+        if constexpr (std::is_same_v<acc_t, float> && (std::is_same_v<scalar_t, float> || kWide || kBf16)) {
           if (gather) {
             const float* from = kWide ? wide : reinterpret_cast<const float*>(src);
+            const auto value = [&](int64_t at) {
+              if constexpr (kBf16) {
+                const uint32_t u = uint32_t(reinterpret_cast<const uint16_t*>(src)[at]) << 16;
+                float e;
+                std::memcpy(&e, &u, sizeof(e));
+                return e;
+              } else {
+                return from[at];
+              }
+            };
             uint32_t bad = 0;  // exponent bits all ones (inf or NaN) in any value; (a float sum of v - v, a chain of
                                // dependent adds, took 3 times as long)
             for (int64_t v = 0; v < n_segments; ++v) {
@@ -1182,7 +1194,7 @@ void conv_transpose_kernel(const ConvParams& p, const scalar_t* y, const Strides
               float* dst = base + (r - r % MR) * depth + r % MR;
               for (int64_t t = 0; t < T; ++t, dst += MR)
                 for (int64_t l = 0, at = first[v * T + t]; l < width; ++l, at += K) {
-                  const float e = from[at];
+                  const float e = value(at);
                   dst[l] = e;
                   uint32_t u;
                   std::memcpy(&u, &e, sizeof(u));
@@ -1409,9 +1421,12 @@ void conv_weight_grad_kernel(const ConvParams& p, const scalar_t* x, const Strid
   // (128 or 256 positions), with the tall register blocking (measured, weight gradient time with 1 / 2 threads: deep
   // blocks x0.94 / x0.92 on HiFi-GAN, x0.92 / x0.97 on DCGAN; the tall blocking then another x0.95 / x0.93 and x0.92
   // / x0.95).
-  const cpu::GemmTile gt = cpu::gemm_tile_deep<acc_t>(kWeightGradKC);
-  // (bfloat16 on AMX: the packed path's GEMMs on tiles, gemm_amx_nt)
+  // (bfloat16 on AMX: the packed path's GEMMs on tiles, gemm_amx_nt; by AVX512-BF16 dot products, bf16_dot() without
+  // AMX: on A panels rewritten as tiles (amx_pack_a), as the forward's, where a tile is at least 16 positions deep; the
+  // DCGAN bfloat16 weight gradient x0.55 time on Zen 4)
   const bool amx = packed && std::is_same_v<scalar_t, c10::BFloat16> && cpu::amx_bf16();
+  const bool dot = packed && std::is_same_v<scalar_t, c10::BFloat16> && !amx && cpu::bf16_dot();
+  const cpu::GemmTile gt = dot ? cpu::gemm_tile_amx() : cpu::gemm_tile_deep<acc_t>(kWeightGradKC);
   // outer: by_tap with Y wide enough to fill the micro-kernel's NR lanes runs the register-blocked GEMM instead
   // of dot products (which stream both operands from L2: two vector loads per five FMAs), with input channels as
   // rows.
@@ -1570,11 +1585,14 @@ void conv_weight_grad_kernel(const ConvParams& p, const scalar_t* x, const Strid
           }
         }
         const auto [a, lda] = gather(col, y_rows, x, y);
-        if (packed) {
+        if (packed && (!dot || cpu::amx_depth_fits(cnt))) {
           // Tall Y: repack both operands into panels (a cheap pass next to 2*Cyg flops per column element) and
           // run the register-blocked micro-kernel, which beats dot products once A has many rows.
           cpu::pack_panels(col, ld, 1, channels * T, cnt, gt.nr, b_packed);
-          if (!same_y) cpu::pack_panels(a, lda, 1, Cyg, cnt, gt.mr, a_packed);
+          if (!same_y) {
+            cpu::pack_panels(a, lda, 1, Cyg, cnt, gt.mr, a_packed);
+            if (dot) amx_pack(a_packed, Cyg, cnt);
+          }
           cpu::gemm_packed<acc_t>(gt, Cyg, channels * T, cnt, a_packed, b_packed, !first, c_block, KK);
         } else {
           if (first)

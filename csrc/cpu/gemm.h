@@ -45,8 +45,13 @@ GemmTile gemm_tile_deep(int64_t kc);
 // values are exact in float and the sums run in float, as on the FMA units, in another order; inputs and outputs
 // that are float subnormals are flushed to zero by the tile unit (as torch.nn's bfloat16 convolutions on it).
 bool amx_bf16();
-// Turns AMX use on (where the CPU has it) or off for later calls; returns whether it was in use before. (Tests
-// compare the two.)
+// bfloat16 pairs multiplied on a dot-product unit for the GEMMs of a GemmTile with `amx`: AMX tiles (amx_bf16()), or
+// else AVX512-BF16 dot products (vdpbf16ps: AMD Zen 4, Intel Cooper Lake) on the same operand layouts, at twice the
+// float FMA rate, with the same exact products, float sums and flushed subnormals. The AMX-only paths (gemm_amx_nt,
+// gemm_amx_rows, gemm_amx_taps) still need amx_bf16().
+bool bf16_dot();
+// Turns AMX and AVX512-BF16 use on (where the CPU has them) or off for later calls; returns whether either was in use
+// before (bf16_dot()). (Tests compare the two.)
 bool set_amx(bool on);
 // The tile of an AMX GEMM: A packed by pack_panels in 16-row panels (then amx_pack_a), B in 32-wide panels.
 inline GemmTile gemm_tile_amx() { return {16, 32, 0, true}; }
