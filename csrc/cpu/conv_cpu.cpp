@@ -501,9 +501,16 @@ void conv_kernel(const ConvParams& p, const scalar_t* x, const Strides& sx, cons
     for (int64_t item = begin; item < end; ++item) {
       const int64_t g = item / (blocks * panels), bi = item / panels % blocks, r0 = item % panels * gt.mr;
       const int64_t d = std::min(depth, KK - bi * depth);
-      cpu::pack_panels(w + (g * Cyg + r0) * KK + bi * depth, KK, 1, std::min(gt.mr, Cyg - r0), d, gt.mr,
-                       w_packed + (g * blocks + bi) * a_size + r0 * d);
-      if (gt.amx) amx_pack(w_packed + (g * blocks + bi) * a_size + r0 * d, std::min(gt.mr, Cyg - r0), d);
+      const scalar_t* src = w + (g * Cyg + r0) * KK + bi * depth;
+      acc_t* dst = w_packed + (g * blocks + bi) * a_size + r0 * d;
+      if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+        if (gt.amx) {
+          cpu::amx_pack_rows(reinterpret_cast<const uint16_t*>(src), KK, std::min(gt.mr, Cyg - r0), d, dst);
+          continue;
+        }
+      }
+      cpu::pack_panels(src, KK, 1, std::min(gt.mr, Cyg - r0), d, gt.mr, dst);
+      if (gt.amx) amx_pack(dst, std::min(gt.mr, Cyg - r0), d);
     }
   });
   const acc_t* ba = bias ? as_acc(bias, p.small_channels, b_store) : nullptr;
@@ -1421,12 +1428,10 @@ void conv_weight_grad_kernel(const ConvParams& p, const scalar_t* x, const Strid
   // (128 or 256 positions), with the tall register blocking (measured, weight gradient time with 1 / 2 threads: deep
   // blocks x0.94 / x0.92 on HiFi-GAN, x0.92 / x0.97 on DCGAN; the tall blocking then another x0.95 / x0.93 and x0.92
   // / x0.95).
-  // (bfloat16 on AMX: the packed path's GEMMs on tiles, gemm_amx_nt; by AVX512-BF16 dot products, bf16_dot() without
-  // AMX: on A panels rewritten as tiles (amx_pack_a), as the forward's, where a tile is at least 16 positions deep; the
-  // DCGAN bfloat16 weight gradient x0.55 time on Zen 4)
-  const bool amx = packed && std::is_same_v<scalar_t, c10::BFloat16> && cpu::amx_bf16();
-  const bool dot = packed && std::is_same_v<scalar_t, c10::BFloat16> && !amx && cpu::bf16_dot();
-  const cpu::GemmTile gt = dot ? cpu::gemm_tile_amx() : cpu::gemm_tile_deep<acc_t>(kWeightGradKC);
+  const cpu::GemmTile gt = cpu::gemm_tile_deep<acc_t>(kWeightGradKC);
+  // (bfloat16 on AMX or AVX512-BF16: the packed path's GEMMs on tiles or dot products, gemm_amx_nt; the DCGAN
+  // bfloat16 weight gradient on Zen 4: 6.0-6.8 ms against 11.0 on the FMA units)
+  const bool amx = packed && std::is_same_v<scalar_t, c10::BFloat16> && cpu::bf16_dot();
   // outer: by_tap with Y wide enough to fill the micro-kernel's NR lanes runs the register-blocked GEMM instead
   // of dot products (which stream both operands from L2: two vector loads per five FMAs), with input channels as
   // rows.
@@ -1585,14 +1590,11 @@ void conv_weight_grad_kernel(const ConvParams& p, const scalar_t* x, const Strid
           }
         }
         const auto [a, lda] = gather(col, y_rows, x, y);
-        if (packed && (!dot || cpu::amx_depth_fits(cnt))) {
+        if (packed) {
           // Tall Y: repack both operands into panels (a cheap pass next to 2*Cyg flops per column element) and
           // run the register-blocked micro-kernel, which beats dot products once A has many rows.
           cpu::pack_panels(col, ld, 1, channels * T, cnt, gt.nr, b_packed);
-          if (!same_y) {
-            cpu::pack_panels(a, lda, 1, Cyg, cnt, gt.mr, a_packed);
-            if (dot) amx_pack(a_packed, Cyg, cnt);
-          }
+          if (!same_y) cpu::pack_panels(a, lda, 1, Cyg, cnt, gt.mr, a_packed);
           cpu::gemm_packed<acc_t>(gt, Cyg, channels * T, cnt, a_packed, b_packed, !first, c_block, KK);
         } else {
           if (first)

@@ -1303,6 +1303,18 @@ __attribute__((target("avx512f"))) void amx_pack_a_avx512(float* a, int64_t M, i
   }
 }
 
+// amx_pack_rows: row m's step s is its 32 values from k = 32s on, as they lie in the source (masked past K).
+__attribute__((target("avx512f,avx512bw"))) void amx_pack_rows_avx512(const uint16_t* src, int64_t ld, int64_t rows,
+                                                                      int64_t K, float* panel) {
+  for (int64_t s = 0; s < (K + 31) / 32; ++s) {
+    const __mmask32 mask = static_cast<__mmask32>(first_lanes_any(K - 32 * s)) |
+                           static_cast<__mmask32>(first_lanes_any(K - 32 * s - 16)) << 16;
+    for (int64_t m = 0; m < 16; ++m)
+      _mm512_storeu_si512(panel + s * 256 + m * 16,
+                          m < rows ? _mm512_maskz_loadu_epi16(mask, src + m * ld + 32 * s) : _mm512_setzero_si512());
+  }
+}
+
 // gemm_driver's twin for bfloat16 pairs (MR 16, NR 32, A in amx_pack_a's layout with panels a_stride floats apart):
 // on AMX tiles where the CPU has them, else by AVX512-BF16 dot products (dot_panel).
 __attribute__((target("avx512f"))) void amx_driver(int64_t M, int64_t N, int64_t K, const float* a_packed,
@@ -1412,7 +1424,8 @@ __attribute__((target("avx512f,avx512bw"))) void amx_nt_driver(int64_t M, int64_
   b_buffer.resize(kAmxKC / 32 * 1024 + 32);
   uint16_t* const a_tiles = align64(a_buffer.data());
   uint16_t* const vnni = align64(b_buffer.data());
-  amx_configure();
+  const bool tiles = amx_supported();  // (else AVX512-BF16: dot_panel)
+  if (tiles) amx_configure();
   for (int64_t pc = 0; pc < K; pc += kAmxKC) {
     const int64_t kc = std::min(kAmxKC, K - pc), steps = (kc + 31) / 32;
     const bool acc = accumulate || pc > 0;
@@ -1430,14 +1443,19 @@ __attribute__((target("avx512f,avx512bw"))) void amx_nt_driver(int64_t M, int64_
       vnni_panel(B + jr * ldb + pc, ldb, N - jr, kc, vnni);
       const int cols = static_cast<int>(std::min<int64_t>(32, N - jr));
       const char* b = reinterpret_cast<const char*>(vnni);
-      for (int64_t ir = 0; ir < M; ir += 32) {
-        const int rows = static_cast<int>(std::min<int64_t>(32, M - ir));
+      for (int64_t ir = 0; ir < M; ir += tiles ? 32 : 16) {
+        const int rows = static_cast<int>(std::min<int64_t>(tiles ? 32 : 16, M - ir));
         const char* a0 = reinterpret_cast<const char*>(a_tiles + ir / 16 * steps * 512);
+        if (!tiles) {
+          if (cols > 16) dot_panel<2>(steps, a0, vnni, C + ir * ldc + jr, ldc, rows, cols, acc);
+          else dot_panel<1>(steps, a0, vnni, C + ir * ldc + jr, ldc, rows, cols, acc);
+          continue;
+        }
         amx_tiles<true>(steps, AmxA{a0, 64, 1024, steps * 1024}, b, C + ir * ldc + jr, ldc, rows, cols, acc);
       }
     }
   }
-  amx_release();
+  if (tiles) amx_release();
 }
 
 // gemm_amx_taps' body for taps [t0, t1): per 2 x 2 block of C tiles (32 rows x 32 columns), every (tap, K step)
@@ -1650,6 +1668,12 @@ void amx_pair_rows(const uint16_t* c0, const uint16_t* c1, int64_t ld_src, int64
 void amx_pack_a(float* a, int64_t M, int64_t K) {
 #if TORCH_CONVT_AMX
   amx_pack_a_avx512(a, M, K);
+#endif
+}
+
+void amx_pack_rows(const uint16_t* src, int64_t ld, int64_t rows, int64_t K, float* panel) {
+#if TORCH_CONVT_AMX
+  amx_pack_rows_avx512(src, ld, rows, K, panel);
 #endif
 }
 

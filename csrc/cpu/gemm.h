@@ -47,8 +47,8 @@ GemmTile gemm_tile_deep(int64_t kc);
 bool amx_bf16();
 // bfloat16 pairs multiplied on a dot-product unit for the GEMMs of a GemmTile with `amx`: AMX tiles (amx_bf16()), or
 // else AVX512-BF16 dot products (vdpbf16ps: AMD Zen 4, Intel Cooper Lake) on the same operand layouts, at twice the
-// float FMA rate, with the same exact products, float sums and flushed subnormals. The AMX-only paths (gemm_amx_nt,
-// gemm_amx_rows, gemm_amx_taps) still need amx_bf16().
+// float FMA rate, with the same exact products, float sums and flushed subnormals; also gemm_amx_nt. The AMX-only paths
+// (gemm_amx_rows, gemm_amx_taps) need amx_bf16().
 bool bf16_dot();
 // Turns AMX and AVX512-BF16 use on (where the CPU has them) or off for later calls; returns whether either was in use
 // before (bf16_dot()). (Tests compare the two.)
@@ -61,10 +61,14 @@ inline bool amx_depth_fits(int64_t depth) { return depth >= 16; }
 // place as AMX tiles: panel p's K is cut into 32-deep steps, step s a 16 x 32 bfloat16 tile (row m: k = 32s ..
 // 32s + 31, zero past K) at byte 1024 * s of the panel, which keeps its place (p * K * 16 floats). K >= 16.
 void amx_pack_a(float* a, int64_t M, int64_t K);
+// The same panel (rows <= 16 rows, K >= 16 deep) straight from bfloat16 rows (their bits; row m at src + m * ld, K
+// values along k): no float panel first. The weights of bfloat16 convolutions (DCGAN's input gradient: packing them
+// through float panels took 7% of it on AVX512-BF16).
+void amx_pack_rows(const uint16_t* src, int64_t ld, int64_t rows, int64_t K, float* panel);
 
-// C[M x N] (+)= A[M x K] . B[N x K]^T on AMX tiles (only where amx_bf16()), A and B rows (lda, ldb) of bfloat16
-// values (their bits) along K: the weight gradient's dot products, A's rows loaded into tiles as they are, B's
-// transposed into VNNI tiles.
+// C[M x N] (+)= A[M x K] . B[N x K]^T on AMX tiles, or else by AVX512-BF16 dot products on the same layouts (only
+// where bf16_dot()), A and B rows (lda, ldb) of bfloat16 values (their bits) along K: the weight gradient's dot
+// products, A's rows loaded into tiles as they are, B's transposed into VNNI tiles.
 void gemm_amx_nt(int64_t M, int64_t N, int64_t K, const uint16_t* A, int64_t lda, const uint16_t* B, int64_t ldb,
                  bool accumulate, float* C, int64_t ldc);
 
