@@ -418,7 +418,9 @@ inline bool winograd_weight_grad(const ConvParams& p, const float* x, const Stri
 }
 
 // A 16-bit layer (bfloat16 or half) by the Winograd path (winograd_takes; not for bfloat16 where the CPU has AMX,
-// whose tiles take its values as they are): its input widened to float as the input transform loads it, the output
+// whose tiles take its values as they are, nor by AVX512-BF16 dot products, at twice the FMA rate, unless the scheme
+// saves more than that: the stride-1 3x3x3 and k=4, s=2 3d forwards (0.30 and 0.42 of the products) took x1.40 and
+// x1.19 the time by dot products, DCGAN's k=4 2d (0.56) x0.85, MONAI's k=3 (0.58) x0.93): its input widened to float as the input transform loads it, the output
 // rounded once as the output transform stores it (as the 16-bit GEMMs' float sums are), its weights and bias widened
 // here. The result is the float32 layer's on the widened values, rounded. (DCGAN's kernel-4 layer in bfloat16 took
 // x2.0 the time of float32 on an AVX2 CPU once float32 had Winograd; widening the input and rounding the output in
@@ -430,7 +432,8 @@ bool winograd16(const ConvParams& p, bool transposed, const scalar_t* in, const 
                 const scalar_t* bias, scalar_t* out, const Strides& so) {
   cpu::WinogradLayer wl;
   winograd_layer(p, transposed, wl);
-  if ((std::is_same_v<scalar_t, c10::BFloat16> && cpu::bf16_dot()) ||
+  if ((std::is_same_v<scalar_t, c10::BFloat16> && cpu::bf16_dot() &&
+       (cpu::amx_bf16() || cpu::winograd_fraction(wl) > 0.45)) ||
       !cpu::winograd_takes(wl, transposed, p.stride[2], si.s[2], so.s[2]))
     return false;
   const int64_t cout = transposed ? p.big_channels : p.small_channels;

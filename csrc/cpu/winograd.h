@@ -136,6 +136,15 @@ struct WinogradLayer {
   bool split[kMaxDims];
 };
 
+// The layer's products by its dims' schemes over direct summation's multiply-adds (1 where a dim has none: the
+// up-samplers' path, wino_upsample, 4 products for 6).
+inline double winograd_fraction(const WinogradLayer& l) {
+  double f = 1;
+  for (int64_t d = 0; d < kMaxDims; ++d)
+    if (l.kind[d] != kWinoNone) f *= double(kWinoSchemes[l.kind[d]].np) / kWinoSchemes[l.kind[d]].macs;
+  return f;
+}
+
 // A conv (not transposed) whose dims are each a stride-1 scheme's (wino_kind) or stride 2 by kernel 4, undilated, at
 // least one of them the latter: kinds and pads as WinogradLayer has them (split dims: K2, the conv's padding).
 inline bool wino_strided_kinds(const int64_t* kernel, const int64_t* stride, const int64_t* padding,
