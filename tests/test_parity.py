@@ -1092,8 +1092,8 @@ def _amx_available():
     return torch_convt.set_amx(was)
 
 
-# bfloat16 GEMMs on AMX tiles (CPUs that have them): every tile edge. (shape of Y, weight shape, stride, padding,
-# output_padding, groups, channels_last)
+# bfloat16 GEMMs on AMX tiles or AVX512-BF16 dot products (CPUs that have them): every tile edge. (shape of Y, weight
+# shape, stride, padding, output_padding, groups, channels_last)
 AMX_CASES = [
     ((2, 256, 8, 8), (256, 40, 4, 4), 2, 1, 0, 1, False),     # grid tiles; weight gradient on tiles (256 rows)
     ((2, 300, 23), (300, 40, 5), 1, 2, 0, 1, False),          # depth 1500: two K blocks; 40 rows: 32 + 8
@@ -1123,11 +1123,12 @@ AMX_CASES = [
 ]
 
 
-@pytest.mark.skipif(not _amx_available(), reason="this CPU has no AMX (or the OS does not grant it)")
+@pytest.mark.skipif(not _amx_available(), reason="this CPU has neither AMX (granted by the OS) nor AVX512-BF16")
 @pytest.mark.parametrize("case", AMX_CASES, ids=[f"case{i}" for i in range(len(AMX_CASES))])
 def test_bf16_amx_matches_float64(case):
-    """bfloat16 layers on AMX tiles and on the FMA units (set_amx(False)): output, input and weight gradients within
-    bfloat16 rounding of the float64 result on the same values (a lost K block, tile or edge is off by far more)."""
+    """bfloat16 layers on AMX tiles (else AVX512-BF16 dot products) and on the FMA units (set_amx(False)): output, input
+    and weight gradients within bfloat16 rounding of the float64 result on the same values (a lost K block, tile or
+    edge is off by far more)."""
     in_shape, w_shape, stride, padding, out_pad, groups, cl = case[:7]
     dilation = case[7] if len(case) > 7 else 1
     nd = len(in_shape) - 2
@@ -1162,7 +1163,7 @@ def test_bf16_amx_matches_float64(case):
                 f"{name} ({path}): off by {err:.3g} beyond bfloat16 rounding (scale {scale:.3g})"
 
 
-@pytest.mark.skipif(not _amx_available(), reason="this CPU has no AMX (or the OS does not grant it)")
+@pytest.mark.skipif(not _amx_available(), reason="this CPU has neither AMX (granted by the OS) nor AVX512-BF16")
 @pytest.mark.parametrize("stride,cl", [(3, False), (2, True), (1, True)], ids=["stride3", "cl_stride2", "cl_stride1"])
 def test_bf16_amx_weight_grad_window_reads(stride, cl):
     """The tap-by-tap bfloat16 weight gradient on AMX copies its windows as bfloat16: read at the layer's stride (3:
@@ -1190,7 +1191,7 @@ def test_bf16_amx_weight_grad_window_reads(stride, cl):
         assert err <= 2e-3 * scale, f"{path}: off by {err:.3g} beyond bfloat16 rounding (scale {scale:.3g})"
 
 
-@pytest.mark.skipif(not _amx_available(), reason="this CPU has no AMX (or the OS does not grant it)")
+@pytest.mark.skipif(not _amx_available(), reason="this CPU has neither AMX (granted by the OS) nor AVX512-BF16")
 @pytest.mark.parametrize("cl", [False, True], ids=["contiguous", "channels_last"])
 def test_bf16_amx_stride1_copies_by_chunks_of_images(cl):
     """Stride-1 bfloat16 layers on AMX copy their input a few images at a time (within 32 MiB): 3 images of 16 MiB
