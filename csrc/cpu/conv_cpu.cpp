@@ -62,9 +62,10 @@ constexpr int64_t kStreamBytes = int64_t(8) << 20;  // conv_transpose outputs th
 constexpr int64_t kMinExtendedGrid = 64;  // conv_transpose: innermost grids this long are extended by a point
 
 // Whether a GEMM of a scalar_t layer whose A operands are at least `depth` deep, over `channels` input channels a
-// group, runs on AMX tiles (bfloat16 layers where the CPU has AMX: the tile unit multiplies bfloat16 pairs at ~15
-// times the FMA units' float rate). Not for fewer than 16 channels, whose tiles are mostly padding and whose
-// panels' VNNI builds outweigh the products: 8-channel 2d layers (k=3, s=2) took x1.5-2.1 the time on tiles.
+// group, runs on AMX tiles or AVX512-BF16 dot products (bfloat16 layers where the CPU has either: the tile unit
+// multiplies bfloat16 pairs at ~15 times the FMA units' float rate, the dot products at twice). Not for fewer than 16
+// channels, whose tiles are mostly padding and whose panels' VNNI builds outweigh the products: 8-channel 2d layers
+// (k=3, s=2) took x1.5-2.1 the time on tiles.
 template <typename scalar_t>
 bool use_amx(int64_t channels, int64_t depth) {
   return std::is_same_v<scalar_t, c10::BFloat16> && channels >= 16 && cpu::amx_depth_fits(depth) && cpu::bf16_dot();
@@ -417,16 +418,16 @@ inline bool winograd_weight_grad(const ConvParams& p, const float* x, const Stri
   return winograd_layer(p, true, wl) && cpu::winograd_weight_grad(wl, y, sy, x, sx, dw);
 }
 
-// A 16-bit layer (bfloat16 or half) by the Winograd path (winograd_takes; not for bfloat16 where the CPU has AMX,
-// whose tiles take its values as they are, nor by AVX512-BF16 dot products, at twice the FMA rate, unless the scheme
-// saves more than that: the stride-1 3x3x3 and k=4, s=2 3d forwards (0.30 and 0.42 of the products) took x1.40 and
-// x1.19 the time by dot products, DCGAN's k=4 2d (0.56) x0.85, MONAI's k=3 (0.58) x0.93): its input widened to float as the input transform loads it, the output
-// rounded once as the output transform stores it (as the 16-bit GEMMs' float sums are), its weights and bias widened
-// here. The result is the float32 layer's on the widened values, rounded. (DCGAN's kernel-4 layer in bfloat16 took
-// x2.0 the time of float32 on an AVX2 CPU once float32 had Winograd; widening the input and rounding the output in
-// passes of their own left it at x1.035-1.045, in the transforms x1.00-1.02.) `in`, `out`: the layer's input and
-// output (conv_transpose: y and x). False where the path does not take the layer or any output is not finite (the
-// caller's path then computes it).
+// A 16-bit layer (bfloat16 or half) by the Winograd path (winograd_takes; not for bfloat16 where the CPU has AMX, whose
+// tiles take its values as they are, nor by AVX512-BF16 dot products, at twice the FMA rate, unless the scheme saves
+// more than that: the stride-1 3x3x3 and k=4, s=2 3d forwards (0.30 and 0.42 of the products) took x1.40 and x1.19 the
+// time by dot products, DCGAN's k=4 2d (0.56) x0.85, MONAI's k=3 (0.58) x0.93): its input widened to float as the input
+// transform loads it, the output rounded once as the output transform stores it (as the 16-bit GEMMs' float sums are),
+// its weights and bias widened here. The result is the float32 layer's on the widened values, rounded. (DCGAN's
+// kernel-4 layer in bfloat16 took x2.0 the time of float32 on an AVX2 CPU once float32 had Winograd; widening the input
+// and rounding the output in passes of their own left it at x1.035-1.045, in the transforms x1.00-1.02.) `in`, `out`:
+// the layer's input and output (conv_transpose: y and x). False where the path does not take the layer or any output is
+// not finite (the caller's path then computes it).
 template <typename scalar_t>
 bool winograd16(const ConvParams& p, bool transposed, const scalar_t* in, const Strides& si, const scalar_t* w,
                 const scalar_t* bias, scalar_t* out, const Strides& so) {
