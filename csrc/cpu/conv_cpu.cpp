@@ -1357,7 +1357,12 @@ void conv_weight_grad_kernel(const ConvParams& p, const scalar_t* x, const Strid
   // its depth, so a tile takes many positions (long dot products; a tile may span batch items) and, when the
   // columns of all input channels would not fit the column budget, a block of input channels.
   const int64_t elem = sizeof(acc_t);
-  const bool packed = Cyg >= kPackedWeightGradRows, y_dense = sy.dense_rows(p.small);
+  // (bfloat16 by AVX512-BF16 dot products: the packed path (gemm_amx_nt) from 32 rows of Y, where the float path
+  // would go tap by tap (AMX's tap-by-tap kernel has no dot-product twin). Training steps on Zen 4 against tap by tap
+  // on the FMA units: the small U-Net k=2 x0.68, MONAI x0.77, grouped 2d x0.77, k=4 3d x0.89, stride-1 3d x0.86; the
+  // seed layers' 16 rows x1.02-1.05: not taken.)
+  const bool dot_packed = std::is_same_v<scalar_t, c10::BFloat16> && Cyg >= 32 && cpu::bf16_dot() && !cpu::amx_bf16();
+  const bool packed = Cyg >= kPackedWeightGradRows || dot_packed, y_dense = sy.dense_rows(p.small);
   // Positions are flat frame positions (columns.h) where the frame gather applies (Y is zero at the frame points
   // off the grid, so they add nothing), else grid positions; over the whole batch, n-major.
   const Frame frame = make_frame(taps, p.stride, p.small);
