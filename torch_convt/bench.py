@@ -30,8 +30,8 @@ How the measurement works
   is the rate of the direct convolution that gives the same result in the same time. % of peak is relative
   to the machine's fp32 FMA peak, measured at start on all threads by our own register-only FMA loop
   (``torch.ops.torch_convt.cpu_fma_peak_gflops``; on CUDA, a large ``torch.mm``); a large ``torch.mm``
-  (sgemm) is printed beside it for reference. Where bfloat16 layers run on AMX tiles or on
-  AVX512-BF16 dot products, bfloat16 cases are relative to that unit's bfloat16 peak instead, measured the same way
+  (sgemm) is printed beside it for reference. Where bfloat16 layers run on AMX tiles or on AVX512-BF16 dot
+  products, bfloat16 cases are relative to that unit's bfloat16 peak instead, measured the same way
   (``cpu_amx_peak_gflops``).
 * GB/s counts the bytes a call must move at least: input + output + weight for a forward, three times
   input + output plus the weight and its gradient for a training step. %bw is relative to the copy
@@ -181,7 +181,8 @@ def compare_abba(fa: Callable[[], None], fb: Callable[[], None], device: torch.d
 
 def measure_cpu_peak(unit: str = "fma", seconds: float = 0.5) -> Optional[float]:
     """The CPU's peak (GFLOP/s, all torch threads) by our register-only loop: fp32 on the FMA units ("fma"), or
-    bfloat16 on AMX tiles or AVX512-BF16 dot products ("amx") where bfloat16 layers use them; None where the op is missing or reports 0."""
+    bfloat16 on AMX tiles or AVX512-BF16 dot products ("amx") where bfloat16 layers use them; None where the op is
+    missing or reports 0."""
     op = getattr(torch.ops.torch_convt, f"cpu_{unit}_peak_gflops", None)
     return (float(op(seconds)) or None) if op is not None else None
 

@@ -1187,16 +1187,9 @@ void conv_transpose_kernel(const ConvParams& p, const scalar_t* y, const Strides
         }
         if constexpr (std::is_same_v<acc_t, float> && (std::is_same_v<scalar_t, float> || kWide || kBf16)) {
           if (gather) {
-            const float* from = kWide ? wide : reinterpret_cast<const float*>(src);
-            const auto value = [&](int64_t at) {
-              if constexpr (kBf16) {
-                const uint32_t u = uint32_t(reinterpret_cast<const uint16_t*>(src)[at]) << 16;
-                float e;
-                std::memcpy(&e, &u, sizeof(e));
-                return e;
-              } else {
-                return from[at];
-              }
+            const auto value = [&](int64_t at) {  // (bfloat16: its bits shifted up, c10's conversion)
+              if constexpr (kWide) return wide[at];
+              else return static_cast<float>(src[at]);
             };
             uint32_t bad = 0;  // exponent bits all ones (inf or NaN) in any value; (a float sum of v - v, a chain of
                                // dependent adds, took 3 times as long)

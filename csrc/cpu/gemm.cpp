@@ -1269,6 +1269,17 @@ void dot_panel(int64_t steps, const char* a, const uint16_t* b, float* c, int64_
   }
 }
 
+// amx_tiles' twin by dot products: a `rows` x `cols` block (<= 32 x 32) of C from A in packed tiles (64-byte rows,
+// 1024-byte steps; a second panel a.panel bytes on) and B's VNNI block, panel by panel.
+inline void dot_tiles(int64_t steps, AmxA a, const char* b, float* c, int64_t ldc, int rows, int cols, bool acc) {
+  const uint16_t* vnni = reinterpret_cast<const uint16_t*>(b);
+  for (int r0 = 0; r0 < rows; r0 += 16, a.p += a.panel, c += 16 * ldc) {
+    const int r = std::min(16, rows - r0);
+    if (cols > 16) dot_panel<2>(steps, a.p, vnni, c, ldc, r, cols, acc);
+    else dot_panel<1>(steps, a.p, vnni, c, ldc, r, cols, acc);
+  }
+}
+
 // (a static object: GCC 12 dropped the stores into a stack copy, not seeing that the instruction reads it)
 __attribute__((target("amx-tile"))) void amx_configure() {
   static const AmxConfig cfg = [] {
@@ -1316,7 +1327,7 @@ __attribute__((target("avx512f,avx512bw"))) void amx_pack_rows_avx512(const uint
 }
 
 // gemm_driver's twin for bfloat16 pairs (MR 16, NR 32, A in amx_pack_a's layout with panels a_stride floats apart):
-// on AMX tiles where the CPU has them, else by AVX512-BF16 dot products (dot_panel).
+// on AMX tiles where the CPU has them, else by AVX512-BF16 dot products (dot_tiles).
 __attribute__((target("avx512f"))) void amx_driver(int64_t M, int64_t N, int64_t K, const float* a_packed,
                                                    int64_t a_stride, const float* b_packed, const float* const* b_rows,
                                                    const int64_t* b_cols, bool accumulate, float* C, int64_t ldc) {
@@ -1368,17 +1379,12 @@ __attribute__((target("avx512f"))) void amx_driver(int64_t M, int64_t N, int64_t
         }
       }
       const char* b = reinterpret_cast<const char*>(vnni);
-      const int cols = static_cast<int>(nr);
-      for (int64_t ir = 0; ir < M; ir += tiles ? 32 : 16) {
-        const int rows_c = static_cast<int>(std::min<int64_t>(tiles ? 32 : 16, M - ir));
+      for (int64_t ir = 0; ir < M; ir += 32) {
+        const int rows_c = static_cast<int>(std::min<int64_t>(32, M - ir)), cols = static_cast<int>(nr);
         const char* a0 = reinterpret_cast<const char*>(a_packed + ir / 16 * a_stride) + pc / 32 * 1024;
-        if (!tiles) {
-          if (cols > 16) dot_panel<2>(steps, a0, vnni, C + ir * ldc + jr, ldc, rows_c, cols, acc);
-          else dot_panel<1>(steps, a0, vnni, C + ir * ldc + jr, ldc, rows_c, cols, acc);
-          continue;
-        }
-        amx_tiles<true>(steps, AmxA{a0, 64, 1024, a_stride * int64_t(sizeof(float))}, b, C + ir * ldc + jr, ldc,
-                        rows_c, cols, acc);
+        const AmxA a{a0, 64, 1024, a_stride * int64_t(sizeof(float))};
+        if (tiles) amx_tiles<true>(steps, a, b, C + ir * ldc + jr, ldc, rows_c, cols, acc);
+        else dot_tiles(steps, a, b, C + ir * ldc + jr, ldc, rows_c, cols, acc);
       }
     }
   }
@@ -1424,7 +1430,7 @@ __attribute__((target("avx512f,avx512bw"))) void amx_nt_driver(int64_t M, int64_
   b_buffer.resize(kAmxKC / 32 * 1024 + 32);
   uint16_t* const a_tiles = align64(a_buffer.data());
   uint16_t* const vnni = align64(b_buffer.data());
-  const bool tiles = amx_supported();  // (else AVX512-BF16: dot_panel)
+  const bool tiles = amx_supported();  // (else AVX512-BF16: dot_tiles)
   if (tiles) amx_configure();
   for (int64_t pc = 0; pc < K; pc += kAmxKC) {
     const int64_t kc = std::min(kAmxKC, K - pc), steps = (kc + 31) / 32;
@@ -1443,15 +1449,11 @@ __attribute__((target("avx512f,avx512bw"))) void amx_nt_driver(int64_t M, int64_
       vnni_panel(B + jr * ldb + pc, ldb, N - jr, kc, vnni);
       const int cols = static_cast<int>(std::min<int64_t>(32, N - jr));
       const char* b = reinterpret_cast<const char*>(vnni);
-      for (int64_t ir = 0; ir < M; ir += tiles ? 32 : 16) {
-        const int rows = static_cast<int>(std::min<int64_t>(tiles ? 32 : 16, M - ir));
-        const char* a0 = reinterpret_cast<const char*>(a_tiles + ir / 16 * steps * 512);
-        if (!tiles) {
-          if (cols > 16) dot_panel<2>(steps, a0, vnni, C + ir * ldc + jr, ldc, rows, cols, acc);
-          else dot_panel<1>(steps, a0, vnni, C + ir * ldc + jr, ldc, rows, cols, acc);
-          continue;
-        }
-        amx_tiles<true>(steps, AmxA{a0, 64, 1024, steps * 1024}, b, C + ir * ldc + jr, ldc, rows, cols, acc);
+      for (int64_t ir = 0; ir < M; ir += 32) {
+        const int rows = static_cast<int>(std::min<int64_t>(32, M - ir));
+        const AmxA a{reinterpret_cast<const char*>(a_tiles + ir / 16 * steps * 512), 64, 1024, steps * 1024};
+        if (tiles) amx_tiles<true>(steps, a, b, C + ir * ldc + jr, ldc, rows, cols, acc);
+        else dot_tiles(steps, a, b, C + ir * ldc + jr, ldc, rows, cols, acc);
       }
     }
   }
