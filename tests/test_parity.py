@@ -371,6 +371,29 @@ def test_large_outputs_streamed(case):
     assert out.numel() * 4 >= 8 << 20
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("case", [((2, 4, 3, 20, 70), (4, 6, 3, 3, 3), 2, 0),    # the seed layer's shape, small
+                                  ((1, 3, 20, 70), (3, 5, 5, 5), 4, 0),          # four rows stacked, 3 of 4 dropped
+                                  ((2, 3, 20, 70), (3, 5, 4, 3), 2, 1),          # even heights: no line extended
+                                  ((1, 3, 30, 37), (3, 5, 3, 3), (2, 1), 0),     # one phase a row (stride 1 inner)
+                                  ((1, 3, 17, 9, 70), (3, 4, 3, 2, 3), (1, 2, 2), (0, 1, 0))],  # planes of 2 lines
+                         ids=["seed_3d", "k5s4", "k4s2_even_lines", "stride1_inner", "k2_lines"])
+def test_stacked_rows(case, layout, dtype):
+    """Odd output heights and widths at stride 2 or 4: the phases of one plane are computed on the longest grid in
+    both inner dims (past their own by a point and by a line), and where the output's rows are contiguous each
+    line's rows are stored one after another (the phases stacked), the points past a phase's own grid left out.
+    Parity with gradients, float64 and float32, batches of 1 and 2 (tiles across images), and channels_last output
+    (not stacked)."""
+    in_shape, w_shape, stride, padding = case
+    nd = len(in_shape) - 2
+    torch.manual_seed(17)
+    y, w, b = torch.randn(in_shape, dtype=dtype), torch.randn(w_shape, dtype=dtype), torch.randn(w_shape[1], dtype=dtype)
+    if layout == "channels_last":
+        y = y.contiguous(memory_format=torch.channels_last if nd == 2 else torch.channels_last_3d)
+    check_parity(ours_ct(nd), torch_ct(nd), (y, w, b), dict(stride=stride, padding=padding))
+
+
 @pytest.mark.parametrize("case", [((2, 24, 16, 16, 16), (24, 32, 1, 1, 1), 1),  # pointwise, planes of 16 KiB
                                   ((1, 40, 8, 16, 32), (40, 20, 1, 1, 1), 1),  # 20 output channels
                                   ((1, 24, 8, 8, 8), (24, 20, 2, 2, 2), 2)],  # k=2: input gradient, 20 channels read
@@ -399,13 +422,19 @@ STORE_CASES = [
     ("ct", (1, 4, 2, 17), (4, 4, 1, 16), (1, 16), 0),     # sixteen
     ("ct", (2, 32, 45), (32, 8, 16), 8, 4),               # HiFi-GAN-like: two sets of four phases, 8 apart
     ("conv", (2, 32, 11, 40), (16, 32, 3, 3), 1, 0),      # conv's output rows
+    # odd extents at stride 2 in both dims: phases computed on the longest grid, each line's two rows stored one after
+    # another (stacked), the last value of every row dropped from the longer grid
+    ("ct", (1, 16, 129, 301), (16, 16, 3, 3), 2, 0),      # rows of 603, streamed (float)
+    ("ct", (1, 8, 20, 70), (8, 8, 5, 5), 4, 0),           # four rows of 281 stacked, three values dropped
+    ("ct", (1, 8, 30, 37), (8, 8, 3, 3), (2, 1), 0),      # rows of one phase (stride 1 innermost) stacked
 ]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16],
                          ids=["float32", "bfloat16", "float16"])
 @pytest.mark.parametrize("case", STORE_CASES, ids=["interleaved", "rows", "streamed", "streamed_odd", "streamed_split",
-                                                   "streamed_rows", "ways4", "ways8", "ways16", "ways4_step8", "conv"])
+                                                   "streamed_rows", "ways4", "ways8", "ways16", "ways4_step8", "conv",
+                                                   "stacked_streamed", "stacked_ways4", "stacked_rows"])
 def test_stores_exact_and_round_to_nearest_even(case, dtype):
     """Outputs are stored exactly, and bfloat16 and float16 ones rounded from the float sums as torch rounds (to
     nearest, ties to even; NaN stays NaN). Small integers make every sum exact in float whatever its order, and for

@@ -470,20 +470,33 @@ inline scalar_t narrow_to(acc_t v) {
   }
 }
 
-// The innermost-dim runs of [m_begin, m_end) over the row-major extents `fr` (>= grid) that lie inside `grid`,
-// from innermost index `from2` on, as stores see them: dst offset of the run's point j = 0, rows offset of it, and
-// the run's [first, stop). Computed once per store, shared by all channels. (The calling thread's; valid until its
-// next call.)
+// Phases stacked along dim 1 in one store (store_rows_interleaved): layer l is the phase at dim-1 offset offset[1] +
+// l, its rows shift[l] elements after layer 0's, and it has lines[l] of the grid's lines (its own grid).
+constexpr int64_t kMaxStack = 16;
+struct StoreStack {
+  int64_t layers = 1;
+  const int64_t* shift = nullptr;
+  const int64_t* lines = nullptr;
+};
+
+// The innermost-dim runs of [m_begin, m_end) over the row-major extents `fr` (>= grid) that lie inside `grid`, as
+// stores see them: dst offset of the run's point j = 0, rows offset of it, and the run's [first, stop); those that
+// end at the grid's end less `trim` values (StoreRun). With a stack, each line's runs of every layer in turn, which
+// are consecutive output rows. Computed once per store, shared by all channels. (The calling thread's; valid until
+// its next call.)
 inline const std::vector<StoreRun>& store_runs(const Strides& st, const int64_t* step, const int64_t* offset,
                                                const int64_t* grid, const int64_t* fr, int64_t m_begin,
-                                               int64_t m_end, int64_t from2 = 0) {
+                                               int64_t m_end, int64_t trim = 0, const StoreStack& stack = {}) {
   thread_local std::vector<StoreRun> runs;
   runs.clear();
   for_each_run(fr, m_begin, m_end, [&](int64_t i0, int64_t i1, int64_t first, int64_t last, int64_t m) {
-    const int64_t lo = std::max(first, from2), hi = std::min(last, grid[2]);
-    if (i0 >= grid[0] || i1 >= grid[1] || lo >= hi) return;
-    runs.push_back({st.at(i0 * step[0] + offset[0], i1 * step[1] + offset[1], offset[2]), m - m_begin - first, lo,
-                    hi});
+    const int64_t hi = std::min(last, grid[2]);
+    if (i0 >= grid[0] || first >= hi) return;
+    for (int64_t l = 0; l < stack.layers; ++l) {
+      if (i1 >= (stack.lines ? stack.lines[l] : grid[1])) continue;
+      runs.push_back({st.at(i0 * step[0] + offset[0], i1 * step[1] + offset[1] + l, offset[2]),
+                      m - m_begin - first + (stack.shift ? stack.shift[l] : 0), first, hi, hi == grid[2] ? trim : 0});
+    }
   });
   return runs;
 }
@@ -508,17 +521,14 @@ bool store_fast(const acc_t* const* rows, int64_t ways, int64_t step, int64_t ch
 
 // dst at channel c and spatial position_d = m_d*step_d + offset_d (strides `st`) = rows[c*ld + m - m_begin]
 // (+ bias[c]) over the grid of m. rows == nullptr stores the bias alone (or zero). With a `frame` (>= grid in
-// every dim), m is flat over the frame instead, and only the points inside the grid are stored (from innermost
-// index `from2` on). `stream`: float rows of a dense innermost dim are written with non-temporal stores
-// (store_interleaved).
+// every dim), m is flat over the frame instead, and only the points inside the grid are stored. `stream`: float
+// rows of a dense innermost dim are written with non-temporal stores (store_interleaved).
 template <typename scalar_t, typename acc_t>
 void store_rows(const acc_t* rows, int64_t ld, int64_t channels, const acc_t* bias, scalar_t* dst,
                 const Strides& st, const int64_t* step, const int64_t* offset, const int64_t* grid,
-                int64_t m_begin, int64_t m_end, const int64_t* frame = nullptr, int64_t from2 = 0,
-                bool stream = false) {
+                int64_t m_begin, int64_t m_end, const int64_t* frame = nullptr, bool stream = false) {
   const int64_t inner = step[2] * st.s[2];
-  const std::vector<StoreRun>& runs =
-      store_runs(st, step, offset, grid, frame ? frame : grid, m_begin, m_end, from2);
+  const std::vector<StoreRun>& runs = store_runs(st, step, offset, grid, frame ? frame : grid, m_begin, m_end);
   if (rows && inner == 1 && store_fast(&rows, 1, 1, channels, ld, bias, runs, dst, st.c, stream)) return;
   for (int64_t c = 0; c < channels; ++c) {
     const acc_t b = bias ? bias[c] : acc_t(0);
@@ -907,39 +917,39 @@ void frame_gemm(const Frame& fr, const scalar_t* src, int64_t channels, const in
 // written at once, instead of in `ways` strided passes. With `stream`, the runs that store_fast takes are written
 // with non-temporal stores (the caller fences, cpu::stream_fence, before others read them).
 // With `limit` (the output's extents), only the points inside it are stored: the blocks may hold a grid computed
-// past some phases' own (conv_transpose's phases of one innermost grid), whose last points per line are then
-// stored by the ways that have them, after the runs of all.
+// past some phases' own (conv_transpose's phases of one grid), whose points past the output are left out: the
+// last point of a line for the ways that lack it (the runs' trim), the lines of the layers that lack them.
+// `layers` > 1 stacks such groups of blocks along dim 1 (phases r1 = offset[1] .. offset[1]+layers-1, layer l's
+// rows shift[l] elements after the first's): each line's output rows are then stored one after another, which in
+// a dense output is one contiguous stream.
 template <typename scalar_t, typename acc_t>
 void store_rows_interleaved(const acc_t* const* rows, int64_t ways, int64_t ld, int64_t channels, const acc_t* bias,
                             scalar_t* dst, const Strides& st, const int64_t* step, const int64_t* offset,
                             const int64_t* grid, int64_t m_begin, int64_t m_end, const int64_t* frame = nullptr,
-                            bool stream = false, const int64_t* limit = nullptr) {
+                            bool stream = false, const int64_t* limit = nullptr, int64_t layers = 1,
+                            const int64_t* shift = nullptr) {
   const int64_t s = step[2];
-  if (!frame) frame = grid;
-  int64_t all[kMaxDims];  // with a limit: the points every way has
+  int64_t own[kMaxDims] = {grid[0], grid[1], grid[2]}, lines[kMaxStack], trim = 0;
+  TORCH_CHECK(layers >= 1 && layers <= kMaxStack, "torch_convt: internal error: stack of ", layers);
+  for (int64_t l = 0; l < layers; ++l) lines[l] = grid[1];
   if (limit) {
-    for (int d = 0; d < kMaxDims; ++d)
-      all[d] = std::min(grid[d], phase_count(limit[d], step[d], offset[d] + (d == 2 ? ways - 1 : 0)));
-    if (all[2] < grid[2]) {
-      store_rows_interleaved(rows, ways, ld, channels, bias, dst, st, step, offset, all, m_begin, m_end, frame, stream);
-      for (int64_t w = 0; w < ways; ++w) {
-        const int64_t at[kMaxDims] = {offset[0], offset[1], offset[2] + w};
-        const int64_t own[kMaxDims] = {all[0], all[1], std::min(grid[2], phase_count(limit[2], s, at[2]))};
-        if (own[2] > all[2]) store_rows(rows[w], ld, channels, bias, dst, st, step, at, own, m_begin, m_end, frame,
-                                        all[2]);
-      }
-      return;
-    }
-    grid = all;
+    // ways <= step: a way has the points of way 0 (the most) or one fewer
+    own[0] = std::min(grid[0], phase_count(limit[0], step[0], offset[0]));
+    own[2] = std::min(grid[2], phase_count(limit[2], s, offset[2]));
+    for (int64_t w = 1; w < ways; ++w) trim += std::min(grid[2], phase_count(limit[2], s, offset[2] + w)) < own[2];
+    for (int64_t l = 0; l < layers; ++l) lines[l] = std::min(grid[1], phase_count(limit[1], step[1], offset[1] + l));
   }
-  const std::vector<StoreRun>& runs = store_runs(st, step, offset, grid, frame, m_begin, m_end);
+  const std::vector<StoreRun>& runs =
+      store_runs(st, step, offset, own, frame ? frame : grid, m_begin, m_end, trim, StoreStack{layers, shift, lines});
   if (store_fast(rows, ways, s, channels, ld, bias, runs, dst, st.c, s == ways && stream)) return;
   for (int64_t c = 0; c < channels; ++c) {
     const acc_t b = bias ? bias[c] : acc_t(0);
     scalar_t* d = dst + c * st.c;
     for (const StoreRun& run : runs) {
-      const int64_t first = run.first, stop = run.stop, at = c * ld + run.src;
+      const int64_t first = run.first, stop = run.stop - (run.trim > 0), at = c * ld + run.src;
       scalar_t* row = d + run.dst;
+      if (run.trim)
+        for (int64_t w = 0; w < ways - run.trim; ++w) row[stop * s + w] = narrow_to<scalar_t>(rows[w][at + stop] + b);
       if (ways == 2) {
         const acc_t *r0 = rows[0] + at, *r1 = rows[1] + at;
         if (s == 2) {  // the whole run is contiguous: a constant stride, so the loop vectorises

@@ -1760,7 +1760,10 @@ void store_runs_portable(const float* const* rows, int64_t ways, int64_t step, c
     const float bias = ch.bias ? ch.bias[k] : 0.0f;
     for (const StoreRun* run = runs; run != runs + count; ++run) {
       for (int64_t w = 0; w < ways; ++w) r[w] = rows[w] + k * ch.ld + run->src;
-      store_points_portable(r, ways, step, bias, run->first, run->stop, dst + k * ch.dst_stride + run->dst, bf16);
+      D* d = dst + k * ch.dst_stride + run->dst;
+      const int64_t n = run->stop - (run->trim > 0);
+      store_points_portable(r, ways, step, bias, run->first, n, d, bf16);
+      if (run->trim) store_points_portable(r, ways - run->trim, step, bias, n, n + 1, d, bf16);
     }
   }
 }
@@ -1877,17 +1880,53 @@ __attribute__((target("avx512f"), always_inline)) inline void store_block_avx512
   }
 }
 
-// A dense float run [j, n) of W > 1 rows whose first value lies `sh` floats past a 64-byte line, where sh is not
-// a multiple of W (2 phases interleaved in output rows of an odd width: every other row), so no point starts a line:
-// each whole line of it is put together from two consecutive output vectors (one permute) and streamed, and only
-// the part lines at its ends are stored plainly. (Storing such runs plainly, as a whole, read every line first:
-// the k=3, s=2 seed layer's 201-wide rows spent a third of its time there.)
+// A 64-byte line of dst being put together across the runs of store_runs_streamed_avx512: lanes [from, fill) of
+// the vector held beside it (nullptr: none). A run that goes on where it stops fills it further, and a line full
+// from lane 0 is streamed; any other is stored plainly, under a mask, once the next values go elsewhere. So a line
+// that one row ends in and the next row starts in (rows contiguous in dst and stored in that order: 201-wide rows
+// of the k=3, s=2 seed layer) is written once, whole, instead of by two plain stores, each of which reads the line
+// first (interleaved with the streamed lines, those plain stores halved the write bandwidth).
+struct PartLine {
+  float* at = nullptr;
+  int from = 0, fill = 0;
+};
+
+__attribute__((target("avx512f"), always_inline)) inline void part_flush(PartLine& pl, __m512 pv) {
+  if (pl.at) _mm512_mask_storeu_ps(pl.at, static_cast<__mmask16>(first_lanes(pl.fill) & ~first_lanes(pl.from)), pv);
+  pl.at = nullptr;
+}
+
+// Values [0, cnt) of v, which belong at p, `sh` floats into its line (sh + cnt <= 16): into the part line where they
+// go on from it, else into a new one (the old one stored).
+__attribute__((target("avx512f"), always_inline)) inline void part_put(PartLine& pl, __m512& pv, float* p, int sh,
+                                                                       int cnt, __m512 v) {
+  if (cnt <= 0) return;
+  if (pl.at && pl.at + pl.fill != p) part_flush(pl, pv);
+  if (!pl.at) pl.at = p - sh, pl.from = pl.fill = sh;
+  const __m512i up = _mm512_sub_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                      _mm512_set1_epi32(sh));  // lane i takes v[i - sh]
+  pv = _mm512_mask_permutexvar_ps(pv, static_cast<__mmask16>(first_lanes(sh + cnt) & ~first_lanes(sh)), up, v);
+  pl.fill = sh + cnt;
+  if (pl.fill < 16) return;
+  if (pl.from == 0) {
+    _mm512_stream_ps(pl.at, pv);
+    pl.at = nullptr;
+  } else {
+    part_flush(pl, pv);
+  }
+}
+
+// A dense float run [j, n) of W > 1 rows (less `trim` values at its end) whose first value lies `sh` floats past a
+// 64-byte line, where sh is not a multiple of W (2 phases interleaved in output rows of an odd width: every other
+// row), so no point starts a line: each whole line of it is put together from two consecutive output vectors (one
+// permute) and streamed, and the part lines at its ends go through the PartLine.
 template <int W>
 __attribute__((target("avx512f"), always_inline)) inline void store_run_shifted_avx512(const float* const* r, __m512 vb,
-                                                                                       int64_t j, int64_t n, float* d,
-                                                                                       int sh) {
+                                                                                       int64_t j, int64_t n, int trim,
+                                                                                       float* d, int sh, PartLine& pl,
+                                                                                       __m512& pv) {
   float* const base = d + W * j;  // the run's value 0
-  const int64_t values = W * (n - j);
+  const int64_t values = W * (n - j) - trim;
   const int a = 16 - sh;  // values before the first line boundary: line L is values [a + 16L, a + 16L + 16)
   const __m512i shift = _mm512_add_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
                                          _mm512_set1_epi32(a));
@@ -1898,14 +1937,14 @@ __attribute__((target("avx512f"), always_inline)) inline void store_run_shifted_
     interleave_avx512<W>(r, vb, q, static_cast<int>(std::min<int64_t>(16, n - q)), v);
     for (int i = 0; i < W && 16 * k < values; ++i, ++k) {
       if (k == 0) {
-        _mm512_mask_storeu_ps(base, first_lanes(std::min<int64_t>(a, values)), v[0]);
+        part_put(pl, pv, base, sh, static_cast<int>(std::min<int64_t>(a, values)), v[0]);
       } else {  // line k - 1: values a..15 of vector k - 1, then 0..a-1 of vector k
         const int64_t at = a + 16 * (k - 1), left = values - at;
         const __m512 line = _mm512_permutex2var_ps(prev, shift, v[i]);
         if (left >= 16) {
           _mm512_stream_ps(base + at, line);
-        } else if (left > 0) {
-          _mm512_mask_storeu_ps(base + at, first_lanes(left), line);
+        } else {
+          part_put(pl, pv, base + at, 0, static_cast<int>(left), line);
         }
       }
       prev = v[i];
@@ -1913,58 +1952,82 @@ __attribute__((target("avx512f"), always_inline)) inline void store_run_shifted_
   }
   const int64_t at = a + 16 * (k - 1);  // the last vector's values from a on
   if (k > 0 && at < values)
-    _mm512_mask_storeu_ps(base + at, first_lanes(values - at),
-                          _mm512_permutex2var_ps(prev, shift, _mm512_setzero_ps()));
+    part_put(pl, pv, base + at, 0, static_cast<int>(values - at),
+             _mm512_permutex2var_ps(prev, shift, _mm512_setzero_ps()));
 }
 
 constexpr int64_t kPrefetchRuns = 4;  // store_runs_streamed_avx512: runs ahead whose part lines are fetched
 
-// store_runs_avx512 for float, streamed (dense): a run's whole lines are streamed, its part lines (a head
-// up to the first line boundary, a tail) stored plainly. Where no point starts a line (sh below not a multiple of
-// W), store_run_shifted_avx512 puts the lines together. A function of its own, with no call in its loop, so that
-// the loop of the others keeps its vector constants in registers (MONAI k=3 forward, runs of 16 points: x1.04
-// time when one loop held both).
+// store_runs_avx512 for float, streamed (dense): a run's whole lines are streamed, its part lines (a head up to the
+// first line boundary, a tail) put together with those of the runs next to it in dst (PartLine). Where no point
+// starts a line (sh below not a multiple of W), store_run_shifted_avx512 puts the lines together. A function of its
+// own, with no call in its loop, so that the loop of the others keeps its vector constants in registers (MONAI k=3
+// forward, runs of 16 points: x1.04 time when one loop held both).
 template <int W>
 __attribute__((target("avx512f,prfchw"))) void store_runs_streamed_avx512(const float* const* rows,
                                                                           const StoreChannels& ch, const StoreRun* runs,
                                                                           int64_t count, float* dst) {
+  const auto start = [&](int64_t q) { return runs[q].dst + W * runs[q].first; };  // (offsets in a channel)
+  const auto end = [&](int64_t q) { return runs[q].dst + W * runs[q].stop - runs[q].trim; };
   const float* r[W];
+  PartLine pl;
+  __m512 pv = _mm512_setzero_ps();
   for (int64_t k = 0; k < ch.channels; ++k) {
     const __m512 vb = _mm512_set1_ps(ch.bias ? ch.bias[k] : 0.0f);
     float* dk = dst + k * ch.dst_stride;
-    for (const StoreRun* run = runs; run != runs + count; ++run) {
+    for (int64_t q = 0; q < count; ++q) {
+      const StoreRun* run = runs + q;
       int64_t j = run->first;
       const int64_t n = run->stop;
       if (j >= n) continue;
       for (int w = 0; w < W; ++w) r[w] = rows[w] + k * ch.ld + run->src;
       float* d = dk + run->dst;
       const int sh = static_cast<int>(reinterpret_cast<uintptr_t>(d + W * j) >> 2 & 15);  // floats into a line
+      const int trim = static_cast<int>(run->trim);
       if (sh != 0) {
-        // A run that starts inside a line (rows whose width is not a multiple of 16 values), so part lines at its
-        // ends: those of the run kPrefetchRuns on (in this channel or the next) are fetched for writing now, so
-        // that their plain stores do not each wait for memory in turn (the k=3, s=2 seed layer, 201-wide rows:
-        // x0.94 time).
-        int64_t ahead = (run - runs) + kPrefetchRuns, next = 0;  // (next: channels on)
+        // Runs that start inside a line (rows whose width is not a multiple of 16 values): the part lines at the
+        // ends of the run kPrefetchRuns on (in this channel or the next) that no run next to it shares are fetched
+        // for writing now, so that their plain stores do not each wait for memory in turn (the k=3, s=2 seed layer
+        // before its rows were stored as one stream, 201-wide rows: x0.94 time).
+        int64_t ahead = q + kPrefetchRuns, next = 0;  // (next: channels on)
         if (ahead >= count) ahead -= count, next = 1;
         if (ahead < count && k + next < ch.channels) {
-          const StoreRun& q = runs[ahead];
-          const float* first = dk + next * ch.dst_stride + q.dst + W * q.first;
-          const float* stop = dk + next * ch.dst_stride + q.dst + W * q.stop;
-          if (reinterpret_cast<uintptr_t>(first) & 63) __builtin_prefetch(first, 1, 3);
-          if (reinterpret_cast<uintptr_t>(stop) & 63) __builtin_prefetch(stop - 1, 1, 3);
+          const float* at = dk + next * ch.dst_stride;
+          if ((reinterpret_cast<uintptr_t>(at + start(ahead)) & 63) && (ahead == 0 || end(ahead - 1) != start(ahead)))
+            __builtin_prefetch(at + start(ahead), 1, 3);
+          if ((reinterpret_cast<uintptr_t>(at + end(ahead)) & 63) &&
+              (ahead + 1 == count || start(ahead + 1) != end(ahead)))
+            __builtin_prefetch(at + end(ahead) - 1, 1, 3);
         }
-        if (sh % W != 0) {
-          store_run_shifted_avx512<W>(r, vb, j, n, d, sh);
-          continue;
-        }
+      }
+      if (sh % W != 0) {
+        store_run_shifted_avx512<W>(r, vb, j, n, trim, d, sh, pl, pv);
+        continue;
+      }
+      __m512 v[W];
+      if (sh != 0) {
         const int64_t head = std::min(n, j + (16 - sh) / W);  // (then d + W * head starts a line)
-        store_block_avx512<W, true>(r, vb, j, static_cast<int>(head - j), W, d, false, false);
+        interleave_avx512<W>(r, vb, j, static_cast<int>(head - j), v);
+        part_put(pl, pv, d + W * j, sh, static_cast<int>(W * (head - j) - (head == n ? trim : 0)), v[0]);
         j = head;
       }
-      for (; j + 16 <= n; j += 16) store_block_avx512<W, true>(r, vb, j, 16, W, d, false, true);
-      if (j < n) store_block_avx512<W, true>(r, vb, j, static_cast<int>(n - j), W, d, false, false);
+      for (; j + 16 <= n - (trim > 0); j += 16) store_block_avx512<W, true>(r, vb, j, 16, W, d, false, true);
+      if (j < n) {  // the last points: whole lines streamed, the part line kept
+        interleave_avx512<W>(r, vb, j, static_cast<int>(n - j), v);
+        const int64_t values = W * (n - j) - trim;
+#pragma GCC unroll 16
+        for (int i = 0; i < W; ++i) {
+          const int64_t c = std::clamp<int64_t>(values - 16 * i, 0, 16);
+          if (c == 16) {
+            _mm512_stream_ps(d + W * j + 16 * i, v[i]);
+          } else {
+            part_put(pl, pv, d + W * j + 16 * i, 0, static_cast<int>(c), v[i]);
+          }
+        }
+      }
     }
   }
+  part_flush(pl, pv);
 }
 
 // The runs of every channel (store_interleaved), 16 points at a time; Dense: step == W (one instance each, as
@@ -1989,7 +2052,8 @@ __attribute__((target("avx512f"))) void store_runs_avx512(const float* const* ro
       for (int w = 0; w < W; ++w) r[w] = rows[w] + k * ch.ld + run->src;
       D* d = dk + run->dst;
       int64_t j = run->first;
-      const int64_t n = run->stop;
+      const int64_t n = run->stop - (run->trim > 0);
+      if (run->trim) store_points_portable(r, W - run->trim, step, ch.bias ? ch.bias[k] : 0.0f, n, n + 1, d, bf16);
       bool aligned = false;
       if (stream && j < n) {
         int64_t head = j;
@@ -2103,13 +2167,15 @@ __attribute__((target("avx2,f16c"))) void store_runs_avx2(const float* const* ro
       for (int w = 0; w < W; ++w) r[w] = rows[w] + k * ch.ld + run->src;
       D* d = dk + run->dst;
       int64_t j = run->first;
+      const int64_t n = run->stop - (run->trim > 0);
+      if (run->trim) store_points_portable(r, W - run->trim, step, bias, n, n + 1, d, bf16);
       if constexpr (Dense && std::is_same_v<D, float>) {
         // (a run that starts inside a 64-byte line: plain stores up to the first line boundary, then whole lines;
         // where the boundary falls inside a point of two rows, of rotated pairs)
-        if (stream && run->stop - j >= 16) {
+        if (stream && n - j >= 16) {
           const int64_t skip = int64_t((64 - reinterpret_cast<uintptr_t>(d + W * j) % 64) % 64 / sizeof(float));
           if (W == 2 && skip % 2 == 1) {
-            store_pair_rotated_avx2(r, vb, bias, j, skip / 2, run->stop, d);
+            store_pair_rotated_avx2(r, vb, bias, j, skip / 2, n, d);
             continue;
           }
           if (skip % W == 0) {
@@ -2130,10 +2196,10 @@ __attribute__((target("avx2,f16c"))) void store_runs_avx2(const float* const* ro
         if (at % std::min<uintptr_t>(kBlock, 64) == 0) {
           nt0 = j + (at % 64 == 0 ? 0 : 8);
           const int64_t unit = kBlock < 64 ? 16 : 8;  // points of whole lines
-          nt1 = nt0 + std::max<int64_t>(0, run->stop - nt0) / unit * unit;
+          nt1 = nt0 + std::max<int64_t>(0, n - nt0) / unit * unit;
         }
       }
-      for (; j + 8 <= run->stop; j += 8) {
+      for (; j + 8 <= n; j += 8) {
         __m256 v[W];
         interleave_avx2<W>(r, vb, j, v);
         if constexpr (Dense) {
@@ -2152,7 +2218,7 @@ __attribute__((target("avx2,f16c"))) void store_runs_avx2(const float* const* ro
           for (int q = 0; q < 8; ++q) std::memcpy(d + step * (j + q), buf + W * q, W * sizeof(D));
         }
       }
-      if (j < run->stop) store_points_portable(r, W, step, bias, j, run->stop, d, bf16);
+      if (j < n) store_points_portable(r, W, step, bias, j, n, d, bf16);
     }
   }
   if (stream) _mm_sfence();

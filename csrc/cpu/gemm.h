@@ -130,9 +130,10 @@ void pack_panels(const Src* src, int64_t row_stride, int64_t depth_stride, int64
 }
 
 // A run of one output channel's points: dst[dst + step*j + w] = rows[w][src + j] for j in [first, stop), w < ways
-// (store_interleaved).
+// (store_interleaved), except the last `trim` values of the last point (w >= ways - trim at j = stop - 1: the
+// phases whose own grid ends a point earlier, see store_rows_interleaved).
 struct StoreRun {
-  int64_t dst, src, first, stop;
+  int64_t dst, src, first, stop, trim = 0;
 };
 
 // The channels of a store: channel k's rows start k * ld elements after the first channel's, its output
@@ -147,9 +148,10 @@ constexpr int64_t kMaxStoreWays = 16;
 
 // `ways` rows interleaved (consecutive phases of a transposed layer along the innermost dim, its stride `step` >=
 // ways), channel by channel (ch) and run by run: dst[run.dst + step*j + w] = rows[w][run.src + j] + bias for j in
-// [run.first, run.stop). With `stream` and step == ways, whole 64-byte lines of dst are written with
-// non-temporal stores (no read of the line first, and it bypasses the caches: for outputs far larger than the
-// caches). AVX-512 in-register transposes for 1, 2, 4, 8 and 16 rows where the CPU has it (one call for all
+// [run.first, run.stop) (less the run's trim). With `stream` and step == ways, whole 64-byte lines of dst are
+// written with non-temporal stores (no read of the line first, and it bypasses the caches: for outputs far larger
+// than the caches); on AVX-512, a line that one run ends in and the next (contiguous in dst) starts in is put
+// together in a register and streamed too. AVX-512 in-register transposes for 1, 2, 4, 8 and 16 rows where the CPU has it (one call for all
 // channels and runs: a call per run cost as much as the stores where runs are short).
 void store_interleaved(const float* const* rows, int64_t ways, int64_t step, const StoreChannels& ch,
                        const StoreRun* runs, int64_t count, float* dst, bool stream);
