@@ -376,9 +376,10 @@ def test_large_outputs_streamed(case):
 @pytest.mark.parametrize("case", [((2, 4, 3, 20, 70), (4, 6, 3, 3, 3), 2, 0),    # the seed layer's shape, small
                                   ((1, 3, 20, 70), (3, 5, 5, 5), 4, 0),          # four rows stacked, 3 of 4 dropped
                                   ((2, 3, 20, 70), (3, 5, 4, 3), 2, 1),          # even heights: no line extended
+                                  ((1, 3, 20, 70), (3, 5, 4, 4), 3, 0),          # three ways (no vector store)
                                   ((1, 3, 30, 37), (3, 5, 3, 3), (2, 1), 0),     # one phase a row (stride 1 inner)
-                                  ((1, 3, 17, 9, 70), (3, 4, 3, 2, 3), (1, 2, 2), (0, 1, 0))],  # planes of 2 lines
-                         ids=["seed_3d", "k5s4", "k4s2_even_lines", "stride1_inner", "k2_lines"])
+                                  ((1, 3, 17, 9, 70), (3, 4, 3, 2, 3), (1, 2, 2), (0, 1, 0))],  # 16 lines: none extended
+                         ids=["seed_3d", "k5s4", "k4s2_even_lines", "k4s3", "stride1_inner", "short_planes"])
 def test_stacked_rows(case, layout, dtype):
     """Odd output heights and widths at stride 2 or 4: the phases of one plane are computed on the longest grid in
     both inner dims (past their own by a point and by a line), and where the output's rows are contiguous each
