@@ -373,26 +373,30 @@ def test_large_outputs_streamed(case):
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-@pytest.mark.parametrize("case", [((2, 4, 3, 20, 70), (4, 6, 3, 3, 3), 2, 0),    # the seed layer's shape, small
-                                  ((1, 3, 20, 70), (3, 5, 5, 5), 4, 0),          # four rows stacked, 3 of 4 dropped
-                                  ((2, 3, 20, 70), (3, 5, 4, 3), 2, 1),          # even heights: no line extended
-                                  ((1, 3, 20, 70), (3, 5, 4, 4), 3, 0),          # three ways (no vector store)
-                                  ((1, 3, 30, 37), (3, 5, 3, 3), (2, 1), 0),     # one phase a row (stride 1 inner)
-                                  ((1, 3, 17, 9, 70), (3, 4, 3, 2, 3), (1, 2, 2), (0, 1, 0))],  # 16 lines: none extended
-                         ids=["seed_3d", "k5s4", "k4s2_even_lines", "k4s3", "stride1_inner", "short_planes"])
+@pytest.mark.parametrize("case", [((2, 4, 3, 20, 70), (4, 6, 3, 3, 3), dict(stride=2)),  # the seed layer's shape, small
+                                  ((1, 3, 20, 70), (3, 5, 5, 5), dict(stride=4)),  # four rows stacked, 3 of 4 dropped
+                                  ((2, 3, 20, 70), (3, 5, 4, 3), dict(stride=2, padding=1)),  # even heights
+                                  ((1, 3, 20, 70), (3, 5, 4, 4), dict(stride=3)),  # three ways (no vector store)
+                                  ((1, 3, 30, 37), (3, 5, 3, 3), dict(stride=(2, 1))),  # one phase a row
+                                  ((1, 3, 17, 9, 70), (3, 4, 3, 2, 3), dict(stride=(1, 2, 2), padding=(0, 1, 0))),
+                                  ((2, 4, 20, 70), (4, 3, 3, 3), dict(stride=2, groups=2)),
+                                  ((1, 3, 20, 70), (3, 4, 3, 3), dict(stride=2, dilation=3))],
+                         ids=["seed_3d", "k5s4", "k4s2_even_lines", "k4s3", "stride1_inner", "short_planes", "groups",
+                              "dilated"])
 def test_stacked_rows(case, layout, dtype):
-    """Odd output heights and widths at stride 2 or 4: the phases of one plane are computed on the longest grid in
+    """Odd output heights and widths at stride 2 or more: the phases of one plane are computed on the longest grid in
     both inner dims (past their own by a point and by a line), and where the output's rows are contiguous each
-    line's rows are stored one after another (the phases stacked), the points past a phase's own grid left out.
-    Parity with gradients, float64 and float32, batches of 1 and 2 (tiles across images), and channels_last output
-    (not stacked)."""
-    in_shape, w_shape, stride, padding = case
+    line's rows are stored one after another (the phases stacked), the points past a phase's own grid left out
+    (16 lines and even heights: stacked, not extended). Parity with gradients, float64 and float32, batches of 1 and
+    2 (tiles across images), groups, dilation, and channels_last output (not stacked)."""
+    in_shape, w_shape, kwargs = case
     nd = len(in_shape) - 2
     torch.manual_seed(17)
-    y, w, b = torch.randn(in_shape, dtype=dtype), torch.randn(w_shape, dtype=dtype), torch.randn(w_shape[1], dtype=dtype)
+    y, w = torch.randn(in_shape, dtype=dtype), torch.randn(w_shape, dtype=dtype)
+    b = torch.randn(w_shape[1] * kwargs.get("groups", 1), dtype=dtype)
     if layout == "channels_last":
         y = y.contiguous(memory_format=torch.channels_last if nd == 2 else torch.channels_last_3d)
-    check_parity(ours_ct(nd), torch_ct(nd), (y, w, b), dict(stride=stride, padding=padding))
+    check_parity(ours_ct(nd), torch_ct(nd), (y, w, b), kwargs)
 
 
 @pytest.mark.parametrize("case", [((2, 24, 16, 16, 16), (24, 32, 1, 1, 1), 1),  # pointwise, planes of 16 KiB

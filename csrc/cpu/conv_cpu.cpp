@@ -691,8 +691,9 @@ struct Team {
 // another, each covering whole output rows (its r2s are all of the stride's), are stored together along dim 1
 // (store_rows_interleaved's layers), where the output's rows are contiguous but not whole 64-byte lines (of
 // `elem`-byte values): each line's rows one after another, one stream, whose shared lines are written once. (Rows
-// of whole lines gain nothing from it: DCGAN, MONAI, U-Net forwards within noise, bfloat16 DCGAN x1.02.) (Slot s's results start s * Cxg rows into a job's results, so a layer's rows are at one shift from the
-// first layer's for every way where their slots differ by one amount.)
+// of whole lines gain nothing from it: DCGAN, MONAI, U-Net forwards within noise, bfloat16 DCGAN x1.02-1.05.) Slot
+// s's results start s * Cxg rows into a job's results, so a layer's rows are at one shift from the first layer's
+// for every way where their slots differ by one amount.
 void stack_groups(const ConvParams& p, const std::vector<Phase>& phases, const Strides& sx, int64_t elem, Team& team) {
   std::vector<std::vector<int64_t>>& groups = team.store_groups;
   const auto phase = [&](int64_t slot) -> const Phase& { return phases[team.phases[slot]]; };

@@ -151,8 +151,8 @@ constexpr int64_t kMaxStoreWays = 16;
 // [run.first, run.stop) (less the run's trim). With `stream` and step == ways, whole 64-byte lines of dst are
 // written with non-temporal stores (no read of the line first, and it bypasses the caches: for outputs far larger
 // than the caches); on AVX-512, a line that one run ends in and the next (contiguous in dst) starts in is put
-// together in a register and streamed too. AVX-512 in-register transposes for 1, 2, 4, 8 and 16 rows where the CPU has it (one call for all
-// channels and runs: a call per run cost as much as the stores where runs are short).
+// together in a register and streamed too. AVX-512 in-register transposes for 1, 2, 4, 8 and 16 rows where the CPU
+// has it (one call for all channels and runs: a call per run cost as much as the stores where runs are short).
 void store_interleaved(const float* const* rows, int64_t ways, int64_t step, const StoreChannels& ch,
                        const StoreRun* runs, int64_t count, float* dst, bool stream);
 
