@@ -687,19 +687,24 @@ struct Team {
   int64_t win_lo = 0, win_span = 0;
 };
 
+// Whether a transposed layer's output rows of phases along dim 1 are stored stacked (stack_groups): a stride along
+// dim 1, and rows contiguous (one after another, innermost stride 1) but not whole 64-byte lines of `elem`-byte
+// values.
+inline bool stacks_rows(const ConvParams& p, const Strides& sx, int64_t elem) {
+  return p.stride[1] > 1 && sx.s[2] == 1 && sx.s[1] == p.big[2] && p.big[2] * elem % 64 != 0;
+}
+
 // Orders a team's store groups into stacks (Team::stacks): groups of one r0 and the same r2s whose r1 follow one
 // another, each covering whole output rows (its r2s are all of the stride's), are stored together along dim 1
-// (store_rows_interleaved's layers), where the output's rows are contiguous but not whole 64-byte lines (of
-// `elem`-byte values): each line's rows one after another, one stream, whose shared lines are written once. (Rows
-// of whole lines gain nothing from it: DCGAN, MONAI, U-Net forwards within noise, bfloat16 DCGAN x1.02-1.05.) Slot
-// s's results start s * Cxg rows into a job's results, so a layer's rows are at one shift from the first layer's
-// for every way where their slots differ by one amount.
+// (store_rows_interleaved's layers) where stacks_rows: each line's rows one after another, one stream, whose shared
+// lines are written once. (Rows of whole lines gain nothing from it: DCGAN, MONAI, U-Net forwards within noise,
+// bfloat16 DCGAN x1.02-1.05.) Slot s's results start s * Cxg rows into a job's results, so a layer's rows are at one
+// shift from the first layer's for every way where their slots differ by one amount.
 void stack_groups(const ConvParams& p, const std::vector<Phase>& phases, const Strides& sx, int64_t elem, Team& team) {
   std::vector<std::vector<int64_t>>& groups = team.store_groups;
   const auto phase = [&](int64_t slot) -> const Phase& { return phases[team.phases[slot]]; };
   const auto whole_rows = [&](const std::vector<int64_t>& g) {
-    return int64_t(g.size()) == p.stride[2] && sx.s[2] == 1 && p.stride[1] > 1 && sx.s[1] == p.big[2] &&
-           p.big[2] * elem % 64 != 0;
+    return int64_t(g.size()) == p.stride[2] && stacks_rows(p, sx, elem);
   };
   const auto follows = [&](const std::vector<int64_t>& g, const std::vector<int64_t>& h) {  // h on top of g
     if (h.size() != g.size() || !whole_rows(h)) return false;
@@ -837,16 +842,16 @@ TransposePlan make_transpose_plan(const ConvParams& p, const Strides& sy, const 
       for (const Phase& q : plan.phases)
         if (q.r[0] == ph.r[0] && q.r[1] == ph.r[1] && q.grid[2] > ph.grid[2]) ph.grid[2] = q.grid[2], extended = true;
   // Likewise the phases of one r0 whose grids differ in lines (an odd output height at stride 2), where the output's
-  // rows are contiguous but not whole 64-byte lines and every phase has the same innermost grid: computed on the
-  // most lines, they team, and each line's output rows are stored one after another (stacked, stack_groups), so a
-  // line shared by two rows is written once, whole (cpu::store_interleaved), not by plain stores in two passes.
+  // rows are contiguous but not whole 64-byte lines (stacks_rows) and every phase has the same innermost grid:
+  // computed on the most lines, they team, and each line's output rows are stored one after another (stacked,
+  // stack_groups), so a line shared by two rows is written once, whole (cpu::store_interleaved), not by plain stores
+  // in two passes.
   // The seed k=3, s=2 layer (101 x 201 planes), forward: x0.82 time (its stores from 17 to ~45 GB/s).
   const int64_t lines = std::accumulate(plan.phases.begin(), plan.phases.end(), int64_t(0),
                                         [](int64_t v, const Phase& ph) { return std::max(v, ph.grid[1]); });
   const bool one_width = std::all_of(plan.phases.begin(), plan.phases.end(),
                                      [&](const Phase& ph) { return ph.grid[2] == plan.phases[0].grid[2]; });
-  if (p.stride[1] > 1 && sx.s[2] == 1 && sx.s[1] == p.big[2] && p.big[2] * int64_t(sizeof(scalar_t)) % 64 != 0 &&
-      one_width && lines >= kMinExtendedLines)
+  if (stacks_rows(p, sx, sizeof(scalar_t)) && one_width && lines >= kMinExtendedLines)
     for (Phase& ph : plan.phases)
       for (const Phase& q : plan.phases)
         if (q.r[0] == ph.r[0] && q.grid[1] > ph.grid[1]) ph.grid[1] = q.grid[1], extended = true;

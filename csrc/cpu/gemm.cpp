@@ -1752,6 +1752,16 @@ void store_points_portable(const float* const* rows, int64_t ways, int64_t step,
     }
 }
 
+// The points of a run that every row stores: all but the last where the run drops `trim` values of it (StoreRun),
+// whose first ways - trim values are stored here. Returns their end.
+template <typename D>
+int64_t store_trimmed_point(const float* const* rows, int64_t ways, int64_t step, float bias, const StoreRun& run,
+                            D* dst, bool bf16) {
+  if (run.trim == 0) return run.stop;
+  store_points_portable(rows, ways - run.trim, step, bias, run.stop - 1, run.stop, dst, bf16);
+  return run.stop - 1;
+}
+
 template <typename D>
 void store_runs_portable(const float* const* rows, int64_t ways, int64_t step, const StoreChannels& ch,
                          const StoreRun* runs, int64_t count, D* dst, bool bf16) {
@@ -1761,9 +1771,8 @@ void store_runs_portable(const float* const* rows, int64_t ways, int64_t step, c
     for (const StoreRun* run = runs; run != runs + count; ++run) {
       for (int64_t w = 0; w < ways; ++w) r[w] = rows[w] + k * ch.ld + run->src;
       D* d = dst + k * ch.dst_stride + run->dst;
-      const int64_t n = run->stop - (run->trim > 0);
+      const int64_t n = store_trimmed_point(r, ways, step, bias, *run, d, bf16);
       store_points_portable(r, ways, step, bias, run->first, n, d, bf16);
-      if (run->trim) store_points_portable(r, ways - run->trim, step, bias, n, n + 1, d, bf16);
     }
   }
 }
@@ -2052,8 +2061,7 @@ __attribute__((target("avx512f"))) void store_runs_avx512(const float* const* ro
       for (int w = 0; w < W; ++w) r[w] = rows[w] + k * ch.ld + run->src;
       D* d = dk + run->dst;
       int64_t j = run->first;
-      const int64_t n = run->stop - (run->trim > 0);
-      if (run->trim) store_points_portable(r, W - run->trim, step, ch.bias ? ch.bias[k] : 0.0f, n, n + 1, d, bf16);
+      const int64_t n = store_trimmed_point(r, W, step, ch.bias ? ch.bias[k] : 0.0f, *run, d, bf16);
       bool aligned = false;
       if (stream && j < n) {
         int64_t head = j;
@@ -2167,8 +2175,7 @@ __attribute__((target("avx2,f16c"))) void store_runs_avx2(const float* const* ro
       for (int w = 0; w < W; ++w) r[w] = rows[w] + k * ch.ld + run->src;
       D* d = dk + run->dst;
       int64_t j = run->first;
-      const int64_t n = run->stop - (run->trim > 0);
-      if (run->trim) store_points_portable(r, W - run->trim, step, bias, n, n + 1, d, bf16);
+      const int64_t n = store_trimmed_point(r, W, step, bias, *run, d, bf16);
       if constexpr (Dense && std::is_same_v<D, float>) {
         // (a run that starts inside a 64-byte line: plain stores up to the first line boundary, then whole lines;
         // where the boundary falls inside a point of two rows, of rotated pairs)
