@@ -399,6 +399,32 @@ def test_stacked_rows(case, layout, dtype):
     check_parity(ours_ct(nd), torch_ct(nd), (y, w, b), kwargs)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+@pytest.mark.parametrize("case", [((2, 4, 5, 16, 40), (4, 6, 3, 3, 3), dict(stride=2), "contiguous"),  # end planes
+                                  ((1, 3, 40, 600), (3, 4, 3, 3), dict(stride=2), "contiguous"),  # end lines
+                                  ((1, 3, 12, 600), (3, 4, 2, 3), dict(stride=2, dilation=(5, 1)), "contiguous"),
+                                  ((1, 3, 5, 12, 520), (3, 4, 2, 2, 3), dict(stride=2, dilation=(5, 5, 1)),
+                                   "contiguous"),
+                                  ((2, 3, 6, 16, 48), (3, 4, 2, 3, 2), dict(stride=2, dilation=(4, 3, 1), padding=1),
+                                   "channels_last"),
+                                  ((1, 4, 9, 700), (4, 3, 3, 3), dict(stride=2, groups=2), "contiguous")],
+                         ids=["end_planes", "end_lines", "lines_without_taps", "planes_without_taps", "dilated_3d",
+                              "groups"])
+def test_line_classes(case, dtype):
+    """Planes (and lines of 512 points or more) of a phase's grid where some taps read past the input along the outer
+    dims (end planes and lines of strided layers) are multiplied over the taps that read the input there only, and
+    those where none does (dilated phases' first lines and planes) hold the bias alone: parity with gradients, tiles
+    across images, channels_last, groups and dilation."""
+    in_shape, w_shape, kwargs, layout = case
+    nd = len(in_shape) - 2
+    torch.manual_seed(19)
+    y, w = torch.randn(in_shape, dtype=dtype), torch.randn(w_shape, dtype=dtype)
+    b = torch.randn(w_shape[1] * kwargs.get("groups", 1), dtype=dtype)
+    if layout == "channels_last":
+        y = y.contiguous(memory_format=torch.channels_last if nd == 2 else torch.channels_last_3d)
+    check_parity(ours_ct(nd), torch_ct(nd), (y, w, b), kwargs)
+
+
 @pytest.mark.parametrize("case", [((2, 24, 16, 16, 16), (24, 32, 1, 1, 1), 1),  # pointwise, planes of 16 KiB
                                   ((1, 40, 8, 16, 32), (40, 20, 1, 1, 1), 1),  # 20 output channels
                                   ((1, 24, 8, 8, 8), (24, 20, 2, 2, 2), 2)],  # k=2: input gradient, 20 channels read

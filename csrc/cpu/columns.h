@@ -873,12 +873,15 @@ Windows<acc_t> grid_windows(const Frame& fr, const int64_t* layout, const scalar
 // `col` holds the packed columns of at most `col_cols` positions: panels that cannot be read in place are packed
 // and multiplied that many at a time.
 // With a column map `cols` (grid_windows), column j reads the windows at cols[j] instead of j, and every column
-// through it (no window limit applies: the map reads only points of the grid).
+// through it (no window limit applies: the map reads only points of the grid). With a column map, `taps` (indices
+// into the frame's) may name the only taps multiplied: then A is `channels` x taps->size() deep, rows (c, taps[i]).
 template <typename acc_t>
 void frame_gemm_windows(const Frame& fr, const Windows<acc_t>& w, int64_t channels, int64_t count, GemmTile gt,
                         int64_t rows, const acc_t* a_packed, bool accumulate, acc_t* c, int64_t ldc, acc_t* col,
-                        int64_t col_cols, const int64_t* cols = nullptr) {
-  const int64_t T = static_cast<int64_t>(fr.tap_off.size()), depth = channels * T;
+                        int64_t col_cols, const int64_t* cols = nullptr, const std::vector<int64_t>* taps = nullptr) {
+  TORCH_CHECK(!taps || cols, "torch_convt: internal error: a tap subset without a column map");
+  const int64_t T = taps ? static_cast<int64_t>(taps->size()) : static_cast<int64_t>(fr.tap_off.size());
+  const int64_t depth = channels * T;
   // panels [0, direct) are read in place: their runs end by window element direct + span <= limit
   const int64_t whole = (count + gt.nr - 1) / gt.nr * gt.nr;
   const int64_t direct = cols || whole + fr.span <= w.limit
@@ -888,9 +891,11 @@ void frame_gemm_windows(const Frame& fr, const Windows<acc_t>& w, int64_t channe
     thread_local std::vector<const acc_t*> b_rows;
     b_rows.resize(depth);
     for (int64_t ch = 0; ch < channels; ++ch)
-      for (int64_t t = 0; t < T; ++t)
-        b_rows[ch * T + t] =
+      for (int64_t i = 0; i < T; ++i) {
+        const int64_t t = taps ? (*taps)[i] : i;
+        b_rows[ch * T + i] =
             w.data + ch * w.channel_stride + fr.tap_plane[t] * w.plane_stride + fr.tap_off[t] - fr.min_off;
+      }
     gemm_rows<acc_t>(gt, rows, direct, depth, a_packed, b_rows.data(), accumulate, c, ldc, cols);
   }
   const int64_t chunk = std::max(gt.nr, col_cols / gt.nr * gt.nr);

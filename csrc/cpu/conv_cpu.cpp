@@ -61,6 +61,8 @@ constexpr size_t kKeptOutputs = 4, kCacheLimit = size_t(1) << 30;  // what Outpu
 constexpr int64_t kStreamBytes = int64_t(8) << 20;  // conv_transpose outputs this large: streaming stores
 constexpr int64_t kMinExtendedGrid = 64;  // conv_transpose: innermost grids this long are extended by a point
 constexpr int64_t kMinExtendedLines = 16;  // conv_transpose: grids of this many lines are extended by a line
+constexpr int64_t kMaxLineClasses = 16;  // conv_transpose: a set's classes of lines by the taps they read at most
+constexpr int64_t kMinClassRun = 512;  // conv_transpose: line classes along dims whose runs are this many points
 
 // Whether a GEMM of a scalar_t layer whose A operands are at least `depth` deep, over `channels` input channels a
 // group, runs on AMX tiles or AVX512-BF16 dot products (bfloat16 layers where the CPU has either: the tile unit
@@ -667,6 +669,15 @@ struct PhaseSet {
   // points (TransposePlan::grid_tiles).
   int64_t layout[kMaxDims] = {1, 1, 1};
   int64_t positions = 0;  // the extent its tiles cover (per image; with grid tiles, of the whole batch)
+  // Grid tiles: the classes of the grid's lines (u0, u1) by the taps that read Y there. Where a tap reads past Y's
+  // extent along dim 0 or 1 (the first and last planes and lines of phases whose taps reach past Y's edges, lines of
+  // an extended grid past a phase's own), it multiplies the frame's zeros: a run of lines of one class is a GEMM over
+  // that class's taps only. line_class[u0 * grid1 + u1]: -1 every tap, -2 none (the sums are zeros), else c, whose
+  // taps are subsets[c] and whose packed A (rows (cy, subsets[c][i]) of the set's) starts at element sub_offset[c]
+  // of the weight buffer, sub_size[c] a (group, depth block) operand. Empty where every line reads every tap.
+  std::vector<int8_t> line_class;
+  std::vector<std::vector<int64_t>> subsets;
+  std::vector<int64_t> sub_offset, sub_size;
 };
 
 // Sets whose tiles cover the same output points (same grid and position layout, same tile) form a team: one job
@@ -788,6 +799,54 @@ void share_windows(Team& team, std::vector<PhaseSet>& sets, const std::vector<Ph
 struct TransposeJob {
   int64_t team, m0, m1;
 };
+
+// PhaseSet::line_class of a grid-tiled set of phase `ph`, and its classes' operands, placed from `a_total` on. Not
+// for AMX operands (tiles, not rows), sets of more than 64 taps, or more than kMaxLineClasses classes. Measured
+// (forward, alternated builds): the seed k=3, s=2 layer, whose 11-plane grids of r0 = 0 have their two end planes on
+// half the taps (6% of its GEMMs' work), x0.95 time; the anisotropic seed layer x0.93; k=4, s=2 3d within noise.
+void line_classes(const ConvParams& p, const Phase& ph, PhaseSet& set, int64_t& a_total) {
+  const int64_t T = set.taps, lines = set.layout[0] * set.layout[1];
+  // (along the dims whose planes, or lines, are kMinClassRun points or more: a GEMM per run ends in a part panel,
+  // which costs a whole one; classes of the seed layer's lines of 102 points left it as fast as without them)
+  const bool long_runs[2] = {set.layout[1] * set.layout[2] >= kMinClassRun, set.layout[2] >= kMinClassRun};
+  if (set.gt.amx || T > 64 || !(long_runs[0] || long_runs[1])) return;
+  const uint64_t all = T == 64 ? ~uint64_t(0) : (uint64_t(1) << T) - 1;
+  std::vector<uint64_t> masks;
+  std::vector<int8_t> cls(lines, -1);
+  for (int64_t l = 0; l < lines; ++l) {
+    const int64_t u[2] = {l / set.layout[1], l % set.layout[1]};
+    uint64_t mask = 0;
+    for (int64_t t = 0; t < T; ++t) {
+      const int64_t* off = ph.taps[t].offset;
+      bool reads = true;
+      for (int d = 0; d < 2; ++d)
+        reads = reads && (!long_runs[d] || (u[d] + off[d] >= 0 && u[d] + off[d] < p.small[d]));
+      mask |= uint64_t(reads) << t;
+    }
+    if (mask == all) continue;
+    if (mask == 0) {
+      cls[l] = -2;
+      continue;
+    }
+    auto it = std::find(masks.begin(), masks.end(), mask);
+    if (it == masks.end()) {
+      if (int64_t(masks.size()) == kMaxLineClasses) return;
+      it = masks.insert(masks.end(), mask);
+    }
+    cls[l] = static_cast<int8_t>(it - masks.begin());
+  }
+  if (std::all_of(cls.begin(), cls.end(), [](int8_t c) { return c == -1; })) return;
+  set.line_class = std::move(cls);
+  for (uint64_t mask : masks) {
+    std::vector<int64_t> taps;
+    for (int64_t t = 0; t < T; ++t)
+      if (mask >> t & 1) taps.push_back(t);
+    set.sub_size.push_back(cpu::packed_size(set.out_rows, set.block * int64_t(taps.size()), set.gt.mr));
+    set.sub_offset.push_back(a_total);
+    a_total += p.groups * set.blocks * set.sub_size.back();
+    set.subsets.push_back(std::move(taps));
+  }
+}
 
 // The part of a (computed) grid that phase r has in the output: the grid may be longer (make_transpose_plan).
 inline std::array<int64_t, kMaxDims> own_grid(const ConvParams& p, const int64_t* r, const int64_t* grid) {
@@ -1001,6 +1060,9 @@ TransposePlan make_transpose_plan(const ConvParams& p, const Strides& sy, const 
     return u.m0 * extent(v) < v.m0 * extent(u);
   });
 
+  if (plan.grid_tiles)
+    for (PhaseSet& set : sets) line_classes(p, phases[set.members[0]], set, plan.a_total);
+
   plan.source.resize(sets.size());
   plan.first_item.assign(sets.size() + 1, 0);
   for (size_t si = 0; si < sets.size(); ++si) {
@@ -1052,6 +1114,28 @@ void grid_tile_job(const ConvParams& p, const TransposePlan& plan, const Team& t
   const std::vector<PhaseSet>& sets = plan.sets;
   const int64_t Cyg = p.small_group(), cnt = job.m1 - job.m0;
   thread_local std::vector<int64_t> cols;
+  // The GEMM of a set's tile from windows `win`: by runs of lines of one class (PhaseSet::line_class), each over the
+  // taps that read Y there.
+  const auto gemm = [&](const PhaseSet& set, const Windows<acc_t>& win, int64_t channels, int64_t bi, acc_t* result) {
+    if (set.line_class.empty())
+      return frame_gemm_windows<acc_t>(set.frame, win, channels, cnt, set.gt, set.out_rows, operand(set, g, bi), bi > 0,
+                                       result, cnt, nullptr, 0, cols.data());
+    const int64_t width = set.layout[2], lines = set.layout[0] * set.layout[1];
+    const auto line_class = [&](int64_t j) { return set.line_class[(job.m0 + j) / width % lines]; };
+    for (int64_t j0 = 0, j1; j0 < cnt; j0 = j1) {
+      const int64_t cls = line_class(j0);
+      j1 = std::min(cnt, j0 + width - (job.m0 + j0) % width);
+      while (j1 < cnt && line_class(j1) == cls) j1 = std::min(cnt, j1 + width);
+      if (cls == -2) {
+        for (int64_t r = 0; bi == 0 && r < set.out_rows; ++r)
+          std::fill(result + r * cnt + j0, result + r * cnt + j1, acc_t(0));
+        continue;
+      }
+      frame_gemm_windows<acc_t>(set.frame, win, channels, j1 - j0, set.gt, set.out_rows, operand(set, g, bi, cls),
+                                bi > 0, result + j0, cnt, nullptr, 0, cols.data() + j0,
+                                cls < 0 ? nullptr : &set.subsets[cls]);
+    }
+  };
   const PhaseSet& lead = sets[team.sets[0]];
   if (team.shared) {  // one gather of windows for every set
     for (int64_t bi = 0; bi < lead.blocks; ++bi) {
@@ -1063,9 +1147,7 @@ void grid_tile_job(const ConvParams& p, const TransposePlan& plan, const Team& t
       for (int64_t si : team.sets) {
         const PhaseSet& set = sets[si];
         const int64_t shift = set.frame.min_off - lead.frame.min_off;  // (win.data is at the lead's min_off)
-        const Windows<acc_t> view{win.data + shift, win.channel_stride, win.plane_stride, 0};
-        frame_gemm_windows<acc_t>(set.frame, view, channels, cnt, set.gt, set.out_rows, operand(set, g, bi), bi > 0,
-                                  result, cnt, nullptr, 0, cols.data());
+        gemm(set, Windows<acc_t>{win.data + shift, win.channel_stride, win.plane_stride, 0}, channels, bi, result);
         result += set.out_rows * cnt;
       }
     }
@@ -1079,8 +1161,7 @@ void grid_tile_job(const ConvParams& p, const TransposePlan& plan, const Team& t
       const Windows<acc_t> win =
           grid_windows<scalar_t, acc_t>(set.frame, set.layout, y_g + bi * set.block * sy.c, sy.n, channels, p.small,
                                         sy, job.m0, job.m1, set.frame.min_off, set.frame.span, cols);
-      frame_gemm_windows<acc_t>(set.frame, win, channels, cnt, set.gt, set.out_rows, operand(set, g, bi), bi > 0,
-                                result, cnt, nullptr, 0, cols.data());
+      gemm(set, win, channels, bi, result);
     }
     result += set.out_rows * cnt;
   }
@@ -1165,8 +1246,10 @@ void conv_transpose_kernel(const ConvParams& p, const scalar_t* y, const Strides
   const std::vector<TransposeJob>& jobs = plan.jobs;
   std::unique_ptr<acc_t[]> a_fresh;
   acc_t* const a_all = held_buffer<acc_t, kWeightSlot>(plan.a_total, a_fresh);
-  const auto operand = [&](const PhaseSet& set, int64_t g, int64_t bi) {  // the packed A of (group, depth block)
-    return a_all + set.a_offset + (g * set.blocks + bi) * set.a_size;
+  // the packed A of (group, depth block), or of a line class's taps (PhaseSet::line_class)
+  const auto operand = [&](const PhaseSet& set, int64_t g, int64_t bi, int64_t cls = -1) {
+    return cls < 0 ? a_all + set.a_offset + (g * set.blocks + bi) * set.a_size
+                   : a_all + set.sub_offset[cls] + (g * set.blocks + bi) * set.sub_size[cls];
   };
 
   // Pack A for every set in parallel, megabytes of weights for wide layers. A work item is a panel, or, where MR
@@ -1312,6 +1395,30 @@ void conv_transpose_kernel(const ConvParams& p, const scalar_t* y, const Strides
   // Non-finite weights: the GEMM's padding (frame points, zero rows) would turn 0 * inf into NaN in outputs
   // that the reference leaves finite, so the direct kernel, which multiplies only real contributions, takes over.
   if (!finite) return conv_transpose_direct(p, own_grids(p, phases), y, sy, w, ba, x, sx);
+  // The line classes' operands: their taps' rows of each set's A, copied (an item: one class of one group).
+  std::vector<std::pair<int64_t, int64_t>> classes;  // (set, class)
+  for (size_t si = 0; si < sets.size(); ++si)
+    for (size_t c = 0; c < sets[si].subsets.size(); ++c) classes.emplace_back(si, c);
+  const int64_t class_items = G * static_cast<int64_t>(classes.size());
+  at::parallel_for(0, class_items, grain(std::max<int64_t>(1, 16 * plan.a_total / std::max<int64_t>(1, class_items))),
+                   [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const auto [si, c] = classes[item / G];
+      const int64_t g = item % G;
+      const PhaseSet& set = sets[si];
+      const std::vector<int64_t>& taps = set.subsets[c];
+      const int64_t MR = set.gt.mr, T = set.taps, S = static_cast<int64_t>(taps.size());
+      for (int64_t bi = 0; bi < set.blocks; ++bi) {
+        const int64_t channels = std::min(set.block, Cyg - bi * set.block);
+        const acc_t* a = operand(set, g, bi);
+        acc_t* sub = operand(set, g, bi, c);
+        for (int64_t q = 0; q < ceil_div(set.out_rows, MR); ++q)
+          for (int64_t cy = 0; cy < channels; ++cy)
+            for (int64_t i = 0; i < S; ++i)
+              std::copy_n(a + (q * channels * T + cy * T + taps[i]) * MR, MR, sub + (q * channels * S + cy * S + i) * MR);
+      }
+    }
+  });
   const int64_t J = static_cast<int64_t>(jobs.size());
 
   // (grid tiles: a job covers all images, and its flops are the whole batch's share)
