@@ -371,6 +371,17 @@ def test_large_outputs_streamed(case):
     assert out.numel() * 4 >= 8 << 20
 
 
+def transposed_parity(in_shape, w_shape, kwargs, layout, dtype, seed):
+    """Parity with gradients of a transposed layer on random data, the input contiguous or channels_last."""
+    nd = len(in_shape) - 2
+    torch.manual_seed(seed)
+    y, w = torch.randn(in_shape, dtype=dtype), torch.randn(w_shape, dtype=dtype)
+    b = torch.randn(w_shape[1] * kwargs.get("groups", 1), dtype=dtype)
+    if layout == "channels_last":
+        y = y.contiguous(memory_format=torch.channels_last if nd == 2 else torch.channels_last_3d)
+    check_parity(ours_ct(nd), torch_ct(nd), (y, w, b), kwargs)
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("case", [((2, 4, 3, 20, 70), (4, 6, 3, 3, 3), dict(stride=2)),  # the seed layer's shape, small
@@ -389,14 +400,7 @@ def test_stacked_rows(case, layout, dtype):
     line's rows are stored one after another (the phases stacked), the points past a phase's own grid left out
     (16 lines and even heights: stacked, not extended). Parity with gradients, float64 and float32, batches of 1 and
     2 (tiles across images), groups, dilation, and channels_last output (not stacked)."""
-    in_shape, w_shape, kwargs = case
-    nd = len(in_shape) - 2
-    torch.manual_seed(17)
-    y, w = torch.randn(in_shape, dtype=dtype), torch.randn(w_shape, dtype=dtype)
-    b = torch.randn(w_shape[1] * kwargs.get("groups", 1), dtype=dtype)
-    if layout == "channels_last":
-        y = y.contiguous(memory_format=torch.channels_last if nd == 2 else torch.channels_last_3d)
-    check_parity(ours_ct(nd), torch_ct(nd), (y, w, b), kwargs)
+    transposed_parity(*case, layout, dtype, seed=17)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
@@ -415,14 +419,7 @@ def test_line_classes(case, dtype):
     dims (end planes and lines of strided layers) are multiplied over the taps that read the input there only, and
     those where none does (dilated phases' first lines and planes) hold the bias alone: parity with gradients, tiles
     across images, channels_last, groups and dilation."""
-    in_shape, w_shape, kwargs, layout = case
-    nd = len(in_shape) - 2
-    torch.manual_seed(19)
-    y, w = torch.randn(in_shape, dtype=dtype), torch.randn(w_shape, dtype=dtype)
-    b = torch.randn(w_shape[1] * kwargs.get("groups", 1), dtype=dtype)
-    if layout == "channels_last":
-        y = y.contiguous(memory_format=torch.channels_last if nd == 2 else torch.channels_last_3d)
-    check_parity(ours_ct(nd), torch_ct(nd), (y, w, b), kwargs)
+    transposed_parity(*case, dtype, seed=19)
 
 
 @pytest.mark.parametrize("case", [((2, 24, 16, 16, 16), (24, 32, 1, 1, 1), 1),  # pointwise, planes of 16 KiB
