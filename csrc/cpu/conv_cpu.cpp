@@ -1125,10 +1125,9 @@ std::shared_ptr<const TransposePlan> transpose_plan(const ConvParams& p, const S
 }
 
 // A job of a grid-tiled plan: the results of the team's sets for the grid points [job.m0, job.m1) over the batch,
-// one set after another in `out` (set.out_rows x count each). The same sums, in the same order, as the frame tiles.
-// Computes a grid-tiled job's results into `out` (the team's sets' rows one after another, each `cnt` columns) and
-// hands them to store(tile) a tile at a time: a job of Team::tiles tiles gathers its windows once, then multiplies
-// and stores tile after tile.
+// one set after another in `out` (set.out_rows x count each), handed to store(tile) a tile at a time (a job of
+// Team::tiles tiles gathers its windows once, then multiplies and stores tile after tile). The same sums, in the same
+// order, as the frame tiles, less the products with the frame's zeros that line classes skip.
 template <typename scalar_t, typename acc_t, typename Operand, typename Store>
 void grid_tile_job(const ConvParams& p, const TransposePlan& plan, const Team& team, const TransposeJob& job,
                    int64_t g, const scalar_t* y_g, const Strides& sy, const Operand& operand, acc_t* out,
