@@ -1428,6 +1428,24 @@ def test_winograd_matches_float64(case):
         assert torch.equal(wino[2], direct[2]) != takes
 
 
+@pytest.mark.skipif(not _winograd_available(), reason="no AVX-512 or AVX2: float32 layers take direct summation")
+def test_winograd_weight_grad_chunks_of_one_group():
+    """The weight gradient by Winograd of a grouped layer whose chunks of blocks mostly hold one group's blocks only
+    (batch 1, two groups, 400 tiles an image): a chunk's sums of a group it lacks are zeros, not what the layer
+    before left in the reused buffer of partial sums (one runs first)."""
+    torch.manual_seed(11)
+    before = _winograd_and_direct("ct", torch.randn(8, 256, 16, 16), torch.randn(256, 128, 4, 4) / 45,
+                                  torch.randn(128), dict(padding=1, stride=2))
+    assert not torch.equal(before[1][2], before[2][2])  # (its weight gradient by Winograd too)
+    x, w, b = torch.randn(1, 256, 40, 40), torch.randn(256, 128, 4, 4) / 45, torch.randn(256)
+    assert _weight_grad_takes_winograd(tuple(w.shape), 1, 2, 2)
+    expected, wino, direct = _winograd_and_direct("ct", x, w, b, dict(padding=1, stride=2, groups=2))
+    scale = expected[2].abs().max().item()
+    assert (wino[2] - expected[2]).abs().max().item() <= 1e-5 * scale
+    assert (direct[2] - expected[2]).abs().max().item() <= 1e-5 * scale
+    assert not torch.equal(wino[2], direct[2])
+
+
 # A conv at stride 2 by kernel 4 (GAN discriminators; the input gradient of kernel-4 stride-2 transposed layers):
 # F(2, 2) on each sub-lattice of its input, the sub-lattices copied as channels (wino_strided); and kernel 2 at stride 1.
 # (input, weight, padding, groups, stride)

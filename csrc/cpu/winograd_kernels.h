@@ -665,25 +665,39 @@ WINO_TARGET void wino_grad_run(const float* gout, const Strides& so, const Winog
 // wino_grad_run; V: the transformed inputs, wino_input_run), then dw(t) = sum_p g[p][t] dU_p (the schemes' g of its
 // dims, transposed). The tiles are blocks (below), the depth of GEMMs dU_p += P_p . V_vi[p]^T, both operands
 // transposed into panels (pack_panels) as the transforms leave them, a panel's channels at a time.
-// The blocks are summed in fixed chunks (by count, not by thread), each into partial sums of its own, the chunks'
-// sums added in order: the result does not depend on the thread count. Returns false (dw then written in part, or
-// not at all) where any value of dw is not finite (the caller's path then computes it, as for wino_layer's outputs).
+// The blocks are summed in fixed chunks (by count, not by thread; at least kWgradChunkItems blocks each), each into
+// partial sums of its own (a chunk's first block of a group writes them, no zeroing pass), the chunks' sums added in
+// order: the result does not depend on the thread count. Returns false (dw then written in part, or not at all) where
+// any value of dw is not finite (the caller's path then computes it, as for wino_layer's outputs).
 // Blocks of up to kWgradTiles tiles, as many (a multiple of 16) as keep the rows that the transforms write for one
-// panel of channels (NR input channels' transformed inputs, MR output channels' products' gradients) within
-// kWgradRowBytes: half of a 512 KiB L2, so they are still there when packed. Deeper blocks load and store each block
-// of the GEMMs' C (the partial sums, which for DCGAN's layer are 4.7 MB) fewer times. (Against direct summation, 20
-// alternated pairs, median time ratio: blocks of 32 tiles, DCGAN x0.91-0.93, stride-1 3d x0.72-0.79, a 2d kernel-3 conv
-// x0.87; with this bound (96, 32 and 128 tiles) x0.75-0.77, x0.68-0.82 and x0.70; with a 512 KiB bound x0.82-0.85,
-// x0.65-0.78, x0.72.)
-constexpr int64_t kWgradRowBytes = int64_t(256) << 10;
+// panel of channels (NR input channels' transformed inputs, MR output channels' products' gradients) within half of
+// the L2 (wgrad_row_bytes), so they are still there when packed. Deeper blocks load and store each block of the GEMMs'
+// C (the partial sums, which for DCGAN's layer are 4.7 MB) fewer times, and the GEMMs fetch the next A panel's C as
+// each runs (GemmTile::kc). (Against direct summation, 20 alternated pairs, median time ratio, on a CPU of 512 KiB of
+// L2: blocks of 32 tiles, DCGAN x0.91-0.93, stride-1 3d x0.72-0.79, a 2d kernel-3 conv x0.87; with half the L2 (96, 32
+// and 128 tiles) x0.75-0.77, x0.68-0.82 and x0.70; with a 512 KiB bound x0.82-0.85, x0.65-0.78, x0.72. On Zen 4, 1 MiB
+// of L2, 5 alternated pairs of builds: half of it instead of 256 KiB, with the C fetch, the first blocks writing and
+// chunks of two blocks or more, DCGAN's weight gradient batch 8 x0.71 time, batch 32 x0.90; training steps: stride-1
+// 3d x0.88, DCGAN x0.95. Step by step at batch 8 (3 runs each): the C fetch x0.83; with it and the first blocks
+// writing, half the L2 x0.92; then chunks of two x0.91.)
 constexpr int64_t kWgradTiles = 128;
+constexpr int64_t kWgradChunkItems = 2;
+inline int64_t wgrad_row_bytes() {
+#if defined(__linux__) && defined(_SC_LEVEL2_CACHE_SIZE)
+  static const int64_t l2 = sysconf(_SC_LEVEL2_CACHE_SIZE);
+#else
+  constexpr int64_t l2 = 0;
+#endif
+  return (l2 > 0 ? l2 : int64_t(512) << 10) / 2;
+}
 template <class DZ, class DY, class DX>
 bool wino_wgrad_layer(const WinogradLayer& l, const WinogradGeometry& geo, const float* in, const Strides& si,
                       const float* gout, const Strides& so, float* dw) {
-  const GemmTile gt = gemm_tile<float>(l.co);
+  GemmTile gt = gemm_tile<float>(l.co);
+  gt.kc = kWgradTiles;  // (one K block, C fetched ahead: GemmTile::kc)
   const int64_t MR = gt.mr, NR = gt.nr;
   const int64_t row_bytes = (geo.nv * NR + geo.np * MR) * int64_t(sizeof(float));  // a tile's, one panel of channels
-  const int64_t nb = std::clamp<int64_t>(kWgradRowBytes / row_bytes / 16 * 16, 16, kWgradTiles);
+  const int64_t nb = std::clamp<int64_t>(wgrad_row_bytes() / row_bytes / 16 * 16, 16, kWgradTiles);
   auto plan = std::make_unique<WinogradPlan>();
   wino_plan(l, geo, nb, *plan);  // (its vi: each product's transformed input)
   // dU: per product, co x ci row-major (du floats a group). The GEMMs' operands: per product its gradients P_p as A
@@ -693,7 +707,7 @@ bool wino_wgrad_layer(const WinogradLayer& l, const WinogradGeometry& geo, const
   const int64_t du = geo.np * l.co * l.ci, all = l.groups * du;
   const int64_t blocks = ceil_div(geo.count, nb), items = l.batch * l.groups * blocks;  // (n, g, block)
   const int64_t target = std::clamp<int64_t>(kPartialBytes / (all * int64_t(sizeof(float))), 1, kMaxChunks);
-  const int64_t chunks = std::min(items, target);
+  const int64_t chunks = std::min(ceil_div(items, kWgradChunkItems), target);
   std::unique_ptr<float[]> fresh;
   float* const partial = held_buffer<float, kPartialSlot>(chunks * all, fresh);
   // rows of the transforms: NR input channels' V (v_xi apart per v), MR output channels' P (p_xi apart per p)
@@ -705,9 +719,10 @@ bool wino_wgrad_layer(const WinogradLayer& l, const WinogradGeometry& geo, const
     float* P = scratch<float, 1>(geo.np * p_xi);
     float* A = scratch<float, 2>(geo.np * a_size);
     float* B = scratch<float, 3>(geo.nv * b_size);
+    std::vector<char> written(l.groups);  // whether the chunk's sums of group g hold products
     for (int64_t chunk = begin; chunk < end; ++chunk) {
       float* const sum = partial + chunk * all;
-      std::fill(sum, sum + all, 0.0f);
+      std::fill(written.begin(), written.end(), 0);
       for (int64_t item = items * chunk / chunks; item < items * (chunk + 1) / chunks; ++item) {
         const int64_t n = item / (l.groups * blocks), g = item / blocks % l.groups, b = item % blocks;
         const int64_t t0 = b * nb, t1 = std::min(geo.count, t0 + nb), K = t1 - t0;
@@ -732,9 +747,12 @@ bool wino_wgrad_layer(const WinogradLayer& l, const WinogradGeometry& geo, const
           for (int64_t p = 0; p < geo.np; ++p) pack_panels(P + prod[p], nb, 1, cn, K, MR, A + p * a_size + c0 * K);
         }
         for (int64_t p = 0; p < geo.np; ++p)
-          gemm_packed<float>(gt, l.co, l.ci, K, A + p * a_size, B + plan->vi[p] * b_size, true,
+          gemm_packed<float>(gt, l.co, l.ci, K, A + p * a_size, B + plan->vi[p] * b_size, written[g],
                              sum + g * du + p * l.co * l.ci, l.ci);
+        written[g] = 1;
       }
+      for (int64_t g = 0; g < l.groups; ++g)
+        if (!written[g]) std::fill(sum + g * du, sum + (g + 1) * du, 0.0f);
     }
   });
   // The chunks' sums in order, and dw = g^T dU one dim at a time ([pz][py][px] -> [pz][py][kx] -> [pz][ky][kx] ->
