@@ -872,6 +872,7 @@ struct TransposePlan {
   std::vector<PhaseSet> sets;
   std::vector<Team> teams;
   std::vector<TransposeJob> jobs;  // in run order
+  std::vector<std::pair<int64_t, int64_t>> classes;  // (set, class) of every line class (PhaseSet::line_class)
   // Grid tiles: every set is framed, and tiles are runs of grid points over the whole batch (n-major), read through
   // a column map (gemm_rows) from the windows of the images they touch; no frame point off the grid is computed
   // and tiles cross image boundaries. Else tiles are runs of one image's frame (or grid) positions.
@@ -1080,6 +1081,8 @@ TransposePlan make_transpose_plan(const ConvParams& p, const Strides& sy, const 
 
   if (plan.grid_tiles)
     for (PhaseSet& set : sets) line_classes(p, phases[set.members[0]], set, plan.a_total);
+  for (size_t si = 0; si < sets.size(); ++si)
+    for (size_t c = 0; c < sets[si].subsets.size(); ++c) plan.classes.emplace_back(si, c);
 
   plan.source.resize(sets.size());
   plan.first_item.assign(sets.size() + 1, 0);
@@ -1426,9 +1429,7 @@ void conv_transpose_kernel(const ConvParams& p, const scalar_t* y, const Strides
   // that the reference leaves finite, so the direct kernel, which multiplies only real contributions, takes over.
   if (!finite) return conv_transpose_direct(p, own_grids(p, phases), y, sy, w, ba, x, sx);
   // The line classes' operands: their taps' rows of each set's A, copied (an item: one class of one group).
-  std::vector<std::pair<int64_t, int64_t>> classes;  // (set, class)
-  for (size_t si = 0; si < sets.size(); ++si)
-    for (size_t c = 0; c < sets[si].subsets.size(); ++c) classes.emplace_back(si, c);
+  const std::vector<std::pair<int64_t, int64_t>>& classes = plan.classes;
   const int64_t class_items = G * static_cast<int64_t>(classes.size());
   at::parallel_for(0, class_items, grain(std::max<int64_t>(1, 16 * plan.a_total / std::max<int64_t>(1, class_items))),
                    [&](int64_t begin, int64_t end) {
