@@ -188,7 +188,7 @@ bool conv_grid_tiles(const ConvParams& p, const scalar_t* x, const Strides& sx, 
     if (split) {
       gather_split(p, frame, x, sx, n0, n1, planes);
     }
-    at::parallel_for(0, G * tiles, grain(2 * Cyg * Cxg * p.kernel_numel() * tile), [&](int64_t begin, int64_t end) {
+    parallel_items(G * tiles, grain(2 * Cyg * Cxg * p.kernel_numel() * tile), [&](int64_t begin, int64_t end) {
       thread_local std::vector<int64_t> cols;
       acc_t* out = in_place ? nullptr : scratch<acc_t, 1>(Cyg * tile);
       for (int64_t item = begin; item < end; ++item) {
@@ -571,7 +571,7 @@ void conv_kernel(const ConvParams& p, const scalar_t* x, const Strides& sx, cons
     if (split) {
       gather_split(p, frame, x, sx, n0, n1, planes);
     }
-    at::parallel_for(0, (n1 - n0) * G * tiles, grain(2 * Cyg * KK * tile), [&](int64_t begin, int64_t end) {
+    parallel_items((n1 - n0) * G * tiles, grain(2 * Cyg * KK * tile), [&](int64_t begin, int64_t end) {
       acc_t* col = scratch<acc_t, 0>(cpu::packed_size(col_tile, depth, gt.nr));
       acc_t* out = scratch<acc_t, 1>(Cyg * tile);
       for (int64_t item = begin; item < end; ++item) {
@@ -1461,7 +1461,7 @@ void conv_transpose_kernel(const ConvParams& p, const scalar_t* y, const Strides
   // and 128 MiB outputs) x0.77 and x0.73 time, DCGAN (16 MiB) x0.97; rows of one phase (stride 1 innermost), the
   // anisotropic seed layer (27 MiB) x0.96.
   const bool stream = p.batch * p.big_channels * p.big_spatial() * int64_t(sizeof(scalar_t)) >= kStreamBytes;
-  at::parallel_for(0, images * G * J, grain(plan.flops / std::max<int64_t>(1, J)), [&](int64_t begin, int64_t end) {
+  parallel_items(images * G * J, grain(plan.flops / std::max<int64_t>(1, J)), [&](int64_t begin, int64_t end) {
     acc_t* col =
         plan.grid_tiles ? nullptr : scratch<acc_t, 0>(cpu::packed_size(plan.max_tile, plan.max_rows, sets[0].gt.nr));
     acc_t* out = scratch<acc_t, 1>(plan.max_out * plan.max_tile);
@@ -1664,7 +1664,7 @@ void conv_weight_grad_kernel(const ConvParams& p, const scalar_t* x, const Strid
   std::stable_sort(tap_order.begin(), tap_order.end(),
                    [&](int64_t u, int64_t v) { return frame.tap_plane[u] < frame.tap_plane[v]; });
 
-  at::parallel_for(0, chunks, 1, [&](int64_t c_begin, int64_t c_end) {
+  parallel_items(chunks, 1, [&](int64_t c_begin, int64_t c_end) {
     acc_t* col = by_tap ? nullptr : scratch<acc_t, 0>(block * T * ld);
     acc_t* y_rows = scratch<acc_t, 1>(Cyg * ld);
     // (float panels: not for the tap-by-tap AMX path, whose operands are bfloat16 scratch of its own)
