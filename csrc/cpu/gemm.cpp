@@ -94,8 +94,10 @@ struct PanelRuns {
   int64_t shift[2][16] = {};
 };
 
-inline PanelRuns find_runs(const int64_t* cols, int64_t nr) {
-  PanelRuns runs;
+// (in place: the drivers keep their tables of runs from call to call, as a PanelRuns is 328 bytes; entries past a
+// half's count are read only as its second run's, of no lanes)
+inline void find_runs(const int64_t* cols, int64_t nr, PanelRuns& runs) {
+  for (int h = 0; h < 2; ++h) runs.count[h] = 0, runs.mask[h][1] = 0, runs.shift[h][1] = 0;
   for (int64_t j = 0; j < nr;) {  // the run [j, e) inside one half
     int64_t e = j + 1;
     while (e < nr && e % 16 != 0 && cols[e] == cols[j] + (e - j)) ++e;
@@ -104,7 +106,7 @@ inline PanelRuns find_runs(const int64_t* cols, int64_t nr) {
     runs.shift[h][runs.count[h]++] = cols[j] - j + 16 * h;
     j = e;
   }
-  return runs;
+  if (runs.count[1] == 0) runs.mask[1][0] = 0, runs.shift[1][0] = 0;  // (nr <= 16: a second half of no lanes)
 }
 
 // A B panel (NR = 32) of at most two runs a half (PanelRuns) read from its rows and stored packed while it is
@@ -937,13 +939,16 @@ void gemm_driver(GemmTile tile, int64_t M, int64_t N, int64_t K, const T* a_pack
   thread_local std::vector<PanelRuns> panel_runs;  // (of the panels not of one run, where mk.assemble reads runs)
   if (b_cols) {
     mapped.resize((N + NR - 1) / NR);
-    panel_runs.clear();
+    int64_t n_runs = 0;
     for (int64_t jr = 0; jr < N; jr += NR) {
       MappedPanel& mp = mapped[jr / NR];
       mp = map_panel(b_cols + jr, std::min(NR, N - jr), NR);
-      if (mp.kind == MappedPanel::kRun || !mk.assemble || NR != 32) continue;
-      mp.runs = static_cast<int64_t>(panel_runs.size());
-      panel_runs.push_back(find_runs(b_cols + jr, std::min(NR, N - jr)));
+      // (panels of two runs go to the halves kernels where the ISA has them, which need no runs)
+      if (mp.kind == MappedPanel::kRun || (mp.kind == MappedPanel::kHalves && halves_fn) || !mk.assemble || NR != 32)
+        continue;
+      mp.runs = n_runs++;
+      if (static_cast<int64_t>(panel_runs.size()) < n_runs) panel_runs.resize(n_runs);
+      find_runs(b_cols + jr, std::min(NR, N - jr), panel_runs[mp.runs]);
     }
   }
   // K blocks outermost, then blocks of MC rows of A: one (MC x KC) block of A stays in L2 while every B panel
@@ -1344,13 +1349,14 @@ __attribute__((target("avx512f"))) void amx_driver(int64_t M, int64_t N, int64_t
   const bool tiles = amx_supported();
   if (b_cols) {
     mapped.resize((N + NR - 1) / NR);
-    panel_runs.clear();
+    int64_t n_runs = 0;
     for (int64_t jr = 0; jr < N; jr += NR) {
       MappedPanel& mp = mapped[jr / NR];
       mp = map_panel(b_cols + jr, std::min(NR, N - jr), NR);
       if (mp.kind != MappedPanel::kAssembled || !mk.assemble || mk.nr != NR) continue;
-      mp.runs = static_cast<int64_t>(panel_runs.size());
-      panel_runs.push_back(find_runs(b_cols + jr, std::min(NR, N - jr)));
+      mp.runs = n_runs++;
+      if (static_cast<int64_t>(panel_runs.size()) < n_runs) panel_runs.resize(n_runs);
+      find_runs(b_cols + jr, std::min(NR, N - jr), panel_runs[mp.runs]);
     }
   }
   if (tiles) amx_configure();
