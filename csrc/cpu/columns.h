@@ -319,8 +319,10 @@ inline int64_t grain(int64_t flops_per_item) {
 // at::parallel_for(0, n, grain_size, f) with the items dealt out one at a time, in order, as the threads come for them,
 // instead of in equal contiguous shares: a thread slowed down (by the other's memory traffic, by the host) takes
 // fewer. For items whose results do not depend on the thread that computes them (so the bits never depend on the
-// schedule). Measured (alternated, 6-12 runs): the seed k=3, s=2 forward x0.95 time (11 of 12 pairs), the large
-// 3d U-Net k=2 forward x0.96; other forwards and training steps within noise.
+// schedule). conv_transpose's grid and frame tiles, measured (alternated, 6-12 runs): the seed k=3, s=2 forward x0.95
+// time (11 of 12 pairs), the large 3d U-Net k=2 forward x0.96; other forwards within noise. Not for items whose
+// neighbours share cache lines or halos: the Winograd forward's blocks dealt out so took x1.08 (MONAI) and x1.18
+// (dilated 3d) the time, each block's neighbours then on the other thread.
 template <typename F>
 void parallel_items(int64_t n, int64_t grain_size, const F& f) {
   if (n <= 0) return;

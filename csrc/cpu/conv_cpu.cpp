@@ -188,7 +188,7 @@ bool conv_grid_tiles(const ConvParams& p, const scalar_t* x, const Strides& sx, 
     if (split) {
       gather_split(p, frame, x, sx, n0, n1, planes);
     }
-    parallel_items(G * tiles, grain(2 * Cyg * Cxg * p.kernel_numel() * tile), [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, G * tiles, grain(2 * Cyg * Cxg * p.kernel_numel() * tile), [&](int64_t begin, int64_t end) {
       thread_local std::vector<int64_t> cols;
       acc_t* out = in_place ? nullptr : scratch<acc_t, 1>(Cyg * tile);
       for (int64_t item = begin; item < end; ++item) {
@@ -571,7 +571,7 @@ void conv_kernel(const ConvParams& p, const scalar_t* x, const Strides& sx, cons
     if (split) {
       gather_split(p, frame, x, sx, n0, n1, planes);
     }
-    parallel_items((n1 - n0) * G * tiles, grain(2 * Cyg * KK * tile), [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, (n1 - n0) * G * tiles, grain(2 * Cyg * KK * tile), [&](int64_t begin, int64_t end) {
       acc_t* col = scratch<acc_t, 0>(cpu::packed_size(col_tile, depth, gt.nr));
       acc_t* out = scratch<acc_t, 1>(Cyg * tile);
       for (int64_t item = begin; item < end; ++item) {
@@ -1664,7 +1664,7 @@ void conv_weight_grad_kernel(const ConvParams& p, const scalar_t* x, const Strid
   std::stable_sort(tap_order.begin(), tap_order.end(),
                    [&](int64_t u, int64_t v) { return frame.tap_plane[u] < frame.tap_plane[v]; });
 
-  parallel_items(chunks, 1, [&](int64_t c_begin, int64_t c_end) {
+  at::parallel_for(0, chunks, 1, [&](int64_t c_begin, int64_t c_end) {
     acc_t* col = by_tap ? nullptr : scratch<acc_t, 0>(block * T * ld);
     acc_t* y_rows = scratch<acc_t, 1>(Cyg * ld);
     // (float panels: not for the tap-by-tap AMX path, whose operands are bfloat16 scratch of its own)

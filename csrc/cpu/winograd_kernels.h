@@ -555,7 +555,7 @@ bool wino_layer(const WinogradLayer& l, const WinogradGeometry& geo, const T* in
   const float* const U = u.data;
   const int64_t blocks = ceil_div(geo.count, nb), v_xi = l.ci * nb + 16;
   std::atomic<bool> finite{true};
-  parallel_items(l.batch * l.groups * blocks, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, l.batch * l.groups * blocks, 1, [&](int64_t begin, int64_t end) {
     float* V = scratch<float, 0>(geo.nv * v_xi);
     float* M = scratch<float, 1>(plan->m_off[geo.nv]);
     bool ok = true;
@@ -714,7 +714,7 @@ bool wino_wgrad_layer(const WinogradLayer& l, const WinogradGeometry& geo, const
   const int64_t v_xi = NR * nb + 16, p_xi = MR * nb + 16;
   std::vector<int64_t> prod(geo.np);
   for (int64_t p = 0; p < geo.np; ++p) prod[p] = p * p_xi;
-  parallel_items(chunks, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
     float* V = scratch<float, 0>(geo.nv * v_xi);
     float* P = scratch<float, 1>(geo.np * p_xi);
     float* A = scratch<float, 2>(geo.np * a_size);
