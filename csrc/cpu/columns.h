@@ -326,12 +326,12 @@ inline int64_t grain(int64_t flops_per_item) {
 template <typename F>
 void parallel_items(int64_t n, int64_t grain_size, const F& f) {
   if (n <= 0) return;
-  const int64_t threads = std::min<int64_t>(at::get_num_threads(), (n + grain_size - 1) / std::max<int64_t>(1, grain_size));
+  const int64_t per_task = std::max<int64_t>(1, grain_size);
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), (n + per_task - 1) / per_task);
   if (threads <= 1 || at::in_parallel_region()) return f(int64_t(0), n);
   std::atomic<int64_t> next{0};
   at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
-    for (int64_t i = next.fetch_add(1, std::memory_order_relaxed); i < n; i = next.fetch_add(1, std::memory_order_relaxed))
-      f(i, i + 1);
+    for (int64_t i; (i = next.fetch_add(1, std::memory_order_relaxed)) < n;) f(i, i + 1);
   });
 }
 
