@@ -94,10 +94,14 @@ struct PanelRuns {
   int64_t shift[2][16] = {};
 };
 
-// (in place: the drivers keep their tables of runs from call to call, as a PanelRuns is 328 bytes; entries past a
-// half's count are read only as its second run's, of no lanes)
+// (in place: the drivers keep their tables of runs from call to call, as a PanelRuns is 328 bytes; the first two
+// entries of a half are read whatever its count, by the gather kernels, so they are cleared: lanes of no run)
 inline void find_runs(const int64_t* cols, int64_t nr, PanelRuns& runs) {
-  for (int h = 0; h < 2; ++h) runs.count[h] = 0, runs.mask[h][1] = 0, runs.shift[h][1] = 0;
+  for (int h = 0; h < 2; ++h) {
+    runs.count[h] = 0;
+    runs.mask[h][0] = runs.mask[h][1] = 0;
+    runs.shift[h][0] = runs.shift[h][1] = 0;
+  }
   for (int64_t j = 0; j < nr;) {  // the run [j, e) inside one half
     int64_t e = j + 1;
     while (e < nr && e % 16 != 0 && cols[e] == cols[j] + (e - j)) ++e;
@@ -106,7 +110,6 @@ inline void find_runs(const int64_t* cols, int64_t nr, PanelRuns& runs) {
     runs.shift[h][runs.count[h]++] = cols[j] - j + 16 * h;
     j = e;
   }
-  if (runs.count[1] == 0) runs.mask[1][0] = 0, runs.shift[1][0] = 0;  // (nr <= 16: a second half of no lanes)
 }
 
 // A B panel (NR = 32) of at most two runs a half (PanelRuns) read from its rows and stored packed while it is
@@ -855,6 +858,23 @@ inline MappedPanel map_panel(const int64_t* cols, int64_t nr, int64_t NR) {
   return {MappedPanel::kAssembled, 0, 0};
 }
 
+// The panels of a column map cols[0, N), classified once for all K blocks of a driver call: mapped[N / NR], and the
+// runs of those read by runs (`by_runs`: where the ISA's kernels read panels so) in panel_runs, assembled panels' and,
+// where `halves_by_runs`, two-run panels' too (elsewhere the halves kernels read those and need no runs).
+inline void map_panels(const int64_t* cols, int64_t N, int64_t NR, bool by_runs, bool halves_by_runs,
+                       std::vector<MappedPanel>& mapped, std::vector<PanelRuns>& panel_runs) {
+  mapped.resize((N + NR - 1) / NR);
+  int64_t n_runs = 0;
+  for (int64_t jr = 0; jr < N; jr += NR) {
+    MappedPanel& mp = mapped[jr / NR];
+    mp = map_panel(cols + jr, std::min(NR, N - jr), NR);
+    if (!by_runs || mp.kind == MappedPanel::kRun || (mp.kind == MappedPanel::kHalves && !halves_by_runs)) continue;
+    mp.runs = n_runs++;
+    if (static_cast<int64_t>(panel_runs.size()) < n_runs) panel_runs.resize(n_runs);
+    find_runs(cols + jr, std::min(NR, N - jr), panel_runs[mp.runs]);
+  }
+}
+
 // panel[k][j] = rows[k][cols[j]] for j < nr, 0 for nr <= j < NR: a mapped panel copied (aligned) for the micro-kernel,
 // run by run (columns of consecutive points: a frame line's). (Element by element through the map, this was 15% of
 // the dilated 3d training step on an AVX2 CPU, whose kernels read no panel by runs.)
@@ -937,20 +957,7 @@ void gemm_driver(GemmTile tile, int64_t M, int64_t N, int64_t K, const T* a_pack
   // A column map's panels, classified once for all K blocks.
   thread_local std::vector<MappedPanel> mapped;
   thread_local std::vector<PanelRuns> panel_runs;  // (of the panels not of one run, where mk.assemble reads runs)
-  if (b_cols) {
-    mapped.resize((N + NR - 1) / NR);
-    int64_t n_runs = 0;
-    for (int64_t jr = 0; jr < N; jr += NR) {
-      MappedPanel& mp = mapped[jr / NR];
-      mp = map_panel(b_cols + jr, std::min(NR, N - jr), NR);
-      // (panels of two runs go to the halves kernels where the ISA has them, which need no runs)
-      if (mp.kind == MappedPanel::kRun || (mp.kind == MappedPanel::kHalves && halves_fn) || !mk.assemble || NR != 32)
-        continue;
-      mp.runs = n_runs++;
-      if (static_cast<int64_t>(panel_runs.size()) < n_runs) panel_runs.resize(n_runs);
-      find_runs(b_cols + jr, std::min(NR, N - jr), panel_runs[mp.runs]);
-    }
-  }
+  if (b_cols) map_panels(b_cols, N, NR, mk.assemble && NR == 32, !halves_fn, mapped, panel_runs);
   // K blocks outermost, then blocks of MC rows of A: one (MC x KC) block of A stays in L2 while every B panel
   // streams past it, and each B panel's KC x NR block stays in L1 while the A panels of the block run over it.
   const int64_t mc_max = std::max<int64_t>(MR, kAcBytes / (KB * int64_t(sizeof(T))) / MR * MR);
@@ -1347,18 +1354,7 @@ __attribute__((target("avx512f"))) void amx_driver(int64_t M, int64_t N, int64_t
   thread_local std::vector<MappedPanel> mapped;
   thread_local std::vector<PanelRuns> panel_runs;
   const bool tiles = amx_supported();
-  if (b_cols) {
-    mapped.resize((N + NR - 1) / NR);
-    int64_t n_runs = 0;
-    for (int64_t jr = 0; jr < N; jr += NR) {
-      MappedPanel& mp = mapped[jr / NR];
-      mp = map_panel(b_cols + jr, std::min(NR, N - jr), NR);
-      if (mp.kind != MappedPanel::kAssembled || !mk.assemble || mk.nr != NR) continue;
-      mp.runs = n_runs++;
-      if (static_cast<int64_t>(panel_runs.size()) < n_runs) panel_runs.resize(n_runs);
-      find_runs(b_cols + jr, std::min(NR, N - jr), panel_runs[mp.runs]);
-    }
-  }
+  if (b_cols) map_panels(b_cols, N, NR, mk.assemble && mk.nr == NR, false, mapped, panel_runs);
   if (tiles) amx_configure();
   for (int64_t pc = 0; pc < K; pc += kAmxKC) {
     const int64_t kc = std::min(kAmxKC, K - pc), steps = (kc + 31) / 32;
