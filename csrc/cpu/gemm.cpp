@@ -69,6 +69,7 @@ int64_t k_block(int64_t nr) {
 }
 constexpr int64_t kAcBytes = 512 << 10;  // one K block of A (MC x KC) stays in L2
 constexpr int64_t kCopyPanels = 8;  // A panels from which a block of B rows is worth copying into a packed panel
+constexpr int64_t kInPlaceRows = 64;  // blocks of B rows this shallow are read in place by up to kCopyPanels A panels
 
 // B is either a packed panel (`b`, advancing NR per k) or, where `rows` is given, row k of B starts at rows[k] + at
 // (the panel is rows[k][at, at + NR)); the kernel then also prefetches rows[k][pf, pf + 32) (the next panel's part
@@ -988,8 +989,13 @@ void gemm_driver(GemmTile tile, int64_t M, int64_t N, int64_t K, const T* a_pack
         // gradients k=4 3d x0.94, stride-1 3d x0.95, HiFi-GAN x0.97; DCGAN and dilated 3d within noise; with two A
         // panels, k=4 3d forward x1.03, so not there. DCGAN forward, 16-point lines in 18-point frame lines: x0.98
         // against the gather kernel's masked loads. The GEMM alone, 32 rows of A, 1024 columns 256 deep, one thread:
-        // 73% of the FMA peak instead of 57% reading the rows in place.)
-        const bool pack_first = b_rows && several && halves_pack_fn &&
+        // 73% of the FMA peak instead of 57% reading the rows in place.) Not for a block of at most kInPlaceRows rows
+        // that fewer than kCopyPanels A panels read: its rows' lines (12 KiB at 64 rows) stay in L1 from one A panel to
+        // the next, and the packing kernel's two stores a k step cost more than the straddled loads save (one thread,
+        // 33 rows of A by sets of 128, 64, 64 and 32 rows as the seed k=3, s=2 forward's: x0.97 time; that forward
+        // x0.99, the anisotropic seed layer and grouped 2d x0.99; deeper blocks still lose without it: MONAI training
+        // step x1.02, k=4 3d x1.01).
+        const bool pack_first = b_rows && several && (kc > kInPlaceRows || many) && halves_pack_fn &&
                                 (mp.kind == MappedPanel::kRun || mp.kind == MappedPanel::kHalves);
         const int64_t at1 = mp.kind == MappedPanel::kRun ? mp.at0 + NR / 2 : mp.at1;
         const bool halves = b_rows && mp.kind == MappedPanel::kHalves && !pack_first && halves_fn;
