@@ -977,24 +977,36 @@ TransposePlan make_transpose_plan(const ConvParams& p, const Strides& sy, const 
   }
   plan.grid_tiles = grid_tiles && !sets.empty() &&
                     std::all_of(sets.begin(), sets.end(), [](const PhaseSet& set) { return set.framed; });
-  for (PhaseSet& set : sets) {
+  std::vector<bool> in_place(sets.size(), false);  // (grid tiles: the set's windows are its source, not gathered)
+  for (size_t si = 0; si < sets.size(); ++si) {
+    PhaseSet& set = sets[si];
     const int64_t* grid = phases[set.members[0]].grid;
     std::copy(grid, grid + kMaxDims, set.layout);
     if (!plan.grid_tiles) {
       if (set.framed) std::copy(set.frame.ext, set.frame.ext + kMaxDims, set.layout);
     } else {
-      const bool own_frame = std::is_same_v<scalar_t, acc_t> && source_is_frame(set.frame, p.small, sy);
-      set.layout[2] = grid_lines<acc_t>(set.frame, grid, set.out_rows, set.gt, own_frame);
+      in_place[si] = std::is_same_v<scalar_t, acc_t> && source_is_frame(set.frame, p.small, sy);
+      set.layout[2] = grid_lines<acc_t>(set.frame, grid, set.out_rows, set.gt, in_place[si]);
     }
   }
   for (PhaseSet& set : sets) {
     if (plan.grid_tiles) {
       // Sets of one grid whose frames' lines differ would not form a team (stores of single phases, strided): they
-      // take the grid's lines. (8-channel 8 x 8 layer, stride 2: op call 13.4 -> 12.2 us.)
+      // take the longest of their lines where all of them gather their windows, else the grid's lines. (8-channel 8 x
+      // 8 layer, stride 2: op call 13.4 -> 12.2 us.) A set's points past its own frame's lines read the next line's
+      // window points, and are computed and dropped as pad points are; a source read in place has nothing past its
+      // last line. Then every panel of the lines is one run of the windows (the seed k=3, s=2 forward, phases r2 = 0 of
+      // 102-point frame lines, r2 = 1 of 101: x0.98 time against 101, whose panels across lines took two runs).
       const int64_t* grid = phases[set.members[0]].grid;
-      for (const PhaseSet& u : sets)
-        if (std::equal(grid, grid + kMaxDims, phases[u.members[0]].grid) && u.layout[2] != set.layout[2])
-          set.layout[2] = grid[2];
+      int64_t longest = 0;
+      bool gathered = true, differ = false;
+      for (size_t u = 0; u < sets.size(); ++u)
+        if (std::equal(grid, grid + kMaxDims, phases[sets[u].members[0]].grid)) {
+          longest = std::max(longest, sets[u].layout[2]);
+          gathered = gathered && !in_place[u];
+          differ = differ || sets[u].layout[2] != set.layout[2];
+        }
+      if (differ) set.layout[2] = gathered ? longest : grid[2];
       set.positions = p.batch * set.layout[0] * set.layout[1] * set.layout[2];
     }
     plan.max_rows = std::max(plan.max_rows, set.block * set.taps);
