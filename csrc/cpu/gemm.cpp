@@ -83,6 +83,11 @@ using MicroFn = void (*)(int64_t kc, const T* a, const T* b, const T* const* row
 // grid to the next at its middle): columns [0, NR/2) from rows[k] + at0 on, [NR/2, NR) from rows[k] + at1 on;
 // prefetching as MicroFn.
 // (The packing variant also stores the panel at `panel` + 32 * k as it multiplies it, for the other A panels.)
+// The next panel's lines are fetched into L1 (prefetcht0), or into L2 (prefetcht1) by the packing variant for blocks
+// whose rows alias in L1 (gemm_driver's `aliased`: rows a whole number of 4 KiB apart, channel planes read in place,
+// whose lines at a column all fall into one L1 set, more of them than it has ways: fetched there a panel ahead, they
+// evict each other and the A block before they are read). (Zen 4, env-switched builds alternated: pointwise 3d
+// forward x0.76-0.92 time, large 3d U-Net k=2 x0.93-0.95; the L2 fetch for all rows: seed k=3, s=2 forward x1.009.)
 template <typename T>
 using HalvesFn = void (*)(int64_t kc, const T* a, const T* const* rows, int64_t at0, int64_t at1, int64_t pf,
                           T* panel, T* c, int64_t ldc, bool accumulate);
@@ -138,7 +143,7 @@ struct MicroKernel {
   // so the padding rows are not computed (AVX2 only; elsewhere null: the panel is computed whole).
   TailFn<T> tail[kMaxMR + 1] = {};
   HalvesFn<T> halves[kMaxMR + 1] = {};
-  HalvesFn<T> halves_pack[kMaxMR + 1] = {};
+  HalvesFn<T> halves_pack[2][kMaxMR + 1] = {};  // [1]: fetching into L2 (HalvesFn)
   GatherFn<T> gather[kMaxMR + 1] = {};
   // A mapped panel (NR = 32) copied from its runs, where the ISA has gather kernels (else assemble_panel).
   void (*assemble)(const T* const* rows, int64_t kc, const PanelRuns& runs, T* panel) = nullptr;
@@ -221,7 +226,7 @@ __attribute__((target("avx512f,fma"))) void micro_avx512(int64_t kc, const float
 }
 
 // The same for a panel of two runs (HalvesFn): each half of the panel is one load; with Pack, stored packed too.
-template <int MR, bool Pack>
+template <int MR, bool Pack, int Locality = 3>
 __attribute__((target("avx512f,fma"))) void micro_avx512_halves(int64_t kc, const float* a, const float* const* rows,
                                                                 int64_t at0, int64_t at1, int64_t pf, float* panel,
                                                                 float* c, int64_t ldc, bool accumulate) {
@@ -230,8 +235,8 @@ __attribute__((target("avx512f,fma"))) void micro_avx512_halves(int64_t kc, cons
   for (int i = 0; i < MR; ++i) c0[i] = c1[i] = _mm512_setzero_ps();
   for (int64_t k = 0; k < kc; ++k, a += MR) {
     const float* row = rows[k];
-    __builtin_prefetch(row + pf, 0, 3);
-    __builtin_prefetch(row + pf + 16, 0, 3);
+    __builtin_prefetch(row + pf, 0, Locality);
+    __builtin_prefetch(row + pf + 16, 0, Locality);
     const __m512 b0 = _mm512_loadu_ps(row + at0), b1 = _mm512_loadu_ps(row + at1);
     if constexpr (Pack) {
       _mm512_store_ps(panel + 32 * k, b0);
@@ -774,7 +779,8 @@ template <int LO, int HI>
 void add_avx512(MicroKernel<float>& k) {
   k.fn[LO] = &micro_avx512<LO>;
   k.halves[LO] = &micro_avx512_halves<LO, false>;
-  k.halves_pack[LO] = &micro_avx512_halves<LO, true>;
+  k.halves_pack[0][LO] = &micro_avx512_halves<LO, true>;
+  k.halves_pack[1][LO] = &micro_avx512_halves<LO, true, 2>;
   k.gather[LO] = &micro_avx512_gather<LO>;
   if constexpr (LO < HI) add_avx512<LO + 1, HI>(k);
 }
@@ -948,7 +954,7 @@ void gemm_driver(GemmTile tile, int64_t M, int64_t N, int64_t K, const T* a_pack
   const MicroKernel<T>& mk = kernel<T>();
   const int64_t MR = tile.mr, NR = mk.nr;
   const MicroFn<T> fn = mk.fn[MR];
-  const HalvesFn<T> halves_fn = mk.halves[MR], halves_pack_fn = mk.halves_pack[MR];
+  const HalvesFn<T> halves_fn = mk.halves[MR];
   const GatherFn<T> gather_fn = mk.gather[MR];
   const bool deep = !b_rows && tile.kc > 0;
   const int64_t KC = k_block<T>(NR);
@@ -972,8 +978,10 @@ void gemm_driver(GemmTile tile, int64_t M, int64_t N, int64_t K, const T* a_pack
     // it has ways, so a panel's reads miss L1 for every A panel that makes them; copied once into a panel instead,
     // from 3 A panels on. (Measured on an AVX2 CPU, alternated pairs: pointwise 3d forward, 32 rows of A, 64 of B
     // 128 KiB apart, x0.84-0.90 time; the large 3d U-Net k=2 input gradient x0.97. Frame windows, whose rows lie
-    // otherwise, took x1.08-1.19 copied from 3 panels on: the seed k=3, s=2 and grouped 2d forwards.)
+    // otherwise, took x1.08-1.19 copied from 3 panels on: the seed k=3, s=2 and grouped 2d forwards.) Where the
+    // ISA has a packing kernel, the first A panel's kernel packs such a block as it multiplies it (pack_first).
     const bool aliased = b_rows && kc >= 16 && same_set_rows(b_rows + pc, kc);
+    const HalvesFn<T> halves_pack_fn = mk.halves_pack[aliased][MR];
     for (int64_t ic = 0; ic < M; ic += MC) {
       const int64_t mc = std::min(MC, M - ic);
       for (int64_t jr = 0; jr < N; jr += NR) {
@@ -994,8 +1002,10 @@ void gemm_driver(GemmTile tile, int64_t M, int64_t N, int64_t K, const T* a_pack
         // the next, and the packing kernel's two stores a k step cost more than the straddled loads save (one thread,
         // 33 rows of A by sets of 128, 64, 64 and 32 rows as the seed k=3, s=2 forward's: x0.97 time; that forward
         // x0.99, the anisotropic seed layer and grouped 2d x0.99; deeper blocks still lose without it: MONAI training
-        // step x1.02, k=4 3d x1.01).
-        const bool pack_first = b_rows && several && (kc > kInPlaceRows || many) && halves_pack_fn &&
+        // step x1.02, k=4 3d x1.01). Aliased blocks (above) are packed so whatever their depth: the pointwise 3d
+        // forward, 64 rows 128 KiB apart read by 4 A panels, took x0.62-0.75 the time of copying them first (with
+        // HalvesFn's fetch into L2), its training step x0.83-0.86.
+        const bool pack_first = b_rows && several && (kc > kInPlaceRows || many || aliased) && halves_pack_fn &&
                                 (mp.kind == MappedPanel::kRun || mp.kind == MappedPanel::kHalves);
         const int64_t at1 = mp.kind == MappedPanel::kRun ? mp.at0 + NR / 2 : mp.at1;
         const bool halves = b_rows && mp.kind == MappedPanel::kHalves && !pack_first && halves_fn;
