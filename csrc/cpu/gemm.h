@@ -212,8 +212,9 @@ void gemm_packed(GemmTile tile, int64_t M, int64_t N, int64_t K, const T* a_pack
 // The same with B unpacked, given by rows: B[k][j] = b_rows[k][j]. Every row must be readable for whole
 // NR-wide panels (j < N rounded up to NR; the columns past N are computed and dropped). For columns that are
 // runs of a source (frame windows), this skips the packing pass: where three or more MR-row panels of A read a
-// block of B more than 64 rows deep (or eight or more panels, any depth), the first one's kernel stores it aligned for
-// the others as it multiplies it (AVX-512), else every panel reads the rows in place.
+// block of B more than 64 rows deep (or eight or more panels, or rows a multiple of 4 KiB apart, any depth), the first
+// one's kernel stores it aligned for the others as it multiplies it (AVX-512), else every panel reads the rows in
+// place.
 // With a column map `cols` (N offsets), B[k][j] = b_rows[k][cols[j]] instead, and only those elements are read:
 // a panel whose columns are one run is read like an unmapped one, one of two runs (half a panel each) likewise
 // where the ISA has a kernel for it, any other (more runs, or the ragged last panel) from an assembled aligned
